@@ -1,0 +1,5 @@
+import sys
+
+from spmd_diff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The MPI world: ranks, nodes, node-local ranks, GPU binding. Built once, passed around, freed explicitly."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from spmd_diff.errors import UserError
+from spmd_diff.plan.topology import Topology
+
+T = TypeVar("T")
+
+
+def slurm_task_mismatch(world_size: int, env: dict[str, str] | None = None) -> str | None:
+    """The error to raise when MPI sees a different number of tasks than the Slurm step promised, else None.
+
+    Checked only for tasks that srun launched directly: under ``mpirun`` inside an allocation, Slurm's step is
+    the daemons', and Open MPI sets OMPI_COMM_WORLD_SIZE.
+    """
+    env = os.environ if env is None else env
+    promised = env.get("SLURM_STEP_NUM_TASKS") or None
+    if promised is None or "OMPI_COMM_WORLD_SIZE" in env or env.get("SPMD_DIFF_SKIP_SLURM_CHECK") == "1":
+        return None
+    try:
+        promised_tasks = int(promised)
+    except ValueError:
+        return None
+    if promised_tasks == world_size:
+        return None
+    return (f"Slurm started {promised_tasks} tasks but MPI sees a world of {world_size}: the tasks did not join one "
+            f"MPI job (each is a singleton). Launch with srun --mpi=pmix (or pmi2; `srun --mpi=list` shows what "
+            f"this cluster has) or with mpirun inside the allocation. Refusing to run {promised_tasks} copies "
+            f"of the job against one output directory.")
+
+
+@dataclass
+class World:
+    """What this process is in the job. ``comm`` is an mpi4py communicator over every rank."""
+
+    comm: Any
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    topology: Topology
+    device: str
+
+    def gather_errors(self, error: BaseException | None) -> BaseException | None:
+        """Collective: the first rank's error (by rank), or None if no rank failed. Same answer everywhere."""
+        messages = self.comm.allgather(None if error is None else (type(error).__name__, str(error)))
+        for rank, message in enumerate(messages):
+            if message is not None:
+                if error is not None and rank == self.rank:
+                    return error
+                kind, text = message
+                exc = UserError(text) if kind == "UserError" else RuntimeError(f"rank {rank}: {kind}: {text}")
+                return exc
+        return None
+
+    def run_checked(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on every rank; if any rank raised a UserError, every rank raises it (no one hangs)."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001 - every rank must reach the gather below
+            error = exc
+        first = self.gather_errors(error)
+        if first is not None:
+            raise first
+        return result  # type: ignore[return-value]
+
+    def free(self) -> None:
+        pass
+
+
+def init_world(ranks_per_node: int = 0) -> World:
+    """Start MPI (threads: funneled), check the launch, find nodes, bind a GPU if there are any."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    mismatch = slurm_task_mismatch(size)
+    if mismatch:
+        raise UserError(mismatch)
+    node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
+    node_comm.Free()
+    num_gpus = _local_gpu_count()
+    hostnames = comm.allgather(socket.gethostname())
+    min_gpus = comm.allreduce(num_gpus, op=MPI.MIN)
+    topology = Topology.from_hostnames(hostnames, gpus_per_node=min_gpus)
+    if ranks_per_node:
+        topology = topology.regrouped(ranks_per_node)
+    device = "cpu"
+    if min_gpus > 0:
+        import torch
+
+        torch.cuda.set_device(local_rank % min_gpus)
+        device = f"cuda:{local_rank % min_gpus}"
+    return World(comm, rank, size, local_rank, local_size, topology, device)
+
+
+def _local_gpu_count() -> int:
+    if os.environ.get("SPMD_DIFF_FORCE_CPU") == "1":
+        return 0
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def set_threads(local_size: int, requested: int = 0) -> None:
+    """torch intra-op threads: ``requested``, else the cores this rank is bound to, else cores / ranks on node."""
+    import torch
+
+    if requested > 0:
+        torch.set_num_threads(requested)
+        return
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    total = os.cpu_count() or 1
+    threads = bound if bound < total else max(1, total // max(1, local_size))
+    torch.set_num_threads(threads)

@@ -1,0 +1,227 @@
+"""The job: a TOML file, typed and validated before anything collective happens.
+
+Every rank loads the same file and overrides; a bad job raises :class:`UserError` with the same message on
+every rank (the CLI gathers errors so no rank hangs while another exits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from spmd_diff.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "demo"
+    """A local diffusers directory (Wan2.1 text-to-video), or "demo" for the built-in demo model."""
+    dtype: str = "auto"
+    """Transformer and text-encoder dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"."""
+
+
+@dataclass(frozen=True)
+class VideoConfig:
+    height: int = 64
+    """Frame height in pixels; a multiple of the VAE's spatial factor times the patch size (16 for Wan)."""
+    width: int = 64
+    """Frame width in pixels; same rule as height."""
+    num_frames: int = 9
+    """Frames per video; 4k+1 for Wan."""
+    num_inference_steps: int = 4
+    """Denoising steps."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance; <= 1 turns the negative branch off."""
+    negative_prompt: str = ""
+    """Default negative prompt for items that do not give one."""
+    max_sequence_length: int = 512
+    """Text tokens per prompt (longer prompts are truncated with a warning, as diffusers does)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    """Base seed; an item without a seed gets seed + its index in the prompts file."""
+    ring_slots: int = 2
+    """Slots per double-ring channel (items in flight per producer->consumer edge)."""
+    timeout_s: float = 1800.0
+    """Deadline of any single wait (channel, barrier). A peer silent this long is reported and the job aborts."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0 = cores of the node divided by the ranks on it."""
+    events: bool = True
+    """Write OUT/events/ (per-rank event logs, merged into OUT/events.jsonl at the end)."""
+    progress_interval_s: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal."""
+
+
+@dataclass(frozen=True)
+class RolesConfig:
+    encoders: int = 1
+    """Ranks that run the text encoder (0 = DiT ranks encode their own items)."""
+    decoders: int = 1
+    """Ranks that run the VAE decoder and write results (0 = DiT ranks decode their own items)."""
+
+
+@dataclass(frozen=True)
+class DitConfig:
+    sp_degree: int = 1
+    """Ranks per DiT group (sequence-parallel degree)."""
+    sp_layout: str = "auto"
+    """"auto", "ulysses", "ring" or "torus"."""
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    ranks_per_node: int = 0
+    """Override the detected ranks per node (0 = detect). Lets one machine stand in for several nodes."""
+    transport: str = "auto"
+    """"auto", "mpi" (MPI RMA on host memory) or "nvshmem"."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    dit: DitConfig = field(default_factory=DitConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that change what a video looks like: two runs into one OUT must agree on these."""
+        video = dataclasses.asdict(self.video)
+        return {"model": self.model.path, "dtype": self.model.dtype, "video": video}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "video": VideoConfig,
+    "run": RunConfig,
+    "roles": RolesConfig,
+    "dit": DitConfig,
+    "world": WorldConfig,
+}
+
+
+def _nearest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(choices))})"
+
+
+def _coerce(where: str, value: Any, annotation: str) -> Any:
+    """Check a TOML value against a field's annotation ("int", "float", "str", "bool")."""
+    kind = annotation
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+    elif kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind == "str":
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this loader does not know is a bug
+        raise AssertionError(f"unsupported config field type {annotation!r}")
+    raise UserError(f"{where} must be {kind}, got {type(value).__name__} {value!r}")
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"--set {item!r}: the key must be section.key, e.g. video.height=480")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word is a string: --set model.path=/models/wan
+    return parts[0], parts[1], value
+
+
+def build_job(data: dict[str, Any], source: str, overrides: list[str] = ()) -> JobConfig:
+    """Typed job from parsed TOML plus ``section.key=value`` overrides. Unknown keys name the nearest known one."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise UserError(f"{source}: [{section}] must be a table")
+        data[section][key] = value
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        if name not in _SECTION_TYPES:
+            raise UserError(f"{source}: unknown section [{name}]{_nearest(name, list(_SECTION_TYPES))}")
+        if not isinstance(table, dict):
+            raise UserError(f"{source}: {name} must be a table [{name}], got {type(table).__name__}")
+        cls = _SECTION_TYPES[name]
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in table.items():
+            if key not in known:
+                raise UserError(f"{source}: unknown key {name}.{key}{_nearest(key, list(known))}")
+            values[key] = _coerce(f"{source}: {name}.{key}", value, str(known[key].type))
+        sections[name] = cls(**values)
+    job = JobConfig(**sections)
+    validate_job(job, source)
+    return job
+
+
+def validate_job(job: JobConfig, source: str) -> None:
+    """Checks that need no model and no world: sizes, counts, names."""
+    v = job.video
+    for name in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length"):
+        if getattr(v, name) < 1:
+            raise UserError(f"{source}: video.{name} must be >= 1, got {getattr(v, name)}")
+    if (v.num_frames - 1) % 4 != 0:
+        raise UserError(f"{source}: video.num_frames must be 4k+1 for Wan (e.g. 9, 17, 81), got {v.num_frames}")
+    if v.guidance_scale < 0:
+        raise UserError(f"{source}: video.guidance_scale must be >= 0, got {v.guidance_scale}")
+    if job.run.ring_slots < 1:
+        raise UserError(f"{source}: run.ring_slots must be >= 1, got {job.run.ring_slots}")
+    if job.run.timeout_s <= 0:
+        raise UserError(f"{source}: run.timeout_s must be > 0, got {job.run.timeout_s}")
+    if job.roles.encoders < 0 or job.roles.decoders < 0:
+        raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
+    if job.dit.sp_degree < 1:
+        raise UserError(f"{source}: dit.sp_degree must be >= 1, got {job.dit.sp_degree}")
+    layouts = ("auto", "ulysses", "ring", "torus")
+    if job.dit.sp_layout not in layouts:
+        raise UserError(f"{source}: dit.sp_layout must be one of {', '.join(layouts)}, got {job.dit.sp_layout!r}")
+    if job.world.transport not in ("auto", "mpi", "nvshmem"):
+        raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
+    dtypes = ("auto", "float32", "bfloat16", "float16")
+    if job.model.dtype not in dtypes:
+        raise UserError(f"{source}: model.dtype must be one of {', '.join(dtypes)}, got {job.model.dtype!r}")
+    if not job.model.path:
+        raise UserError(f"{source}: model.path is empty")
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read JOB.toml; errors name the file (and the line, for TOML syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"job file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read job file {path}: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from None
+    return build_job(data, str(path), overrides)

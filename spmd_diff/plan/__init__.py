@@ -1,0 +1,1 @@
+"""spmd_diff.plan"""
