@@ -71,15 +71,20 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
     return Item(index, item_id, prompt, negative, seed)
 
 
-def parse_prompts(text: str, source: str, base_seed: int) -> list[Item]:
-    """Items from the text of a prompts file. JSONL if the first non-blank line starts with '{'."""
+def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> list[Item]:
+    """Items from the text of a prompts file. ``fmt``: "jsonl", "text", or "auto" (from the file's suffix:
+    .jsonl/.ndjson/.json are JSONL, .txt is text; otherwise JSONL if the first non-blank line starts with '{')."""
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
         raise UserError(f"{source}: no prompts (the file is empty)")
     first = next(line for line in lines if line.strip())
-    is_jsonl = first.lstrip().startswith("{")
+    if fmt == "auto":
+        suffix = Path(source).suffix.lower()
+        fmt = "jsonl" if suffix in (".jsonl", ".ndjson", ".json") else "text" if suffix == ".txt" else \
+            ("jsonl" if first.lstrip().startswith("{") else "text")
+    is_jsonl = fmt == "jsonl"
     items: list[Item] = []
     seen: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):

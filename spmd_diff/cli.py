@@ -1,0 +1,139 @@
+"""spmd-diff: the command line. Knows everything below it; nothing below knows it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+from spmd_diff.errors import StageTimeout, UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spmd-diff", description="Render videos in bulk with diffusion transformers, "
+                                "as one SPMD program under mpirun or srun.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo-model", help="write the built-in tiny Wan2.1-architecture demo model")
+    demo.add_argument("dir", help="output directory (a diffusers pipeline directory)")
+
+    run = sub.add_parser("run", help="render every pending item of a prompts file (launch under mpirun/srun)")
+    run.add_argument("job", help="job file (TOML), e.g. jobs/demo.toml")
+    run.add_argument("--prompts", required=True, help="JSONL (id, prompt, negative_prompt, seed) or one prompt per line")
+    run.add_argument("--out", required=True, help="output directory; OUT/videos.h5 holds the videos")
+    run.add_argument("--model", help="override model.path: a local diffusers directory, or 'demo'")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override a job setting (repeatable), e.g. --set video.num_inference_steps=30")
+    run.add_argument("--shard", help="I/N: render only items whose index %% N == I (job arrays)")
+    run.add_argument("--force", action="store_true", help="add to an OUT written with different settings")
+    run.add_argument("--retry-failed", action="store_true", help="render items recorded as failed again")
+
+    plan = sub.add_parser("plan", help="print the role plan a job would get, without launching anything")
+    plan.add_argument("job")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=0)
+    plan.add_argument("--ranks-per-node", type=int, default=0, help="default: one rank per GPU")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    merge = sub.add_parser("merge", help="rebuild OUT/videos.h5 over every finished item (e.g. after job arrays)")
+    merge.add_argument("out")
+
+    report = sub.add_parser("report", help="write OUT/report.html and timeline PNGs from OUT/events.jsonl")
+    report.add_argument("out")
+
+    export = sub.add_parser("export", help="write playable files (mp4, gif, png frames)")
+    export.add_argument("out", help="OUT/ or OUT/videos.h5")
+    export.add_argument("dest", help="directory to write into")
+    export.add_argument("--format", choices=("mp4", "gif", "png"), default="mp4")
+    export.add_argument("--ids", nargs="*", help="item ids (default: all)")
+    export.add_argument("--fps", type=int, default=16)
+
+    inspect = sub.add_parser("inspect", help="list items, their settings, status and failures")
+    inspect.add_argument("path", help="OUT/ or OUT/videos.h5")
+    inspect.add_argument("--id", help="show every attribute of one item")
+    return p
+
+
+def _plan(args) -> int:
+    from spmd_diff.config import load_job
+    from spmd_diff.plan.roles import plan_roles
+    from spmd_diff.plan.topology import Topology
+
+    job = load_job(args.job, args.overrides)
+    per_node = args.ranks_per_node or args.gpus_per_node
+    if per_node < 1:
+        raise UserError("give --gpus-per-node G (one rank per GPU) or --ranks-per-node R")
+    topology = Topology.uniform(args.nodes, per_node, args.gpus_per_node)
+    if job.world.ranks_per_node:
+        topology = topology.regrouped(job.world.ranks_per_node)
+    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    print(topology.describe())
+    print(plan.describe(topology))
+    for node in range(topology.num_nodes):
+        ranks = topology.ranks_on_node(node)
+        roles = ", ".join(f"{r}:{plan.role_of(r)}" for r in ranks)
+        print(f"  {topology.hostname(node)}: {roles}")
+    return 0
+
+
+def _run(args) -> int:
+    from spmd_diff.io.inputs import parse_shard
+    from spmd_diff.runtime.engine import RunRequest, run
+
+    shard = parse_shard(args.shard) if args.shard else None
+    request = RunRequest(args.job, args.prompts, args.out, tuple(args.overrides), args.model, shard, args.force,
+                         args.retry_failed)
+    return run(request)
+
+
+def _dispatch(args) -> int:
+    if args.command == "demo-model":
+        from spmd_diff.models.demo import build_demo_model
+
+        print(build_demo_model(args.dir))
+        return 0
+    if args.command == "run":
+        return _run(args)
+    if args.command == "plan":
+        return _plan(args)
+    if args.command == "merge":
+        from spmd_diff.io.store import VideoStore
+
+        store = VideoStore(args.out)
+        if not store.items_dir.is_dir():
+            raise UserError(f"{args.out} has no items/ directory: not a spmd-diff output directory")
+        path = store.build_view()
+        print(f"{path}: {len(store.done_keys())} video(s), {len(store.failures())} failed")
+        return 0
+    if args.command == "report":
+        from spmd_diff.observe.report import write_report
+
+        print(write_report(args.out))
+        return 0
+    if args.command == "export":
+        from spmd_diff.observe.export import export_videos
+
+        for path in export_videos(args.out, args.format, args.ids, args.dest, fps=args.fps):
+            print(path)
+        return 0
+    if args.command == "inspect":
+        from spmd_diff.observe.inspect import inspect_store
+
+        print(inspect_store(args.path, item_id=args.id))
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("SPMD_DIFF_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (UserError, StageTimeout) as exc:
+        rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID")
+        where = f" (rank {rank})" if rank is not None else ""
+        print(f"spmd-diff: error{where}: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code

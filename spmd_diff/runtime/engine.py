@@ -1,0 +1,274 @@
+"""The engine: validate everywhere, plan roles, wire channels, run the role loops, publish the results.
+
+Order on every rank: (1) world; (2) job, prompts, model shapes, role plan, OUT — errors gathered so every rank
+exits with the same message; (3) one heap for every channel and the progress board, allocated once; (4) this
+rank's role loop; (5) rank 0 merges event logs and rebuilds OUT/videos.h5; every rank exits with the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import spmd_diff
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
+from spmd_diff.comm.mpi_rma import MpiRmaTransport
+from spmd_diff.comm.transport import round_up
+from spmd_diff.comm.world import World, init_world, set_threads
+from spmd_diff.config import JobConfig, load_job
+from spmd_diff.errors import StageTimeout, UserError
+from spmd_diff.io.inputs import Item, load_prompts, shard_items
+from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.models.wan import VideoSpec, WanShapes, WanStages, read_shapes
+from spmd_diff.observe.events import EventLog, merge_event_logs
+from spmd_diff.plan.roles import RolePlan, plan_roles
+from spmd_diff.runtime import loops
+from spmd_diff.runtime.board import ProgressBoard
+from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
+
+log = logging.getLogger("spmd_diff")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asked for."""
+
+    job_path: str
+    prompts_path: str
+    out_dir: str
+    overrides: tuple[str, ...] = ()
+    model: str | None = None
+    shard: tuple[int, int] | None = None
+    force: bool = False
+    retry_failed: bool = False
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything decided before the first channel exists; identical on every rank."""
+
+    job: JobConfig
+    model_dir: str
+    items: tuple[Item, ...]
+    shapes: WanShapes
+    spec: VideoSpec
+    plan: RolePlan
+    dtype: str
+
+
+def resolve_model(path: str, world: World) -> str:
+    """"demo" -> the demo model in the cache (built once per node); anything else must be a local directory."""
+    if path == "demo":
+        from spmd_diff.models.demo import demo_model_dir
+
+        if world.local_rank == 0:
+            demo_model_dir()
+        world.comm.Barrier()
+        return str(demo_model_dir())
+    if path.startswith("random:"):
+        raise UserError(f"model.path={path!r}: random-weight architectures need the GPU engine (not in this build)")
+    if not Path(path).is_dir():
+        raise UserError(f"model directory {path} does not exist (model.path in the job, or --model)")
+    return str(Path(path).resolve())
+
+
+def _dtype_name(job: JobConfig, device: str) -> str:
+    if job.model.dtype != "auto":
+        return job.model.dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def prepare(request: RunRequest, world: World) -> Setup:
+    """Step (2): raises UserError; called on every rank under ``world.run_checked``."""
+    overrides = list(request.overrides)
+    if request.model:
+        overrides.append(f"model.path={request.model!r}")
+    job = load_job(request.job_path, overrides)
+    items = load_prompts(request.prompts_path, job.run.seed)
+    items = shard_items(items, request.shard)
+    if world.size > 1 and world.topology.num_ranks != world.size:  # pragma: no cover - invariant
+        raise AssertionError("topology and world disagree")
+    topology = world.topology
+    if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
+        topology = topology.regrouped(job.world.ranks_per_node)
+    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    if plan.sp_degree > 1:
+        raise UserError(f"dit.sp_degree={plan.sp_degree}: sequence-parallel DiT groups are not in this build yet; "
+                        "use dit.sp_degree=1 (data-parallel DiT ranks)")
+    v = job.video
+    spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale,
+                     v.max_sequence_length)
+    return Setup(job, "", tuple(items), None, spec, plan, _dtype_name(job, world.device))  # type: ignore[arg-type]
+
+
+def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
+    """Slot sizes from the model's shapes: text embeddings (x2 with CFG) and final latents (float32)."""
+    s = setup.shapes
+    itemsize = torch.tensor([], dtype=getattr(torch, setup.dtype)).element_size()
+    num_embeds = 2 if setup.spec.guidance_scale > 1.0 else 1
+    embeds = num_embeds * round_up(s.text_seq_len * s.text_dim * itemsize, 64)
+    latents = round_up(s.latent_channels * s.latent_frames * s.latent_height * s.latent_width * 4, 64)
+    slots = setup.job.run.ring_slots
+    return RingSpec(slots, embeds), RingSpec(slots, latents)
+
+
+def channel_edges(plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec) -> list[tuple]:
+    """Encoder -> each DiT group leader, each DiT group leader -> decoder."""
+    leaders = [group[0] for group in plan.dit_groups]
+    edges = [(e, d, enc_spec, f"enc{e}->dit{d}") for e in plan.encoders for d in leaders]
+    edges += [(d, x, dec_spec, f"dit{d}->dec{x}") for d in leaders for x in plan.decoders]
+    return edges
+
+
+def item_attrs(setup: Setup):
+    job, spec = setup.job, setup.spec
+
+    def attrs(item: Item) -> dict:
+        negative = item.negative_prompt if item.negative_prompt is not None else job.video.negative_prompt
+        return {"prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
+                "num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
+                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames}
+
+    return attrs
+
+
+def _stages_for(role: str, plan: RolePlan) -> set[str]:
+    """The model components a role loads: an encoder never holds the DiT, a decoder only the VAE."""
+    if role == "encoder":
+        return {"encode"}
+    if role == "decoder":
+        return {"decode"}
+    if role == "all":
+        return {"encode", "denoise", "decode"}
+    stages = {"denoise"}
+    if plan.encode_on_dit:
+        stages.add("encode")
+    if plan.decode_on_dit:
+        stages.add("decode")
+    return stages
+
+
+def run(request: RunRequest) -> int:
+    """Run the job on this rank; returns the process exit code (the same on every rank)."""
+    world = init_world()
+    started = time.time()
+    setup = world.run_checked(lambda: prepare(request, world))
+    model_dir = world.run_checked(lambda: resolve_model(setup.job.model.path, world))
+    shapes = world.run_checked(lambda: read_shapes(model_dir, setup.spec))
+    setup = dataclasses.replace(setup, model_dir=model_dir, shapes=shapes)
+    set_threads(world.local_size, setup.job.run.threads)
+    store = VideoStore(request.out_dir)
+
+    def prepare_out():
+        store.check_writable()
+        if world.rank == 0:
+            store.prepare(setup.job.fingerprint(), force=request.force)
+            done = store.done_keys()
+            failed = set() if request.retry_failed else {i for i in store.failures()}
+            return [it.index for it in setup.items if item_key(it.id) not in done and it.id not in failed]
+        return None
+
+    pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
+    items_by_index = {item.index: item for item in setup.items}
+    pending = [items_by_index[i] for i in pending_indices]
+    plan = setup.plan
+    role = plan.role_of(world.rank)
+
+    events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events)
+    if world.rank == 0:
+        events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
+                    plan=plan.to_dict(), hosts=world.comm.gather(socket.gethostname(), root=0) or [],
+                    num_items=len(setup.items), num_pending=len(pending), model_dir=model_dir,
+                    torch=torch.__version__, argv=sys.argv)
+        print(plan.describe(world.topology), file=sys.stderr)
+        print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
+              f"{request.out_dir}, {len(pending)} to render", file=sys.stderr)
+    else:
+        world.comm.gather(socket.gethostname(), root=0)
+    events.emit("rank_start", role=role, host=socket.gethostname())
+
+    stop = StopFlag().install()
+    transport, monitor = None, None
+    status, error = "complete", None
+    try:
+        stages = WanStages(model_dir, _stages_for(role, plan), device=world.device,
+                           dtype=getattr(torch, setup.dtype))
+        board_bytes = ProgressBoard.bytes_needed(world.size)
+        senders: list[ChannelSender] = []
+        receivers: list[ChannelReceiver] = []
+        if world.size > 1:
+            enc_spec, dec_spec = _ring_specs(setup)
+            layout = HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=board_bytes)
+            transport = MpiRmaTransport(world.comm, max(layout.heap_bytes, board_bytes))
+            senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
+            receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
+        board = ProgressBoard(transport, world.rank, world.size)
+        ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
+                                store, events, stop, setup.job.run.timeout_s, item_attrs(setup), board.publish)
+        if world.rank == 0:
+            monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
+        _run_role(ctx, role, plan, pending, senders, receivers)
+        events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
+        stages.free()
+    except StageTimeout as exc:
+        status, error = "failed", exc
+    except UserError as exc:
+        status, error = "failed", exc
+    finally:
+        stop.uninstall()
+
+    if error is not None:
+        # A timed-out or failed rank cannot trust the others to reach a collective: report and abort.
+        print(f"spmd-diff: rank {world.rank}: error: {error}", file=sys.stderr, flush=True)
+        events.emit("job_end", status="failed", error=str(error))
+        events.close()
+        world.comm.Abort(getattr(error, "exit_code", 1))
+
+    interrupted = world.comm.allreduce(1 if stop.requested else 0) > 0
+    if world.rank != 0:
+        events.close()
+    world.comm.Barrier()
+    if monitor is not None:
+        monitor.stop()
+    if transport is not None:
+        transport.free()
+    code = 0
+    if world.rank == 0:
+        store.build_view([item.id for item in setup.items])
+        remaining = [it for it in pending if not store.is_done(it.id)]
+        num_failed = len(store.failures())
+        status = "interrupted" if interrupted and remaining else "complete"
+        events.emit("job_end", status=status, items_done=len(pending) - len(remaining), items_failed=num_failed,
+                    elapsed_s=time.time() - started)
+        events.close()
+        if setup.job.run.events:
+            merge_event_logs(request.out_dir)
+        print(f"spmd-diff: {status}: {len(pending) - len(remaining)} rendered, {num_failed} failed, "
+              f"{len(remaining)} not rendered; videos in {store.view_path}", file=sys.stderr)
+        code = EXIT_INTERRUPTED if status == "interrupted" else 0
+    return world.comm.bcast(code, root=0)
+
+
+def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, pending: list[Item],
+              senders: list[ChannelSender], receivers: list[ChannelReceiver]) -> None:
+    if role == "all":
+        loops.solo_loop(ctx, pending)
+    elif role == "encoder":
+        mine = [it for k, it in enumerate(pending) if k % len(plan.encoders) == plan.encoders.index(ctx.rank)]
+        loops.encoder_loop(ctx, mine, senders)
+    elif role == "decoder":
+        loops.decoder_loop(ctx, receivers)
+    else:
+        group = plan.group_of(ctx.rank)
+        mine = None
+        if plan.encode_on_dit:
+            mine = [it for k, it in enumerate(pending) if k % len(plan.dit_groups) == group]
+        loops.dit_loop(ctx, mine, receivers, senders)

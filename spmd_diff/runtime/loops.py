@@ -1,0 +1,227 @@
+"""Role loops: what an encoder, a DiT rank, a decoder (or a single rank doing everything) does with items.
+
+Items flow encoder -> DiT -> decoder through double-ring channels; every stage works on a different item at
+the same time. A producer hands each item to the consumer with the most free slots, so a slow consumer gets
+fewer items and nothing waits behind it. A failing item is passed on as a failure record (no tensors) and
+written by whoever would have written the video; the job goes on.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
+from spmd_diff.comm.transport import Backoff
+from spmd_diff.errors import StageTimeout
+from spmd_diff.io.inputs import Item
+from spmd_diff.io.store import VideoStore
+from spmd_diff.runtime.signals import StopFlag
+
+
+@dataclass
+class RankContext:
+    """Everything a role loop needs; built by the engine."""
+
+    rank: int
+    items: dict[int, Item]
+    stages: Any  # spmd_diff.models.wan.WanStages (only the stages this role needs are loaded)
+    spec: Any  # spmd_diff.models.wan.VideoSpec
+    default_negative: str
+    store: VideoStore
+    events: Any  # spmd_diff.observe.events.EventLog
+    stop: StopFlag
+    timeout_s: float
+    attrs: Callable[[Item], dict]
+    report: Callable[[int, int, float], None] = lambda done, failed, busy_s: None
+    """Called after each written item: cumulative (done, failed, busy seconds) of this rank."""
+    num_done: int = 0
+    num_failed: int = 0
+    busy_s: float = 0.0
+    hooks: dict = field(default_factory=dict)
+    """Testing hooks, e.g. {"before_write": callable(item)}."""
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def span(self, stage: str, item: Item):
+        return _Span(self, stage, item)
+
+    def negative_of(self, item: Item) -> str:
+        return item.negative_prompt if item.negative_prompt is not None else self.default_negative
+
+
+class _Span:
+    def __init__(self, ctx: RankContext, stage: str, item: Item) -> None:
+        self.ctx, self.stage, self.item = ctx, stage, item
+
+    def __enter__(self):
+        self.t0 = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t1 = time.time()
+        self.ctx.busy_s += t1 - self.t0
+        self.ctx.events.emit("stage", stage=self.stage, item=self.item.id, t0=self.t0, t1=t1,
+                             ok=exc[0] is None)
+
+
+def _failure(stage: str, exc: BaseException) -> dict:
+    text = f"{type(exc).__name__}: {exc}"
+    return {"stage": stage, "error": text, "traceback": traceback.format_exc(limit=6)[-2000:]}
+
+
+# -- the stage functions, with failure capture --------------------------------------------------------------------
+
+def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with ctx.span("encode", item):
+            return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec)
+    except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
+        return {"failed": _failure("encode", exc)}, {}
+
+
+def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    try:
+        with ctx.span("denoise", item):
+            latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
+        if not torch.isfinite(latents).all():
+            raise FloatingPointError("non-finite values in the final latents")
+        return {}, {"latents": latents.cpu()}
+    except Exception as exc:  # noqa: BLE001
+        return {"failed": _failure("denoise", exc)}, {}
+
+
+def finish_item(ctx: RankContext, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Decode and write the item, or record its failure."""
+    failed = meta.get("failed")
+    if failed is None:
+        try:
+            with ctx.span("decode", item):
+                video = ctx.stages.decode(tensors["latents"])
+            hook = ctx.hooks.get("before_write")
+            if hook:
+                hook(item)
+            with ctx.span("write", item):
+                ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
+            ctx.num_done += 1
+        except Exception as exc:  # noqa: BLE001
+            failed = _failure("decode", exc)
+    if failed is not None:
+        ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
+        ctx.events.emit("failure", item=item.id, stage=failed["stage"], error=failed["error"])
+        ctx.num_failed += 1
+    ctx.report(ctx.num_done, ctx.num_failed, ctx.busy_s)
+
+
+# -- handing items on ------------------------------------------------------------------------------------------
+
+def send(ctx: RankContext, senders: list[ChannelSender], item: Item, meta: dict, tensors: dict) -> None:
+    """Put the item into the channel with the most free slots, waiting (with deadline) while all are full."""
+    deadline, backoff, t0 = ctx.deadline(), Backoff(), time.time()
+    while True:
+        best = max(senders, key=lambda s: s.free_slots())
+        if best.free_slots() > 0:
+            break
+        if time.monotonic() > deadline:
+            raise StageTimeout(f"rank {ctx.rank}: no consumer freed a slot for item {item.id!r} in "
+                               f"{ctx.timeout_s:.0f} s (channels {[s.name for s in senders]})")
+        backoff.pause()
+    t1 = time.time()
+    if t1 - t0 > 1e-3:
+        ctx.events.emit("wait", channel=best.name, what="credit", t0=t0, t1=t1)
+    message = Message({"item": item.index, "id": item.id, **meta}, tensors)
+    best.put(message, deadline)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    ctx.events.emit("handoff", channel=best.name, src=ctx.rank, dst=best.peer, item=item.id, bytes=nbytes,
+                    t0=t1, t1=time.time())
+
+
+def receive(ctx: RankContext, receivers: list[ChannelReceiver]):
+    """Yield (item, meta, tensors) from any open receiver, fairly, until every producer has closed."""
+    open_receivers = list(receivers)
+    start = 0
+    while open_receivers:
+        deadline, backoff, t0 = ctx.deadline(), Backoff(), time.time()
+        chosen = None
+        while chosen is None:
+            for k in range(len(open_receivers)):
+                candidate = open_receivers[(start + k) % len(open_receivers)]
+                if candidate.ready():
+                    chosen = candidate
+                    start = (start + k + 1) % max(1, len(open_receivers))
+                    break
+            else:
+                if time.monotonic() > deadline:
+                    waiting = ", ".join(f"{r.name} (rank {r.peer}, seq {r.sequence})" for r in open_receivers)
+                    raise StageTimeout(f"rank {ctx.rank}: nothing arrived for {ctx.timeout_s:.0f} s on {waiting}")
+                backoff.pause()
+        t1 = time.time()
+        if t1 - t0 > 1e-3:
+            ctx.events.emit("wait", channel=chosen.name, what="data", t0=t0, t1=t1)
+        message = chosen.take(deadline)
+        if chosen.closed:
+            open_receivers.remove(chosen)
+            continue
+        yield ctx.items[message.meta["item"]], message.meta, message.tensors
+
+
+def close_all(ctx: RankContext, senders: list[ChannelSender]) -> None:
+    for sender in senders:
+        sender.close(ctx.deadline())
+
+
+# -- the loops ------------------------------------------------------------------------------------------------
+
+def encoder_loop(ctx: RankContext, my_items: list[Item], to_dit: list[ChannelSender]) -> None:
+    try:
+        for item in my_items:
+            if ctx.stop.requested:
+                break
+            meta, tensors = encode_item(ctx, item)
+            send(ctx, to_dit, item, meta, tensors)
+    finally:
+        close_all(ctx, to_dit)
+
+
+def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[ChannelReceiver],
+             to_decoders: list[ChannelSender]) -> None:
+    """``my_items`` set: this rank encodes its own items. ``to_decoders`` empty: it decodes and writes them."""
+
+    def source():
+        if my_items is not None:
+            for item in my_items:
+                if ctx.stop.requested:
+                    return
+                yield (item, *encode_item(ctx, item))
+        else:
+            for item, meta, tensors in receive(ctx, from_encoders):
+                if ctx.stop.requested:
+                    continue  # drain without work so producers can close; the item stays pending
+                yield item, meta, tensors
+
+    try:
+        for item, meta, tensors in source():
+            if "failed" not in meta:
+                meta, tensors = denoise_item(ctx, item, tensors)
+            if to_decoders:
+                send(ctx, to_decoders, item, meta, tensors)
+            else:
+                finish_item(ctx, item, meta, tensors)
+    finally:
+        close_all(ctx, to_decoders)
+
+
+def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
+    for item, meta, tensors in receive(ctx, from_dit):
+        finish_item(ctx, item, meta, tensors)
+
+
+def solo_loop(ctx: RankContext, my_items: list[Item]) -> None:
+    """One rank, every stage."""
+    dit_loop(ctx, my_items, [], [])
