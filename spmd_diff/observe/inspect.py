@@ -1,0 +1,176 @@
+"""``spmd-diff inspect OUT/``: what a result store holds, read with h5py alone.
+
+The store's view ``OUT/videos.h5`` has ``/videos/<id>`` (uint8 [frames, height, width, 3], an external link to
+``OUT/items/<xx>/<sha1>.h5:/video``, attributes ``id``, ``prompt``, ``seed``, ...) and, optionally,
+``/failed/<id>`` (attributes ``error``, ``stage``, ``prompt``). ``OUT/job.json`` is the resolved job config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from spmd_diff.errors import UserError
+
+__all__ = ["inspect_store", "StoreItem", "resolve_view", "iter_items", "read_item"]
+
+
+@dataclass
+class StoreItem:
+    """One item of the view: a finished video, a failure, or a link whose target file is missing."""
+
+    id: str
+    status: str  # "done" | "failed" | "missing"
+    shape: tuple[int, ...] | None = None  # (frames, height, width, 3) for "done"
+    attrs: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    link: str = ""  # "file:/path" of the external link, when there is one
+
+
+def resolve_view(path: str | os.PathLike[str]) -> Path:
+    """``OUT/`` or ``OUT/videos.h5`` -> the view file; UserError if it does not exist."""
+    p = Path(path)
+    view = p / "videos.h5" if p.is_dir() else p
+    if not view.is_file():
+        hint = " (has the job finished, or been merged with `spmd-diff merge`?)" if p.is_dir() else ""
+        raise UserError(f"no result store at {view}{hint}")
+    return view
+
+
+def _plain(value: Any) -> Any:
+    """An HDF5 attribute value as a plain Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    return {k: _plain(v) for k, v in obj.attrs.items()}
+
+
+def _link_text(group: h5py.Group, name: str) -> str:
+    link = group.get(name, getlink=True)
+    return f"{link.filename}:{link.path}" if isinstance(link, h5py.ExternalLink) else ""
+
+
+def read_item(f: h5py.File, key: str, failed: bool = False) -> StoreItem:
+    """The item stored under ``/videos/<key>`` (or ``/failed/<key>``) of an open view."""
+    if failed:
+        obj = f["failed"][key]
+        attrs = _attrs(obj)
+        return StoreItem(id=str(attrs.get("id", key)), status="failed", attrs=attrs, error=str(attrs.get("error", "")))
+    videos = f["videos"]
+    link = _link_text(videos, key)
+    try:
+        ds = videos[key]
+    except (KeyError, OSError) as exc:  # external link to a missing or unreadable file
+        return StoreItem(id=key, status="missing", error=f"cannot open {link or key}: {exc}", link=link)
+    attrs = _attrs(ds)
+    return StoreItem(id=str(attrs.get("id", key)), status="done", shape=tuple(ds.shape), attrs=attrs, link=link)
+
+
+def iter_items(f: h5py.File, include_failed: bool = True) -> Iterator[StoreItem]:
+    """Every item of an open view: finished videos first, then failures."""
+    if "videos" in f:
+        for key in f["videos"]:
+            yield read_item(f, key)
+    if include_failed and "failed" in f:
+        for key in f["failed"]:
+            yield read_item(f, key, failed=True)
+
+
+def _load_job(view: Path, f: h5py.File) -> dict[str, Any] | None:
+    job_file = view.parent / "job.json"
+    text = None
+    if job_file.is_file():
+        text = job_file.read_text(encoding="utf-8")
+    elif "job" in f.attrs:
+        text = _plain(f.attrs["job"])
+    if not text:
+        return None
+    try:
+        job = json.loads(text)
+    except json.JSONDecodeError:
+        return {"unparsed job.json": text[:2000]}
+    return job if isinstance(job, dict) else {"job": job}
+
+
+def _cell(value: Any, width: int) -> str:
+    text = "" if value is None else str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _format_table(rows: list[list[str]], header: list[str], widths: list[int]) -> list[str]:
+    cols = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    cols = [min(c, w) for c, w in zip(cols, widths)]
+    fmt = lambda r: "  ".join(_cell(v, w).ljust(w) for v, w in zip(r, cols)).rstrip()  # noqa: E731
+    return [fmt(header), fmt(["-" * c for c in cols])] + [fmt(r) for r in rows]
+
+
+def _describe_one(view: Path, f: h5py.File, item_id: str) -> str:
+    if "videos" in f and item_id in f["videos"]:
+        item = read_item(f, item_id)
+    elif "failed" in f and item_id in f["failed"]:
+        item = read_item(f, item_id, failed=True)
+    else:
+        raise UserError(f"no item {item_id!r} in {view}")
+    lines = [f"item {item.id!r} in {view}", f"  status: {item.status}"]
+    if item.shape:
+        lines.append(f"  video: {item.shape[0]} frames x {item.shape[1]}x{item.shape[2]} pixels (uint8 F,H,W,3)")
+    if item.link:
+        lines.append(f"  file: {item.link}")
+    if item.error:
+        lines.append(f"  error: {item.error}")
+    lines += [f"  {k}: {v!r}" for k, v in sorted(item.attrs.items())]
+    return "\n".join(lines)
+
+
+def inspect_store(path: str | os.PathLike[str], item_id: str | None = None, limit: int | None = 100) -> str:
+    """Describe a result store (``OUT/`` or ``OUT/videos.h5``) as text.
+
+    Without ``item_id``: the job config summary (from ``job.json``), counts of done / failed items,
+    and a table (id, frames x H x W, seed, steps, guidance, status, error) of at most ``limit`` finished and
+    ``limit`` failed items (None: all). With ``item_id``: every attribute of that item. UserError for a missing store or id.
+    """
+    view = resolve_view(path)
+    try:
+        f = h5py.File(view, "r")
+    except OSError as exc:
+        raise UserError(f"cannot read {view}: {exc}") from None
+    with f:
+        if item_id is not None:
+            return _describe_one(view, f, item_id)
+        num_videos = len(f["videos"]) if "videos" in f else 0
+        num_failed = len(f["failed"]) if "failed" in f else 0
+        rows: list[list[str]] = []
+        missing = 0
+        for group, failed in (("videos", False), ("failed", True)):  # up to ``limit`` of each: failures always show
+            keys = list(f[group]) if group in f else []
+            for key in keys if limit is None else keys[:limit]:  # a huge store opens only the files it lists
+                item = read_item(f, key, failed=failed)
+                missing += item.status == "missing"
+                shape = "x".join(str(n) for n in item.shape[:3]) if item.shape else "-"
+                a = item.attrs
+                rows.append([item.id, shape, a.get("seed", ""), a.get("num_inference_steps", ""),
+                             a.get("guidance_scale", ""), item.status, item.error])
+        job = _load_job(view, f)
+    lines = [f"store: {view}"]
+    if job is not None:
+        lines.append("job: " + json.dumps(job, sort_keys=True, default=str)[:4000])
+    lines.append(f"items: {num_videos + num_failed} ({num_videos} done, {num_failed} failed)"
+                 + (f"; {missing} of the videos listed below have a missing file" if missing else ""))
+    header = ["id", "frames x H x W", "seed", "steps", "guidance", "status", "error"]
+    lines += _format_table([[str(v) for v in r] for r in rows], header, [40, 16, 12, 6, 8, 8, 60])
+    if num_videos + num_failed > len(rows):
+        lines.append(f"... {num_videos + num_failed - len(rows)} more items not listed (limit={limit})")
+    return "\n".join(lines)

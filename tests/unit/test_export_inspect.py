@@ -1,0 +1,174 @@
+"""Export (mp4/gif/png) reads back with the right frames and size; inspect lists ids and statuses."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from spmd_diff.errors import UserError
+from spmd_diff.observe.export import export_videos, safe_name
+from spmd_diff.observe.inspect import inspect_store
+
+imageio = pytest.importorskip("imageio.v2")
+imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+
+ITEMS = {
+    # id: (frames, height, width)
+    "cat-0001": (9, 32, 48),
+    "a dog, ünïcode/?*": (5, 30, 42),  # '/' cannot be an HDF5 name: stored under a mapped key, real id in attrs
+    "odd size": (4, 17, 23),
+}
+
+
+def _key(item_id: str) -> str:
+    return item_id.replace("/", "%2F")
+
+
+def _frames(num_frames: int, height: int, width: int) -> np.ndarray:
+    """Distinct frames: a moving gradient."""
+    y, x = np.mgrid[0:height, 0:width]
+    out = np.empty((num_frames, height, width, 3), np.uint8)
+    for i in range(num_frames):
+        out[i, ..., 0] = (x * 255 // max(1, width - 1) + 20 * i) % 256
+        out[i, ..., 1] = (y * 255 // max(1, height - 1)) % 256
+        out[i, ..., 2] = (30 * i) % 256
+    return out
+
+
+def make_store(out: Path) -> Path:
+    """A tiny OUT/ in the contract layout: item files + videos.h5 view with external links + job.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps({"model": "demo", "fps": 16}))
+    with h5py.File(out / "videos.h5", "w") as view:
+        videos = view.create_group("videos")
+        for n, (item_id, (f, h, w)) in enumerate(ITEMS.items()):
+            sha = hashlib.sha1(item_id.encode()).hexdigest()
+            rel = Path("items") / sha[:2] / f"{sha}.h5"
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            with h5py.File(out / rel, "w") as itemf:
+                ds = itemf.create_dataset("video", data=_frames(f, h, w), chunks=(1, h, w, 3))
+                attrs = dict(id=item_id, prompt=f"prompt of {item_id} \"quoted\"", negative_prompt="", seed=100 + n,
+                             num_inference_steps=4, guidance_scale=5.0, model="demo", height=h, width=w, num_frames=f)
+                for k, v in attrs.items():
+                    ds.attrs[k] = v
+            videos[_key(item_id)] = h5py.ExternalLink(str(rel), "/video")
+        failed = view.create_group("failed")
+        g = failed.create_group("bad-7")
+        g.attrs.update(error="RuntimeError: NaN in latents", stage="denoise", prompt="a broken prompt")
+    return out
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    out = make_store(tmp_path / "OUT")
+    monkeypatch.chdir(tmp_path)  # external links must resolve relative to the view, not the cwd
+    return out
+
+
+def _read_mp4(path: Path) -> np.ndarray:
+    """Decode every frame with imageio's ffmpeg reader (its len() is inf: no list(reader))."""
+    with imageio.get_reader(str(path), format="FFMPEG") as reader:
+        return np.stack([frame for frame in reader])
+
+
+def _ffmpeg_metadata(path: Path) -> str:
+    """ffmpeg -i prints the container metadata on stderr."""
+    proc = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(path)],
+                          capture_output=True, text=True)
+    return proc.stderr
+
+
+def test_export_mp4_reads_back(store: Path, tmp_path: Path) -> None:
+    paths = export_videos(store, "mp4", None, tmp_path / "mp4", fps=8)
+    assert len(paths) == len(ITEMS)
+    for item_id, (f, h, w) in ITEMS.items():
+        path = tmp_path / "mp4" / f"{safe_name(item_id)}.mp4"
+        assert path in paths and path.stat().st_size > 0
+        frames = _read_mp4(path)
+        # yuv420p: odd sizes are padded by one pixel
+        assert frames.shape == (f, h + h % 2, w + w % 2, 3)
+        assert f"prompt of {item_id}" in _ffmpeg_metadata(path)
+
+
+def test_export_mp4_pixels_close(store: Path, tmp_path: Path) -> None:
+    [path] = export_videos(store / "videos.h5", "mp4", ["cat-0001"], tmp_path / "x")
+    got = _read_mp4(path).astype(int)
+    want = _frames(*ITEMS["cat-0001"]).astype(int)
+    assert np.abs(got - want).mean() < 12  # lossy, but the same picture
+
+
+def test_export_gif_reads_back(store: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = export_videos(store, "gif", ["cat-0001", _key("a dog, ünïcode/?*")], tmp_path / "gif")
+    for path, item_id in zip(paths, ["cat-0001", "a dog, ünïcode/?*"]):
+        f, h, w = ITEMS[item_id]
+        frames = imageio.mimread(str(path))
+        assert len(frames) == f and frames[0].shape[:2] == (h, w)
+        with Image.open(path) as im:
+            assert im.info["comment"].decode() == f"prompt of {item_id} \"quoted\""
+
+
+def test_export_png_frames_and_sidecar(store: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    [folder] = export_videos(store, "png", ["odd size"], tmp_path / "png")
+    pngs = sorted(folder.glob("frame_*.png"))
+    assert len(pngs) == 4
+    with Image.open(pngs[0]) as im:
+        assert im.size == (23, 17) and im.text["prompt"].startswith("prompt of odd size")
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert meta["id"] == "odd size" and meta["seed"] == 102
+
+
+def test_export_unknown_and_failed_ids(store: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"unknown ids: 'nope', 'also-nope'"):
+        export_videos(store, "mp4", ["cat-0001", "nope", "also-nope"], tmp_path / "e")
+    with pytest.raises(UserError, match="failed items have no video: 'bad-7'"):
+        export_videos(store, "gif", ["bad-7"], tmp_path / "e")
+    with pytest.raises(UserError, match="unknown export format"):
+        export_videos(store, "avi", None, tmp_path / "e")
+    with pytest.raises(UserError, match="no result store"):
+        export_videos(tmp_path / "missing", "mp4", None, tmp_path / "e")
+
+
+def test_safe_name() -> None:
+    assert safe_name("cat-0001") == "cat-0001"
+    names = {safe_name(i) for i in ["a b", "a_b", "a/b", "ünï", "..", "x" * 300, "日本"]}
+    assert len(names) == 7
+    for n in names:
+        assert all(c.isascii() and (c.isalnum() or c in "._-") for c in n) and len(n) <= 100
+        assert not n.startswith(".")
+
+
+def test_inspect_lists_items_and_failures(store: Path) -> None:
+    text = inspect_store(store)
+    assert "items: 4 (3 done, 1 failed)" in text
+    for item_id, (f, h, w) in ITEMS.items():
+        assert item_id[:20] in text and f"{f}x{h}x{w}" in text
+    assert "bad-7" in text and "failed" in text and "NaN in latents" in text
+    assert '"model": "demo"' in text  # job.json
+
+
+def test_inspect_one_item_and_limit(store: Path) -> None:
+    text = inspect_store(store / "videos.h5", item_id="cat-0001")
+    assert "status: done" in text and "seed: 100" in text and "9 frames x 32x48" in text
+    assert "status: failed" in inspect_store(store, item_id="bad-7")
+    with pytest.raises(UserError, match="no item 'zzz'"):
+        inspect_store(store, item_id="zzz")
+    limited = inspect_store(store, limit=1)
+    assert "more items not listed" in limited
+
+
+def test_inspect_missing_item_file(store: Path) -> None:
+    for p in (store / "items").rglob("*.h5"):
+        p.unlink()
+        break
+    text = inspect_store(store)
+    assert "missing" in text
