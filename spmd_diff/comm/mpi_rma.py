@@ -1,14 +1,21 @@
 """Transport over MPI-3 RMA: one ``MPI.Win.Allocate`` window, passive target, ``Lock_all`` for its lifetime.
 
 Works with whichever one-sided component Open MPI picks: ``osc/sm`` (the window is plain shared memory),
-``osc/rdma`` (over btl/vader on a node, or an RDMA/TCP btl across nodes), ``osc/ucx`` and ``osc/pt2pt``
-(needs an MPI thread level below ``MPI_THREAD_MULTIPLE``). Hence:
+``osc/rdma`` (priority 101, so Open MPI 4.1 prefers it to osc/sm even on one node; without an RDMA btl it
+runs over btl/vader or btl/tcp and may need the target's progress), ``osc/ucx`` and ``osc/pt2pt`` (needs an
+MPI thread level below ``MPI_THREAD_MULTIPLE``). Hence:
 
 - ordering comes from explicit ``Win_flush`` calls, never from the hardware: payload, ``Win_flush(target)``,
   then the signal as an atomic ``Accumulate(REPLACE)`` of one int64, then ``Win_flush(target)``;
 - local reads of the window go through ``Win_sync`` (the window must be ``MPI_WIN_UNIFIED``);
 - waits drive MPI progress (``Win_sync`` and ``Iprobe`` on a private communicator), because without hardware
   RMA a passive target only applies incoming puts and accumulates when it enters the MPI library.
+
+Limit: ``put_signal`` and ``signal`` return only once the target has applied them, inside ``Win_flush``, which
+no deadline can interrupt. Where that needs the target's progress (osc/pt2pt, btl/tcp without RDMA), a
+target busy outside MPI for a long time (one long kernel, no polling) holds the writer that long; it does not
+deadlock, since the target progresses at its next wait. Across nodes over TCP, Open MPI's
+``--mca btl_tcp_progress_thread 1`` is meant to remove the dependency (not tested here).
 """
 
 from __future__ import annotations

@@ -161,7 +161,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def local_view(self, offset: int, nbytes: int) -> np.ndarray:
-        """Read-only uint8 view ``(nbytes,)`` of this rank's heap; read after the guarding signal is seen."""
+        """Read-only uint8 view ``(nbytes,)`` of this rank's heap; read after the guarding signal is seen.
+
+        The view aliases the heap: copy out what you keep, and drop it before ``free``."""
 
     @abc.abstractmethod
     def zero_local(self, offset: int, nbytes: int) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from _mpirun import mpirun, mpirun_available
+from tests.mpi._mpirun import mpirun, mpirun_available
 
 pytestmark = pytest.mark.skipif(not mpirun_available(), reason="needs mpirun and mpi4py")
 
