@@ -239,14 +239,14 @@ def _nearest_run(t: float, starts: list[float]) -> int:
 def _rank_stream(path: Path, file_index: int, starts: list[float]) -> Iterator[tuple[float, int, int, str]]:
     """(t, file index, seq, line with ``run``) for one rank file, time-sorted within a reorder window.
 
-    A new segment starts at each ``rank_start`` record; a segment's run is the job start nearest its first
-    record. ``"run"`` is spliced into the original text (records are JSON objects ending in ``}``).
+    A new segment starts at each ``rank_start`` or ``job_start`` record (rank 0 writes ``job_start`` first);
+    a segment's run is the job start nearest its first record. ``"run"`` is spliced into the original text (records are JSON objects ending in ``}``).
     """
     heap: list[tuple[float, int, int, str]] = []
     run_suffix = ""
     for seq, (rec, line) in enumerate(_parse_lines(path)):
         t = float(rec["t"])
-        if rec.get("ev") == "rank_start" or not run_suffix:
+        if rec.get("ev") in ("rank_start", "job_start") or not run_suffix:
             run_suffix = f',"run":{_nearest_run(t, starts)}}}'
         heapq.heappush(heap, (t, file_index, seq, line[:-1] + run_suffix))
         if len(heap) > _REORDER_WINDOW:
@@ -260,7 +260,7 @@ def merge_event_logs(out_dir: str | os.PathLike[str]) -> Path:
 
     Lines that do not parse (a killed rank's truncated last line) are skipped. Every record gets a ``run``
     field: the index of the ``job_start`` nearest in time to the start of the record's per-rank segment
-    (segments begin at ``rank_start``), so a resumed job's runs stay apart. Memory stays bounded: the
+    (segments begin at ``rank_start`` and ``job_start``), so a resumed job's runs stay apart. Memory stays bounded: the
     per-rank files are streamed through a k-way merge. The output is written to a temporary file and
     renamed, and rebuilt from the per-rank files each time (idempotent). Without per-rank files an existing
     ``events.jsonl`` is left as it is; without either, an empty one is written.

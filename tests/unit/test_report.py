@@ -1,0 +1,172 @@
+"""The report renders from synthetic events (and from a real demo run's, when the engine runs here)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from spmd_diff.errors import UserError
+from spmd_diff.observe.analysis import load_runs, verdict
+from spmd_diff.observe.events import EventLog, merge_event_logs
+from spmd_diff.observe.report import summarise, write_report
+
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[2]
+PLAN = {"encoders": [0], "dit_groups": [[1, 2]], "decoders": [3]}
+
+
+def simulate(out: Path, num_items: int = 8, t_start: float = 1.8e9, denoise_s: float = 2.0, decode_s: float = 0.6,
+             fail_item: int | None = 5, stall_s: float = 0.0, resumed: bool = False) -> float:
+    """Events of a 4-rank pipeline (encoder 0, DiT group 1+2, decoder 3) as the engine would emit them.
+
+    The DiT is the slow stage, so the verdict must say DiT-bound. Returns the job end time.
+    """
+    logs = {r: EventLog(out, r) for r in range(4)}
+    roles = {0: "encoder", 1: "dit", 2: "dit", 3: "decoder"}
+    t = t_start
+    logs[0].emit("job_start", t=t, version="0.1.0", config={"model": {"path": "demo"}}, world_size=4, plan=PLAN,
+                 hosts=["node-a", "node-a", "node-b", "node-b"], num_items=num_items, num_pending=num_items)
+    for r in range(4):
+        logs[r].emit("rank_start", t=t + 0.01, role=roles[r], host="node-a" if r < 2 else "node-b")
+    t += 1.0  # model load
+    enc_free = dit_free = dec_free = t
+    for k in range(num_items):
+        item = f"run{int(resumed)}-item-{k}"
+        e0 = max(enc_free, t)
+        e1 = e0 + 0.3
+        for r, lg in ((0, logs[0]),):
+            lg.emit("stage", t=e1, stage="encode", item=item, t0=e0, t1=e1, role="encoder")
+        d0 = max(e1, dit_free)
+        if d0 > e1 + 1e-3:
+            logs[0].emit("wait", t=d0, channel="enc0->dit1", what="credit", t0=e1, t1=d0)
+        if d0 > dit_free + 1e-3:
+            for r in (1, 2):
+                logs[r].emit("wait", t=d0, channel="enc0->dit1", what="data", t0=dit_free, t1=d0)
+        logs[0].emit("handoff", t=d0 + 0.01, channel="enc0->dit1", src=0, dst=1, item=item, bytes=2_000_000,
+                     t0=d0, t1=d0 + 0.01)
+        d0 += 0.01
+        d1 = d0 + denoise_s + (stall_s if k == num_items // 2 else 0.0)
+        for r in (1, 2):
+            logs[r].emit("stage", t=d1, stage="denoise", item=item, t0=d0, t1=d1, role="dit")
+        dit_free = d1
+        enc_free = d0  # a ring of one slot: the encoder is blocked until the DiT takes the item
+        if fail_item is not None and k == fail_item:
+            logs[1].emit("failure", t=d1, item=item, stage="denoise", error="FloatingPointError: NaN")
+            continue
+        x0 = max(d1, dec_free)
+        if x0 > dec_free + 1e-3:
+            logs[3].emit("wait", t=x0, channel="dit1->dec3", what="data", t0=dec_free, t1=x0)
+        logs[1].emit("handoff", t=x0 + 0.005, channel="dit1->dec3", src=1, dst=3, item=item, bytes=500_000,
+                     t0=x0, t1=x0 + 0.005)
+        x1 = x0 + decode_s
+        logs[3].emit("stage", t=x1, stage="decode", item=item, t0=x0, t1=x1, role="decoder")
+        logs[3].emit("stage", t=x1 + 0.1, stage="write", item=item, t0=x1, t1=x1 + 0.1, role="decoder")
+        dec_free = x1 + 0.1
+    t_end = max(dec_free, dit_free) + 0.5
+    for r in range(4):
+        logs[r].emit("rank_end", t=t_end - 0.1, role=roles[r], items=num_items)
+    logs[0].emit("job_end", t=t_end, status="complete", items_done=num_items - (fail_item is not None),
+                 items_failed=int(fail_item is not None), elapsed_s=t_end - t_start)
+    for lg in logs.values():
+        lg.close()
+    return t_end
+
+
+def _check_report(out: Path, num_ranks: int) -> str:
+    path = write_report(out)
+    assert path == out / "report.html"
+    text = path.read_text(encoding="utf-8")
+    for name in ("timeline", "utilisation", "throughput", "waits"):
+        png = out / "report" / f"{name}.png"
+        assert png.stat().st_size > 10_000, png  # a real picture, not an empty canvas
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert text.count("data:image/png;base64,") == 4
+    assert "<img" in text and "src='data:" in text and "http" not in text.split("<body>")[1].split("spmd-diff report")[0]
+    rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td><td>([^<]*)</td>", text)
+    assert sorted(int(r[0]) for r in rows) == list(range(num_ranks)), rows  # one per-rank row per rank
+    return text
+
+
+def test_report_synthetic_dit_bound(tmp_path: Path) -> None:
+    simulate(tmp_path)
+    text = _check_report(tmp_path, 4)
+    assert "DiT-bound: DiT ranks busy" in text
+    [run] = load_runs(tmp_path / "events.jsonl").values()
+    assert [run.roles_label(r) for r in run.ranks] == ["encoder", "DiT", "DiT", "decoder"]
+    assert {s.stage for s in run.spans} == {"encode", "denoise", "decode", "write"}
+    s = summarise(run)
+    assert s["done"] == 7 and s["failed"] == 1 and s["roles"]["dit"]["busy"] > 0.9
+    assert s["roles"]["decoder"]["busy"] < 0.5
+    assert "FloatingPointError" in text and "enc0-&gt;dit1" in text
+
+
+def test_report_decoder_bound_and_stalled(tmp_path: Path) -> None:
+    simulate(tmp_path / "dec", denoise_s=0.3, decode_s=2.0, fail_item=None)
+    assert verdict(next(iter(load_runs(merge_event_logs(tmp_path / "dec")).values()))).startswith("decoder-bound")
+    simulate(tmp_path / "stall", stall_s=400.0, fail_item=None)
+    text = write_report(tmp_path / "stall").read_text()
+    assert "stalled: no stage progress for 40" in text
+
+
+def test_report_two_runs(tmp_path: Path) -> None:
+    t_end = simulate(tmp_path, num_items=4)
+    simulate(tmp_path, num_items=3, t_start=t_end + 600, resumed=True, fail_item=None)
+    runs = load_runs(merge_event_logs(tmp_path))
+    assert list(runs) == [0, 1]
+    assert {s.item.split("-")[0] for s in runs[1].spans} == {"run1"}
+    assert {s.item.split("-")[0] for s in runs[0].spans} == {"run0"}
+    text = write_report(tmp_path).read_text()
+    assert "2 run(s) in the event log" in text and "Run 1" in text
+    text_all = write_report(tmp_path, run="all").read_text()
+    assert "Run 0" in text_all and "Run 1" in text_all
+    with pytest.raises(UserError, match="no run 7"):
+        write_report(tmp_path, run=7)
+
+
+def test_report_without_events(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="no event log"):
+        write_report(tmp_path)
+
+
+# ------------------------------------------------------------------------ a real demo run (the engine's events)
+
+def _mpirun() -> str | None:
+    return shutil.which("mpirun")
+
+
+@pytest.fixture(scope="session")
+def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT/ of a real 4-rank demo job (skipped when the engine or mpirun is not available here)."""
+    if _mpirun() is None or not (REPO / "jobs" / "demo.toml").exists():
+        pytest.skip("needs mpirun and jobs/demo.toml")
+    out = tmp_path_factory.mktemp("demo") / "OUT"
+    cmd = [_mpirun(), "--allow-run-as-root", "--oversubscribe", "-n", "4", sys.executable, "-m", "spmd_diff", "run",
+           str(REPO / "jobs" / "demo.toml"), "--prompts", str(REPO / "jobs" / "demo_prompts.jsonl"), "--out", str(out)]
+    env = {**os.environ, "OMPI_MCA_rmaps_base_oversubscribe": "1", "PYTHONPATH": str(REPO)}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        pytest.skip("demo run did not finish in 600 s")
+    if proc.returncode != 0 or not (out / "events.jsonl").exists():
+        pytest.skip(f"demo run failed (rc {proc.returncode}): {proc.stderr[-1500:]}")
+    return out
+
+
+def test_report_from_real_demo_run(demo_out: Path) -> None:
+    [run] = load_runs(demo_out / "events.jsonl").values()
+    text = _check_report(demo_out, 4)
+    assert run.job_start is not None and run.job_end is not None
+    roles = {r: run.roles_label(r) for r in run.ranks}
+    assert roles == {0: "encoder", 1: "DiT", 2: "DiT", 3: "decoder"}, roles
+    stages = {(s.rank, s.stage) for s in run.spans}
+    assert {(0, "encode"), (1, "denoise"), (2, "denoise"), (3, "decode"), (3, "write")} <= stages
+    for r in range(4):
+        assert f"rank {r} (" in text or f"<td>{r}</td>" in text
+    assert run.num_done == len({s.item for s in run.spans if s.stage == "write"})
