@@ -427,3 +427,57 @@ def test_transport_argument_checks_and_wait_timeout_message():
     assert transport.wait_signal(8, 5, time.monotonic(), "now") == 5
     with pytest.raises(StageTimeout, match=r"someone waits: .* offset 16 to reach 2, it is 0"):
         transport.wait_signal(16, 2, time.monotonic() + 0.05, "someone waits")
+
+
+class LazyTransport(LocalTransport):
+    """Completes plain puts as late as the interface allows (at the next signal to that target, or quiet),
+    in reverse order, with a copy of the source taken at completion time, not at the call."""
+
+    def __init__(self, world, rank):
+        super().__init__(world, rank)
+        self._pending = {}
+
+    def put(self, target_rank, target_offset, src):
+        self._pending.setdefault(target_rank, []).append((target_offset, src))
+
+    def _complete(self, target_rank):
+        for offset, src in reversed(self._pending.pop(target_rank, [])):
+            super().put(target_rank, offset, src)
+
+    def put_signal(self, target_rank, target_offset, src, signal_offset, signal_value):
+        self.put(target_rank, target_offset, src)
+        self._complete(target_rank)
+        super().signal(target_rank, signal_offset, signal_value)
+
+    def signal(self, target_rank, signal_offset, value):
+        self._complete(target_rank)
+        super().signal(target_rank, signal_offset, value)
+
+    def quiet(self):
+        for target_rank in list(self._pending):
+            self._complete(target_rank)
+
+
+def test_channel_relies_only_on_the_interface_ordering():
+    """With puts completing late and out of order, messages still arrive whole and in order."""
+    layout = HeapLayout(2, [(0, 1, RingSpec(2, 4096), "lazy")])
+    world = LocalWorld(2, layout.heap_bytes)
+    results = {}
+
+    def producer():
+        sender = ChannelSender(LazyTransport(world, 0), layout["lazy"])
+        for item in range(30):
+            sender.put(Message({"item": item}, {"x": item_tensor(item), "y": item_tensor(-item, 5)}), soon())
+        sender.close(soon())
+
+    def consumer():
+        receiver = ChannelReceiver(LazyTransport(world, 1), layout["lazy"])
+        results["got"] = [(m.meta["item"], torch.equal(m.tensors["x"], item_tensor(m.meta["item"])),
+                           torch.equal(m.tensors["y"], item_tensor(-m.meta["item"], 5))) for m in drain(receiver)]
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert results["got"] == [(item, True, True) for item in range(30)]
