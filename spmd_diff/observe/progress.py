@@ -215,7 +215,7 @@ class Progress:
             unit="video",
             dynamic_ncols=True,
             mininterval=self.interval_s,
-            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}",
+            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} videos{postfix}",  # tqdm puts ", " before the postfix
         )
 
     def _postfix(self) -> str:
