@@ -40,6 +40,8 @@ class RankContext:
     attrs: Callable[[Item], dict]
     report: Callable[[int, int, float], None] = lambda done, failed, busy_s: None
     """Called after each written item: cumulative (done, failed, busy seconds) of this rank."""
+    next_sender: int = 0
+    """Round-robin start among equally free consumers, so ties spread items instead of favouring the first."""
     num_done: int = 0
     num_failed: int = 0
     busy_s: float = 0.0
@@ -69,6 +71,7 @@ class _Span:
         self.ctx.busy_s += t1 - self.t0
         self.ctx.events.emit("stage", stage=self.stage, item=self.item.id, t0=self.t0, t1=t1,
                              ok=exc[0] is None)
+        self.ctx.report(self.ctx.num_done, self.ctx.num_failed, self.ctx.busy_s)
 
 
 def _failure(stage: str, exc: BaseException) -> dict:
@@ -125,8 +128,11 @@ def send(ctx: RankContext, senders: list[ChannelSender], item: Item, meta: dict,
     """Put the item into the channel with the most free slots, waiting (with deadline) while all are full."""
     deadline, backoff, t0 = ctx.deadline(), Backoff(), time.time()
     while True:
-        best = max(senders, key=lambda s: s.free_slots())
+        start = ctx.next_sender % len(senders)
+        order = senders[start:] + senders[:start]
+        best = max(order, key=lambda s: s.free_slots())
         if best.free_slots() > 0:
+            ctx.next_sender = senders.index(best) + 1
             break
         if time.monotonic() > deadline:
             raise StageTimeout(f"rank {ctx.rank}: no consumer freed a slot for item {item.id!r} in "
@@ -158,7 +164,7 @@ def receive(ctx: RankContext, receivers: list[ChannelReceiver]):
                     break
             else:
                 if time.monotonic() > deadline:
-                    waiting = ", ".join(f"{r.name} (rank {r.peer}, seq {r.sequence})" for r in open_receivers)
+                    waiting = "; ".join(r.describe_wait() for r in open_receivers)
                     raise StageTimeout(f"rank {ctx.rank}: nothing arrived for {ctx.timeout_s:.0f} s on {waiting}")
                 backoff.pause()
         t1 = time.time()
