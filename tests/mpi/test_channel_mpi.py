@@ -1,14 +1,17 @@
 """Double-ring channels over MpiRmaTransport on 4 ranks under mpirun (scripts in tests/mpi/scripts/).
 
-Both Open MPI one-sided paths are covered: ``osc/sm`` (the window is plain shared memory) and ``^sm``
-(osc/rdma over a btl, as between nodes; Open MPI 4.1 even prefers it on one node). Set
-``SPMD_DIFF_MPI_EXTRA_OSC=1`` to also run over osc/ucx and osc/pt2pt (pt2pt needs MPI_THREAD_FUNNELED).
+Three Open MPI one-sided paths are covered: ``osc/sm`` (the window is plain shared memory), ``^sm`` (osc/rdma
+over btl/vader here; Open MPI 4.1 prefers it even on one node) and, in the deadline test, osc/pt2pt over
+btl/tcp, where every put is applied only when the target enters MPI, as between nodes over TCP (pt2pt needs
+MPI_THREAD_FUNNELED; Open MPI 5 has no pt2pt, and then the deadline test runs on the default path).
+``SPMD_DIFF_MPI_EXTRA_OSC=1`` adds traffic runs over osc/ucx and pt2pt-over-tcp.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +24,17 @@ pytestmark = pytest.mark.skipif(not mpirun_available(), reason="needs mpirun and
 SCRIPTS = Path(__file__).parent / "scripts"
 TIMEOUT_S = 90  # hard limit per mpirun; a healthy run takes ~15 s on 2 loaded cores, mostly importing torch
 
+TCP_PT2PT = ({"pml": "ob1", "btl": "self,tcp", "osc": "pt2pt"}, {"MPI4PY_RC_THREAD_LEVEL": "funneled"})
+
+
+def has_osc_pt2pt() -> bool:
+    try:
+        listing = subprocess.run(["ompi_info"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return re.search(r"MCA osc: pt2pt", listing) is not None
+
+
 OSC_CASES = [
     pytest.param({"osc": "sm"}, {}, id="osc-sm"),
     pytest.param({"osc": "^sm"}, {}, id="osc-not-sm"),
@@ -28,7 +42,7 @@ OSC_CASES = [
 if os.environ.get("SPMD_DIFF_MPI_EXTRA_OSC") == "1":
     OSC_CASES += [
         pytest.param({"osc": "ucx"}, {}, id="osc-ucx"),
-        pytest.param({"osc": "pt2pt"}, {"MPI4PY_RC_THREAD_LEVEL": "funneled"}, id="osc-pt2pt"),
+        pytest.param(*TCP_PT2PT, id="osc-pt2pt-over-tcp"),
     ]
 
 
@@ -43,8 +57,9 @@ def test_many_to_many_with_wraparound_and_slow_consumer(mca, env):
 
 
 def test_dead_producer_times_out_and_job_exits_nonzero():
+    mca, env = TCP_PT2PT if has_osc_pt2pt() else ({}, {})
     started = time.monotonic()
-    result = mpirun(4, str(SCRIPTS / "channel_deadline.py"), "--deadline", "2", timeout=TIMEOUT_S)
+    result = mpirun(4, str(SCRIPTS / "channel_deadline.py"), "--deadline", "2", timeout=TIMEOUT_S, mca=mca, env=env)
     elapsed = time.monotonic() - started
     assert result.returncode != 0, result.stdout
     assert "StageTimeout" in result.stderr, result.stderr
