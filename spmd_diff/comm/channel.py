@@ -432,8 +432,9 @@ def _decode(transport: Transport, edge: EdgeLayout, slot: int, k: int) -> Messag
     magic, kind, description_bytes, index, payload_bytes = _FIXED.unpack(fixed)
     if (magic != _MAGIC or kind not in (_KIND_DATA, _KIND_END) or index != k
             or description_bytes > MAX_DESCRIPTION_BYTES or payload_bytes > edge.spec.slot_bytes):
-        raise RuntimeError(f"channel {edge.name!r}: corrupt header in slot {slot} for message {k}: magic {magic!r}, "
-                           f"kind {kind}, message {index}, description {description_bytes} B, payload {payload_bytes} B")
+        raise RuntimeError(f"channel {edge.name!r}: corrupt header in slot {slot} for message {k}: "
+                           f"magic {magic!r}, kind {kind}, message {index}, description {description_bytes} B, "
+                           f"payload {payload_bytes} B")
     raw = transport.local_view(edge.header_offset(slot) + _FIXED.size, description_bytes).tobytes()
     description = json.loads(raw)
     tensors = {}
