@@ -240,6 +240,10 @@ def _nice_width(seconds: float) -> float:
     return float(np.ceil(seconds / 86400) * 86400)
 
 
+def _secs(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def _width_text(seconds: float) -> str:
     return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
@@ -297,6 +301,8 @@ def plot_throughput(runs: Sequence[RunData], path: Path) -> Path:
     ax = fig.add_subplot()
     ax2 = ax.twinx()
     total = total_failed = 0
+    bars_drawn = False
+    rates: list[float] = []
     for k, run in enumerate(runs):
         done = completion_times(run)
         duration = max(run.t_end - run.t_start, 1e-3)
@@ -306,9 +312,12 @@ def plot_throughput(runs: Sequence[RunData], path: Path) -> Path:
         counts, _ = np.histogram(done, bins=edges)
         widths = np.diff(edges)
         per_min = counts / (np.maximum(widths, 1e-9) / 60.0)
-        ax.bar(tx.x(edges[:-1]), per_min, width=tx.w(widths), align="edge",
-               color="#8DB3D9", edgecolor="white", lw=0.5,
-               label=f"finished per minute (bins of {_width_text(width)})" if k == 0 else None)
+        if widths.size >= 4:  # with fewer bins, one bar across the plot reads as a background, not a rate
+            ax.bar(tx.x(edges[:-1]), per_min, width=tx.w(widths), align="edge",
+                   color="#8DB3D9", edgecolor="white", lw=0.5,
+                   label=f"finished per minute (bins of {_width_text(width)})" if not bars_drawn else None)
+            bars_drawn = True
+        rates.append(done.size / max(duration / 60.0, 1e-9))
         xs = np.r_[run.t_start, done, run.t_end]
         ys = total + np.r_[0, np.arange(1, done.size + 1), done.size]
         ax2.step(tx.x(xs), ys, where="post", color="#1F3F66", lw=1.8,
@@ -322,6 +331,11 @@ def plot_throughput(runs: Sequence[RunData], path: Path) -> Path:
             ax2.step(tx.x(fx), fy, where="post", color="#D62728", lw=1.4,
                      label="failed, cumulative" if k == 0 else None)
     ax.set_ylabel("items finished per minute")
+    if not bars_drawn:  # too few items for a rate over time: say the mean rate instead
+        ax.set_yticks([])
+        ax.set_ylabel("")
+        ax.annotate("too few items for a rate over time; mean " + ", ".join(f"{r:.1f}" for r in rates)
+                    + " items/min", (0.01, 0.92), xycoords="axes fraction", fontsize=9, color="#444444")
     ax2.set_ylabel("items (cumulative)")
     ax2.set_ylim(bottom=0)
     ax.grid(axis="y", color="#EEEEEE", lw=0.6)
@@ -364,7 +378,7 @@ def plot_waits(runs: Sequence[RunData], path: Path, max_channels: int = 30) -> P
                 secs, who = totals[c].get(what, 0.0), sorted(waiters[(c, what)]) if (c, what) in waiters else []
                 if secs > 0 and who:
                     share = secs / (elapsed * len(who))
-                    notes.append(f"{what} {secs:.1f} s on rank{'s' if len(who) > 1 else ''} "
+                    notes.append(f"{what} {_secs(secs)} on rank{'s' if len(who) > 1 else ''} "
                                  f"{','.join(map(str, who[:4]))}{'…' if len(who) > 4 else ''}"
                                  f" ({share:.0%} of {'their' if len(who) > 1 else 'its'} time)")
             ax.annotate("; ".join(notes), (sum(totals[c].values()), yi), xytext=(4, 0),

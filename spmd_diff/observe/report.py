@@ -69,9 +69,10 @@ def _e(x: Any) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    head = "".join(f"<th>{_e(h)}</th>" for h in header) if any(header) else ""
     body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
 
 
 def summarise(run: RunData) -> dict[str, Any]:
@@ -148,9 +149,9 @@ def _channels_html(run: RunData) -> str:
     if not per:
         return ""
     rows = [(c, int(e["n"]), _bytes(e["bytes"]), f"{e['s']:.3f}",
-             f"{e['bytes'] / e['s'] / 1e6:.0f}" if e["s"] > 0 else "-") for c, e in sorted(per.items())]
+             f"{e['bytes'] / e['s'] / 2**20:.1f}" if e["s"] > 0 else "-") for c, e in sorted(per.items())]
     return ("<details><summary>Handoffs per channel</summary>"
-            + _table(("channel", "handoffs", "bytes", "time in put (s)", "MB/s"), rows) + "</details>")
+            + _table(("channel", "handoffs", "bytes", "time in put (s)", "MiB/s"), rows) + "</details>")
 
 
 def _events_list_html(run: RunData) -> str:
