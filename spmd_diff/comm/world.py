@@ -77,6 +77,11 @@ class World:
 
 def init_world(ranks_per_node: int = 0) -> World:
     """Start MPI (threads: funneled), check the launch, find nodes, bind a GPU if there are any."""
+    import mpi4py
+
+    # Only the main thread calls MPI (the progress thread on rank 0 reads local memory). Asking for
+    # THREAD_MULTIPLE would rule out Open MPI's osc/pt2pt, the one-sided path of TCP-only clusters.
+    mpi4py.rc.thread_level = "funneled"
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD

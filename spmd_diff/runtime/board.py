@@ -18,16 +18,25 @@ _WORDS = 3  # done, failed, busy milliseconds
 class ProgressBoard:
     """Rank 0's board. ``transport`` None = one rank, the board is local memory."""
 
-    def __init__(self, transport, rank: int, size: int) -> None:
+    def __init__(self, transport, rank: int, size: int, min_interval_s: float = 1.0) -> None:
         self.transport, self.rank, self.size = transport, rank, size
         self._local = np.zeros(size * _WORDS, dtype=np.int64)
+        self._last = (0, 0, 0)
+        self._last_time = 0.0
+        self.min_interval_s = min_interval_s
 
     @staticmethod
     def bytes_needed(size: int) -> int:
         return round_up(size * _WORDS * 8, 64)
 
-    def publish(self, done: int, failed: int, busy_s: float) -> None:
+    def publish(self, done: int, failed: int, busy_s: float, force: bool = False) -> None:
+        """Publish this rank's counters. Busy time alone is sent at most once per ``min_interval_s`` (each
+        signal is a flushed one-sided write to rank 0); a change of done/failed always goes out."""
         values = (done, failed, int(busy_s * 1000))
+        now = time.monotonic()
+        if not force and values[:2] == self._last[:2] and now - self._last_time < self.min_interval_s:
+            return
+        self._last, self._last_time = values, now
         if self.transport is None:
             self._local[self.rank * _WORDS: (self.rank + 1) * _WORDS] = values
             return

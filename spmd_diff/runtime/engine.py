@@ -216,6 +216,7 @@ def run(request: RunRequest) -> int:
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         _run_role(ctx, role, plan, pending, senders, receivers)
+        board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
         stages.free()
     except StageTimeout as exc:
