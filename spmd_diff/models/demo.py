@@ -82,6 +82,9 @@ SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True,
 SEEDS = {"text_encoder": 1, "transformer": 2, "vae": 3}
 """``torch.manual_seed`` value set right before each component is constructed."""
 
+CROSS_ATTENTION_GAIN = 4.0
+"""Scales the transformer's cross-attention logits (``attn2.norm_k``) and output (``attn2.to_out``) after init."""
+
 CORPUS = (
     "A cat and a dog are baking a cake together in a bright kitchen.",
     "The cat carefully measures the flour while the dog stirs the batter with a wooden spoon.",
@@ -149,6 +152,33 @@ def _train_tokenizer_vocab() -> list[tuple[str, float]]:
     return trained[:3] + pieces
 
 
+def _condition_weights(transformer, vae) -> None:
+    """Deterministic edits of the random init so the demo's videos respond to what the engine moves around.
+
+    With plain random init the prompt barely reaches the latents (its ~10 tokens get ~2% of the cross-attention
+    next to ~500 identical padding tokens) and the VAE decoder's biases swamp the latents (other seeds give the
+    same video to within 1 uint8 level), so a dropped or swapped tensor would go unnoticed. So: sharpen and amplify
+    the cross-attention (:data:`CROSS_ATTENTION_GAIN`); in the VAE decoder, zero every bias and every residual
+    branch's last layer (zero-init residuals), which leaves a smooth, scale-free map from latents to pixels. Videos
+    then differ by ~30 levels (mean |diff|) between seeds and visibly between prompts with CFG, with no saturation.
+    """
+    import torch
+
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if name.endswith("attn2.norm_k"):
+                module.weight.mul_(CROSS_ATTENTION_GAIN)
+            elif name.endswith("attn2.to_out.0"):
+                module.weight.mul_(CROSS_ATTENTION_GAIN)
+                module.bias.mul_(CROSS_ATTENTION_GAIN)
+        for name, module in vae.decoder.named_modules():
+            if name.endswith(".conv2") or name.endswith(".attentions.0.proj"):  # last layer of a residual branch
+                module.weight.zero_()
+        for name, parameter in vae.decoder.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+
+
 def _build_components() -> dict:
     """Construct the five pipeline components with fixed seeds (float32, CPU)."""
     # This is fast-tokenizer T5 (its T5Tokenizer in transformers >= 5), the class Wan2.1's model_index.json names.
@@ -167,6 +197,7 @@ def _build_components() -> dict:
     torch.manual_seed(SEEDS["vae"])
     vae = AutoencoderKLWan(**VAE_CONFIG).eval()
 
+    _condition_weights(transformer, vae)
     scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
 
@@ -213,6 +244,8 @@ def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
     if is_complete(out_dir):
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if is_complete(out_dir):  # another process renamed its build into place since the first check
+            return out_dir
         raise UserError(
             f"{out_dir} exists but is not a complete spmd_diff demo model (version {DEMO_VERSION}); "
             "remove it or choose another directory"

@@ -124,7 +124,7 @@ class WanShapes:
 
     def embeds_nbytes(self, dtype: torch.dtype) -> int:
         """Bytes of all :attr:`num_embeds` text embeddings of one item in ``dtype``."""
-        return self.num_embeds * math.prod(self.embeds_shape) * _itemsize(dtype)
+        return self.num_embeds * math.prod(self.embeds_shape) * dtype.itemsize
 
     def latents_nbytes(self) -> int:
         """Bytes of one item's final latents (float32)."""
@@ -133,10 +133,6 @@ class WanShapes:
     def video_nbytes(self) -> int:
         """Bytes of one decoded video (uint8)."""
         return math.prod(self.video_shape)
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,10 +159,8 @@ def _model_index(model_dir: str | pathlib.Path) -> tuple[pathlib.Path, dict[str,
         raise UserError(f"model directory {root} does not exist (or is not a directory)")
     index = _read_json(root / "model_index.json", f"model directory {root} is not a diffusers pipeline directory")
     if index.get("_class_name") != PIPELINE_CLASS:
-        raise UserError(
-            f"model directory {root} holds a {index.get('_class_name')!r} pipeline; "
-            f"only {PIPELINE_CLASS} (Wan text-to-video) is supported"
-        )
+        raise UserError(f"model directory {root} holds a {index.get('_class_name')!r} pipeline; "
+                        f"only {PIPELINE_CLASS} (Wan text-to-video) is supported")
     return root, index
 
 
@@ -225,10 +219,10 @@ def read_shapes(model_dir: str | pathlib.Path, spec: VideoSpec) -> WanShapes:
     assert len(patch_size) == 3, patch_size
     text_dim = int(transformer["text_dim"])
     if _has_component(index, "text_encoder"):
-        d_model = _read_json(root / "text_encoder" / "config.json", f"model directory {root}: text_encoder").get(
-            "d_model", text_dim)
-        if int(d_model) != text_dim:
-            raise UserError(f"model directory {root}: text_encoder d_model {d_model} != transformer text_dim {text_dim}")
+        d_model = _read_json(root / "text_encoder" / "config.json", f"model directory {root}: text_encoder")
+        if int(d_model.get("d_model", text_dim)) != text_dim:
+            raise UserError(f"model directory {root}: text_encoder d_model {d_model.get('d_model')} != "
+                            f"transformer text_dim {text_dim}")
 
     for name, size, patch in (("height", spec.height, patch_size[1]), ("width", spec.width, patch_size[2])):
         multiple = math.lcm(16, scale_spatial * patch)  # 16: WanPipeline.check_inputs; the rest: patchification
@@ -286,7 +280,7 @@ class WanStages:
         self.stages = frozenset(stages)
         unknown = self.stages - STAGES
         if unknown or not self.stages:
-            raise UserError(f"stages must be a non-empty subset of {sorted(STAGES)}, got {sorted(self.stages)}")
+            raise ValueError(f"stages must be a non-empty subset of {sorted(STAGES)}, got {sorted(self.stages)}")
         self.model_dir, self._index = _model_index(model_dir)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -357,15 +351,8 @@ class WanStages:
             shown = text if len(text) <= 80 else text[:77] + "..."
             warnings.warn(f"prompt {shown!r} has {num_tokens} tokens; truncated to max_sequence_length "
                           f"{max_sequence_length} (as diffusers does)", stacklevel=3)
-        text_inputs = self.tokenizer(
-            [text],
-            padding="max_length",
-            max_length=max_sequence_length,
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
+        text_inputs = self.tokenizer([text], padding="max_length", max_length=max_sequence_length, truncation=True,
+                                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         text_input_ids, mask = text_inputs.input_ids, text_inputs.attention_mask
         seq_lens = mask.gt(0).sum(dim=1).long()
         prompt_embeds = self.text_encoder(text_input_ids.to(self.device), mask.to(self.device)).last_hidden_state
@@ -386,7 +373,7 @@ class WanStages:
         """
         self._require("encode")
         if not isinstance(prompt, str):
-            raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         embeds = {"prompt_embeds": self._embed(prompt, spec.max_sequence_length)}
         if spec.do_classifier_free_guidance:
             embeds["negative_prompt_embeds"] = self._embed(negative_prompt or "", spec.max_sequence_length)
@@ -403,7 +390,7 @@ class WanStages:
         """``[1, C, F, H, W]`` float32 noise on the CPU from ``torch.Generator("cpu").manual_seed(seed)``, exactly as
         ``WanPipeline.prepare_latents`` draws it (``randn_tensor`` with a CPU generator)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise UserError(f"seed must be an integer, got {seed!r}")
+            raise TypeError(f"seed must be an integer, got {seed!r}")
         generator = torch.Generator("cpu").manual_seed(seed)
         shape = self.shapes(spec).latents_shape
         return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
@@ -424,9 +411,10 @@ class WanStages:
         expected = ["prompt_embeds", "negative_prompt_embeds"] if do_cfg else ["prompt_embeds"]
         for key in expected:
             if key not in embeds:
-                raise UserError(f"denoise needs embeds[{key!r}] (guidance_scale {spec.guidance_scale})")
+                raise ValueError(f"denoise needs embeds[{key!r}] (guidance_scale {spec.guidance_scale})")
             if tuple(embeds[key].shape) != shapes.embeds_shape:
-                raise UserError(f"embeds[{key!r}] has shape {tuple(embeds[key].shape)}, expected {shapes.embeds_shape}")
+                raise ValueError(f"embeds[{key!r}] has shape {tuple(embeds[key].shape)}, "
+                                 f"expected {shapes.embeds_shape}")
         device = self.device
         boundary_ratio = self._index.get("boundary_ratio")
         guidance_scale = spec.guidance_scale
@@ -491,14 +479,13 @@ class WanStages:
         self._require("decode")
         vae = self.vae
         if latents_BCFHW.ndim != 5 or latents_BCFHW.shape[0] != 1 or latents_BCFHW.shape[1] != vae.config.z_dim:
-            raise UserError(f"decode expects latents [1, {vae.config.z_dim}, F, H, W], got {tuple(latents_BCFHW.shape)}")
+            raise ValueError(f"decode expects latents [1, {vae.config.z_dim}, F, H, W], "
+                             f"got {tuple(latents_BCFHW.shape)}")
         latents = latents_BCFHW.to(self.device, dtype=vae.dtype)
-        latents_mean = (
-            torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents.device, latents.dtype)
-        )
-        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(
-            latents.device, latents.dtype
-        )
+        z_dim = vae.config.z_dim
+        latents_mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
+            latents.device, latents.dtype)
         latents = latents / latents_std + latents_mean
         video = vae.decode(latents, return_dict=False)[0]
         frames = self.video_processor.postprocess_video(video, output_type="np")  # [1, F, H, W, 3] float32
@@ -529,17 +516,8 @@ def reference_video(model_dir: str | pathlib.Path, prompt: str, negative_prompt:
     kwargs: dict[str, Any] = {}
     if spec.guidance_scale_2 is not None:
         kwargs["guidance_scale_2"] = spec.guidance_scale_2
-    frames = pipeline(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        height=spec.height,
-        width=spec.width,
-        num_frames=spec.num_frames,
-        num_inference_steps=spec.num_inference_steps,
-        guidance_scale=spec.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(seed),
-        output_type="np",
-        max_sequence_length=spec.max_sequence_length,
-        **kwargs,
-    ).frames
+    frames = pipeline(prompt=prompt, negative_prompt=negative_prompt, height=spec.height, width=spec.width,
+                      num_frames=spec.num_frames, num_inference_steps=spec.num_inference_steps,
+                      guidance_scale=spec.guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
+                      output_type="np", max_sequence_length=spec.max_sequence_length, **kwargs).frames
     return _frames_to_uint8(frames[0])
