@@ -12,6 +12,7 @@ atomically (a temp dir next to the target, then ``os.rename``), so several proce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,10 +25,10 @@ from spmd_diff.errors import UserError
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = 1
-"""Bumped whenever the demo model's contents change; part of the cache directory name."""
+"""Bump whenever the demo model's contents change (constants or code); part of the cache directory name."""
 
 MARKER_FILE = "spmd_diff_demo.json"
-"""Written last into a complete demo model; holds ``{"name": "spmd_diff-demo", "version": DEMO_VERSION}``."""
+"""Written last into a complete demo model: ``{"name": "spmd_diff-demo", "version": ..., "recipe": ...}``."""
 
 CACHE_ENV = "SPMD_DIFF_CACHE"
 """Environment variable naming the cache root (default ``~/.cache/spmd_diff``)."""
@@ -181,11 +182,11 @@ def _condition_weights(transformer, vae) -> None:
 
 def _build_components() -> dict:
     """Construct the five pipeline components with fixed seeds (float32, CPU)."""
-    # This is fast-tokenizer T5 (its T5Tokenizer in transformers >= 5), the class Wan2.1's model_index.json names.
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
+    # T5TokenizerFast (the class Wan2.1's model_index.json names) is T5Tokenizer in transformers >= 5.
     tokenizer = T5TokenizerFast(vocab=_train_tokenizer_vocab(), extra_ids=0, model_max_length=512)
 
     torch.manual_seed(SEEDS["text_encoder"])
@@ -202,14 +203,27 @@ def _build_components() -> dict:
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
 
 
-def is_complete(model_dir: str | os.PathLike) -> bool:
-    """True if ``model_dir`` holds a complete demo model of this :data:`DEMO_VERSION` (its marker file says so)."""
-    marker = pathlib.Path(model_dir) / MARKER_FILE
+def recipe_fingerprint() -> str:
+    """Hash of everything this module's constants put into the demo model: a cached build made from another recipe
+    (an older checkout) is stale even if :data:`DEMO_VERSION` was not bumped. Code changes still need the bump."""
+    recipe = dict(version=DEMO_VERSION, text_encoder=TEXT_ENCODER_CONFIG, transformer=TRANSFORMER_CONFIG,
+                  vae=VAE_CONFIG, scheduler=SCHEDULER_CONFIG, seeds=SEEDS, gain=CROSS_ATTENTION_GAIN,
+                  vocab_size=TOKENIZER_VOCAB_SIZE, corpus=CORPUS)
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:16]
+
+
+def _read_marker(model_dir: pathlib.Path) -> dict | None:
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads((model_dir / MARKER_FILE).read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and info.get("version") == DEMO_VERSION
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def is_complete(model_dir: str | os.PathLike) -> bool:
+    """True if ``model_dir`` holds a complete demo model of this version and recipe (its marker file says so)."""
+    info = _read_marker(pathlib.Path(model_dir))
+    return info is not None and info.get("version") == DEMO_VERSION and info.get("recipe") == recipe_fingerprint()
 
 
 def _write_demo_model(tmp_dir: pathlib.Path) -> None:
@@ -229,32 +243,38 @@ def _write_demo_model(tmp_dir: pathlib.Path) -> None:
     os.umask(umask)
     for path in [tmp_dir, *tmp_dir.rglob("*")]:  # mkdtemp makes 0700; the cache may be shared: use the umask
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    marker = {"name": "spmd_diff-demo", "version": DEMO_VERSION}
+    marker = {"name": "spmd_diff-demo", "version": DEMO_VERSION, "recipe": recipe_fingerprint()}
     (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
 def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
     """Write the demo model into ``out_dir`` (atomically) and return its path.
 
-    If ``out_dir`` already holds a complete demo model of this version it is returned as is. The model is built in a
-    temp dir next to ``out_dir`` and renamed into place; if another process renamed its own copy first, ours is
-    dropped and theirs returned. Raises :class:`UserError` if ``out_dir`` exists and holds something else.
+    If ``out_dir`` already holds a complete demo model of this version and recipe it is returned as is. The model is
+    built in a temp dir next to ``out_dir`` and renamed into place; if another process renamed its own copy first,
+    ours is dropped and theirs returned. A stale demo model (another version or recipe) is replaced. Raises
+    :class:`UserError` if ``out_dir`` exists and holds something else.
     """
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
     if is_complete(out_dir):
         return out_dir
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    stale = _read_marker(out_dir) is not None
+    if not stale and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         if is_complete(out_dir):  # another process renamed its build into place since the first check
             return out_dir
-        raise UserError(
-            f"{out_dir} exists but is not a complete spmd_diff demo model (version {DEMO_VERSION}); "
-            "remove it or choose another directory"
-        )
+        raise UserError(f"{out_dir} exists but is not a spmd_diff demo model; remove it or choose another directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tomb_dir = tmp_dir.with_name(tmp_dir.name.replace(".tmp-", ".stale-"))
     try:
         logger.info("building the demo model in %s", tmp_dir)
         _write_demo_model(tmp_dir)
+        if stale:
+            logger.warning("replacing the stale demo model in %s (another version or recipe)", out_dir)
+            try:
+                os.rename(out_dir, tomb_dir)  # out of the way; deleted below
+            except OSError:
+                pass  # another process moved it first
         try:
             os.rename(tmp_dir, out_dir)  # atomic; replaces out_dir only if it is an empty directory
         except OSError:
@@ -262,8 +282,9 @@ def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
                 raise
             logger.info("another process built %s first; using it", out_dir)
     finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+        for leftover in (tmp_dir, tomb_dir):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     assert is_complete(out_dir), out_dir
     return out_dir
 

@@ -65,9 +65,21 @@ def test_refuses_a_foreign_directory(tmp_path: pathlib.Path) -> None:
     foreign = tmp_path / "demo-v1"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a complete spmd_diff demo model"):
+    with pytest.raises(UserError, match="exists but is not a spmd_diff demo model"):
         demo.build_demo_model(foreign)
     assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_stale_build_is_replaced(demo_model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    stale = tmp_path / "demo-v1"
+    shutil.copytree(demo_model_dir, stale)
+    (stale / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"older weights")
+    marker = json.loads((stale / demo.MARKER_FILE).read_text())
+    (stale / demo.MARKER_FILE).write_text(json.dumps({**marker, "recipe": "older-recipe"}))
+    assert not demo.is_complete(stale)
+    assert demo.build_demo_model(stale) == stale
+    assert _file_hashes(stale) == _file_hashes(demo_model_dir)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo-v1"], "temp or stale dirs left behind"
 
 
 def test_tokenizer_round_trip(demo_model_dir: pathlib.Path) -> None:
