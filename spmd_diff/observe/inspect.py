@@ -105,6 +105,17 @@ def _load_job(view: Path, f: h5py.File) -> dict[str, Any] | None:
     return job if isinstance(job, dict) else {"job": job}
 
 
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested dict -> sorted ("a.b.c", "value") pairs."""
+    if isinstance(value, dict) and value:
+        out: list[tuple[str, str]] = []
+        for key in sorted(value, key=str):
+            out += _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+        return out
+    text = json.dumps(value, default=str, ensure_ascii=False) if not isinstance(value, str) else value
+    return [(prefix or "job", text if len(text) <= 200 else text[:199] + "…")]
+
+
 def _cell(value: Any, width: int) -> str:
     text = "" if value is None else str(value).replace("\n", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
@@ -139,7 +150,7 @@ def inspect_store(path: str | os.PathLike[str], item_id: str | None = None, limi
     """Describe a result store (``OUT/`` or ``OUT/videos.h5``) as text.
 
     Without ``item_id``: the job config summary (from ``job.json``), counts of done / failed items,
-    and a table (id, frames x H x W, seed, steps, guidance, status, error) of at most ``limit`` finished and
+    and a table (id, frames x H x W, seed, steps, guidance, status, error, prompt) of at most ``limit`` finished and
     ``limit`` failed items (None: all). With ``item_id``: every attribute of that item. UserError for a missing store or id.
     """
     view = resolve_view(path)
@@ -162,15 +173,16 @@ def inspect_store(path: str | os.PathLike[str], item_id: str | None = None, limi
                 shape = "x".join(str(n) for n in item.shape[:3]) if item.shape else "-"
                 a = item.attrs
                 rows.append([item.id, shape, a.get("seed", ""), a.get("num_inference_steps", ""),
-                             a.get("guidance_scale", ""), item.status, item.error])
+                             a.get("guidance_scale", ""), item.status, item.error, a.get("prompt", "")])
         job = _load_job(view, f)
     lines = [f"store: {view}"]
     if job is not None:
-        lines.append("job: " + json.dumps(job, sort_keys=True, default=str)[:4000])
+        lines.append("job (job.json):")
+        lines += [f"  {key} = {value}" for key, value in _flatten(job)]
     lines.append(f"items: {num_videos + num_failed} ({num_videos} done, {num_failed} failed)"
                  + (f"; {missing} of the videos listed below have a missing file" if missing else ""))
-    header = ["id", "frames x H x W", "seed", "steps", "guidance", "status", "error"]
-    lines += _format_table([[str(v) for v in r] for r in rows], header, [40, 16, 12, 6, 8, 8, 60])
+    header = ["id", "frames x H x W", "seed", "steps", "guidance", "status", "error", "prompt"]
+    lines += _format_table([[str(v) for v in r] for r in rows], header, [40, 16, 12, 6, 8, 8, 60, 50])
     if num_videos + num_failed > len(rows):
         lines.append(f"... {num_videos + num_failed - len(rows)} more items not listed (limit={limit})")
     return "\n".join(lines)

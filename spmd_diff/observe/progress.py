@@ -90,9 +90,9 @@ class Progress:
     """Progress of a job, shown on ``stream`` (rank 0 only).
 
     ``total`` items in the job, ``done`` of them already written before this run started. On a terminal
-    (``tty=None`` asks ``stream.isatty()``) a tqdm bar is redrawn at most every ``interval_s`` (default 0.5 s);
-    otherwise one line in the format of the module docstring is written on the first update, then at most
-    every ``interval_s`` (default 30 s), and on :meth:`close`. ``clock`` (monotonic seconds) is for tests.
+    (``tty=None`` asks ``stream.isatty()``) a tqdm bar is redrawn at most every ``min(interval_s, 1 s)``
+    (default 0.5 s); otherwise one line in the format of the module docstring is written on the first update,
+    then at most every ``interval_s`` (default 30 s), and on :meth:`close`. ``clock`` (monotonic seconds) is for tests.
     """
 
     def __init__(
@@ -110,7 +110,10 @@ class Progress:
             isatty = getattr(self.stream, "isatty", None)
             tty = bool(isatty()) if callable(isatty) else False
         self.tty = tty
-        self.interval_s = float(interval_s) if interval_s is not None else (0.5 if tty else 30.0)
+        if tty:  # a bar redraws often; interval_s (often the log-line period) only ever makes it redraw sooner
+            self.interval_s = 0.5 if interval_s is None else min(float(interval_s), 1.0)
+        else:
+            self.interval_s = 30.0 if interval_s is None else float(interval_s)
         self.total = int(total)
         self.done = self.done0 = int(done)
         self.failed = self.failed0 = 0

@@ -153,7 +153,7 @@ def test_inspect_lists_items_and_failures(store: Path) -> None:
     for item_id, (f, h, w) in ITEMS.items():
         assert item_id[:20] in text and f"{f}x{h}x{w}" in text
     assert "bad-7" in text and "failed" in text and "NaN in latents" in text
-    assert '"model": "demo"' in text  # job.json
+    assert "model = demo" in text and "fps = 16" in text  # job.json
 
 
 def test_inspect_one_item_and_limit(store: Path) -> None:
