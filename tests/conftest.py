@@ -11,9 +11,9 @@ import pytest
 def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The built-in demo model (tiny random Wan2.1 T2V, diffusers format), built once per test session.
 
-    Built into a private temp dir, not the user's cache, so tests never depend on or change ``~/.cache``.
-    Treat it as read-only: copy it before changing anything.
+    Built in a private cache dir, never the user's: ``SPMD_DIFF_CACHE=<this>.parent`` makes a child process's
+    ``demo_model_dir()`` find this very build. Treat it as read-only: copy it before changing anything.
     """
-    from spmd_diff.models.demo import build_demo_model
+    from spmd_diff.models.demo import demo_model_dir as build_in_cache
 
-    return build_demo_model(tmp_path_factory.mktemp("demo_model") / "demo-v1")
+    return build_in_cache(tmp_path_factory.mktemp("spmd_diff_cache"))
