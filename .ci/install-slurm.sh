@@ -11,7 +11,7 @@ packages=(
   munge libmunge2                        # authentication between the commands and the daemons
   libpmix2 libpmi2-0                     # PMIx (Open MPI's client side) and Slurm's PMI-2 library
   openmpi-bin libopenmpi-dev             # mpirun fallback and mpi4py's MPI
-  tcl                                    # tclsh: tests parse the Tcl modulefile
+  tcl lmod                               # tests load the Tcl and Lua modulefiles with Lmod
   procps                                 # pgrep/ps for the harness teardown
 )
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED_COMMANDS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "squeue", "scancel")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}
 NUM_CPUS = 8  # declared, not real: config_overrides lets 4-task jobs fit on a 2-core CI machine
 
 
@@ -201,14 +203,39 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             raise RuntimeError(f"{argv} -> {out.returncode}\nstdout: {out.stdout}\nstderr: {out.stderr}")
         return out
 
-    def job_info(self, job_id: str) -> dict[str, str]:
-        """`scontrol show job -o` as a dict of its first record (for an array: use the task's id)."""
+    def submit(self, argv: list[str], env: dict | None = None, cwd: str | None = None) -> str:
+        """``sbatch --parsable ARGV...``; returns the job id (for an array: the array's id)."""
+        out = self.run(["sbatch", "--parsable", *argv], env=env or {}, cwd=cwd)
+        return out.stdout.strip().split(";")[0]
+
+    def job_records(self, job_id: str) -> list[dict[str, str]]:
+        """`scontrol show job -o ID`: one dict per job (an array id gives one per task)."""
         out = self.run(["scontrol", "show", "job", "-o", job_id], check=False)
-        info = {}
-        for word in out.stdout.splitlines()[0].split() if out.stdout.strip() else []:
-            key, _, value = word.partition("=")
-            info[key] = value
-        return info
+        records = []
+        for line in out.stdout.splitlines():
+            record = {}
+            for word in line.split():
+                key, _, value = word.partition("=")
+                record.setdefault(key, value)
+            if record:
+                records.append(record)
+        return records
+
+    def wait_job(self, job_id: str, timeout_s: float, poll_s: float = 2.0) -> list[dict[str, str]]:
+        """Wait until every task of the job is finished (not pending, not running, not being requeued).
+
+        Returns the final records. On timeout the job is cancelled and TimeoutError raised.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = self.job_records(job_id)
+            states = [r.get("JobState", "") for r in records]
+            if records and all(s in FINAL_STATES for s in states):
+                return records
+            if time.monotonic() > deadline:
+                self.run(["scancel", job_id], check=False)
+                raise TimeoutError(f"job {job_id} not finished after {timeout_s:.0f} s: states {states}")
+            time.sleep(poll_s)
 
     def logs(self, tail: int = 60) -> str:
         parts = []
@@ -222,8 +249,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def stop(self) -> None:
         """Cancel what is left, then stop the daemons (TERM, then KILL) and any job process they left."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "-u", str(os.getuid())] if False else ["scancel", "-u", "root"],
-                           env=self.env, capture_output=True, timeout=20)
+            user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+            subprocess.run(["scancel", "-u", user], env=self.env, capture_output=True, timeout=20)
+            time.sleep(1)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -234,21 +262,21 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-        self._kill_leftover_stepds()
+        self._kill_leftovers()
         self.procs.clear()
 
-    def _kill_leftover_stepds(self) -> None:
-        # slurmstepd processes are not children of slurmd's session; find ours by their config path in /proc.
-        conf = str(self.conf).encode()
+    def _kill_leftovers(self) -> None:
+        """SIGKILL every process still carrying this cluster's SLURM_CONF: slurmstepd and job tasks that outlived
+        slurmd (they are not in its session). Only processes this cluster started carry that path."""
+        marker = b"SLURM_CONF=" + str(self.conf).encode() + b"\0"
         for pid_dir in Path("/proc").iterdir():
-            if not pid_dir.name.isdigit():
+            if not pid_dir.name.isdigit() or int(pid_dir.name) == os.getpid():
                 continue
             try:
                 environ = (pid_dir / "environ").read_bytes()
-                cmdline = (pid_dir / "cmdline").read_bytes()
             except OSError:
                 continue
-            if cmdline.startswith(b"slurmstepd") and b"SLURM_CONF=" + conf in environ:
+            if marker in environ:
                 try:
                     os.kill(int(pid_dir.name), signal.SIGKILL)
                 except ProcessLookupError:
