@@ -123,6 +123,15 @@ class RunData:
                 role = r
         return role
 
+    def dit_group_of(self, rank: int) -> int | None:
+        """Index of the rank's DiT group in the ``job_start`` plan, if it is in one."""
+        groups = ((self.job_start or {}).get("plan") or {}).get("dit_groups") or []
+        return next((g for g, ranks in enumerate(groups) if rank in ranks), None)
+
+    @property
+    def num_dit_groups(self) -> int:
+        return len(((self.job_start or {}).get("plan") or {}).get("dit_groups") or [])
+
     def roles_label(self, rank: int) -> str:
         """``encoder`` or, after re-plans, ``encoder→dit``."""
         return "→".join(role_title(r) for _, r in self.role_timeline(rank))

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spmd_diff.observe.analysis import RunData, busy_by_rank, completion_times, role_title
+from spmd_diff.observe.analysis import RunData, busy_by_rank, completion_times, role_title, stall, verdict
 
 __all__ = ["STAGE_COLORS", "ROLE_COLORS", "time_unit", "plot_timeline", "plot_utilisation", "plot_throughput",
            "plot_waits", "TimeAxis"]
@@ -166,8 +166,9 @@ def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
         for w in run.waits:
             wait_groups.setdefault((w.rank, w.what), []).append((w.t0, w.t1))
     for (rank, stage), intervals in span_groups.items():
-        if rank in lane:
-            bars = [(tx.x(a), tx.w(b - a)) for a, b in _coalesce(intervals, eps)]
+        if rank in lane:  # every item its own bar (white edges between) unless there are too many to draw
+            merged = _coalesce(intervals, eps) if len(intervals) > 2000 else sorted(intervals)
+            bars = [(tx.x(a), tx.w(b - a)) for a, b in merged]
             ax.broken_barh(bars, (lane[rank] - 0.36, 0.56), facecolors=stage_color(stage, order), edgecolor="white",
                            linewidth=0.6 if len(bars) < 400 else 0.0)  # white edges: where one item ends
     for (rank, what), intervals in wait_groups.items():
@@ -177,17 +178,33 @@ def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
                            edgecolor="none")
     for y, x, w in failed_bars:
         ax.broken_barh([(x, w)], (y - 0.36, 0.56), facecolors="none", edgecolor="#D62728", hatch="///", lw=1)
+    for run in runs:  # shade where nothing finished for long: the eye goes to the stall, not the long bars
+        stalled = stall(run)
+        if stalled is not None:
+            gap, a, b = stalled
+            ax.axvspan(tx.x(a), tx.x(b), color="#D62728", alpha=0.08, lw=0)
+            ax.annotate(f"no stage finished for {gap:.0f} s", (0.5 * (tx.x(a) + tx.x(b)), 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(0, -4), textcoords="offset points",
+                        ha="center", va="top", fontsize=9, color="#D62728",
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "#D62728", "lw": 0.6})
     fails = [(float(f["t"]), int(f.get("rank", -1))) for run in runs for f in run.failures]
     fx = [tx.x(t) for t, r in fails if r in lane]
     fy = [lane[r] for t, r in fails if r in lane]
     if fx:
         ax.plot(fx, fy, "x", color="#D62728", ms=9, mew=2.2, zorder=5)
     labels = []
+    hosts = {rank: next((r for r in reversed(runs) if rank in r.ranks), last).host_of(rank) for rank in ranks}
+    short = {rank: h.split(".")[0] or h for rank, h in hosts.items()}
+    if len(set(short.values())) < len(set(hosts.values())):  # the domain tells nodes apart: keep it
+        short = hosts
     for rank in ranks:
         run = next((r for r in reversed(runs) if rank in r.ranks), last)
-        host = run.host_of(rank)
-        host = host if len(host) <= 18 else host[:17] + "…"
-        labels.append(f"rank {rank} ({run.roles_label(rank)}, {host})")
+        host = short[rank] if len(short[rank]) <= 20 else short[rank][:19] + "…"
+        role = run.roles_label(rank)
+        group = run.dit_group_of(rank)
+        if group is not None and run.num_dit_groups > 1 and role == "DiT":
+            role = f"DiT g{group}"
+        labels.append(f"rank {rank} ({role}, {host})")
     ax.set_yticks(range(n), labels, fontsize=9 if n <= 48 else 6)
     if n > 120:  # too many to read: label every k-th lane
         k = int(np.ceil(n / 120))
@@ -202,8 +219,8 @@ def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
     if failed_bars or fx:
         handles.append(Line2D([], [], marker="x", color="#D62728", ls="none", mew=2, label="item failed"))
     title = "Stage timeline per rank"
-    if len(runs) == 1 and last.job_start is None:
-        title += " (no job_start record)"
+    if len(runs) == 1:  # the PNG is often looked at alone: say what it shows
+        title += f": {verdict(last)}" + (" (no job_start record)" if last.job_start is None else "")
     ax.set_title(title, loc="left", fontsize=11)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), fontsize=8, frameon=False)
     return _save(fig, path)
@@ -390,5 +407,6 @@ def plot_waits(runs: Sequence[RunData], path: Path, max_channels: int = 30) -> P
         ax.set_xlabel("seconds blocked (summed over the run)")
         fig.legend(loc="outside lower center", ncols=2, fontsize=9, frameon=False)
         ax.grid(axis="x", color="#EEEEEE", lw=0.6)
-    ax.set_title("Time spent waiting on each channel", loc="left", fontsize=11)
+    more = f" (the {len(channels)} longest of {len(totals)})" if len(totals) > len(channels) else ""
+    ax.set_title(f"Time spent waiting on each channel{more}", loc="left", fontsize=11)
     return _save(fig, path)
