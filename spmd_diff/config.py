@@ -49,8 +49,9 @@ class RunConfig:
     """Base seed; an item without a seed gets seed + its index in the prompts file."""
     ring_slots: int = 2
     """Slots per double-ring channel (items in flight per producer->consumer edge)."""
-    timeout_s: float = 1800.0
-    """Deadline of any single wait (channel, barrier). A peer silent this long is reported and the job aborts."""
+    timeout_s: float = 0.0
+    """Deadline of any single wait (channel, barrier), seconds; 0 = from the cost model (a few items' worth of the
+    slowest stage, at least 300 s). A peer silent this long is reported and the job aborts."""
     threads: int = 0
     """torch intra-op threads per rank; 0 = cores of the node divided by the ranks on it."""
     events: bool = True
@@ -193,8 +194,8 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: video.guidance_scale must be >= 0, got {v.guidance_scale}")
     if job.run.ring_slots < 1:
         raise UserError(f"{source}: run.ring_slots must be >= 1, got {job.run.ring_slots}")
-    if job.run.timeout_s <= 0:
-        raise UserError(f"{source}: run.timeout_s must be > 0, got {job.run.timeout_s}")
+    if job.run.timeout_s < 0:
+        raise UserError(f"{source}: run.timeout_s must be >= 0 (0 = automatic), got {job.run.timeout_s}")
     if job.roles.encoders < 0 or job.roles.decoders < 0:
         raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
     if job.dit.sp_degree < 1:

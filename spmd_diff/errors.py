@@ -14,3 +14,12 @@ class StageTimeout(RuntimeError):
     """A wait (channel, collective, barrier) passed its deadline. Says who waited for what."""
 
     exit_code = 3
+
+
+class StoreFull(RuntimeError):
+    """The output file system is full (or over quota): nothing more can be written, so the job stops.
+
+    Every item already written stays complete and visible; rerun after freeing space to render the rest.
+    """
+
+    exit_code = 4

@@ -8,6 +8,7 @@ rank's role loop; (5) rank 0 merges event logs and rebuilds OUT/videos.h5; every
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import socket
@@ -24,14 +25,16 @@ from spmd_diff.comm.mpi_rma import MpiRmaTransport
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.world import World, init_world, set_threads
 from spmd_diff.config import JobConfig, load_job
-from spmd_diff.errors import StageTimeout, UserError
+from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io.store import VideoStore, item_key
 from spmd_diff.models.wan import VideoSpec, WanShapes, WanStages, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
+from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.plan.roles import RolePlan, plan_roles
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
+from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 
 log = logging.getLogger("spmd_diff")
@@ -159,6 +162,7 @@ def _stages_for(role: str, plan: RolePlan) -> set[str]:
 def run(request: RunRequest) -> int:
     """Run the job on this rank; returns the process exit code (the same on every rank)."""
     world = init_world()
+    watchdog = LauncherWatchdog().start()
     started = time.time()
     setup = world.run_checked(lambda: prepare(request, world))
     model_dir = world.run_checked(lambda: resolve_model(setup.job.model.path, world))
@@ -166,40 +170,91 @@ def run(request: RunRequest) -> int:
     setup = dataclasses.replace(setup, model_dir=model_dir, shapes=shapes)
     set_threads(world.local_size, setup.job.run.threads)
     store = VideoStore(request.out_dir)
+    lock = OutLock(request.out_dir, request.shard)
 
     def prepare_out():
         store.check_writable()
         if world.rank == 0:
+            lock.acquire()
             store.prepare(setup.job.fingerprint(), force=request.force)
             done = store.done_keys()
-            failed = set() if request.retry_failed else {i for i in store.failures()}
+            failed = set() if request.retry_failed else set(store.failures())
             return [it.index for it in setup.items if item_key(it.id) not in done and it.id not in failed]
         return None
 
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
     pending = [items_by_index[i] for i in pending_indices]
-    plan = setup.plan
-    role = plan.role_of(world.rank)
-
+    deadline_s = wait_deadline_s(_item_cost(setup, world.device), setup.job.run.timeout_s)
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events)
-    if world.rank == 0:
-        events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
-                    plan=plan.to_dict(), hosts=world.comm.gather(socket.gethostname(), root=0) or [],
-                    num_items=len(setup.items), num_pending=len(pending), model_dir=model_dir,
-                    torch=torch.__version__, argv=sys.argv)
-        print(plan.describe(world.topology), file=sys.stderr)
-        print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
-              f"{request.out_dir}, {len(pending)} to render", file=sys.stderr)
-    else:
-        world.comm.gather(socket.gethostname(), root=0)
-    events.emit("rank_start", role=role, host=socket.gethostname())
+    _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
     stop = StopFlag().install()
-    transport, monitor = None, None
-    status, error = "complete", None
     try:
-        stages = WanStages(model_dir, _stages_for(role, plan), device=world.device,
+        role_result = _run_rank(world, setup, store, events, stop, items_by_index, pending, deadline_s)
+    finally:
+        stop.uninstall()
+    if isinstance(role_result, BaseException):
+        # A rank that timed out, lost its disk or hit a bad component cannot trust the others to reach a
+        # collective: it reports and aborts the whole job (every rank exits within seconds, non-zero).
+        print(f"spmd-diff: error (rank {world.rank}): {role_result}", file=sys.stderr, flush=True)
+        events.emit("job_end", status="failed", error=str(role_result))
+        events.close()
+        world.comm.Abort(getattr(role_result, "exit_code", 1))
+    transport, monitor = role_result
+
+    interrupted = world.comm.allreduce(1 if stop.requested else 0) > 0
+    if world.rank != 0:
+        events.close()
+    world.comm.Barrier()
+    if monitor is not None:
+        monitor.stop()
+    if transport is not None:
+        transport.free()
+    watchdog.stop()
+    code = 0
+    if world.rank == 0:
+        code = _publish(setup, store, events, pending, interrupted, started, request.out_dir)
+        lock.release()
+    return world.comm.bcast(code, root=0)
+
+
+def _item_cost(setup: Setup, device: str) -> ItemCost:
+    s = setup.shapes
+    config_path = Path(setup.model_dir) / "transformer" / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    dims = DitDims(config.get("num_layers", 30), s.num_attention_heads * s.attention_head_dim,
+                   config.get("ffn_dim", 4 * s.num_attention_heads * s.attention_head_dim), s.text_seq_len)
+    spec = setup.spec
+    return predict_item_cost(s.num_video_tokens, dims, spec.num_inference_steps, spec.guidance_scale > 1.0,
+                             spec.num_frames * spec.height * spec.width, device, setup.plan.sp_degree)
+
+
+def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item], out_dir: str,
+              deadline_s: float) -> None:
+    hosts = world.comm.gather(socket.gethostname(), root=0)
+    plan = setup.plan
+    if world.rank == 0:
+        events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
+                    plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
+                    model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s)
+        print(plan.describe(world.topology), file=sys.stderr)
+        print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
+              f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
+    events.emit("rank_start", role=plan.role_of(world.rank), host=socket.gethostname())
+
+
+def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, stop: StopFlag,
+              items_by_index: dict[int, Item], pending: list[Item], deadline_s: float):
+    """Load this role's components, wire the channels, run the role loop.
+
+    Returns (transport, monitor) on success, or the exception that must abort the job.
+    """
+    plan = setup.plan
+    role = plan.role_of(world.rank)
+    transport, monitor = None, None
+    try:
+        stages = WanStages(setup.model_dir, _stages_for(role, plan), device=world.device,
                            dtype=getattr(torch, setup.dtype))
         board_bytes = ProgressBoard.bytes_needed(world.size)
         senders: list[ChannelSender] = []
@@ -212,50 +267,38 @@ def run(request: RunRequest) -> int:
             receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
-                                store, events, stop, setup.job.run.timeout_s, item_attrs(setup), board.publish)
+                                store, events, stop, deadline_s, item_attrs(setup), board.publish,
+                                hooks=TestHooks.from_env(world.rank) or None)
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         _run_role(ctx, role, plan, pending, senders, receivers)
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
         stages.free()
-    except StageTimeout as exc:
-        status, error = "failed", exc
-    except UserError as exc:
-        status, error = "failed", exc
-    finally:
-        stop.uninstall()
+        return transport, monitor
+    except (StageTimeout, StoreFull, UserError) as exc:
+        return exc
 
-    if error is not None:
-        # A timed-out or failed rank cannot trust the others to reach a collective: report and abort.
-        print(f"spmd-diff: rank {world.rank}: error: {error}", file=sys.stderr, flush=True)
-        events.emit("job_end", status="failed", error=str(error))
-        events.close()
-        world.comm.Abort(getattr(error, "exit_code", 1))
 
-    interrupted = world.comm.allreduce(1 if stop.requested else 0) > 0
-    if world.rank != 0:
-        events.close()
-    world.comm.Barrier()
-    if monitor is not None:
-        monitor.stop()
-    if transport is not None:
-        transport.free()
-    code = 0
-    if world.rank == 0:
-        store.build_view([item.id for item in setup.items])
-        remaining = [it for it in pending if not store.is_done(it.id)]
-        num_failed = len(store.failures())
-        status = "interrupted" if interrupted and remaining else "complete"
-        events.emit("job_end", status=status, items_done=len(pending) - len(remaining), items_failed=num_failed,
-                    elapsed_s=time.time() - started)
-        events.close()
-        if setup.job.run.events:
-            merge_event_logs(request.out_dir)
-        print(f"spmd-diff: {status}: {len(pending) - len(remaining)} rendered, {num_failed} failed, "
-              f"{len(remaining)} not rendered; videos in {store.view_path}", file=sys.stderr)
-        code = EXIT_INTERRUPTED if status == "interrupted" else 0
-    return world.comm.bcast(code, root=0)
+def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[Item], interrupted: bool,
+             started: float, out_dir: str) -> int:
+    """Rank 0, after every rank finished: rebuild the view, close the event log, say what happened."""
+    store.build_view([item.id for item in setup.items])
+    failures = store.failures()
+    remaining = [it for it in pending if not store.is_done(it.id)]
+    not_rendered = [it for it in remaining if it.id not in failures]
+    num_failed = len(failures)
+    status = "interrupted" if interrupted and not_rendered else "complete"
+    events.emit("job_end", status=status, items_done=len(pending) - len(remaining), items_failed=num_failed,
+                elapsed_s=time.time() - started)
+    events.close()
+    if setup.job.run.events:
+        merge_event_logs(out_dir)
+    print(f"spmd-diff: {status}: {len(pending) - len(remaining)} rendered, {num_failed} failed, "
+          f"{len(not_rendered)} not rendered yet; videos in "
+          f"{store.view_path}" + ("; rerun with --retry-failed to render the failed items again" if num_failed
+                                  else ""), file=sys.stderr)
+    return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
 def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, pending: list[Item],

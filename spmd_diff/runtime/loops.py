@@ -8,9 +8,10 @@ written by whoever would have written the video; the job goes on.
 
 from __future__ import annotations
 
+import errno
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 
 from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
 from spmd_diff.comm.transport import Backoff
-from spmd_diff.errors import StageTimeout
+from spmd_diff.errors import StageTimeout, StoreFull
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.store import VideoStore
 from spmd_diff.runtime.signals import StopFlag
@@ -45,8 +46,8 @@ class RankContext:
     num_done: int = 0
     num_failed: int = 0
     busy_s: float = 0.0
-    hooks: dict = field(default_factory=dict)
-    """Testing hooks, e.g. {"before_write": callable(item)}."""
+    hooks: Any = None
+    """``spmd_diff.runtime.faults.TestHooks`` (fault injection for tests), or None."""
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
@@ -64,6 +65,7 @@ class _Span:
 
     def __enter__(self):
         self.t0 = time.time()
+        self.action = self.ctx.hooks.at(self.stage, self.item.id) if self.ctx.hooks else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -91,8 +93,10 @@ def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Ten
 
 def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
-        with ctx.span("denoise", item):
+        with ctx.span("denoise", item) as span:
             latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
+            if span.action == "nan":
+                latents = latents * float("nan")
         if not torch.isfinite(latents).all():
             raise FloatingPointError("non-finite values in the final latents")
         return {}, {"latents": latents.cpu()}
@@ -107,12 +111,15 @@ def finish_item(ctx: RankContext, item: Item, meta: dict, tensors: dict[str, tor
         try:
             with ctx.span("decode", item):
                 video = ctx.stages.decode(tensors["latents"])
-            hook = ctx.hooks.get("before_write")
-            if hook:
-                hook(item)
             with ctx.span("write", item):
                 ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
             ctx.num_done += 1
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StoreFull(f"rank {ctx.rank}: cannot write item {item.id!r} to {ctx.store.root}: "
+                                f"{exc.strerror}. {ctx.num_done} item(s) written by this rank are complete; "
+                                "free space, then rerun the same command to render the rest") from exc
+            failed = _failure("write", exc)
         except Exception as exc:  # noqa: BLE001
             failed = _failure("decode", exc)
     if failed is not None:

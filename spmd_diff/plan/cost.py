@@ -1,0 +1,62 @@
+"""A cost model of one item per stage, from the model's shapes alone (pure Python).
+
+Used for deadlines (a wait longer than a few items' worth of work means a peer is stuck or dead) and as the
+prior for balancing roles. FLOP counts are the standard dense-transformer ones; they match DESIGN.md's
+measurement (Wan2.1-1.3B, 480p x 81 frames: 2.8e14 FLOP per forward, 612 ms on one H200).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Sustained rates the model assumes (FLOP/s). Conservative on purpose: a deadline must not fire on a slow node.
+RATE_FLOPS = {"cuda": 3.0e14, "cpu": 1.0e10}
+MIN_DEADLINE_S = 300.0
+"""No wait is cut shorter than this, whatever the model predicts (start-up, file systems, noisy neighbours)."""
+
+
+@dataclass(frozen=True)
+class DitDims:
+    num_layers: int
+    dim: int
+    ffn_dim: int
+    text_len: int
+
+
+def dit_forward_flops(num_tokens: int, dims: DitDims) -> float:
+    """FLOP of one transformer forward over ``num_tokens`` video tokens (self-attn, cross-attn, FFN)."""
+    d, n, t = dims.dim, num_tokens, dims.text_len
+    linear = 2 * n * (4 * d * d + 2 * d * d + 2 * d * dims.ffn_dim)  # qkvo self, q/o cross, ffn
+    attention = 4 * n * n * d + 4 * n * t * d
+    text_kv = 2 * t * 2 * d * d
+    return float(dims.num_layers * (linear + attention + text_kv))
+
+
+@dataclass(frozen=True)
+class ItemCost:
+    """Predicted seconds of one item in each stage on one rank of the given device kind."""
+
+    encode_s: float
+    denoise_s: float
+    decode_s: float
+
+    @property
+    def slowest_s(self) -> float:
+        return max(self.encode_s, self.denoise_s, self.decode_s)
+
+
+def predict_item_cost(num_tokens: int, dims: DitDims, num_steps: int, cfg: bool, num_pixels: int,
+                      device: str, sp_degree: int = 1) -> ItemCost:
+    rate = RATE_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+    forwards = num_steps * (2 if cfg else 1)
+    denoise = forwards * dit_forward_flops(num_tokens, dims) / rate / sp_degree
+    encode = 2 * 5.7e9 * dims.text_len * (2 if cfg else 1) / rate  # UMT5-XXL encoder ~5.7e9 params
+    decode = 2.0e6 * num_pixels / rate  # Wan VAE decode ~2 MFLOP per output pixel (measured 1.8 s @480p x 81)
+    return ItemCost(encode, denoise, decode)
+
+
+def wait_deadline_s(cost: ItemCost, setting_s: float) -> float:
+    """The deadline of one wait: the job's setting if given (> 0), else a few items' worth of the slowest stage."""
+    if setting_s > 0:
+        return setting_s
+    return max(MIN_DEADLINE_S, 4.0 * cost.slowest_s)

@@ -1,0 +1,117 @@
+"""What keeps a bulk job honest when things go wrong: one writer per OUT, ranks that outlive their launcher
+exit, and test hooks that make a rank hang, fail an item or die at a chosen point (off unless the environment
+variable ``SPMD_DIFF_TEST_HOOKS`` holds them)."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from spmd_diff.errors import UserError
+
+HOOKS_ENV = "SPMD_DIFF_TEST_HOOKS"
+
+
+class OutLock:
+    """An exclusive ``flock`` on OUT/.lock[-shard-I-of-N], held by rank 0 for the whole run.
+
+    A second job on the same OUT and shard (two sbatch submissions, N singleton ranks, orphans of a dead
+    launcher) is refused with the holder's host and pid instead of racing on the same items.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None) -> None:
+        suffix = f"-shard-{shard[0]}-of-{shard[1]}" if shard else ""
+        self.path = Path(out_dir) / f".lock{suffix}"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"another spmd-diff job is writing {self.path.parent} ({holder}); wait for it to end "
+                            "or use another --out") from None
+        except OSError as exc:  # file systems without flock: warn, carry on
+            print(f"spmd-diff: warning: cannot lock {self.path} ({exc.strerror}); make sure no other job writes "
+                  "this OUT", file=sys.stderr)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class LauncherWatchdog:
+    """Exit if the process that launched this rank (mpirun, orted, slurmstepd) dies.
+
+    Without it, ranks orphaned by a SIGKILLed launcher would keep rendering into OUT while a rerun starts.
+    Finished items are safe (atomically renamed), so exiting at any point loses only the items in flight.
+    """
+
+    def __init__(self, interval_s: float = 1.0, exit_code: int = 143) -> None:
+        self._parent = os.getppid()
+        self._interval_s, self._exit_code = interval_s, exit_code
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="spmd-diff-watchdog", daemon=True)
+
+    def start(self) -> "LauncherWatchdog":
+        if self._parent > 1:
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            if os.getppid() != self._parent:
+                sys.stderr.write(f"spmd-diff: launcher (pid {self._parent}) is gone; exiting "
+                                 "(finished items are safe; rerun to resume)\n")
+                sys.stderr.flush()
+                os._exit(self._exit_code)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class TestHooks:
+    """Fault injection for tests. ``SPMD_DIFF_TEST_HOOKS`` = JSON list of
+    ``{"action": "hang"|"fail"|"exit"|"nan", "stage": "encode"|"denoise"|"decode"|"write", "item": ID,
+    "rank": R (optional)}``: at the start of that stage of that item (on that rank), hang forever, raise,
+    exit the process at once (os._exit, like a SIGKILL), or (``nan``, denoise only) poison the latents."""
+
+    def __init__(self, rules: list[dict], rank: int) -> None:
+        self.rules = [r for r in rules if r.get("rank", rank) == rank]
+
+    @staticmethod
+    def from_env(rank: int) -> "TestHooks":
+        text = os.environ.get(HOOKS_ENV)
+        return TestHooks(json.loads(text) if text else [], rank)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def at(self, stage: str, item_id: str) -> str | None:
+        """Run the hook for (stage, item), if any; returns the action for actions the caller carries out."""
+        for rule in self.rules:
+            if rule.get("stage") == stage and str(rule.get("item")) == item_id:
+                action = rule["action"]
+                if action == "hang":
+                    sys.stderr.write(f"spmd-diff: test hook: hanging in {stage} of {item_id!r}\n")
+                    sys.stderr.flush()
+                    while True:
+                        time.sleep(3600)
+                if action == "exit":
+                    os._exit(137)
+                if action == "fail":
+                    raise RuntimeError(f"test hook: injected failure in {stage} of {item_id!r}")
+                return action
+        return None
