@@ -1,0 +1,208 @@
+"""What sequence-parallel attention needs from communication, and an adapter over the project's collectives.
+
+Attention code talks to a :class:`SeqComm`: the ranks of one DiT group (or of one torus axis), in sequence-shard
+order, with an all-to-all whose receive shapes the caller already knows (every shard and head split is a pure
+function of the sequence length, the head count and the degree, so nobody needs to exchange sizes), a
+non-blocking variant of it (``start_all_to_all``) for ring/torus K/V passing, and a broadcast.
+
+Implementations:
+
+- :class:`GroupSeqComm` over the project's group-free collectives (``spmd_diff.comm.collectives``:
+  ``GroupCollectives(...).group(ranks) -> Group`` with ``all_to_all``/``all_gather``/``broadcast``/``barrier``):
+  CPU tensors through the Transport (MPI RMA). Blocking; ``start_all_to_all`` completes before it returns.
+- ``spmd_diff.parallel.exchange.TransportSeqComm``: the same over a Transport's one-sided ``put_signal`` directly,
+  where ``start_all_to_all`` really is non-blocking (the torus' chunked inter-node K/V exchange).
+- ``spmd_diff.parallel.torch_comm.TorchSeqComm``: torch.distributed (NCCL on GPUs), asynchronous on NCCL's stream.
+
+Point-to-point is an all-to-all with empty tensors for the other ranks (``recv_shapes`` entries of ``None``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+Shape = tuple[int, ...]
+
+
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Balanced split of ``total`` items into ``parts``: the first ``total % parts`` get one more.
+
+    >>> split_sizes(10, 4)
+    [3, 3, 2, 2]
+    """
+    if parts < 1 or total < 0:
+        raise ValueError(f"cannot split {total} into {parts} parts")
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def offsets(sizes: Sequence[int]) -> list[int]:
+    """Exclusive prefix sums: start of each part. ``offsets([3, 3, 2]) == [0, 3, 6]``."""
+    out, acc = [], 0
+    for size in sizes:
+        out.append(acc)
+        acc += size
+    return out
+
+
+class Pending:
+    """A started exchange; :meth:`wait` returns the received tensors (in rank order; ``None`` where nothing
+    was expected). Completed ones just hold the result."""
+
+    def __init__(self, result: list[torch.Tensor | None] | None = None,
+                 finish: Callable[[], list[torch.Tensor | None]] | None = None) -> None:
+        self._result = result
+        self._finish = finish
+
+    def wait(self) -> list[torch.Tensor | None]:
+        if self._result is None:
+            assert self._finish is not None
+            self._result = self._finish()
+            self._finish = None
+        return self._result
+
+
+class SeqComm(abc.ABC):
+    """The ranks of one sequence-parallel group (or torus axis), ``rank`` in ``[0, size)`` in shard order."""
+
+    rank: int
+    size: int
+
+    @abc.abstractmethod
+    def all_to_all(self, send: list[torch.Tensor | None], recv_shapes: list[Shape | None]
+                   ) -> list[torch.Tensor | None]:
+        """Send ``send[i]`` to rank ``i`` (``None``: nothing); receive from rank ``j`` a tensor of
+        ``recv_shapes[j]`` (``None``: nothing expected). Every rank calls it; the matching pairs must agree.
+
+        All tensors have one dtype and device (that of the first non-``None`` ``send``; pass ``dtype``-carrying
+        empties otherwise). ``send[rank]`` is returned as is (no copy). Returns the received tensors, contiguous.
+        """
+
+    def start_all_to_all(self, send: list[torch.Tensor | None], recv_shapes: list[Shape | None]) -> Pending:
+        """Non-blocking :meth:`all_to_all`: the send tensors must stay unchanged until ``wait`` returns.
+        Exchanges started by one rank complete in the order they were started. Default: blocking."""
+        return Pending(self.all_to_all(send, recv_shapes))
+
+    @abc.abstractmethod
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
+        """``root``'s ``tensor`` on every rank; the others pass a tensor of the same shape and dtype (its
+        contents are ignored) and get the result back (maybe in place)."""
+
+    def all_gather(self, tensor: torch.Tensor, shapes: list[Shape]) -> list[torch.Tensor]:
+        """Every rank's tensor (``shapes[j]`` from rank ``j``), in rank order."""
+        received = self.all_to_all([tensor] * self.size, list(shapes))
+        received[self.rank] = tensor
+        return received  # type: ignore[return-value]
+
+    def barrier(self) -> None:
+        """Every rank of this comm has called it. Default: a one-element all-to-all."""
+        probe = torch.zeros(1)
+        self.all_to_all([probe] * self.size, [(1,)] * self.size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Over the project's group-free collectives
+
+
+class Group(Protocol):
+    """The part of ``spmd_diff.comm.collectives.Group`` used here."""
+
+    ranks: Sequence[int]
+    rank_in_group: int
+
+    def all_to_all(self, send: list[torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor: ...
+
+    def barrier(self) -> None: ...
+
+
+class GroupSeqComm(SeqComm):
+    """:class:`SeqComm` over a collectives ``Group`` (CPU tensors; blocking).
+
+    Args:
+        group: the group; its rank order is the shard order.
+        subgroup: ``subgroup(world_ranks) -> Group`` (``GroupCollectives.group``), for :meth:`split`.
+    """
+
+    def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None) -> None:
+        self.group = group
+        self.rank = int(group.rank_in_group)
+        self.size = len(group.ranks)
+        self._subgroup = subgroup
+
+    def all_to_all(self, send, recv_shapes):
+        _check_lengths(self, send, recv_shapes)
+        template = _template(send)
+        device = template.device
+        payload = []
+        for tensor in send:
+            if tensor is None:
+                tensor = torch.empty(0, dtype=template.dtype)
+            payload.append(tensor.detach().to("cpu").contiguous())
+        received = self.group.all_to_all(payload)
+        out: list[torch.Tensor | None] = []
+        for peer, (tensor, shape) in enumerate(zip(received, recv_shapes)):
+            if peer == self.rank:
+                out.append(send[peer] if shape is not None else None)
+                continue
+            if shape is None:
+                if tensor.numel():
+                    raise RuntimeError(f"all_to_all: rank {peer} sent {tuple(tensor.shape)}, expected nothing")
+                out.append(None)
+                continue
+            out.append(_as_shape(tensor, shape, template.dtype, peer).to(device))
+        return out
+
+    def broadcast(self, tensor, root):
+        result = self.group.broadcast(tensor.detach().to("cpu").contiguous(), root)
+        return _as_shape(result, tuple(tensor.shape), tensor.dtype, root).to(tensor.device)
+
+    def barrier(self) -> None:
+        self.group.barrier()
+
+    def split(self, outer: int, inner: int) -> tuple["GroupSeqComm", "GroupSeqComm"]:
+        """The torus axes of this group seen as ``outer`` x ``inner`` (rank = a * inner + b): the ``inner``
+        ranks sharing this rank's ``a`` and the ``outer`` ranks sharing its ``b``."""
+        if self._subgroup is None:
+            raise ValueError("GroupSeqComm.split needs the subgroup factory (GroupCollectives.group)")
+        if outer * inner != self.size:
+            raise ValueError(f"torus {outer} x {inner} does not match the group of {self.size} ranks")
+        ranks = list(self.group.ranks)
+        a, b = divmod(self.rank, inner)
+        inner_ranks = ranks[a * inner:(a + 1) * inner]
+        outer_ranks = ranks[b::inner]
+        return (GroupSeqComm(self._subgroup(inner_ranks), self._subgroup),
+                GroupSeqComm(self._subgroup(outer_ranks), self._subgroup))
+
+
+def _check_lengths(comm: SeqComm, send: list, recv_shapes: list) -> None:
+    if len(send) != comm.size or len(recv_shapes) != comm.size:
+        raise ValueError(f"all_to_all over {comm.size} ranks got {len(send)} sends and {len(recv_shapes)} "
+                         "receive shapes")
+
+
+def _template(send: list[torch.Tensor | None]) -> torch.Tensor:
+    for tensor in send:
+        if tensor is not None:
+            return tensor
+    raise ValueError("all_to_all needs at least one send tensor (an empty one is fine) to know the dtype")
+
+
+def _as_shape(tensor: Any, shape: Shape, dtype: torch.dtype, peer: int) -> torch.Tensor:
+    """A received tensor as ``shape``/``dtype``: the collectives may hand back flat or byte tensors."""
+    if tensor.dtype != dtype:
+        if tensor.dtype == torch.uint8:
+            tensor = tensor.contiguous().view(dtype)
+        else:
+            raise RuntimeError(f"rank {peer} sent {tensor.dtype}, expected {dtype}")
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if tensor.numel() != numel:
+        raise RuntimeError(f"rank {peer} sent {tuple(tensor.shape)} ({tensor.numel()} elements), expected {shape}")
+    return tensor.reshape(shape)

@@ -1,0 +1,172 @@
+"""Sequence parallelism attached to diffusers' ``WanTransformer3DModel`` from outside, by hooks and a processor.
+
+The plan (the same split/gather points as the model's own ``_cp_plan``, applied by our hooks over our comms):
+
+- model forward pre-hook: read the token count ``N`` from ``hidden_states`` ``[B, C, F, H, W]`` (``N = F/p_t *
+  H/p_h * W/p_w``) and fix the shards, ``split_sizes(N, S)`` in group-rank order; per-token timesteps
+  ``[B, N]`` (Wan2.2 TI2V) are split along the tokens;
+- ``rope`` forward hook: keep this rank's rows of the rotary tables ``[1, N, 1, D]``;
+- ``blocks[0]`` forward pre-hook: keep this rank's tokens of ``hidden_states`` ``[B, N, C]`` (after patch
+  embedding);
+- every ``attn1`` (self-attention over the video tokens): a processor that projects and normalises q, k, v of the
+  local tokens as ``WanAttnProcessor`` does and runs the group's :class:`SeqParallelAttention`;
+- ``attn2`` (cross-attention) is untouched: its queries are local tokens and its keys/values come from the text
+  embedding, which every rank holds whole;
+- ``proj_out`` forward hook: all-gather the ``[B, s, C_out]`` outputs (the narrowest point: ``C_out = 64`` for
+  Wan2.1, not the inner width), so unpatchify and everything after it run on the full sequence on every rank.
+
+No model code changes; :meth:`SPHandle.remove` restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spmd_diff.parallel.attention import SeqParallelAttention
+from spmd_diff.parallel.comm import offsets, split_sizes
+
+
+@dataclass
+class _Shards:
+    """Per-forward state shared by the hooks and processors of one model."""
+
+    seq_sizes: list[int] = field(default_factory=list)
+    start: int = 0
+    size: int = 0
+    num_tokens: int = 0
+
+    def set(self, num_tokens: int, num_ranks: int, rank: int) -> None:
+        self.num_tokens = num_tokens
+        self.seq_sizes = split_sizes(num_tokens, num_ranks)
+        self.start = offsets(self.seq_sizes)[rank]
+        self.size = self.seq_sizes[rank]
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's tokens of ``tensor`` along ``dim`` (which must hold all ``num_tokens``)."""
+        if tensor.shape[dim] != self.num_tokens:
+            raise RuntimeError(f"sequence parallelism expected {self.num_tokens} tokens along dim {dim}, got "
+                               f"{tuple(tensor.shape)}")
+        return tensor.narrow(dim, self.start, self.size)
+
+
+class SPSelfAttnProcessor:
+    """Self-attention of a ``WanAttention`` (``attn1``) over a DiT group: ``WanAttnProcessor``'s projections and
+    q/k RMS norms on the local tokens, then :class:`SeqParallelAttention` (which applies the rotary embedding)."""
+
+    def __init__(self, attention: SeqParallelAttention, shards: _Shards) -> None:
+        self.attention = attention
+        self.shards = shards
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None,
+                 rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
+            raise RuntimeError("SPSelfAttnProcessor handles unmasked self-attention (attn1) only")
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))  # [B, s, H, D]
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        out = self.attention(query, key, value, self.shards.seq_sizes, rotary_emb)  # [B, s, H, D]
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[0](out)
+        return attn.to_out[1](out)
+
+
+class SPHandle:
+    """What :func:`parallelize_transformer` installed; :meth:`remove` takes it all out again."""
+
+    def __init__(self, transformer: torch.nn.Module, attention: SeqParallelAttention) -> None:
+        self.transformer = transformer
+        self.attention = attention
+        self.shards = _Shards()
+        self._hooks: list = []
+        self._processors: list[tuple[Any, Any]] = []
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module, processor in self._processors:
+            module.processor = processor
+        self._hooks, self._processors = [], []
+        if getattr(self.transformer, "_spmd_sp_handle", None) is self:
+            del self.transformer._spmd_sp_handle
+
+
+def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallelAttention) -> SPHandle:
+    """Make ``transformer`` (a diffusers ``WanTransformer3DModel``) run sequence-parallel over ``attention``'s
+    group. Every rank of the group must then call it with the same full inputs; each gets the full output.
+
+    Args:
+        transformer: the model; its modules are not changed, only hooked (and ``attn1`` processors swapped).
+        attention: the group's self-attention (layout, comms, kernels).
+
+    Returns:
+        The handle; ``handle.remove()`` restores the model.
+
+    Raises:
+        ValueError: if the model is already parallelized or is not shaped like a ``WanTransformer3DModel``.
+    """
+    for name in ("rope", "blocks", "proj_out", "patch_embedding"):
+        if not hasattr(transformer, name):
+            raise ValueError(f"{type(transformer).__name__} has no {name!r}: not a WanTransformer3DModel")
+    if getattr(transformer, "_spmd_sp_handle", None) is not None:
+        raise ValueError("this transformer is already sequence-parallel; remove() the old handle first")
+    if len(transformer.blocks) == 0:
+        raise ValueError("a transformer without blocks has nothing to parallelize")
+    handle = SPHandle(transformer, attention)
+    shards = handle.shards
+    rank, size = attention.rank, attention.size
+    patch = tuple(int(p) for p in transformer.config.patch_size)
+
+    def before_forward(module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        _, _, frames, height, width = hidden.shape
+        shards.set((frames // patch[0]) * (height // patch[1]) * (width // patch[2]), size, rank)
+        timestep = kwargs["timestep"] if "timestep" in kwargs else (args[1] if len(args) > 1 else None)
+        if timestep is not None and timestep.ndim == 2:  # per-token timesteps: split like the tokens
+            local = shards.take(timestep, 1)
+            if "timestep" in kwargs:
+                kwargs = {**kwargs, "timestep": local}
+            else:
+                args = (args[0], local, *args[2:])
+        return args, kwargs
+
+    def after_rope(module, args, output):
+        cos, sin = output
+        return shards.take(cos, 1), shards.take(sin, 1)
+
+    def before_first_block(module, args, kwargs):
+        if args:
+            return (shards.take(args[0], 1), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": shards.take(kwargs["hidden_states"], 1)}
+
+    def after_proj_out(module, args, output):
+        batch, local, channels = output.shape
+        shapes = [(batch, n, channels) for n in shards.seq_sizes]
+        parts = attention.comm.all_gather(output.contiguous(), shapes)
+        return torch.cat(parts, dim=1)
+
+    handle._hooks.append(transformer.register_forward_pre_hook(before_forward, with_kwargs=True))
+    handle._hooks.append(transformer.rope.register_forward_hook(after_rope))
+    handle._hooks.append(transformer.blocks[0].register_forward_pre_hook(before_first_block, with_kwargs=True))
+    handle._hooks.append(transformer.proj_out.register_forward_hook(after_proj_out))
+    for block in transformer.blocks:
+        handle._processors.append((block.attn1, block.attn1.processor))
+        block.attn1.processor = SPSelfAttnProcessor(attention, shards)
+    transformer._spmd_sp_handle = handle
+    return handle
+
+
+def num_video_tokens(transformer: torch.nn.Module, latents_shape: tuple[int, ...]) -> int:
+    """Tokens of ``latents_shape`` ``[B, C, F, H, W]`` after the transformer's patching."""
+    patch = transformer.config.patch_size
+    return math.prod(int(n) // int(p) for n, p in zip(latents_shape[2:], patch))

@@ -1,0 +1,120 @@
+"""Which sequence-parallel layout a DiT group uses, from what the job got. Pure Python.
+
+A layout is a grid of ``A x B`` ranks (group rank ``a * B + b``): Ulysses all-to-all over the ``B`` ranks of a row
+(inside a node), K/V exchange with log-sum-exp merging over the ``A`` ranks of a column (across nodes):
+
+- ``ulysses`` is ``1 x S``; ``ring`` is ``S x 1``; ``torus`` is ``A x B`` with both > 1.
+
+``auto`` keeps Ulysses inside a node and the torus across nodes (the planner's ``torus_shape``), and when the head
+count does not divide the Ulysses degree it moves the factor that does not divide into the K/V-exchange axis
+(Wan2.1-1.3B's 12 heads on 8 ranks of one node: a 2 x 4 grid, 3 heads per rank, instead of 2 heads on some ranks
+and 1 on others). Explicit layouts are taken as asked: uneven head splits still work, only slower.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from spmd_diff.errors import UserError
+
+LAYOUTS = ("auto", "ulysses", "ring", "torus")
+
+
+@dataclass(frozen=True)
+class SPLayout:
+    """A resolved layout: the grid and how to exchange along each axis."""
+
+    name: str
+    """"none" (one rank), "ulysses", "ring" or "torus"."""
+    outer: int
+    """A: ranks along the K/V-exchange axis (across nodes)."""
+    inner: int
+    """B: ranks along the Ulysses axis (inside a node)."""
+    num_chunks: int = 2
+    """Torus: pieces each rank's K/V is cut into for the exchange along A (attention runs on the pieces that
+    have landed while the next ones travel)."""
+
+    def __post_init__(self) -> None:
+        if self.outer < 1 or self.inner < 1 or self.num_chunks < 1:
+            raise ValueError(f"bad layout {self}")
+        expected = {"none": (1, 1)}.get(self.name)
+        if expected is not None and (self.outer, self.inner) != expected:
+            raise ValueError(f"layout 'none' is 1 x 1, got {self.outer} x {self.inner}")
+        if self.name == "ulysses" and self.outer != 1 or self.name == "ring" and self.inner != 1:
+            raise ValueError(f"layout {self.name!r} cannot be {self.outer} x {self.inner}")
+        if self.name not in ("none", "ulysses", "ring", "torus"):
+            raise ValueError(f"unknown layout {self.name!r}")
+
+    @property
+    def degree(self) -> int:
+        return self.outer * self.inner
+
+    @property
+    def torus_shape(self) -> tuple[int, int]:
+        return (self.outer, self.inner)
+
+    def describe(self) -> str:
+        if self.name in ("torus",):
+            return f"torus {self.outer}x{self.inner} (Ulysses over {self.inner}, K/V exchange over {self.outer})"
+        return f"{self.name} over {self.degree}"
+
+
+def resolve_layout(requested: str, sp_degree: int, num_heads: int,
+                   torus_shape: tuple[int, int] | None = None, num_chunks: int = 2) -> SPLayout:
+    """The layout a group of ``sp_degree`` ranks uses for a model with ``num_heads`` attention heads.
+
+    Args:
+        requested: ``"auto"``, ``"ulysses"``, ``"ring"`` or ``"torus"`` (``dit.sp_layout``; the role plan's
+            resolved ``sp_layout`` is fine too, and ``"none"`` means one rank).
+        sp_degree: ranks in the group (``S``).
+        num_heads: attention heads of the transformer (``H``).
+        torus_shape: ``(A, B)``: nodes the group spans and its ranks per node (``RolePlan.torus_shape``);
+            ``None`` or ``(1, S)`` for a group inside one node. Required for ``"torus"``.
+        num_chunks: torus K/V pieces per rank (see :class:`SPLayout`).
+
+    Raises:
+        UserError: for an unknown layout or a torus shape that does not multiply to ``sp_degree``.
+    """
+    if sp_degree < 1 or num_heads < 1:
+        raise UserError(f"sp_degree and num_heads must be >= 1, got {sp_degree}, {num_heads}")
+    if requested == "none" or sp_degree == 1:
+        return SPLayout("none", 1, 1, num_chunks)
+    if requested not in LAYOUTS:
+        raise UserError(f"dit.sp_layout must be one of {', '.join(LAYOUTS)}, got {requested!r}")
+    if torus_shape is not None:
+        a, b = (int(x) for x in torus_shape)
+        if a < 1 or b < 1 or a * b != sp_degree:
+            raise UserError(f"torus shape {a} x {b} does not match dit.sp_degree={sp_degree}: A (nodes) x B "
+                            f"(ranks per node) = {a} x {b} = {a * b}")
+    else:
+        a, b = 1, sp_degree
+    if requested == "ulysses":
+        return SPLayout("ulysses", 1, sp_degree, num_chunks)
+    if requested == "ring":
+        return SPLayout("ring", sp_degree, 1, num_chunks)
+    if requested == "torus":
+        if torus_shape is None:
+            raise UserError("dit.sp_layout='torus' needs the grid (A nodes x B ranks per node); on one machine set "
+                            "a virtual topology, e.g. --set world.ranks_per_node=2")
+        return _grid(a, b, num_chunks)
+    # auto: Ulysses over the in-node ranks, as far as the heads divide; the rest joins the exchange axis.
+    inner = max(d for d in _divisors(b) if num_heads % d == 0)
+    return _grid(a * (b // inner), inner, num_chunks)
+
+
+def _grid(outer: int, inner: int, num_chunks: int) -> SPLayout:
+    if outer == 1:
+        return SPLayout("ulysses", 1, inner, num_chunks)
+    if inner == 1:
+        return SPLayout("ring", outer, 1, num_chunks)
+    return SPLayout("torus", outer, inner, num_chunks)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def head_balance(num_heads: int, ulysses_degree: int) -> float:
+    """Fraction of attention work the busiest rank does over the average (1.0: even); 12 heads on 8: 0.75."""
+    return num_heads / (ulysses_degree * math.ceil(num_heads / ulysses_degree))
