@@ -15,12 +15,19 @@ Memory model every implementation guarantees:
 - A plain ``put`` may complete asynchronously; ``quiet`` (or a later ``put_signal`` / ``signal`` to the same
   target) completes it. The source buffer must not be modified until then.
 - A transport object is used by one thread of its rank.
+
+Device heaps (``device`` is a CUDA device, e.g. ``NvshmemTransport``): puts, signals and stream waits are
+*stream-ordered*: they are enqueued on the calling thread's current CUDA stream and take effect in stream order;
+"complete" / "reusable" above then means "for later work on that stream". ``put`` accepts tensors on
+``device`` (and stages CPU sources there first). Host-side ``read_signal`` / ``wait_signal`` / ``local_view``
+copy from the device. Host heaps (``device`` is the CPU) do everything synchronously and ignore streams.
 """
 
 from __future__ import annotations
 
 import abc
 import time
+import warnings
 from typing import Union
 
 import numpy as np
@@ -100,6 +107,8 @@ class Transport(abc.ABC):
     """Number of ranks sharing the heap."""
     heap_bytes: int
     """Bytes of heap on every rank (a multiple of 8)."""
+    device: torch.device = torch.device("cpu")
+    """Where the heap lives: the CPU (host memory) or a CUDA device (stream-ordered operations)."""
 
     # ---- one-sided writes -------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -164,6 +173,25 @@ class Transport(abc.ABC):
         """Read-only uint8 view ``(nbytes,)`` of this rank's heap; read after the guarding signal is seen.
 
         The view aliases the heap: copy out what you keep, and drop it before ``free``."""
+
+    def local_tensor(self, offset: int, nbytes: int) -> torch.Tensor:
+        """uint8 tensor ``(nbytes,)`` on ``device`` aliasing this rank's heap; read after the guarding signal.
+
+        Host heaps: a CPU view (treat as read-only). Device heaps: a view of device memory, read by later work
+        on the current stream (after ``stream_wait_signal``). Copy out what you keep; drop it before ``free``.
+        """
+        view = self.local_view(offset, nbytes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # a read-only numpy view; torch cannot mark it so
+            return torch.from_numpy(view)
+
+    def stream_wait_signal(self, offset: int, minimum: int, deadline: float, what: str) -> None:
+        """Order later work after this rank's word at ``offset`` reaches ``minimum``.
+
+        Device heaps enqueue the wait on the current stream and return at once (the deadline is then enforced
+        by whoever synchronizes; see ``GroupCollectives``). Host heaps wait here, like ``wait_signal``.
+        """
+        self.wait_signal(offset, minimum, deadline, what)
 
     @abc.abstractmethod
     def zero_local(self, offset: int, nbytes: int) -> None:
