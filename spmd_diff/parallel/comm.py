@@ -103,6 +103,11 @@ class SeqComm(abc.ABC):
         probe = torch.zeros(1)
         self.all_to_all([probe] * self.size, [(1,)] * self.size)
 
+    def split(self, outer: int, inner: int) -> tuple["SeqComm", "SeqComm"]:
+        """This comm as an ``outer x inner`` grid (rank ``a * inner + b``): ``(row, column)``, the ``inner`` ranks
+        sharing this rank's ``a`` and the ``outer`` ranks sharing its ``b``, each in grid order."""
+        raise NotImplementedError(f"{type(self).__name__} cannot form torus rows and columns")
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Over the project's group-free collectives
@@ -122,52 +127,62 @@ class Group(Protocol):
 
 
 class GroupSeqComm(SeqComm):
-    """:class:`SeqComm` over a collectives ``Group`` (CPU tensors; blocking).
+    """:class:`SeqComm` over a collectives ``Group``.
+
+    Uses the group's ``all_to_all_into`` (preallocated receive buffers: the shapes are known) when it has one,
+    else its ``all_to_all``. On a host heap both block, so ``start_all_to_all`` completes before it returns; on a
+    device heap the group enqueues the transfers on CUDA streams and returns at once.
 
     Args:
         group: the group; its rank order is the shard order.
         subgroup: ``subgroup(world_ranks) -> Group`` (``GroupCollectives.group``), for :meth:`split`.
+        device: where the group's tensors live (its transport's device; the CPU for MPI RMA). Tensors on
+            another device are copied there and back.
     """
 
-    def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None) -> None:
+    def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None,
+                 device: torch.device | str = "cpu") -> None:
         self.group = group
         self.rank = int(group.rank_in_group)
         self.size = len(group.ranks)
+        self.device = torch.device(device)
         self._subgroup = subgroup
 
     def all_to_all(self, send, recv_shapes):
         _check_lengths(self, send, recv_shapes)
         template = _template(send)
-        device = template.device
-        payload = []
-        for tensor in send:
-            if tensor is None:
-                tensor = torch.empty(0, dtype=template.dtype)
-            payload.append(tensor.detach().to("cpu").contiguous())
-        received = self.group.all_to_all(payload)
+        here, there = template.device, self.device
+        empty = torch.empty(0, dtype=template.dtype, device=there)
+        payload = [empty if tensor is None or peer == self.rank else tensor.detach().to(there).contiguous()
+                   for peer, tensor in enumerate(send)]
+        into = getattr(self.group, "all_to_all_into", None)
+        if into is not None:
+            received = [empty if shape is None or peer == self.rank
+                        else torch.empty(shape, dtype=template.dtype, device=there)
+                        for peer, shape in enumerate(recv_shapes)]
+            into(payload, received)
+        else:
+            received = self.group.all_to_all(payload)
         out: list[torch.Tensor | None] = []
         for peer, (tensor, shape) in enumerate(zip(received, recv_shapes)):
             if peer == self.rank:
                 out.append(send[peer] if shape is not None else None)
-                continue
-            if shape is None:
+            elif shape is None:
                 if tensor.numel():
                     raise RuntimeError(f"all_to_all: rank {peer} sent {tuple(tensor.shape)}, expected nothing")
                 out.append(None)
-                continue
-            out.append(_as_shape(tensor, shape, template.dtype, peer).to(device))
+            else:
+                out.append(_as_shape(tensor, shape, template.dtype, peer).to(here))
         return out
 
     def broadcast(self, tensor, root):
-        result = self.group.broadcast(tensor.detach().to("cpu").contiguous(), root)
+        result = self.group.broadcast(tensor.detach().to(self.device).contiguous(), root)
         return _as_shape(result, tuple(tensor.shape), tensor.dtype, root).to(tensor.device)
 
     def barrier(self) -> None:
         self.group.barrier()
 
     def split(self, outer: int, inner: int) -> tuple["GroupSeqComm", "GroupSeqComm"]:
-        """The torus axes of this group seen as ``outer`` x ``inner`` (rank = a * inner + b): the ``inner``
-        ranks sharing this rank's ``a`` and the ``outer`` ranks sharing its ``b``."""
         if self._subgroup is None:
             raise ValueError("GroupSeqComm.split needs the subgroup factory (GroupCollectives.group)")
         if outer * inner != self.size:
@@ -176,8 +191,8 @@ class GroupSeqComm(SeqComm):
         a, b = divmod(self.rank, inner)
         inner_ranks = ranks[a * inner:(a + 1) * inner]
         outer_ranks = ranks[b::inner]
-        return (GroupSeqComm(self._subgroup(inner_ranks), self._subgroup),
-                GroupSeqComm(self._subgroup(outer_ranks), self._subgroup))
+        return (GroupSeqComm(self._subgroup(inner_ranks), self._subgroup, self.device),
+                GroupSeqComm(self._subgroup(outer_ranks), self._subgroup, self.device))
 
 
 def _check_lengths(comm: SeqComm, send: list, recv_shapes: list) -> None:

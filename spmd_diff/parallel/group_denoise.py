@@ -1,0 +1,144 @@
+"""A DiT group denoises one item together: the engine-facing entry point of sequence parallelism.
+
+Every member of the group calls :meth:`SPDenoiser.denoise` for the same item at the same time. The group leader
+(group rank 0) holds the item's text embeddings (from an encoder rank, or its own encode) and its seed; it
+broadcasts them, then every member runs :meth:`WanStages.denoise` — the pipeline's own loop, unchanged — on the full
+latents, with the transformer sequence-parallel underneath (its forward splits the tokens, attends across the
+group and all-gathers its output, so every member sees the same full noise prediction and takes the same
+scheduler steps). The leader returns the final latents; the others return ``None``. The result equals the
+one-rank :meth:`WanStages.denoise` up to floating-point reassociation in the attention.
+
+No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.comm.SeqComm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from spmd_diff.parallel.attention import LocalAttention, SeqParallelAttention
+from spmd_diff.parallel.comm import GroupSeqComm, SeqComm
+from spmd_diff.parallel.hooks import SPHandle, parallelize_transformer
+from spmd_diff.parallel.layout import SPLayout, resolve_layout
+
+
+def build_attention(comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
+                    pack_impl: str = "auto", merge_impl: str = "auto") -> SeqParallelAttention:
+    """The group's :class:`SeqParallelAttention` for ``layout`` (torus rows and columns from ``comm.split``)."""
+    inner = outer = None
+    if layout.name == "torus":
+        inner, outer = comm.split(layout.outer, layout.inner)
+    return SeqParallelAttention(layout, comm, inner, outer, local, pack_impl, merge_impl)
+
+
+class SPDenoiser:
+    """Sequence-parallel denoising for one DiT group; built once per group (hooks installed), used per item.
+
+    Args:
+        stages: this rank's ``WanStages`` with the ``denoise`` stage loaded (every member loads the same model).
+        comm: the group, rank 0 the leader; rank order is the token-shard order (node-major for a torus).
+        layout: the resolved layout (:func:`resolve_layout`); ``layout.degree == comm.size``.
+        local: the kernel for local attention blocks.
+    """
+
+    def __init__(self, stages: Any, comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention()) -> None:
+        if layout.degree != comm.size:
+            raise ValueError(f"{layout.describe()} needs {layout.degree} ranks, the group has {comm.size}")
+        self.stages = stages
+        self.comm = comm
+        self.layout = layout
+        self.attention = build_attention(comm, layout, local) if layout.name != "none" else None
+        self._handles: list[SPHandle] = []
+        if self.attention is not None:
+            for model in (stages.transformer, getattr(stages, "transformer_2", None)):
+                if model is not None:
+                    self._handles.append(parallelize_transformer(model, self.attention))
+
+    @classmethod
+    def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
+                   torus_shape: tuple[int, int] | None = None, device: torch.device | str = "cpu",
+                   local: LocalAttention = LocalAttention()) -> "SPDenoiser":
+        """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
+        ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns), ``sp_layout``/``torus_shape`` as
+        the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``)."""
+        model = stages.transformer if stages.transformer is not None else stages.transformer_2
+        layout = resolve_layout(sp_layout, len(group.ranks), int(model.config.num_attention_heads), torus_shape)
+        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local)
+
+    @property
+    def is_leader(self) -> bool:
+        return self.comm.rank == 0
+
+    def denoise(self, embeds: dict[str, torch.Tensor] | None, seed: int | None, spec: Any, *,
+                callback: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
+        """Denoise one item on every member of the group (collective).
+
+        Args:
+            embeds: leader: :meth:`WanStages.encode`'s dict (``[1, L, D]`` tensors); others: ``None`` (ignored).
+            seed: leader: the item's seed; others: ignored (broadcast from the leader).
+            spec: the job's ``VideoSpec`` (the same on every member).
+            callback: ``callback(step_index, num_steps)`` after each step, on every member.
+
+        Returns:
+            Leader: the final latents ``[1, C, F, H, W]`` float32 on the CPU, equal to the one-rank
+            ``stages.denoise(embeds, seed, spec)`` up to reassociation; others: ``None``.
+
+        Raises:
+            ValueError: on every member, if the leader's embeddings or seed are unusable.
+        """
+        stages = self.stages
+        shapes = stages.shapes(spec)
+        keys = ["prompt_embeds", "negative_prompt_embeds"] if spec.do_classifier_free_guidance else ["prompt_embeds"]
+        model = stages.transformer if stages.transformer is not None else stages.transformer_2
+        dtype = model.dtype
+        problem = ""
+        if self.is_leader:
+            problem = _check_leader_inputs(embeds, seed, keys, shapes.embeds_shape)
+        header = torch.tensor([int(seed) if self.is_leader and not problem else 0, 1 if problem else 0],
+                              dtype=torch.int64)
+        header = self.comm.broadcast(header, 0)
+        if int(header[1]):
+            raise ValueError(f"DiT group leader's inputs are unusable: {problem or 'see the leader rank'}")
+        seed = int(header[0])
+        shared: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if self.is_leader:
+                tensor = embeds[key].detach().to("cpu", dtype).contiguous()  # denoise casts to this anyway
+            else:
+                tensor = torch.empty(shapes.embeds_shape, dtype=dtype)
+            shared[key] = self.comm.broadcast(tensor, 0)
+        latents = stages.denoise(shared, seed, spec, callback=callback)
+        return latents if self.is_leader else None
+
+    def remove(self) -> None:
+        """Take the hooks out of the transformer(s) (they run unparallelized again). Not collective."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+def _check_leader_inputs(embeds: Any, seed: Any, keys: list[str], shape: tuple[int, ...]) -> str:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return f"seed must be an integer, got {seed!r}"
+    if not isinstance(embeds, dict):
+        return f"embeds must be a dict of tensors, got {type(embeds).__name__}"
+    for key in keys:
+        tensor = embeds.get(key)
+        if not isinstance(tensor, torch.Tensor):
+            return f"embeds[{key!r}] is missing"
+        if tuple(tensor.shape) != tuple(shape):
+            return f"embeds[{key!r}] has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+    return ""
+
+
+def sp_denoise(stages: Any, group: Any, sp_layout: str, torus_shape: tuple[int, int] | None,
+               embeds: dict[str, torch.Tensor] | None, seed: int | None, spec: Any,
+               subgroup: Callable[[list[int]], Any] | None = None) -> torch.Tensor | None:
+    """One-shot :class:`SPDenoiser`: install, denoise one item, remove. For many items build the denoiser once."""
+    denoiser = SPDenoiser.from_group(stages, group, subgroup, sp_layout, torus_shape)
+    try:
+        return denoiser.denoise(embeds, seed, spec)
+    finally:
+        denoiser.remove()

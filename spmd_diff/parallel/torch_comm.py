@@ -1,0 +1,128 @@
+"""A :class:`~spmd_diff.parallel.comm.SeqComm` over torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+The GPU stand-in for the project's device-heap collectives until a GPU transport lands: the attention code does not
+know which one it runs over. Every exchange is a batch of point-to-point sends/receives (``batch_isend_irecv``)
+of the non-empty entries, so an all-to-all, a ring step and a torus piece are one code path; with NCCL the batch
+runs on NCCL's stream and ``Pending.wait`` only makes the current stream wait for it, so attention on the block in
+hand overlaps the transfer of the next.
+
+Groups are created collectively (``torch.distributed.new_group``): build every comm a job needs with
+:func:`build_torch_comms` on every rank of the default group, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from spmd_diff.parallel.comm import Pending, SeqComm, Shape, _check_lengths, _template
+
+
+class TorchSeqComm(SeqComm):
+    """The ranks ``ranks`` (global torch.distributed ranks, in shard order) of ``group``.
+
+    Args:
+        ranks: global ranks, in shard order; this process's rank must be among them.
+        group: a process group holding exactly ``ranks`` (``None``: the default group, which must then be
+            ``ranks`` in order).
+    """
+
+    def __init__(self, ranks: Sequence[int], group: dist.ProcessGroup | None = None) -> None:
+        self.ranks = [int(r) for r in ranks]
+        self.group = group
+        self.rank = self.ranks.index(dist.get_rank())
+        self.size = len(self.ranks)
+        self._splits: dict[tuple[int, int], tuple["TorchSeqComm", "TorchSeqComm"]] = {}
+
+    def start_all_to_all(self, send, recv_shapes) -> Pending:
+        _check_lengths(self, send, recv_shapes)
+        template = _template(send)
+        ops, out, keep = [], [], []
+        for peer in range(self.size):
+            shape = recv_shapes[peer]
+            if peer == self.rank:
+                out.append(send[peer] if shape is not None else None)
+                continue
+            if shape is None:
+                out.append(None)
+            else:
+                buffer = torch.empty(shape, dtype=template.dtype, device=template.device)
+                out.append(buffer)
+                if buffer.numel():
+                    ops.append(dist.P2POp(dist.irecv, buffer, self.ranks[peer], self.group))
+            tensor = send[peer]
+            if tensor is not None and tensor.numel():
+                tensor = tensor.contiguous()
+                keep.append(tensor)
+                ops.append(dist.P2POp(dist.isend, tensor, self.ranks[peer], self.group))
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def finish() -> list[torch.Tensor | None]:
+            for work in works:
+                work.wait()
+            keep.clear()
+            return out
+
+        return Pending(finish=finish)
+
+    def all_to_all(self, send, recv_shapes):
+        return self.start_all_to_all(send, recv_shapes).wait()
+
+    def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(tensor, src=self.ranks[root], group=self.group)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            probe = torch.zeros(1, device=_device())
+            dist.all_reduce(probe, group=self.group)
+            if probe.is_cuda:
+                torch.cuda.current_stream().synchronize()
+
+    def split(self, outer: int, inner: int) -> tuple["TorchSeqComm", "TorchSeqComm"]:
+        """The torus row and column comms made by :func:`build_torch_comms` (``(inner_comm, outer_comm)``)."""
+        if (outer, inner) not in self._splits:
+            raise ValueError(f"no {outer} x {inner} split was built for this comm; use build_torch_comms")
+        return self._splits[(outer, inner)]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_torch_comms(groups: Sequence[Sequence[int]], torus_shapes: Sequence[tuple[int, int]] = ()
+                      ) -> TorchSeqComm | None:
+    """Collective over the default group: create a process group per entry of ``groups`` (disjoint rank lists,
+    each in shard order) and, for each ``(A, B)`` in ``torus_shapes``, its row and column groups. Returns this
+    rank's comm (``None`` if it is in no group), with its torus splits attached.
+
+    Every rank must call this with the same arguments (``new_group`` is collective over the world).
+    """
+    mine = None
+    me = dist.get_rank()
+    for ranks in groups:
+        ranks = [int(r) for r in ranks]
+        group = dist.new_group(ranks)
+        comm = TorchSeqComm(ranks, group) if me in ranks else None
+        for outer, inner in torus_shapes:
+            if outer * inner != len(ranks):
+                raise ValueError(f"torus {outer} x {inner} does not fit a group of {len(ranks)} ranks")
+            rows = [ranks[a * inner:(a + 1) * inner] for a in range(outer)]
+            cols = [ranks[b::inner] for b in range(inner)]
+            row_comm = col_comm = None
+            for row in rows:
+                pg = dist.new_group(row)
+                if me in row:
+                    row_comm = TorchSeqComm(row, pg)
+            for col in cols:
+                pg = dist.new_group(col)
+                if me in col:
+                    col_comm = TorchSeqComm(col, pg)
+            if comm is not None:
+                comm._splits[(outer, inner)] = (row_comm, col_comm)
+        if comm is not None:
+            mine = comm
+    return mine
