@@ -1,20 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="spmd-diff",
     version="0.1.0",
     description="SPMD batch engine for bulk video generation with diffusion transformers on GPU clusters",
     python_requires=">=3.10",
-    packages=[
-        "spmd_diff",
-        "spmd_diff.plan",
-        "spmd_diff.comm",
-        "spmd_diff.parallel",
-        "spmd_diff.models",
-        "spmd_diff.io",
-        "spmd_diff.runtime",
-        "spmd_diff.kernels",
-    ],
+    # Every subpackage of spmd_diff, plus the top-level kernels/ folder installed as spmd_diff.kernels.
+    packages=find_packages(include=["spmd_diff", "spmd_diff.*"]) + ["spmd_diff.kernels"],
     package_dir={"spmd_diff.kernels": "kernels"},
     install_requires=[
         "numpy",

@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="list items, their settings, status and failures")
     inspect.add_argument("path", help="OUT/ or OUT/videos.h5")
     inspect.add_argument("--id", help="show every attribute of one item")
+    inspect.add_argument("--all", action="store_true", help="list every item (default: the first 100)")
     return p
 
 
@@ -121,7 +122,7 @@ def _dispatch(args) -> int:
     if args.command == "inspect":
         from spmd_diff.observe.inspect import inspect_store
 
-        print(inspect_store(args.path, item_id=args.id))
+        print(inspect_store(args.path, item_id=args.id, limit=None if args.all else 100))
         return 0
     raise AssertionError(args.command)
 

@@ -81,27 +81,34 @@ class VideoStore:
         except OSError as exc:
             raise UserError(f"output directory {self.root} is not writable: {exc.strerror or exc}") from None
 
+    def check_job(self, fingerprint: Mapping, force: bool = False) -> bool:
+        """Whether OUT/job.json must be (re)written; raises UserError if OUT holds another job's videos.
+
+        Reads only: a refused job leaves OUT untouched.
+        """
+        job_file = self.root / "job.json"
+        if not job_file.exists():
+            return True
+        try:
+            old = json.loads(job_file.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            old = None
+        new = json.loads(json.dumps(fingerprint))
+        if old == new:
+            return False
+        if not force:
+            raise UserError(f"{self.root} holds videos of a different job configuration "
+                            f"({_describe_difference(old, new)}); use another --out, or --force to add to it anyway")
+        return True
+
     def prepare(self, fingerprint: Mapping, force: bool = False) -> None:
         """Rank 0, before any item is written: record the job settings, refuse a mismatching OUT."""
         self.check_writable()
+        write_job = self.check_job(fingerprint, force)
         self.items_dir.mkdir(exist_ok=True)
         self.failed_dir.mkdir(exist_ok=True)
-        job_file = self.root / "job.json"
-        text = json.dumps(fingerprint, indent=2, sort_keys=True) + "\n"
-        if job_file.exists():
-            try:
-                old = json.loads(job_file.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                old = None
-            if old != json.loads(text):
-                if not force:
-                    diff = _describe_difference(old, json.loads(text))
-                    raise UserError(
-                        f"{self.root} holds videos of a different job configuration ({diff}); use another --out, "
-                        "or --force to add to it anyway")
-                atomic_write_text(job_file, text)
-        else:
-            atomic_write_text(job_file, text)
+        if write_job:
+            atomic_write_text(self.root / "job.json", json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
         self.remove_stale_temporaries()
 
     def remove_stale_temporaries(self) -> int:

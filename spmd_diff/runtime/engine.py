@@ -175,6 +175,7 @@ def run(request: RunRequest) -> int:
     def prepare_out():
         store.check_writable()
         if world.rank == 0:
+            store.check_job(setup.job.fingerprint(), force=request.force)
             lock.acquire()
             store.prepare(setup.job.fingerprint(), force=request.force)
             done = store.done_keys()
