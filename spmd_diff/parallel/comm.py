@@ -9,9 +9,8 @@ Implementations:
 
 - :class:`GroupSeqComm` over the project's group-free collectives (``spmd_diff.comm.collectives``:
   ``GroupCollectives(...).group(ranks) -> Group`` with ``all_to_all``/``all_gather``/``broadcast``/``barrier``):
-  CPU tensors through the Transport (MPI RMA). Blocking; ``start_all_to_all`` completes before it returns.
-- ``spmd_diff.parallel.exchange.TransportSeqComm``: the same over a Transport's one-sided ``put_signal`` directly,
-  where ``start_all_to_all`` really is non-blocking (the torus' chunked inter-node K/V exchange).
+  on a host heap (MPI RMA) blocking; on a device heap (NVSHMEM) stream-ordered, and ``start_all_to_all`` issues
+  the exchange on a side stream so that attention on the current stream overlaps it.
 - ``spmd_diff.parallel.torch_comm.TorchSeqComm``: torch.distributed (NCCL on GPUs), asynchronous on NCCL's stream.
 
 Point-to-point is an all-to-all with empty tensors for the other ranks (``recv_shapes`` entries of ``None``).
@@ -147,6 +146,33 @@ class GroupSeqComm(SeqComm):
         self.size = len(group.ranks)
         self.device = torch.device(device)
         self._subgroup = subgroup
+        self._side_stream = None
+
+    def start_all_to_all(self, send, recv_shapes) -> Pending:
+        """On a device heap: the exchange is enqueued on a side stream (the collectives make the stream they are
+        called on wait for the transfer, which here is the side stream), so work issued on the current stream
+        after this call overlaps it; ``wait`` makes the current stream wait for the side stream. The send and
+        receive tensors are kept alive until then. On a host heap: blocking, as :meth:`all_to_all`."""
+        if self.device.type != "cuda":
+            return Pending(self.all_to_all(send, recv_shapes))
+        current = torch.cuda.current_stream(self.device)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        side = self._side_stream
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            received = self.all_to_all(send, recv_shapes)
+        for tensor in received:
+            if tensor is not None and tensor.is_cuda:
+                tensor.record_stream(current)
+        keep = list(send)
+
+        def finish() -> list[torch.Tensor | None]:
+            current.wait_stream(side)
+            keep.clear()
+            return received
+
+        return Pending(finish=finish)
 
     def all_to_all(self, send, recv_shapes):
         _check_lengths(self, send, recv_shapes)

@@ -315,3 +315,31 @@ def test_group_denoiser_rejects_bad_leader_inputs_on_every_rank(demo_model_dir: 
 
     run_ranks(2, rank_fn)
     assert len(errors) == 2 and all("expected (1, 512, 32)" in e or "unusable" in e for e in errors)
+
+
+# ---- over the real collectives (LocalTransport: ranks as threads) ------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", [SPLayout("ulysses", 1, 4), SPLayout("ring", 4, 1), SPLayout("torus", 2, 2),
+                                    SPLayout("ulysses", 1, 3)], ids=lambda layout: layout.describe().split(" (")[0])
+def test_attention_over_group_collectives(layout: SPLayout) -> None:
+    from spmd_diff.comm import run_local
+    from spmd_diff.comm.collectives import GroupCollectives
+
+    q, k, v, cos, sin = _inputs(1, 23, 3, 8, seed=11)
+    reference = _reference(q, k, v, cos, sin)
+    sizes = split_sizes(23, layout.degree)
+
+    def body(transport):
+        coll = GroupCollectives(transport, 0, 1 << 20, max_ranks=4, chunk_bytes=1024, timeout_s=60)
+        comm = GroupSeqComm(coll.group(list(range(layout.degree))), coll.group)
+        attention = build_attention(comm, layout)
+        rank = transport.rank
+        rotary = (_shard(cos, sizes, rank), _shard(sin, sizes, rank))
+        outs = [attention(_shard(q, sizes, rank), _shard(k, sizes, rank), _shard(v, sizes, rank), sizes, rotary)
+                for _ in range(2)]  # twice: slots and epochs are reused
+        assert torch.equal(outs[0], outs[1])
+        return outs[0]
+
+    outputs = run_local(layout.degree, 1 << 20, body, timeout_s=120)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), reference, rtol=1e-12, atol=1e-12)
