@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from spmd_diff.comm.transport import SIGNAL_BYTES, Backoff, Transport, as_byte_array, round_up
+from spmd_diff.comm.transport import SIGNAL_BYTES, Backoff, Transport, as_byte_tensor, round_up
 from spmd_diff.errors import StageTimeout
 
 HEADER_BYTES = 4096
@@ -211,7 +211,12 @@ class HeapLayout:
 
 @dataclass
 class Message:
-    """What a channel carries: small JSON metadata and named CPU tensors (any dtype and shape)."""
+    """What a channel carries: small JSON metadata and named tensors (any dtype and shape).
+
+    Tensors travel from wherever they are to the transport's heap (host memory for MPI, GPU memory for NVSHMEM:
+    a CPU tensor is copied up, a GPU tensor copied down for a host heap); the receiver gets them on the
+    transport's device (``transport.device``).
+    """
 
     meta: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable; the key ``"item"``, if present, names the item in error messages."""
@@ -300,7 +305,8 @@ class ChannelSender:
 
     def _send(self, kind: int, message: Message, deadline: float) -> None:
         edge, k = self.edge, self.sent
-        tensors = {name: t.detach().contiguous() for name, t in message.tensors.items()}
+        device = self.transport.device
+        tensors = {name: _to_device(t, device, edge.name, name) for name, t in message.tensors.items()}
         header, placements = _encode(edge, kind, k, message.meta, tensors)
         num_slots = edge.spec.num_slots
         if k - num_slots + 1 > 0:
@@ -403,8 +409,6 @@ def _encode(edge: EdgeLayout, kind: int, k: int, meta: dict[str, Any],
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise ValueError(f"channel {edge.name!r}: tensors must map str to torch.Tensor, got {name!r}: "
                              f"{type(tensor).__name__}")
-        if tensor.device.type != "cpu":
-            raise ValueError(f"channel {edge.name!r}: tensor {name!r} is on {tensor.device}, expected the CPU")
         nbytes = tensor.numel() * tensor.element_size()
         descriptors.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, nbytes])
         placements.append((offset, tensor))
@@ -426,6 +430,20 @@ def _encode(edge: EdgeLayout, kind: int, k: int, meta: dict[str, Any],
     return header, [(off, t) for off, t in placements if t.numel()]
 
 
+def _to_device(tensor: Any, device: torch.device, channel: str, name: str) -> torch.Tensor:
+    """``tensor`` contiguous on the heap's device (a host heap takes CPU tensors; a GPU heap its own GPU's)."""
+    if not isinstance(tensor, torch.Tensor):
+        return tensor  # _encode reports it
+    tensor = tensor.detach()
+    if device.type == "cpu":
+        tensor = tensor.cpu()
+    elif tensor.device.type == "cpu":
+        tensor = tensor.to(device, non_blocking=tensor.is_pinned())
+    elif tensor.device != device:
+        raise ValueError(f"channel {channel!r}: tensor {name!r} is on {tensor.device}, the heap on {device}")
+    return tensor.contiguous()
+
+
 def _decode(transport: Transport, edge: EdgeLayout, slot: int, k: int) -> Message:
     """Copy message ``k`` out of ``slot`` of this rank's ring into new tensors."""
     fixed = transport.local_view(edge.header_offset(slot), _FIXED.size).tobytes()
@@ -439,11 +457,11 @@ def _decode(transport: Transport, edge: EdgeLayout, slot: int, k: int) -> Messag
     description = json.loads(raw)
     tensors = {}
     for name, dtype_name, shape, offset, nbytes in description["tensors"]:
-        tensor = torch.empty(shape, dtype=_dtype_from_name(dtype_name))
+        tensor = torch.empty(shape, dtype=_dtype_from_name(dtype_name), device=transport.device)
         if tensor.numel() * tensor.element_size() != nbytes or offset + nbytes > payload_bytes:
             raise RuntimeError(f"channel {edge.name!r}: corrupt descriptor of tensor {name!r} in message {k}")
         if nbytes:
-            as_byte_array(tensor)[:] = transport.local_view(edge.payload_offset(slot) + offset, nbytes)
+            as_byte_tensor(tensor).copy_(transport.local_tensor(edge.payload_offset(slot) + offset, nbytes))
         tensors[name] = tensor
     return Message(meta=description["meta"], tensors=tensors, end_of_stream=kind == _KIND_END)
 

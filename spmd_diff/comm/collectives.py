@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from spmd_diff.comm.transport import SIGNAL_BYTES, Backoff, Transport, round_up
+from spmd_diff.comm.transport import SIGNAL_BYTES, Backoff, Transport, as_byte_tensor, round_up
 from spmd_diff.errors import StageTimeout
 
 EPOCH_SHIFT = 20
@@ -83,13 +83,10 @@ def chunk_plan(nbytes: int, max_chunk_bytes: int) -> tuple[int, int]:
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """Flat uint8 view ``(nbytes,)`` of a contiguous tensor of any dtype (bf16, bool and 0-dim included)."""
-    if not tensor.is_contiguous():
-        raise ValueError(f"collectives need contiguous tensors, got shape {tuple(tensor.shape)} strides "
-                         f"{tensor.stride()}; call .contiguous() first")
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:
-        return torch.empty(0, dtype=torch.uint8, device=tensor.device)
-    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    try:
+        return as_byte_tensor(tensor)
+    except ValueError as error:
+        raise ValueError(f"collectives: {error}") from None
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,21 @@ def as_byte_array(src: Source) -> np.ndarray:
     raise ValueError(f"put accepts a CPU torch.Tensor, numpy array or bytes, got {type(src).__name__}")
 
 
+def as_byte_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Flat uint8 view ``(nbytes,)`` of a contiguous tensor of any dtype and device (bf16, bool, 0-dim too).
+
+    Raises:
+        ValueError: if ``tensor`` is not contiguous.
+    """
+    if not tensor.is_contiguous():
+        raise ValueError(f"need a contiguous tensor, got shape {tuple(tensor.shape)} strides {tensor.stride()}; "
+                         "call .contiguous() first")
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() == 0:
+        return torch.empty(0, dtype=torch.uint8, device=tensor.device)
+    return flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+
+
 class Backoff:
     """Spin, then sleep with a growing interval: cheap when the wait is short, no burnt core when it is long.
 
