@@ -21,7 +21,7 @@ import torch
 
 import spmd_diff
 from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
-from spmd_diff.comm.mpi_rma import MpiRmaTransport
+from spmd_diff.comm.select import make_transport
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.world import World, init_world, set_threads
 from spmd_diff.config import JobConfig, load_job
@@ -263,7 +263,7 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
         if world.size > 1:
             enc_spec, dec_spec = _ring_specs(setup)
             layout = HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=board_bytes)
-            transport = MpiRmaTransport(world.comm, max(layout.heap_bytes, board_bytes))
+            transport = make_transport(world, max(layout.heap_bytes, board_bytes), setup.job.world.transport)
             senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
             receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
         board = ProgressBoard(transport, world.rank, world.size)
