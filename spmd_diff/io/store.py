@@ -19,6 +19,7 @@ next run. No file is ever modified in place.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import socket
@@ -142,16 +143,21 @@ class VideoStore:
             raise ValueError(f"video must be uint8 [F, H, W, 3], got {video_FHWC.dtype} {video_FHWC.shape}")
         path = self.item_path(item_id)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # The HDF5 image is built in memory and written with one plain write: a full disk or quota then
+        # surfaces as a clean OSError (ENOSPC/EDQUOT/EFBIG) instead of a half-broken HDF5 handle.
+        buffer = io.BytesIO()
+        with h5py.File(buffer, "w") as f:
+            frame = (1,) + video_FHWC.shape[1:]
+            ds = f.create_dataset("video", data=video_FHWC, chunks=frame)
+            ds.attrs["id"] = item_id
+            for key, value in attrs.items():
+                ds.attrs[key] = "" if value is None else value
         tmp = _tmp_name(path)
         try:
-            with h5py.File(tmp, "w") as f:
-                frame = (1,) + video_FHWC.shape[1:]
-                ds = f.create_dataset("video", data=video_FHWC, chunks=frame)
-                ds.attrs["id"] = item_id
-                for key, value in attrs.items():
-                    ds.attrs[key] = "" if value is None else value
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            with open(tmp, "wb") as fh:
+                fh.write(buffer.getbuffer())
+                fh.flush()
+                os.fsync(fh.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except BaseException:

@@ -1,0 +1,212 @@
+"""Faults on CPU ranks: SIGKILL of a rank or of the launcher, a hung rank, a full disk, failing items.
+
+The promise under test: every item ends up rendered exactly once (bit-identical to an uninterrupted run) or
+listed as failed with its reason, and a failure costs no more than the items in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from spmd_diff.io.store import item_key
+from tests.mpi._mpirun import MPIRUN_FLAGS, _kill_group, _session_members, mpirun, mpirun_available
+
+pytestmark = pytest.mark.skipif(not mpirun_available(), reason="mpirun or mpi4py missing")
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_ITEMS = 20
+FAST = ["--set", "video.num_inference_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def env(demo_model_dir):
+    return {"SPMD_DIFF_CACHE": str(demo_model_dir.parent)}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("faults") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"item-{k:02d}", "prompt": f"scene number {k} with a red ball"}) + "\n"
+                            for k in range(NUM_ITEMS)))
+    return path
+
+
+def command(num_ranks: int, prompts: Path, out: Path, *extra: str) -> list[str]:
+    return ["mpirun", *MPIRUN_FLAGS, "-n", str(num_ranks), sys.executable, "-m", "spmd_diff", "run",
+            str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out), *FAST, *extra]
+
+
+def full_env(env: dict, **more: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env, **more}
+
+
+def videos(out: Path) -> dict[str, np.ndarray]:
+    with h5py.File(out / "videos.h5", "r") as f:
+        return {k: f["videos"][k][...] for k in f["videos"]}
+
+
+def assert_exactly_once_and_equal(out: Path, reference: dict[str, np.ndarray]) -> None:
+    files = sorted(p.name for p in (out / "items").glob("*/*"))
+    assert files == sorted(f"{item_key(k)}.h5" for k in reference), "one final file per item, no leftovers"
+    got = videos(out)
+    assert sorted(got) == sorted(reference)
+    for key, video in reference.items():
+        assert np.array_equal(got[key], video), f"{key} differs from the uninterrupted run"
+
+
+@pytest.fixture(scope="module")
+def reference(env, prompts, tmp_path_factory) -> dict[str, np.ndarray]:
+    out = tmp_path_factory.mktemp("ref") / "out"
+    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out",
+                    str(out), *FAST, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return videos(out)
+
+
+def rank_pids(session: int) -> dict[int, int]:
+    """MPI rank -> pid of the ranks in a process session (read from each process's environment)."""
+    pids = {}
+    for pid in _session_members(session):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for entry in environ:
+            if entry.startswith(b"OMPI_COMM_WORLD_RANK="):
+                pids[int(entry.split(b"=", 1)[1])] = pid
+    return pids
+
+
+def start_and_kill(cmd: list[str], env: dict, out: Path, victim: str, seed: int) -> subprocess.CompletedProcess:
+    """Start the job, wait until a random number of items is done, SIGKILL the victim ("rank" or "launcher")."""
+    rng = random.Random(seed)
+    threshold = rng.randint(1, NUM_ITEMS // 2)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "items").glob("*/*.h5"))) >= threshold:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before the kill point"
+        if victim == "launcher":
+            ranks = rank_pids(proc.pid)
+            os.kill(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=30)
+            # Orphaned ranks notice their launcher is gone and exit within seconds.
+            end = time.monotonic() + 20
+            while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in ranks.values()):
+                time.sleep(0.2)
+            alive = [p for p in ranks.values() if Path(f"/proc/{p}").exists()
+                     and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
+            assert not alive, f"ranks {alive} outlived their launcher"
+        else:
+            ranks = rank_pids(proc.pid)
+            os.kill(ranks[rng.randrange(4)], signal.SIGKILL)
+            stdout, stderr = proc.communicate(timeout=60)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("victim,seed", [("rank", 1), ("rank", 2), ("launcher", 3)])
+def test_kill_then_rerun_exactly_once(victim, seed, env, prompts, reference, tmp_path):
+    out = tmp_path / "out"
+    killed = start_and_kill(command(4, prompts, out), full_env(env), out, victim, seed)
+    assert killed.returncode != 0
+    partial = len(list((out / "items").glob("*/*.h5")))
+    assert 0 < partial < NUM_ITEMS
+    rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{NUM_ITEMS - partial} to render" in rerun.stderr
+    assert_exactly_once_and_equal(out, reference)
+
+
+def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
+    out = tmp_path / "out"
+    hooks = json.dumps([{"action": "hang", "stage": "denoise", "item": "item-05", "rank": 2},
+                        {"action": "hang", "stage": "denoise", "item": "item-05", "rank": 3}])
+    started = time.monotonic()
+    proc = subprocess.run(command(4, prompts, out, "--set", "run.timeout_s=8"), cwd=REPO, capture_output=True,
+                          text=True, timeout=240, env=full_env(env, SPMD_DIFF_TEST_HOOKS=hooks))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "test hook: hanging in denoise of 'item-05'" in proc.stderr
+    diagnostic = [line for line in proc.stderr.splitlines() if "spmd-diff: error" in line]
+    assert diagnostic, proc.stderr[-3000:]
+    text = "\n".join(diagnostic)
+    # Whoever noticed first names the channel and the stuck DiT rank (2 or 3) it was waiting for.
+    assert re.search(r"channel '(enc0->dit[23]|dit[23]->dec1)'", text), text
+    assert re.search(r"(producer|consumer) rank [23]", text), text
+    assert elapsed < 150, f"took {elapsed:.0f} s"
+    for path in (out / "items").glob("*/*.h5"):  # whatever is under a final name is complete
+        with h5py.File(path, "r") as f:
+            assert f["video"].shape == (9, 64, 64, 3)
+
+
+def _limit_file_size(limit: int):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_stops_cleanly_and_the_store_stays_readable(env, prompts, tmp_path):
+    out = tmp_path / "out"
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
+    base = [sys.executable, "-m", "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--out", str(out), *FAST]
+    ok = subprocess.run(base + ["--prompts", str(first)], cwd=REPO, env=full_env(env), capture_output=True, text=True,
+                        timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    # Now the file system "fills up": no file may grow past 40 KB (an item file is ~120 KB).
+    full = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env), capture_output=True,
+                          text=True, timeout=300, preexec_fn=_limit_file_size(40_000))
+    assert full.returncode == 4, full.stderr[-3000:]
+    assert "cannot write item" in full.stderr and "rerun the same command" in full.stderr
+    got = videos(out)  # the view of the first run is intact and readable
+    assert sorted(got) == ["item-00", "item-01"]
+    assert len(list((out / "items").glob("*/*.h5"))) == 2
+    again = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env), capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(videos(out)) == NUM_ITEMS
+
+
+def test_failed_items_are_listed_then_retried(env, prompts, tmp_path):
+    out = tmp_path / "out"
+    hooks = json.dumps([{"action": "fail", "stage": "encode", "item": "item-03"},
+                        {"action": "nan", "stage": "denoise", "item": "item-07"},
+                        {"action": "fail", "stage": "decode", "item": "item-11"}])
+    first = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out),
+                   *FAST, timeout=300, env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    with h5py.File(out / "videos.h5", "r") as f:
+        assert sorted(f["failed"]) == ["item-03", "item-07", "item-11"]
+        assert "injected failure in encode" in f["failed"]["item-03"].attrs["error"]
+        assert "non-finite" in f["failed"]["item-07"].attrs["error"]
+        assert f["failed"]["item-11"].attrs["stage"] == "decode"
+        assert len(f["videos"]) == NUM_ITEMS - 3
+    plain = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out),
+                   *FAST, timeout=300, env=env, cwd=REPO)
+    assert plain.returncode == 0 and "0 to render" in plain.stderr, plain.stderr[-2000:]
+    retry = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out),
+                   *FAST, "--retry-failed", timeout=300, env=env, cwd=REPO)
+    assert retry.returncode == 0 and "3 to render" in retry.stderr, retry.stderr[-2000:]
+    with h5py.File(out / "videos.h5", "r") as f:
+        assert len(f["videos"]) == NUM_ITEMS and len(f["failed"]) == 0
