@@ -32,12 +32,13 @@ or when more than ``max_inflight`` operations are queued), naming the group, the
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -57,6 +58,8 @@ TARGET_CHUNK_BYTES = 16 << 20
 """Larger messages are cut into chunks of about this size (at least two, so copy-out overlaps transfer)."""
 SIDE_STREAM_BYTES = 1 << 20
 """On a device heap, operations moving at least this many bytes use one CUDA stream per peer and direction."""
+FUSED_MAX_BYTES = 512 << 10
+"""Device heaps: ``all_to_all_into`` with every message up to this size runs as one kernel (when available)."""
 
 _HEADER = struct.Struct("<IIIIQQ8q")  # magic, dtype code, ndim, pad, nbytes, chunk bytes, shape[8]
 _MAGIC = 0x53504347  # "SPCG"
@@ -164,11 +167,13 @@ class GroupCollectives:
         max_inflight: device heaps: operations queued on streams before the host waits for the oldest one.
         barrier: zero the region on every rank and barrier (set False when the heap is fresh and a barrier
             follows anyway).
+        fused: device heaps: run small ``all_to_all_into`` among P2P-mapped GPUs as one kernel
+            (``spmd_diff.kernels.p2p_all_to_all``, same protocol and heap words) when Triton is there.
     """
 
     def __init__(self, transport: Transport, base_offset: int, region_bytes: int, max_ranks: int = 8,
                  chunk_bytes: Optional[int] = None, timeout_s: float = 600.0, max_inflight: int = 4,
-                 barrier: bool = True) -> None:
+                 barrier: bool = True, fused: bool = True) -> None:
         if chunk_bytes is None:
             layout = CollectiveLayout.fit(base_offset, region_bytes, transport.size, max_ranks)
         else:
@@ -188,6 +193,8 @@ class GroupCollectives:
         self._epochs = np.zeros(transport.size, dtype=np.int64)
         self._inflight: deque = deque()
         self._streams: list = []
+        self._fused: Any = None
+        self.set_fused(fused)
         if self.on_device:
             self._streams = [(torch.cuda.Stream(transport.device), torch.cuda.Stream(transport.device))
                              for _ in range(max_ranks)]
@@ -212,6 +219,23 @@ class GroupCollectives:
         """(send, receive) CUDA streams for the peer at group ``position`` (device heaps)."""
         return self._streams[position]
 
+    def set_fused(self, enabled: bool) -> None:
+        """Allow (device heaps with Triton) or forbid the one-kernel path; local, between operations."""
+        self._fused_allowed = bool(enabled) and self.on_device and hasattr(self.transport, "address")
+
+    def fused_kernel(self) -> Any:
+        """The one-kernel all-to-all launcher, or None where it cannot run (no Triton, host heap, disabled)."""
+        if not self._fused_allowed:
+            return None
+        if self._fused is None:
+            try:
+                module = _load_kernel_module("p2p_all_to_all")
+                self._fused = module.P2PAllToAll(self.transport.device, self.layout.max_ranks,
+                                                 max_spins=int(self.timeout_s * 1e6))
+            except (ImportError, RuntimeError):
+                self._fused = False
+        return self._fused or None
+
     def track(self, event, description: str, checks: list, deadline: float) -> None:
         """Device heaps: remember an enqueued operation; wait for old ones beyond ``max_inflight``."""
         self._inflight.append((event, description, checks))
@@ -223,6 +247,9 @@ class GroupCollectives:
         deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
         while self._inflight:
             self._wait_oldest(deadline)
+        if self._fused and self._fused.failed_row():
+            raise StageTimeout(f"rank {self.rank}: a one-kernel all-to-all gave up waiting for a peer (descriptor "
+                               f"row {self._fused.failed_row() - 1}) after ~{self.timeout_s:.0f} s of spinning")
 
     def _wait_oldest(self, deadline: float) -> None:
         event, description, checks = self._inflight[0]
@@ -426,6 +453,8 @@ class _Exchange:
                     data = as_bytes(out)
                     recv_plan[p] = [out, data, *chunk_plan(data.numel(), max_chunk)]
         total = sum(plan[0].numel() for plan in send_plan.values())
+        if not self.headers and coll.on_device and self._run_fused(peers, epochs, send_plan, recv_plan):
+            return self.results
         side = coll.on_device and total >= SIDE_STREAM_BYTES
         current = torch.cuda.current_stream(tr.device) if coll.on_device else None
         if side:
@@ -486,6 +515,50 @@ class _Exchange:
             coll.track(current.record_event(), f"{group.name} {self.op}", checks, self.deadline)
         return self.results
 
+    def _run_fused(self, peers: list, epochs: dict, send_plan: dict, recv_plan: dict) -> bool:
+        """Enqueue this operation as one kernel if every pair is a single small chunk between mapped GPUs."""
+        coll, tr, lay, ranks, me = self.coll, self.transport, self.layout, self.group.ranks, self.me
+        if not peers or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
+            return False
+        sizes = [send_plan[p][0].numel() for p in peers] + [recv_plan[p][1].numel() for p in peers]
+        if max(sizes) > FUSED_MAX_BYTES or any(size % 4 for size in sizes):
+            return False
+        if any(send_plan[p][1] != 1 or recv_plan[p][2] != 1 for p in peers):
+            return False
+        addresses = {p: tr.address(ranks[p], 0) for p in peers}
+        if any(address is None for address in addresses.values()):
+            return False
+        kernel = coll.fused_kernel()
+        if kernel is None:
+            return False
+        local = tr.address(coll.rank, 0)
+        rows = []
+        for p in peers:
+            data = send_plan[p][0]
+            out_bytes = recv_plan[p][1]
+            rows.append([data.data_ptr() if data.numel() else 0, data.numel(),
+                         addresses[p] + lay.buffer_offset(me, 0),
+                         addresses[p] + lay.grant_offset + coll.rank * SIGNAL_BYTES,
+                         local + lay.grant_offset + ranks[p] * SIGNAL_BYTES,
+                         addresses[p] + lay.arrive_offset + coll.rank * SIGNAL_BYTES,
+                         local + lay.arrive_offset + ranks[p] * SIGNAL_BYTES,
+                         local + lay.buffer_offset(p, 0), out_bytes.data_ptr() if out_bytes.numel() else 0,
+                         out_bytes.numel(), epochs[p], 0])
+        try:
+            kernel.launch(rows, max(sizes))
+        except Exception as error:  # noqa: BLE001 - e.g. Triton cannot compile it here: nothing was enqueued
+            logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
+                                                   "host-driven path", type(error).__name__, error)
+            coll._fused = False
+            return False
+        for p in peers:
+            self.results[p] = recv_plan[p][0]
+        current = torch.cuda.current_stream(tr.device)
+        checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | 1,
+                   f"chunk 0 from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived") for p in peers]
+        coll.track(current.record_event(), f"{self.group.name} {self.op} (one kernel)", checks, self.deadline)
+        return True
+
     def _copy_self(self, send: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
         if out is None:
             return send.detach().clone()
@@ -513,6 +586,28 @@ class _Exchange:
         if chunk != plan[3]:
             raise RuntimeError(f"{where}: sender cut {nbytes} bytes into chunks of {chunk}, this rank expected "
                                f"{plan[3]}: the ranks disagree on the collectives layout")
+
+
+def _load_kernel_module(name: str) -> Any:
+    """``spmd_diff.kernels.<name>``; from the checkout's ``kernels/`` when the package is not installed."""
+    import importlib
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "spmd_diff.kernels" not in sys.modules:
+        try:
+            importlib.import_module("spmd_diff.kernels")
+        except ImportError:
+            root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+            spec = importlib.util.spec_from_file_location("spmd_diff.kernels", root / "__init__.py",
+                                                          submodule_search_locations=[str(root)])
+            if spec is None or spec.loader is None:
+                raise
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["spmd_diff.kernels"] = module
+            spec.loader.exec_module(module)
+    return importlib.import_module(f"spmd_diff.kernels.{name}")
 
 
 class _NoStream:

@@ -155,13 +155,15 @@ class NvshmemTransport(Transport):
         assert self._heap.numel() == heap_bytes and self._heap.device == self.device
         self._signal_set = int(bindings.Signal_op.SIGNAL_SET)
         self._cmp_ge = int(bindings.Cmp_type.CMP_GE)
-        self._peer_heaps: dict[int, torch.Tensor] = {}
+        self._mapped: dict[int, torch.Tensor] = {}
         for pe in range(self.size):
-            if pe != self.rank and data_path == "p2p" and bindings.ptr(self._base, pe):
+            if pe != self.rank and bindings.ptr(self._base, pe):
                 peer = nvshmem.get_peer_buffer(self._buffer, pe)
-                self._peer_heaps[pe] = torch.utils.dlpack.from_dlpack(peer).view(torch.uint8).reshape(-1)
-        self.p2p_peers = sorted(self._peer_heaps)
-        """Ranks whose heap this process writes with device copies (the rest through NVSHMEM puts)."""
+                self._mapped[pe] = torch.utils.dlpack.from_dlpack(peer).view(torch.uint8).reshape(-1)
+        self.p2p_peers = sorted(self._mapped)
+        """Ranks whose heap NVSHMEM maps into this process (NVLink/PCIe P2P): addressable by kernels."""
+        self._peer_heaps: dict[int, torch.Tensor] = {}
+        self.set_data_path(data_path)
         self._unfenced: set[int] = set()
         self._host_stream = torch.cuda.Stream(self.device)
         self._host_word = torch.empty(1, dtype=torch.int64, pin_memory=True)
@@ -170,6 +172,21 @@ class NvshmemTransport(Transport):
         self._heap.zero_()
         torch.cuda.synchronize(self.device)
         self._comm.Barrier()
+
+    def set_data_path(self, data_path: str) -> None:
+        """Local, any time between operations: "p2p" (device copies to mapped peers) or "nvshmem" (its puts)."""
+        if data_path not in ("p2p", "nvshmem"):
+            raise ValueError(f"data_path must be 'p2p' or 'nvshmem', got {data_path!r}")
+        self.data_path = data_path
+        self._peer_heaps = dict(self._mapped) if data_path == "p2p" else {}
+
+    def address(self, rank: int, offset: int) -> int | None:
+        """Device address of ``offset`` in ``rank``'s heap as this process sees it, or None if not mapped here."""
+        self._check_rank(rank)
+        if rank == self.rank:
+            return self._base + offset
+        peer = self._mapped.get(rank)
+        return None if peer is None else peer.data_ptr() + offset
 
     # ---- helpers ------------------------------------------------------------------------------------------
     def _stream(self) -> int:
@@ -282,6 +299,7 @@ class NvshmemTransport(Transport):
         torch.cuda.synchronize(self.device)
         self._comm.Barrier()
         self._peer_heaps.clear()
+        self._mapped.clear()
         del self._heap
         self._nvshmem.free(self._buffer)
         del self._buffer

@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -118,6 +119,7 @@ def make_transport(world: Any, heap_bytes: int, choice: str = "auto") -> Transpo
     kind, reason = decide_transport(choice, gather_facts(world))
     if world.rank == 0:
         log.info("transport: %s (%s)", kind, reason)
+        print(f"spmd-diff: transport: {kind} ({reason})", file=sys.stderr, flush=True)
     if kind == "nvshmem":
         from spmd_diff.comm.nvshmem import NvshmemTransport
 
