@@ -28,7 +28,8 @@ from spmd_diff.config import JobConfig, load_job
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io.store import VideoStore, item_key
-from spmd_diff.models.wan import VideoSpec, WanShapes, WanStages, read_shapes
+from spmd_diff.models.random_wan import make_stages
+from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.plan.roles import RolePlan, plan_roles
@@ -77,7 +78,12 @@ def resolve_model(path: str, world: World) -> str:
         world.comm.Barrier()
         return str(demo_model_dir())
     if path.startswith("random:"):
-        raise UserError(f"model.path={path!r}: random-weight architectures need the GPU engine (not in this build)")
+        from spmd_diff.models.random_wan import random_model_dir
+
+        if world.local_rank == 0:
+            random_model_dir(path)
+        world.comm.Barrier()
+        return str(random_model_dir(path))
     if not Path(path).is_dir():
         raise UserError(f"model directory {path} does not exist (model.path in the job, or --model)")
     return str(Path(path).resolve())
@@ -255,8 +261,8 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
     role = plan.role_of(world.rank)
     transport, monitor = None, None
     try:
-        stages = WanStages(setup.model_dir, _stages_for(role, plan), device=world.device,
-                           dtype=getattr(torch, setup.dtype))
+        stages = make_stages(setup.model_dir, _stages_for(role, plan), device=world.device,
+                             dtype=getattr(torch, setup.dtype))
         board_bytes = ProgressBoard.bytes_needed(world.size)
         senders: list[ChannelSender] = []
         receivers: list[ChannelReceiver] = []
