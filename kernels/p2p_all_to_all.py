@@ -67,17 +67,15 @@ if HAS_TRITON:
         b = tl.program_id(1)
         nb = tl.num_programs(1)
         row = desc_ptr + p * FIELDS
-        words = tl.pointer_type(tl.int32)
-        flags = tl.pointer_type(tl.int64)
-        send_src = tl.load(row + 0).to(words)
+        send_src = tl.load(row + 0).to(tl.pointer_type(tl.int32))
         send_words = tl.load(row + 1) // 4
-        peer_slot = tl.load(row + 2).to(words)
-        peer_grant = tl.load(row + 3).to(flags)
-        my_grant = tl.load(row + 4).to(flags)
-        peer_arrive = tl.load(row + 5).to(flags)
-        my_arrive = tl.load(row + 6).to(flags)
-        recv_slot = tl.load(row + 7).to(words)
-        recv_out = tl.load(row + 8).to(words)
+        peer_slot = tl.load(row + 2).to(tl.pointer_type(tl.int32))
+        peer_grant = tl.load(row + 3).to(tl.pointer_type(tl.int64))
+        my_grant = tl.load(row + 4).to(tl.pointer_type(tl.int64))
+        peer_arrive = tl.load(row + 5).to(tl.pointer_type(tl.int64))
+        my_arrive = tl.load(row + 6).to(tl.pointer_type(tl.int64))
+        recv_slot = tl.load(row + 7).to(tl.pointer_type(tl.int32))
+        recv_out = tl.load(row + 8).to(tl.pointer_type(tl.int32))
         recv_words = tl.load(row + 9) // 4
         epoch = tl.load(row + 10)
         if b == 0:

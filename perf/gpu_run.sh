@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 4 on a lent 4-GPU machine, in one call: GPU tests, the communication benchmark, engine renders.
+# Run from the repository root with the wheels in .whl/ (tools: /work/shared/tools/device-wheels.sh) and OUT set:
+#   bash perf/gpu_run.sh            (OUT: where logs and results go; default perf/results/gpu-run)
+# Steps are independent: a failing step is logged and the next one runs. Everything goes to $OUT/log.txt.
+set -u
+OUT=${OUT:-perf/results/gpu-run}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export SPMD_DIFF_CACHE=/tmp/spmd_cache OMP_NUM_THREADS=4
+LOG="$OUT/log.txt"
+MPI="mpirun --allow-run-as-root --oversubscribe --bind-to none"
+step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1; local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"; }
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >> "$LOG" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+step "gpus" 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m'
+step "nvshmem checks (4 ranks)" 150 $MPI -n 4 python3 tests/gpu/scripts/nvshmem_checks.py
+step "benchmark (4 ranks)" 240 $MPI -n 4 python3 perf/bench_comm.py --out "$OUT"
+step "pytest tests/gpu engine vs WanPipeline" 240 python3 -m pytest -x -q -s tests/gpu/test_engine_gpu.py
+for n in 4 2 1; do
+  case $n in 4) roles="";; 2) roles="--set roles.encoders=0";; 1) roles="--set roles.encoders=0 --set roles.decoders=0";; esac
+  step "engine random 1.3B 480p x81, $n GPU(s)" 180 $MPI -n $n python3 -m spmd_diff run perf/jobs/random-1.3b-480p.toml \
+    --prompts perf/jobs/prompts3.jsonl --out /tmp/out-random-$n $roles
+done
+for n in 2 1; do
+  case $n in 2) roles="--set roles.encoders=0";; 1) roles="--set roles.encoders=0 --set roles.decoders=0";; esac
+  step "engine demo job, $n GPU(s)" 120 $MPI -n $n python3 -m spmd_diff run jobs/demo.toml \
+    --prompts perf/jobs/prompts3.jsonl --out /tmp/out-demo-$n $roles
+done
+grep -h "^===\|spmd-diff: \(transport\|complete\)\|a2a \|handoff \|group of\|gpu checks\|ok\b" "$LOG" > "$OUT/summary.txt" || true
