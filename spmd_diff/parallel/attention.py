@@ -42,10 +42,13 @@ class LocalAttention:
     """
 
     backend: str = "auto"
+    lse_backend: str | None = None
+    """Backend of :meth:`with_lse` (ring/torus blocks); ``None``: ``backend``."""
 
     def __post_init__(self) -> None:
-        if self.backend != "auto" and self.backend not in _CUDA_BACKENDS:
-            raise ValueError(f"unknown attention backend {self.backend!r}")
+        for backend in (self.backend, self.lse_backend):
+            if backend is not None and backend != "auto" and backend not in _CUDA_BACKENDS:
+                raise ValueError(f"unknown attention backend {backend!r}")
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.backend == "math":
@@ -61,13 +64,13 @@ class LocalAttention:
         """``(out [B, h, Nq, D] in q.dtype, lse [B, h, Nq])``: lse is the natural log-sum-exp of the scaled
         scores of each query row (float32; float64 for float64 inputs)."""
         batch, heads, num_q = q.shape[:3]
-        if self.backend == "math" or (not q.is_cuda and q.dtype not in (torch.float32, torch.float64,
+        backend = self.lse_backend or self.backend
+        if backend == "math" or (not q.is_cuda and q.dtype not in (torch.float32, torch.float64,
                                                                           torch.bfloat16, torch.float16)):
             return math_attention(q, k, v)
         if not q.is_cuda:
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
             return out, lse
-        backend = self.backend
         if backend == "auto":
             backend = "flash" if q.dtype in (torch.float16, torch.bfloat16) else "efficient"
         if backend == "flash":
@@ -152,33 +155,55 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_sizes: list[in
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: SeqComm, seq_sizes: list[int],
                       rotary: Rotary | None = None, local: LocalAttention = LocalAttention(),
-                      pack_impl: str = "auto") -> torch.Tensor:
+                      pack_impl: str = "auto", head_chunks: int = 1) -> torch.Tensor:
     """Ulysses attention (module docstring); ``len(seq_sizes) == comm.size``. Heads split as
-    ``split_sizes(H, comm.size)``."""
+    ``split_sizes(H, comm.size)``.
+
+    ``head_chunks > 1`` pipelines by heads: each rank's heads are cut into that many groups (at most its head
+    count; 1 if some rank has no heads), every group's all-to-all is started at once, and attention on group ``c``
+    runs while the later groups arrive and group ``c - 1``'s output travels back (with a non-blocking comm).
+    """
     _check(q, k, v, seq_sizes, comm.rank)
-    head_sizes = split_sizes(q.shape[2], comm.size)
-    qkv = _seq_to_heads(q, k, v, rotary, comm, seq_sizes, head_sizes, pack_impl)  # [3, B, N, h, D]
-    if qkv.shape[3] and qkv.shape[2]:
-        out = local(qkv[0].transpose(1, 2), qkv[1].transpose(1, 2), qkv[2].transpose(1, 2)).transpose(1, 2)
-    else:
-        out = qkv[0]
-    return _heads_to_seq(out, comm, seq_sizes, head_sizes)
+    size, me = comm.size, comm.rank
+    batch, _, num_heads, head_dim = q.shape
+    head_sizes = split_sizes(num_heads, size)
+    chunks = max(1, min(head_chunks, min(head_sizes)))
+    pieces = [split_sizes(heads, chunks) for heads in head_sizes]  # pieces[j][c]: heads of rank j, group c
+    cos, sin = rotary if rotary is not None else (None, None)
+    segments = rope_pack(q, k, v, cos, sin, [n for per_rank in pieces for n in per_rank], impl=pack_impl)
+    incoming = [comm.start_all_to_all([segments[j * chunks + c] for j in range(size)],
+                                      [(3, batch, n, pieces[me][c], head_dim) for n in seq_sizes])
+                for c in range(chunks)]
+    starts = offsets(seq_sizes)
+    outgoing = []
+    for c in range(chunks):
+        received = incoming[c].wait()
+        qkv = received[0] if size == 1 else torch.cat(received, dim=2)  # [3, B, N, h_c, D]
+        if qkv.shape[3] and qkv.shape[2]:
+            out = local(qkv[0].transpose(1, 2), qkv[1].transpose(1, 2), qkv[2].transpose(1, 2)).transpose(1, 2)
+        else:
+            out = qkv[0]
+        sends = [out[:, start:start + n].contiguous() for start, n in zip(starts, seq_sizes)]
+        outgoing.append(comm.start_all_to_all(sends, [(batch, seq_sizes[me], pieces[j][c], head_dim)
+                                                      for j in range(size)]))
+    returned = [exchange.wait() for exchange in outgoing]  # returned[c][j]: [B, s, h_jc, D]
+    parts = [returned[c][j] for j in range(size) for c in range(chunks)]  # global head order
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: SeqComm, seq_sizes: list[int],
                    rotary: Rotary | None = None, local: LocalAttention = LocalAttention(),
-                   merge_impl: str = "auto") -> torch.Tensor:
+                   merge_impl: str = "auto", pack_impl: str = "auto") -> torch.Tensor:
     """Ring attention (module docstring): ``S - 1`` steps, each sending the K/V block in hand to the next rank
     (non-blocking) while attending to it; ``len(seq_sizes) == comm.size``."""
     _check(q, k, v, seq_sizes, comm.rank)
-    if rotary is not None:
-        q = apply_rotary_reference(q, *rotary)
-        k = apply_rotary_reference(k, *rotary)
     size, me = comm.size, comm.rank
     batch, num_q, heads, head_dim = q.shape
     nxt, prv = (me + 1) % size, (me - 1) % size
-    q_t = q.transpose(1, 2)
-    kv = torch.stack([k, v])  # [2, B, s, H, D]: the block in hand, from shard (me - step) % size
+    cos, sin = rotary if rotary is not None else (None, None)
+    packed = rope_pack(q, k, v, cos, sin, [heads], impl=pack_impl)[0]  # [3, B, s, H, D], q and k rotated
+    q_t = packed[0].transpose(1, 2)
+    kv = packed[1:]  # [2, B, s, H, D]: the block in hand, from shard (me - step) % size
     merged = _Merged(merge_impl)
     for step in range(size):
         pending = None
@@ -243,10 +268,12 @@ class SeqParallelAttention:
         inner, outer: torus only: this rank's row (``B`` ranks) and column (``A`` ranks) of ``comm``.
         local: the attention kernel for local blocks.
         pack_impl, merge_impl: ``"auto"``, ``"triton"`` or ``"torch"`` for the fused kernels.
+        head_chunks: Ulysses head-group pipelining (see :func:`ulysses_attention`).
     """
 
     def __init__(self, layout: SPLayout, comm: SeqComm, inner: SeqComm | None = None, outer: SeqComm | None = None,
-                 local: LocalAttention = LocalAttention(), pack_impl: str = "auto", merge_impl: str = "auto") -> None:
+                 local: LocalAttention = LocalAttention(), pack_impl: str = "auto", merge_impl: str = "auto",
+                 head_chunks: int = 1) -> None:
         if comm.size != layout.degree:
             raise ValueError(f"layout {layout.describe()} needs {layout.degree} ranks, the comm has {comm.size}")
         if layout.name == "torus" and (inner is None or outer is None or inner.size != layout.inner
@@ -254,6 +281,7 @@ class SeqParallelAttention:
             raise ValueError(f"{layout.describe()} needs row and column comms of {layout.inner} and {layout.outer}")
         self.layout, self.comm, self.inner, self.outer = layout, comm, inner, outer
         self.local, self.pack_impl, self.merge_impl = local, pack_impl, merge_impl
+        self.head_chunks = head_chunks
 
     @property
     def rank(self) -> int:
@@ -268,9 +296,10 @@ class SeqParallelAttention:
         """``[B, s, H, D]`` shard in, ``[B, s, H, D]`` out (see the module docstring)."""
         name = self.layout.name
         if name == "ulysses":
-            return ulysses_attention(q, k, v, self.comm, seq_sizes, rotary, self.local, self.pack_impl)
+            return ulysses_attention(q, k, v, self.comm, seq_sizes, rotary, self.local, self.pack_impl,
+                                     self.head_chunks)
         if name == "ring":
-            return ring_attention(q, k, v, self.comm, seq_sizes, rotary, self.local, self.merge_impl)
+            return ring_attention(q, k, v, self.comm, seq_sizes, rotary, self.local, self.merge_impl, self.pack_impl)
         if name == "torus":
             return torus_attention(q, k, v, self.inner, self.outer, seq_sizes, rotary, self.local,
                                    self.layout.num_chunks, self.pack_impl, self.merge_impl)

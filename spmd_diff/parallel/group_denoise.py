@@ -25,12 +25,12 @@ from spmd_diff.parallel.layout import SPLayout, resolve_layout
 
 
 def build_attention(comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
-                    pack_impl: str = "auto", merge_impl: str = "auto") -> SeqParallelAttention:
+                    pack_impl: str = "auto", merge_impl: str = "auto", head_chunks: int = 1) -> SeqParallelAttention:
     """The group's :class:`SeqParallelAttention` for ``layout`` (torus rows and columns from ``comm.split``)."""
     inner = outer = None
     if layout.name == "torus":
         inner, outer = comm.split(layout.outer, layout.inner)
-    return SeqParallelAttention(layout, comm, inner, outer, local, pack_impl, merge_impl)
+    return SeqParallelAttention(layout, comm, inner, outer, local, pack_impl, merge_impl, head_chunks)
 
 
 class SPDenoiser:

@@ -147,6 +147,23 @@ def test_attention_equals_plain_attention_float64(layout: SPLayout, num_tokens: 
     torch.testing.assert_close(torch.cat(outputs, dim=1), reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("degree, heads, head_chunks", [(2, 5, 2), (2, 4, 4), (3, 6, 3), (4, 3, 2)])
+def test_ulysses_head_pipelining_equals_plain_attention(degree: int, heads: int, head_chunks: int) -> None:
+    """Head groups per rank (5 heads over 2: 3 and 2, cut into 2 groups each; 3 heads over 4: a rank with none,
+    so no pipelining) give the same result as one exchange."""
+    q, k, v, cos, sin = _inputs(1, 14, heads, 8, seed=4)
+    reference = _reference(q, k, v, cos, sin)
+    sizes = split_sizes(14, degree)
+
+    def rank_fn(rank, world):
+        attention = build_attention(_comm(rank, world, degree), SPLayout("ulysses", 1, degree),
+                                    head_chunks=head_chunks)
+        rotary = (_shard(cos, sizes, rank), _shard(sin, sizes, rank))
+        return attention(_shard(q, sizes, rank), _shard(k, sizes, rank), _shard(v, sizes, rank), sizes, rotary)
+
+    torch.testing.assert_close(torch.cat(run_ranks(degree, rank_fn), dim=1), reference, rtol=1e-12, atol=1e-12)
+
+
 def test_attention_float32_and_bfloat16_stay_close() -> None:
     q, k, v, cos, sin = _inputs(1, 40, 4, 16, seed=3)
     reference = _reference(q, k, v, cos, sin)

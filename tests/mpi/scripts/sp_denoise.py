@@ -132,20 +132,20 @@ def torch_comm_check(world, heads: int) -> int:
         cos, sin = angles.cos().view(1, num_tokens, 1, head_dim), angles.sin().view(1, num_tokens, 1, head_dim)
         reference = math_attention(reference_rotary(q, cos, sin).transpose(1, 2),
                                    reference_rotary(k, cos, sin).transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)
-        for layout, group_comm in ((SPLayout("ulysses", 1, 4), comm), (SPLayout("ring", 4, 1), comm),
-                                   (SPLayout("torus", 2, 2), comm), (SPLayout("ulysses", 1, 2), pair),
-                                   (SPLayout("ring", 2, 1), pair)):
+        for layout, group_comm, chunks in ((SPLayout("ulysses", 1, 4), comm, 1), (SPLayout("ring", 4, 1), comm, 1),
+                                           (SPLayout("torus", 2, 2), comm, 1), (SPLayout("ulysses", 1, 2), pair, 1),
+                                           (SPLayout("ring", 2, 1), pair, 1), (SPLayout("ulysses", 1, 2), pair, 2)):
             sizes = split_sizes(num_tokens, layout.degree)
             me = group_comm.rank
             cut = slice(offsets(sizes)[me], offsets(sizes)[me] + sizes[me])
-            attention = build_attention(group_comm, layout)
+            attention = build_attention(group_comm, layout, head_chunks=chunks)
             out = attention(q[:, cut], k[:, cut], v[:, cut], sizes, (cos[:, cut], sin[:, cut]))
             err = float((out - reference[:, cut]).abs().max())
             ok = err < 1e-12
             failures += not ok
             errs = world.gather(err, root=0)
             if rank == 0:
-                print(f"TorchSeqComm (gloo) {layout.describe():52s}: max abs err {max(errs):.1e} "
+                print(f"TorchSeqComm (gloo) {layout.describe():36s} head chunks {chunks}: max abs err {max(errs):.1e} "
                       f"{'ok' if ok else 'FAIL'}", flush=True)
     finally:
         dist.destroy_process_group()
