@@ -89,7 +89,7 @@ class Phase:
         import torch
         import torch.distributed as dist
 
-        from sp_bench_lib import Case
+        from sp_bench_lib import MODELS, Case
 
         self.name, self.args = name, args
         self.rank = int(os.environ["RANK"])
@@ -104,7 +104,7 @@ class Phase:
         probe = torch.ones(1, device=self.device)
         dist.all_reduce(probe)
         self.start = time.monotonic()
-        self.cases = [Case(m, r, args.layers_14b if m == "14B" else 30) for m in ("1.3B", "14B")
+        self.cases = [Case(m, r, args.layers_14b if m == "14B" else MODELS[m]["num_layers"]) for m in ("1.3B", "14B")
                       for r in ("480p", "720p")]
         self.results = Path(args.out) / f"{name}.jsonl"
 
@@ -160,7 +160,7 @@ class Phase:
                    layers=case.layers, scale=case.scale, rel_err_vs_1gpu=err, **extra)
         if leader:
             self.record(**row)
-        del timing
+        self.last_out = timing["out"]
         return row
 
 

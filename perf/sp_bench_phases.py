@@ -82,7 +82,9 @@ def run_ours(ph: Phase) -> None:
             forward = lambda: _forward(model, inputs)  # noqa: E731
             if degree == 1:
                 row = ph.measure("diffusers", case, 1, None, forward, leader, attention="native (SDPA default)")
-                torch.save(forward().cpu(), REF_DIR / f"{case.key}-L{case.layers}.pt")
+                if row is not None:
+                    torch.save(ph.last_out.cpu(), REF_DIR / f"{case.key}-L{case.layers}.pt")
+                ph.last_out = None
                 model.set_attention_backend("_native_cudnn")
                 ph.measure("diffusers+cudnn", case, 1, None, forward, leader, attention="_native_cudnn")
                 model.set_attention_backend("native")
@@ -196,7 +198,7 @@ def run_xfuser(ph: Phase) -> None:
         pgs = [dist.new_group(g) for g in groups]
         initialize_model_parallel(data_parallel_degree=ph.world // degree, sequence_parallel_degree=degree,
                                   ulysses_degree=degree, ring_degree=1)
-        initialize_runtime_state()
+        _xfuser_runtime_state(ph.world // degree, degree, initialize_runtime_state)
         for case in assigned[mine] if mine is not None else []:
             leader = ph.rank == groups[mine][0]
             inputs = make_inputs(case, ph.device)
@@ -219,3 +221,20 @@ def run_xfuser(ph: Phase) -> None:
         destroy_model_parallel()
         if ph.over_budget():
             break
+
+
+def _xfuser_runtime_state(dp_degree: int, ulysses_degree: int, fallback) -> None:
+    """xDiT's runtime state for its components used outside its pipelines. ``ExternalRuntimeState()`` builds its
+    config from default arguments (1 rank of parallelism), which xDiT's own checks reject in a world of several
+    ranks; so build the config with this round's degrees and run the same initialisation on it."""
+    try:
+        import xfuser.core.distributed.runtime_state as xrs
+        from xfuser.config import xFuserArgs
+
+        config, _ = xFuserArgs(data_parallel_degree=dp_degree, ulysses_degree=ulysses_degree,
+                               ring_degree=1).create_config()
+        state = xrs.ExternalRuntimeState.__new__(xrs.ExternalRuntimeState)
+        xrs.RuntimeState.__init__(state, config)
+        xrs._RUNTIME = state
+    except Exception:  # noqa: BLE001 - another xDiT version: its own way
+        fallback()
