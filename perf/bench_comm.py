@@ -1,7 +1,7 @@
 """Issue-4 measurements in one run, one rank per GPU: ``mpirun -n 4 python perf/bench_comm.py --out DIR``.
 
 1. all-to-all, bf16, 256 KiB .. 256 MiB per rank (split equally): ours (group-free, one-sided, ``all_to_all_into``:
-   one kernel for small messages, else the host-driven path on the P2P and on the NVSHMEM-put data path) vs NCCL
+   the one-kernel path, and the host-driven path on P2P copies and on NVSHMEM puts) vs NCCL
    ``all_to_all_single`` vs nvshmem4py's own ``alltoall``; each result checked before it is timed.
 2. Channel handoff of a Wan 480p x 81-frame latent (16x21x60x104; bf16 and fp32), rank 0 <-> rank 1 ping-pong,
    one-way = round trip / 2: our data plane (put-with-signal, stream wait, copy out), our full channel API,
@@ -121,11 +121,10 @@ class Bench:
                     return lambda: group.all_to_all_into(send, out)
                 return run
 
-            variants.append(("ours", ours("p2p", True)))
-            if total <= (1 << 20):
-                variants.append(("ours-host-path", ours("p2p", False)))
-            else:
-                variants.append(("ours-nvshmem-puts", ours("nvshmem", False)))
+            variants.append(("ours", ours("p2p", True)))  # one kernel (falls back to the host path without Triton)
+            variants.append(("ours-host-path", ours("p2p", False)))  # stream ops, copy engines into peer heaps
+            if total >= (8 << 20):
+                variants.append(("ours-host-path-nvshmem-puts", ours("nvshmem", False)))
             variants.append(("nccl", lambda: lambda: dist.all_to_all_single(out_flat.view(-1), send_flat.view(-1))))
             src = nvshmem.tensor((self.size * per,), dtype=torch.bfloat16)
             dst = nvshmem.tensor((self.size * per,), dtype=torch.bfloat16)
@@ -151,7 +150,7 @@ class Bench:
                                leaving_gbps=total * (self.size - 1) / self.size / median / 1e9,
                                algbw_gbps=total / median / 1e9)
                     rows.append(row)
-                    self.log(f"a2a {total >> 10:>7} KiB/rank {name:<20} {median * 1e6:10.1f} us  "
+                    self.log(f"a2a {total >> 10:>7} KiB/rank {name:<27} {median * 1e6:10.1f} us  "
                              f"{row['leaving_gbps']:7.1f} GB/s leaving ({row['algbw_gbps']:.1f} algbw)")
                 except Exception as error:  # noqa: BLE001 - recorded, the other measurements go on
                     self.error(f"a2a {name} {total}", error)

@@ -10,6 +10,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export SPMD_DIFF_CACHE=/tmp/spmd_cache OMP_NUM_THREADS=4
 LOG="$OUT/log.txt"
 MPI="mpirun --allow-run-as-root --oversubscribe --bind-to none"
+STEPS=${STEPS:-checks,bench,engine,renders}  # a subset runs only those steps
+want() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" >> "$LOG" 2>&1; local rc=$?
@@ -20,15 +22,15 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 step "gpus" 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m'
-step "nvshmem checks (4 ranks)" 150 $MPI -n 4 python3 tests/gpu/scripts/nvshmem_checks.py
-step "benchmark (4 ranks)" 240 $MPI -n 4 python3 perf/bench_comm.py --out "$OUT"
-step "pytest tests/gpu engine vs WanPipeline" 240 python3 -m pytest -x -q -s tests/gpu/test_engine_gpu.py
-for n in 4 2 1; do
+want checks && step "nvshmem checks (4 ranks)" 150 $MPI -n 4 python3 tests/gpu/scripts/nvshmem_checks.py
+want bench && step "benchmark (4 ranks)" 240 $MPI -n 4 python3 perf/bench_comm.py --out "$OUT"
+want engine && step "pytest tests/gpu engine vs WanPipeline" 240 python3 -m pytest -x -q -s tests/gpu/test_engine_gpu.py
+want renders && for n in 4 2 1; do
   case $n in 4) roles="";; 2) roles="--set roles.encoders=0";; 1) roles="--set roles.encoders=0 --set roles.decoders=0";; esac
   step "engine random 1.3B 480p x81, $n GPU(s)" 180 $MPI -n $n python3 -m spmd_diff run perf/jobs/random-1.3b-480p.toml \
     --prompts perf/jobs/prompts3.jsonl --out /tmp/out-random-$n $roles
 done
-for n in 2 1; do
+want renders && for n in 2 1; do
   case $n in 2) roles="--set roles.encoders=0";; 1) roles="--set roles.encoders=0 --set roles.decoders=0";; esac
   step "engine demo job, $n GPU(s)" 120 $MPI -n $n python3 -m spmd_diff run jobs/demo.toml \
     --prompts perf/jobs/prompts3.jsonl --out /tmp/out-demo-$n $roles

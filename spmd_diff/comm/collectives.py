@@ -43,7 +43,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from spmd_diff.comm.transport import SIGNAL_BYTES, Backoff, Transport, as_byte_tensor, round_up
+from spmd_diff.comm.transport import SIGNAL_BYTES, Transport, as_byte_tensor, round_up
 from spmd_diff.errors import StageTimeout
 
 EPOCH_SHIFT = 20
@@ -58,8 +58,12 @@ TARGET_CHUNK_BYTES = 16 << 20
 """Larger messages are cut into chunks of about this size (at least two, so copy-out overlaps transfer)."""
 SIDE_STREAM_BYTES = 1 << 20
 """On a device heap, operations moving at least this many bytes use one CUDA stream per peer and direction."""
-FUSED_MAX_BYTES = 512 << 10
-"""Device heaps: ``all_to_all_into`` with every message up to this size runs as one kernel (when available)."""
+FUSED_MAX_PEERS = 8
+"""Device heaps: ``all_to_all_into`` with up to this many peers, all P2P-mapped, runs as one kernel (with Triton)."""
+FUSED_BYTES_PER_BLOCK = 64 << 10
+"""One-kernel path: one program per peer for every this many bytes of the largest chunk..."""
+FUSED_MAX_BLOCKS_PER_PEER = 32
+"""... up to this many programs per peer."""
 
 _HEADER = struct.Struct("<IIIIQQ8q")  # magic, dtype code, ndim, pad, nbytes, chunk bytes, shape[8]
 _MAGIC = 0x53504347  # "SPCG"
@@ -167,12 +171,12 @@ class GroupCollectives:
         max_inflight: device heaps: operations queued on streams before the host waits for the oldest one.
         barrier: zero the region on every rank and barrier (set False when the heap is fresh and a barrier
             follows anyway).
-        fused: device heaps: run small ``all_to_all_into`` among P2P-mapped GPUs as one kernel
+        fused: device heaps: run ``all_to_all_into`` among P2P-mapped GPUs as one kernel
             (``spmd_diff.kernels.p2p_all_to_all``, same protocol and heap words) when Triton is there.
     """
 
     def __init__(self, transport: Transport, base_offset: int, region_bytes: int, max_ranks: int = 8,
-                 chunk_bytes: Optional[int] = None, timeout_s: float = 600.0, max_inflight: int = 4,
+                 chunk_bytes: Optional[int] = None, timeout_s: float = 600.0, max_inflight: int = 16,
                  barrier: bool = True, fused: bool = True) -> None:
         if chunk_bytes is None:
             layout = CollectiveLayout.fit(base_offset, region_bytes, transport.size, max_ranks)
@@ -230,7 +234,7 @@ class GroupCollectives:
         if self._fused is None:
             try:
                 module = _load_kernel_module("p2p_all_to_all")
-                self._fused = module.P2PAllToAll(self.transport.device, self.layout.max_ranks,
+                self._fused = module.P2PAllToAll(self.transport.device, self.layout.chunk_bytes,
                                                  max_spins=int(self.timeout_s * 1e6))
             except (ImportError, RuntimeError):
                 self._fused = False
@@ -253,14 +257,16 @@ class GroupCollectives:
 
     def _wait_oldest(self, deadline: float) -> None:
         event, description, checks = self._inflight[0]
-        backoff = Backoff()
+        spins = 0
         while not event.query():
+            spins += 1
+            if spins > 1000:  # about a millisecond of polling, then 50 us naps
+                time.sleep(50e-6)
             if time.monotonic() >= deadline:
                 missing = [what for offset, minimum, what in checks
                            if self.transport.read_signal(offset) < minimum]
                 detail = "; ".join(missing[:4]) or "signals all arrived, the stream is busy with other work"
                 raise StageTimeout(f"{description}: not complete by the deadline on rank {self.rank}: {detail}")
-            backoff.pause()
         self._inflight.popleft()
 
     def free(self) -> None:
@@ -516,36 +522,36 @@ class _Exchange:
         return self.results
 
     def _run_fused(self, peers: list, epochs: dict, send_plan: dict, recv_plan: dict) -> bool:
-        """Enqueue this operation as one kernel if every pair is a single small chunk between mapped GPUs."""
+        """Enqueue this operation as one kernel if every peer's heap is mapped here (P2P) and every address and
+        size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path."""
         coll, tr, lay, ranks, me = self.coll, self.transport, self.layout, self.group.ranks, self.me
-        if not peers or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
-            return False
-        sizes = [send_plan[p][0].numel() for p in peers] + [recv_plan[p][1].numel() for p in peers]
-        if max(sizes) > FUSED_MAX_BYTES or any(size % 4 for size in sizes):
-            return False
-        if any(send_plan[p][1] != 1 or recv_plan[p][2] != 1 for p in peers):
-            return False
-        addresses = {p: tr.address(ranks[p], 0) for p in peers}
-        if any(address is None for address in addresses.values()):
+        if not peers or len(peers) > FUSED_MAX_PEERS or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
             return False
         kernel = coll.fused_kernel()
         if kernel is None:
             return False
-        local = tr.address(coll.rank, 0)
-        rows = []
-        for p in peers:
-            data = send_plan[p][0]
-            out_bytes = recv_plan[p][1]
-            rows.append([data.data_ptr() if data.numel() else 0, data.numel(),
-                         addresses[p] + lay.buffer_offset(me, 0),
-                         addresses[p] + lay.grant_offset + coll.rank * SIGNAL_BYTES,
+        addresses = [tr.address(ranks[p], 0) for p in peers]
+        if None in addresses:
+            return False
+        local, my_rank = tr.address(coll.rank, 0), coll.rank
+        rows, largest = [], 0
+        for p, peer in zip(peers, addresses):
+            data, num_send, send_chunk, _ = send_plan[p]
+            _, out_bytes, num_recv, recv_chunk = recv_plan[p]
+            send_ptr = data.data_ptr() if data.numel() else 0
+            out_ptr = out_bytes.data_ptr() if out_bytes.numel() else 0
+            if (send_ptr | data.numel() | out_ptr | out_bytes.numel() | send_chunk | recv_chunk) % 4:
+                return False
+            largest = max(largest, send_chunk, recv_chunk)
+            rows.append((send_ptr, data.numel(), num_send, send_chunk, peer + lay.buffer_offset(me, 0),
+                         peer + lay.grant_offset + my_rank * SIGNAL_BYTES,
                          local + lay.grant_offset + ranks[p] * SIGNAL_BYTES,
-                         addresses[p] + lay.arrive_offset + coll.rank * SIGNAL_BYTES,
+                         peer + lay.arrive_offset + my_rank * SIGNAL_BYTES,
                          local + lay.arrive_offset + ranks[p] * SIGNAL_BYTES,
-                         local + lay.buffer_offset(p, 0), out_bytes.data_ptr() if out_bytes.numel() else 0,
-                         out_bytes.numel(), epochs[p], 0])
+                         local + lay.buffer_offset(p, 0), out_ptr, out_bytes.numel(), num_recv, recv_chunk))
+        blocks = max(1, min(FUSED_MAX_BLOCKS_PER_PEER, 128 // len(peers), -(-largest // FUSED_BYTES_PER_BLOCK)))
         try:
-            kernel.launch(rows, max(sizes))
+            kernel.launch(rows, [epochs[p] >> EPOCH_SHIFT for p in peers], blocks)
         except Exception as error:  # noqa: BLE001 - e.g. Triton cannot compile it here: nothing was enqueued
             logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
                                                    "host-driven path", type(error).__name__, error)
@@ -553,9 +559,10 @@ class _Exchange:
             return False
         for p in peers:
             self.results[p] = recv_plan[p][0]
+        checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | recv_plan[p][2],
+                   f"the last chunk from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived")
+                  for p in peers]
         current = torch.cuda.current_stream(tr.device)
-        checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | 1,
-                   f"chunk 0 from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived") for p in peers]
         coll.track(current.record_event(), f"{self.group.name} {self.op} (one kernel)", checks, self.deadline)
         return True
 

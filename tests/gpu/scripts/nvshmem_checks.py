@@ -53,20 +53,26 @@ def check_collectives(transport, rank: int, size: int) -> None:
 
     group = roomy.group(list(range(size))[::-1])
     me = group.rank_in_group
-    for label, per_peer in (("one kernel", [1000 * (1 + j + me) for j in range(size)]),
-                            ("multi-chunk", [(3 << 20) + 4096 * j * (me + 1) for j in range(size)])):
+    for label, per_peer in (("small", [1000 * (1 + j + me) for j in range(size)]),
+                            ("multi-chunk", [(9 << 20) + 4096 * j * (me + 1) for j in range(size)]),
+                            ("uneven, empty, odd", [(0, 5, 3 << 20, 77)[(j + me) % 4] for j in range(size)])):
         send = [torch.randint(-1000, 1000, (n,), dtype=torch.int32, device="cuda") for n in per_peer]
-        counts = torch.tensor(per_peer, dtype=torch.int64)
-        all_counts = torch.tensor(MPI.COMM_WORLD.allgather(counts.tolist()))  # [group pos by world rank]
-        out = [torch.full((int(all_counts[group.ranks[i]][me]),), -7, dtype=torch.int32, device="cuda")
-               for i in range(size)]
-        roomy.set_fused(label == "one kernel")
-        group.all_to_all_into(send, out)
-        reference = group.all_to_all(send)  # header path: never fused, never into
+        all_counts = MPI.COMM_WORLD.allgather(per_peer)  # by world rank: what it sends to each position
+        outs = {}
+        for path in ("one kernel", "host path"):
+            roomy.set_fused(path == "one kernel")
+            out = [torch.full((all_counts[group.ranks[i]][me],), -7, dtype=torch.int32, device="cuda")
+                   for i in range(size)]
+            group.all_to_all_into(send, out)
+            outs[path] = out
+        roomy.set_fused(True)
+        reference = group.all_to_all(send)  # header path: never the kernel
         group.synchronize()
-        for i in range(size):
-            assert torch.equal(out[i], reference[i]), (label, rank, i)
-        log(rank, f"{label} all_to_all_into == header path ok (one kernel available: {roomy.fused_kernel() is not None})")
+        for path, out in outs.items():
+            for i in range(size):
+                assert torch.equal(out[i], reference[i]), (label, path, rank, i)
+        log(rank, f"{label}: all_to_all_into by one kernel == host path == header path "
+                  f"(kernel available: {roomy.fused_kernel() is not None})")
     group.barrier()
 
 
