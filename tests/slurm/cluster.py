@@ -110,7 +110,7 @@ SlurmdUser={user}
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire also delays a requeued job's restart (default 120 s)
-AuthInfo=socket={r}/munge/munge.sock,cred_expire=10
+AuthInfo=socket={r}/munge/munge.sock,cred_expire=5
 StateSaveLocation={r}/state
 SlurmdSpoolDir={r}/spool/%n
 SlurmctldPidFile={r}/run/slurmctld.pid

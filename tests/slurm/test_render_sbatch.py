@@ -1,6 +1,6 @@
 """slurm/render.sbatch and slurm/render-array.sbatch on a real local Slurm, checked against a one-process run.
 
-Every job here renders the same 12 prompts with the demo model, so each result is compared item by item with
+Every job here renders the same NUM_PROMPTS prompts with the demo model, so each result is compared item by item with
 ``reference_out`` (conftest.py): same ids, frames equal within one uint8 level, every item exactly once.
 """
 
@@ -42,7 +42,7 @@ def assert_matches_reference(out: Path, reference: Path) -> None:
     for path in item_files(out):
         with h5py.File(path, "r") as f:
             ids_in_files.append(str(f["video"].attrs["id"]))
-    assert Counter(ids_in_files) == Counter(expected), "items/ must hold exactly one file per id"
+    assert Counter(ids_in_files) == Counter(list(expected)), "items/ must hold exactly one file per id"
     assert not list(out.rglob("*.tmp.*")), "temporary files left behind"
     for item_id, video in expected.items():
         assert got[item_id].shape == video.shape, item_id
@@ -105,28 +105,45 @@ def test_four_tasks_equal_one_process(slurm_cluster, demo_env, prompts_file, ref
     assert write_counts(out) == Counter({item_id: 1 for item_id in read_view(reference_out)})
 
 
-@pytest.mark.parametrize("how", ["steps-TERM", "batch-USR1"])
-@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
-def test_signal_requeues_and_resumes_exactly_once(how, slurm_cluster, demo_env, prompts_file, reference_out,
-                                                   tmp_path):
-    """steps-TERM: `scancel --signal=TERM` (the ranks get it, as with --signal=TERM@T or preemption);
-    batch-USR1: `scancel --batch --signal=USR1` (only the batch shell, as with --signal=B:USR1@T), which
-    must forward it to the ranks."""
+def wait_for_log(log: Path, after: str, text: str, timeout_s: float) -> None:
+    """Wait until ``text`` appears in the job log after the first ``after``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        content = log.read_text(errors="replace") if log.exists() else ""
+        head, found, tail = content.partition(after)
+        if found and text in tail:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} after {after!r} in {log} after {timeout_s} s:\n{content}"
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(3 * JOB_TIMEOUT_S)
+def test_signals_requeue_and_the_job_resumes_exactly_once(slurm_cluster, demo_env, prompts_file, reference_out,
+                                                          tmp_path):
+    """One job, interrupted twice, three runs:
+
+    1. `scancel --signal=TERM` once the first item is on disk: the ranks get SIGTERM (as with --signal=TERM@T,
+       preemption or a time limit), finish what is in flight, exit 75; the script requeues;
+    2. `scancel --batch --signal=USR1` as soon as the second run has started: only the batch shell gets it (as
+       with --signal=B:USR1@T) and must forward it to the ranks; exit 75, requeue again;
+    3. the third run renders what is left.
+    The result must hold every item exactly once (one file, one write event over all runs) and equal the
+    uninterrupted one-process run.
+    """
     out = tmp_path / "out"
     job_id, log = submit_render(slurm_cluster, demo_env, out, prompts_file, "--ntasks=4")
     wait_for_items(out, 1, JOB_TIMEOUT_S)
-    signal_cmd = ["scancel", "--signal=TERM", job_id] if how == "steps-TERM" else \
-        ["scancel", "--batch", "--signal=USR1", job_id]
-    slurm_cluster.run(signal_cmd)
-    num_done_at_signal = len(item_files(out))
-    records = wait_ok(slurm_cluster, job_id, out, 2 * JOB_TIMEOUT_S - 60)
+    slurm_cluster.run(["scancel", "--signal=TERM", job_id])
+    num_done_at_first_signal = len(item_files(out))
+    wait_for_log(log, "restart 1,", "to render", JOB_TIMEOUT_S)
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
+    records = wait_ok(slurm_cluster, job_id, out, 2 * JOB_TIMEOUT_S)
     text = log.read_text()
-    assert int(records[0]["Restarts"]) == 1, (records[0], text)
-    assert "spmd-diff exited with status 75" in text and "requeued job" in text, text
-    assert "restart 1," in text, text  # the requeued run started
-    if how == "batch-USR1":
-        assert "forwarded SIGUSR1 to the ranks" in text, text
-    assert num_done_at_signal < NUM_PROMPTS
+    assert int(records[0]["Restarts"]) == 2, (records[0], text)
+    assert text.count("requeued job") == 2 and "restart 2," in text, text
+    assert "forwarded SIGUSR1 to the ranks" in text.partition("restart 1,")[2], text
+    assert "SIGTERM received" in text.partition("restart 1,")[0], text
+    assert num_done_at_first_signal < NUM_PROMPTS
     assert_matches_reference(out, reference_out)
     counts = write_counts(out)
     assert counts == Counter({item_id: 1 for item_id in read_view(reference_out)}), f"items written: {counts}"
@@ -134,13 +151,17 @@ def test_signal_requeues_and_resumes_exactly_once(how, slurm_cluster, demo_env, 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)
 def test_array_shards_merge_into_one_view(slurm_cluster, demo_env, prompts_file, reference_out, tmp_path):
+    """Two array tasks, each rendering its shard into the same OUT/. They also take the fallback launch path:
+    with srun --mpi=none the srun probe fails and render.sbatch runs Open MPI's mpirun in the allocation."""
     out = tmp_path / "out"
     array_id, _ = submit_render(slurm_cluster, demo_env, out, prompts_file, "--array=0-1", "--ntasks=1",
-                                script=RENDER_ARRAY)
+                                script=RENDER_ARRAY, env={"SPMD_DIFF_SRUN_MPI": "none"})
     records = wait_ok(slurm_cluster, array_id, out)
     assert len(records) == 2
     logs = job_logs(out)
     assert "--shard 0/2" in logs and "--shard 1/2" in logs, logs
+    assert logs.count("falling back to mpirun inside the allocation") == 2, logs
+    assert logs.count(f"{NUM_PROMPTS // 2} to render") == 2, logs
     # The last task to finish merged every task's items into the view; `spmd-diff merge` rebuilds the same.
     assert_matches_reference(out, reference_out)
     merge = subprocess.run([sys.executable, "-m", "spmd_diff", "merge", str(out)], capture_output=True, text=True,
