@@ -35,6 +35,9 @@ class TorchSeqComm(SeqComm):
         self.rank = self.ranks.index(dist.get_rank())
         self.size = len(self.ranks)
         self._splits: dict[tuple[int, int], tuple["TorchSeqComm", "TorchSeqComm"]] = {}
+        nccl = self.size > 1 and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        """Where this comm's backend moves tensors (NCCL: the current GPU); others are staged through it."""
 
     def start_all_to_all(self, send, recv_shapes) -> Pending:
         _check_lengths(self, send, recv_shapes)
@@ -72,7 +75,10 @@ class TorchSeqComm(SeqComm):
 
     def broadcast(self, tensor: torch.Tensor, root: int) -> torch.Tensor:
         if self.size > 1:
-            dist.broadcast(tensor, src=self.ranks[root], group=self.group)
+            staged = tensor.to(self.device).contiguous()
+            dist.broadcast(staged, src=self.ranks[root], group=self.group)
+            if staged is not tensor:
+                tensor.copy_(staged)
         return tensor
 
     def barrier(self) -> None:
@@ -87,6 +93,40 @@ class TorchSeqComm(SeqComm):
         if (outer, inner) not in self._splits:
             raise ValueError(f"no {outer} x {inner} split was built for this comm; use build_torch_comms")
         return self._splits[(outer, inner)]
+
+
+def init_from_mpi(mpi_comm, device: torch.device | None = None, backend: str | None = None,
+                  timeout_s: float = 600.0) -> None:
+    """Start torch.distributed over an MPI world (an engine launched by mpirun/srun), if not started yet.
+
+    Rank and size come from ``mpi_comm``; rank 0 picks a free TCP port on its host (``MASTER_ADDR`` if set, else
+    its hostname) and broadcasts the address over MPI. Collective over ``mpi_comm``.
+
+    Args:
+        mpi_comm: an ``mpi4py`` communicator (usually ``MPI.COMM_WORLD``).
+        device: this rank's GPU (NCCL binds its communicators to it); ``None`` on CPU.
+        backend: ``"nccl"`` with a GPU, else ``"gloo"`` (default: chosen from ``device``).
+        timeout_s: collective timeout.
+    """
+    import datetime
+    import os
+    import socket
+
+    if dist.is_initialized():
+        return
+    address = None
+    if mpi_comm.Get_rank() == 0:
+        host = os.environ.get("MASTER_ADDR") or socket.gethostname()
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            address = (host, probe.getsockname()[1])
+    host, port = mpi_comm.bcast(address, root=0)
+    if backend is None:
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=mpi_comm.Get_rank(),
+                            world_size=mpi_comm.Get_size(), timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _device() -> torch.device:

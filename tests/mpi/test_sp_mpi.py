@@ -28,3 +28,4 @@ def test_sp_groups_match_one_rank(demo_model_dir: Path) -> None:
     cases = re.findall(r"^case \d+ (\w+).*ok$", result.stdout, flags=re.M)
     assert sorted(set(cases)) == ["ring", "torus", "ulysses"] and len(cases) == 9, result.stdout
     assert len(re.findall(r"^TorchSeqComm .* ok$", result.stdout, flags=re.M)) == 6, result.stdout
+    assert len(re.findall(r"^SPDenoiser over TorchSeqComm .* ok$", result.stdout, flags=re.M)) == 3, result.stdout

@@ -12,7 +12,6 @@ the same item. Then the same attention over torch.distributed (gloo) through ``T
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -91,6 +90,7 @@ def main() -> int:
                           f"video max diff {levels} level(s), {elapsed:.2f} s {'ok' if ok else 'FAIL'}", flush=True)
         world.Barrier()
         failures += torch_comm_check(world, heads)
+        failures += torch_comm_denoise(world, stages, embeds, items, reference)
     finally:
         coll.free()
         transport.free()
@@ -109,17 +109,11 @@ def torch_comm_check(world, heads: int) -> int:
     from spmd_diff.parallel.group_denoise import build_attention
     from spmd_diff.parallel._kernels import apply_rotary_reference as reference_rotary
     from spmd_diff.parallel.layout import SPLayout
-    from spmd_diff.parallel.torch_comm import build_torch_comms
+    from spmd_diff.parallel.torch_comm import build_torch_comms, init_from_mpi
 
     rank = world.Get_rank()
-    port = None
-    if rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = world.bcast(port, root=0)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world.Get_size())
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    init_from_mpi(world)
     failures = 0
     try:
         comm = build_torch_comms([[0, 1, 2, 3]], torus_shapes=[(2, 2)])
@@ -147,6 +141,39 @@ def torch_comm_check(world, heads: int) -> int:
             if rank == 0:
                 print(f"TorchSeqComm (gloo) {layout.describe():36s} head chunks {chunks}: max abs err {max(errs):.1e} "
                       f"{'ok' if ok else 'FAIL'}", flush=True)
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    return failures
+
+
+def torch_comm_denoise(world, stages, embeds, items, reference) -> int:
+    """SPDenoiser over TorchSeqComm (gloo; the engine's GPU path runs NCCL): S=4 ring and S=2 Ulysses pairs."""
+    import torch.distributed as dist
+
+    from spmd_diff.parallel.layout import resolve_layout
+    from spmd_diff.parallel.torch_comm import build_torch_comms
+
+    rank = world.Get_rank()
+    failures = 0
+    try:
+        for name, groups in (("ring", [[0, 1, 2, 3]]), ("ulysses", [[0, 1], [2, 3]])):
+            comm = build_torch_comms(groups)
+            layout = resolve_layout(name, comm.size, int(stages.transformer.config.num_attention_heads))
+            denoiser = SPDenoiser(stages, comm, layout)
+            item = (rank // comm.size) % len(items)
+            leader = comm.rank == 0
+            latents = denoiser.denoise(embeds[item] if leader else None, items[item][1] if leader else None, SPEC)
+            denoiser.remove()
+            results = world.gather((item, latents) if leader else None, root=0)
+            if rank == 0:
+                for result in filter(None, results):
+                    item, latents = result
+                    rel = float((latents - reference[item][0]).norm() / reference[item][0].norm())
+                    ok = rel < 1e-5
+                    failures += not ok
+                    print(f"SPDenoiser over TorchSeqComm (gloo) {layout.describe():24s} item {item}: latents rel err "
+                          f"{rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     finally:
         dist.destroy_process_group()
     return failures
