@@ -35,4 +35,4 @@ want renders && for n in 2 1; do
   step "engine demo job, $n GPU(s)" 120 $MPI -n $n python3 -m spmd_diff run jobs/demo.toml \
     --prompts perf/jobs/prompts3.jsonl --out /tmp/out-demo-$n $roles
 done
-grep -h "^===\|spmd-diff: \(transport\|complete\)\|a2a \|handoff \|group of\|gpu checks\|ok\b" "$LOG" > "$OUT/summary.txt" || true
+grep -h "^===\|spmd-diff: \(transport\|complete\)\|a2a \|handoff \|group of\|gpu checks\|ok\b\|==\|max diff" "$LOG" > "$OUT/summary.txt" || true

@@ -23,6 +23,11 @@ Protocol of one operation between a sender ``s`` and a receiver ``r`` (chunk ``k
    ordered after the payload (``put_signal``);
 3. ``r`` waits for ``arrive[s] >= e << 20 | k + 1``, copies the chunk out, and grants chunk ``k + 2``.
 
+On device heaps, operations involving the same pair of ranks must run in the order they were called: issue them on
+one CUDA stream (or order the streams), since epochs are counted in call order. ``all_to_all_into`` among GPUs that
+map each other's heaps runs as one Triton kernel (``spmd_diff.kernels.p2p_all_to_all``) that follows this very
+protocol; other operations are driven from the host.
+
 Operations run in rounds (round ``k``: every chunk ``k`` is sent, then every chunk ``k`` is received), so on one
 CUDA stream or on the host no wait depends on a later step: deadlock-free by induction over rounds. On device
 heaps everything is enqueued on CUDA streams (one per peer and direction for large messages) and the host does
