@@ -176,7 +176,6 @@ def probe_attention(device: torch.device, heads: int, num_tokens: int, reps: int
                 (result["times"] if kind == "plain" else result["lse_times"])[name] = timing["median_s"]
             except Exception as error:  # noqa: BLE001 - a backend missing here is a finding, not a failure
                 result["errors"][f"{name}/{kind}"] = f"{type(error).__name__}: {str(error)[:160]}"
-    del big, bq, bk, bv
     result["best"] = min(result["times"], key=result["times"].get) if result["times"] else "auto"
     result["best_lse"] = min(result["lse_times"], key=result["lse_times"].get) if result["lse_times"] else "auto"
     return result

@@ -152,7 +152,8 @@ def run_diffusers(ph: Phase) -> None:
             configs[kind] = config
         # the native (SDPA) backend has no log-sum-exp, so diffusers' ring needs cuDNN or torch's flash kernel
         variants = [("diffusers-ulysses", "ulysses", None), ("diffusers-ulysses+cudnn", "ulysses", "_native_cudnn"),
-                    ("diffusers-ring+cudnn", "ring", "_native_cudnn"), ("diffusers-ring+flash", "ring", "_native_flash")]
+                    ("diffusers-ring+cudnn", "ring", "_native_cudnn"),
+                    ("diffusers-ring+flash", "ring", "_native_flash")]
         for case in assigned[mine] if mine is not None else []:
             leader = ph.rank == groups[mine][0]
             inputs = make_inputs(case, ph.device)

@@ -12,7 +12,7 @@ import pathlib
 import sys
 
 try:
-    import spmd_diff.kernels  # noqa: F401
+    import spmd_diff.kernels  # noqa: F401 - installed: nothing to do
 except ImportError:  # source checkout without install
     _root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
     _spec = importlib.util.spec_from_file_location("spmd_diff.kernels", _root / "__init__.py",

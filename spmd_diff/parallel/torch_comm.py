@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from spmd_diff.parallel.comm import Pending, SeqComm, Shape, _check_lengths, _template
+from spmd_diff.parallel.comm import Pending, SeqComm, _check_lengths, _template
 
 
 class TorchSeqComm(SeqComm):

@@ -73,7 +73,8 @@ def main() -> int:
         variants = [("ulysses", SPLayout("ulysses", 1, degree), 1), ("ulysses-pipe", SPLayout("ulysses", 1, degree), 3),
                     ("ring", SPLayout("ring", degree, 1), 1)]
         if degree == 4:
-            variants += [("torus-2x2", SPLayout("torus", 2, 2), 1), ("torus-2x2-4-pieces", SPLayout("torus", 2, 2, 4), 1)]
+            variants += [("torus-2x2", SPLayout("torus", 2, 2), 1),
+                         ("torus-2x2-4-pieces", SPLayout("torus", 2, 2, 4), 1)]
         for name, layout, chunks in variants:
             handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks))
             for case, x in inputs.items():

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from spmd_diff.errors import UserError
 from spmd_diff.parallel._kernels import apply_rotary_reference
-from spmd_diff.parallel.attention import LocalAttention, SeqParallelAttention, math_attention
+from spmd_diff.parallel.attention import LocalAttention, math_attention
 from spmd_diff.parallel.comm import GroupSeqComm, offsets, split_sizes
 from spmd_diff.parallel.group_denoise import SPDenoiser, build_attention
 from spmd_diff.parallel.hooks import parallelize_transformer
@@ -249,7 +249,8 @@ def test_per_token_timesteps_are_split_too() -> None:
         reference = models[0](hidden, timestep, text, return_dict=False)[0]
 
     def rank_fn(rank, world):
-        handle = parallelize_transformer(models[rank], build_attention(_comm(rank, world, 2), SPLayout("ulysses", 1, 2)))
+        attention = build_attention(_comm(rank, world, 2), SPLayout("ulysses", 1, 2))
+        parallelize_transformer(models[rank], attention)
         with torch.no_grad():
             return models[rank](hidden, timestep, text, return_dict=False)[0]
 
