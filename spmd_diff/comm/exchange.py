@@ -1,0 +1,246 @@
+"""The engine of one group-free collective operation (see ``spmd_diff.comm.collectives`` for the protocol):
+the host-driven rounds, on the host or on CUDA streams, and the dispatch to the one-kernel all-to-all."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from spmd_diff.comm.collectives import (
+    EPOCH_SHIFT,
+    FUSED_BYTES_PER_BLOCK,
+    FUSED_MAX_BLOCKS_PER_PEER,
+    FUSED_MAX_PEERS,
+    SIDE_STREAM_BYTES,
+    SLOT_HEADER_BYTES,
+    Group,
+    as_bytes,
+    chunk_plan,
+    decode_header,
+    encode_header,
+)
+from spmd_diff.comm.transport import SIGNAL_BYTES
+
+
+class Exchange:
+    """One operation: ``sends[p]`` goes to group position ``p``; ``recvs[p]`` receives from ``p`` (a tensor of
+    the right size, or None when a header says what comes). Runs the rounds of the module docstring."""
+
+    def __init__(self, group: Group, op: str, sends: dict, recvs: dict, deadline: float) -> None:
+        coll = group.coll
+        self.group, self.coll, self.transport, self.layout = group, coll, coll.transport, coll.layout
+        self.op, self.deadline = op, deadline
+        self.me = group.rank_in_group
+        self.headers = op != "all_to_all_into" or not coll.on_device
+        device = self.transport.device
+        for what, tensors in (("send", sends), ("out", recvs)):
+            for p, t in tensors.items():
+                if t is not None and t.device != device and not (t.device.type == device.type == "cuda"
+                                                                  and t.device.index in (None, device.index)):
+                    raise ValueError(f"{group.name} {op}: {what}[{p}] is on {t.device}, the transport's heap on "
+                                     f"{device}")
+        self.sends, self.recvs = sends, recvs
+        self.results: list = [None] * group.size
+
+    def what(self, p: int, doing: str, epoch: int) -> str:
+        return (f"{self.group.name} {self.op}: rank {self.coll.rank} waiting for {doing} rank "
+                f"{self.group.ranks[p]} (epoch {epoch})")
+
+    def run(self) -> list:
+        group, coll, tr, lay, me = self.group, self.coll, self.transport, self.layout, self.me
+        my_rank, ranks = coll.rank, group.ranks
+        if me in self.sends and me in self.recvs:
+            self.results[me] = self._copy_self(self.sends[me], self.recvs[me])
+        peers = sorted((set(self.sends) | set(self.recvs)) - {me})
+        epochs = {p: coll.next_epoch(ranks[p]) << EPOCH_SHIFT for p in peers}
+        max_chunk = lay.chunk_bytes
+        send_plan = {}
+        for p, tensor in self.sends.items():
+            if p != me:
+                data = as_bytes(tensor)
+                num, chunk = chunk_plan(data.numel(), max_chunk)
+                header = encode_header(tensor, chunk) if self.headers else None
+                send_plan[p] = (data, num, chunk, header)
+        recv_plan = {}
+        for p, out in self.recvs.items():
+            if p != me:
+                if out is None:
+                    recv_plan[p] = [None, None, None, None]
+                else:
+                    data = as_bytes(out)
+                    recv_plan[p] = [out, data, *chunk_plan(data.numel(), max_chunk)]
+        total = sum(plan[0].numel() for plan in send_plan.values())
+        if not self.headers and coll.on_device and self._run_fused(peers, epochs, send_plan, recv_plan):
+            return self.results
+        side = coll.on_device and total >= SIDE_STREAM_BYTES
+        current = torch.cuda.current_stream(tr.device) if coll.on_device else None
+        if side:
+            for p in peers:
+                for stream in coll.stream_pair(p):
+                    stream.wait_stream(current)
+        stream_of = (lambda p, k: coll.stream_pair(p)[k]) if side else (lambda p, k: None)
+
+        for p in recv_plan:  # step 1: grant the first two chunks
+            with _on(stream_of(p, 1)):
+                tr.signal(ranks[p], lay.grant_offset + my_rank * SIGNAL_BYTES, epochs[p] | 2)
+        r = 0
+        while True:
+            active = False
+            for p, (data, num, chunk, header) in send_plan.items():  # step 2: chunk r to every receiver
+                if r >= num:
+                    continue
+                active = True
+                with _on(stream_of(p, 0)):
+                    tr.stream_wait_signal(lay.grant_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | r + 1,
+                                          self.deadline, self.what(p, f"a grant for chunk {r} from", epochs[p] >> 20))
+                    if r == 0 and header is not None:
+                        tr.put(ranks[p], lay.header_offset + me * SLOT_HEADER_BYTES, header)
+                    tr.put_signal(ranks[p], lay.buffer_offset(me, r), data[r * chunk:(r + 1) * chunk],
+                                  lay.arrive_offset + my_rank * SIGNAL_BYTES, epochs[p] | r + 1)
+            for p, plan in recv_plan.items():  # step 3: chunk r from every sender
+                if r == 0 and self.headers:
+                    self._read_header(p, plan, epochs[p])
+                out, data, num, chunk = plan
+                if r >= num:
+                    continue
+                active = True
+                with _on(stream_of(p, 1)):
+                    tr.stream_wait_signal(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | r + 1,
+                                          self.deadline, self.what(p, f"chunk {r} of {num} from", epochs[p] >> 20))
+                    size = min(chunk, data.numel() - r * chunk)
+                    if size > 0:
+                        data[r * chunk:r * chunk + size].copy_(tr.local_tensor(lay.buffer_offset(p, r), size),
+                                                               non_blocking=True)
+                    if r + 2 < num:
+                        tr.signal(ranks[p], lay.grant_offset + my_rank * SIGNAL_BYTES, epochs[p] | r + 3)
+            if not active:
+                break
+            r += 1
+        for p, plan in recv_plan.items():
+            self.results[p] = plan[0]
+        if coll.on_device:
+            if side:
+                for p in peers:
+                    for stream in coll.stream_pair(p):
+                        current.wait_stream(stream)
+            checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | plan[2],
+                       f"the last chunk from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived")
+                      for p, plan in recv_plan.items()]
+            checks += [(lay.grant_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | plan[1],
+                        f"rank {ranks[p]} has not granted the last chunk (epoch {epochs[p] >> EPOCH_SHIFT}); "
+                        f"is it in this operation?") for p, plan in send_plan.items()]
+            coll.track(current.record_event(), f"{group.name} {self.op}", checks, self.deadline)
+        return self.results
+
+    def _run_fused(self, peers: list, epochs: dict, send_plan: dict, recv_plan: dict) -> bool:
+        """Enqueue this operation as one kernel if every peer's heap is mapped here (P2P) and every address and
+        size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path."""
+        coll, tr, lay, ranks, me = self.coll, self.transport, self.layout, self.group.ranks, self.me
+        if not peers or len(peers) > FUSED_MAX_PEERS or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
+            return False
+        kernel = coll.fused_kernel()
+        if kernel is None:
+            return False
+        addresses = [tr.address(ranks[p], 0) for p in peers]
+        if None in addresses:
+            return False
+        local, my_rank = tr.address(coll.rank, 0), coll.rank
+        rows, largest = [], 0
+        for p, peer in zip(peers, addresses):
+            data, num_send, send_chunk, _ = send_plan[p]
+            _, out_bytes, num_recv, recv_chunk = recv_plan[p]
+            send_ptr = data.data_ptr() if data.numel() else 0
+            out_ptr = out_bytes.data_ptr() if out_bytes.numel() else 0
+            if (send_ptr | data.numel() | out_ptr | out_bytes.numel() | send_chunk | recv_chunk) % 4:
+                return False
+            largest = max(largest, send_chunk, recv_chunk)
+            rows.append((send_ptr, data.numel(), num_send, send_chunk, peer + lay.buffer_offset(me, 0),
+                         peer + lay.grant_offset + my_rank * SIGNAL_BYTES,
+                         local + lay.grant_offset + ranks[p] * SIGNAL_BYTES,
+                         peer + lay.arrive_offset + my_rank * SIGNAL_BYTES,
+                         local + lay.arrive_offset + ranks[p] * SIGNAL_BYTES,
+                         local + lay.buffer_offset(p, 0), out_ptr, out_bytes.numel(), num_recv, recv_chunk))
+        blocks = max(1, min(FUSED_MAX_BLOCKS_PER_PEER, 128 // len(peers), -(-largest // FUSED_BYTES_PER_BLOCK)))
+        try:
+            kernel.launch(rows, [epochs[p] >> EPOCH_SHIFT for p in peers], blocks)
+        except Exception as error:  # noqa: BLE001 - e.g. Triton cannot compile it here: nothing was enqueued
+            logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
+                                                   "host-driven path", type(error).__name__, error)
+            coll._fused = False
+            return False
+        for p in peers:
+            self.results[p] = recv_plan[p][0]
+        checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | recv_plan[p][2],
+                   f"the last chunk from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived")
+                  for p in peers]
+        current = torch.cuda.current_stream(tr.device)
+        coll.track(current.record_event(), f"{self.group.name} {self.op} (one kernel)", checks, self.deadline)
+        return True
+
+    def _copy_self(self, send: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+        if out is None:
+            return send.detach().clone()
+        src, dst = as_bytes(send), as_bytes(out)
+        if src.numel() != dst.numel():
+            raise ValueError(f"{self.group.name} {self.op}: out[{self.me}] has {dst.numel()} bytes, "
+                             f"send[{self.me}] {src.numel()}")
+        dst.copy_(src)
+        return out
+
+    def _read_header(self, p: int, plan: list, epoch: int) -> None:
+        """Wait (on the host) for chunk 0 from position ``p`` and read its header: size the receive."""
+        tr, lay, ranks = self.transport, self.layout, self.group.ranks
+        tr.wait_signal(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epoch | 1, self.deadline,
+                       self.what(p, "chunk 0 from", epoch >> EPOCH_SHIFT))
+        raw = tr.local_view(lay.header_offset + p * SLOT_HEADER_BYTES, SLOT_HEADER_BYTES).tobytes()
+        where = f"{self.group.name} {self.op} from rank {ranks[p]}"
+        dtype, shape, nbytes, chunk = decode_header(raw, where)
+        if plan[0] is None:
+            out = torch.empty(shape, dtype=dtype, device=tr.device)
+            plan[:] = [out, as_bytes(out), *chunk_plan(nbytes, self.layout.chunk_bytes)]
+        elif nbytes != plan[1].numel():
+            raise ValueError(f"{where}: out[{p}] has {plan[1].numel()} bytes but rank {ranks[p]} sent "
+                             f"{nbytes} ({dtype}{tuple(shape)})")
+        if chunk != plan[3]:
+            raise RuntimeError(f"{where}: sender cut {nbytes} bytes into chunks of {chunk}, this rank expected "
+                               f"{plan[3]}: the ranks disagree on the collectives layout")
+
+
+def load_kernel_module(name: str) -> Any:
+    """``spmd_diff.kernels.<name>``; from the checkout's ``kernels/`` when the package is not installed."""
+    import importlib
+    import importlib.util
+    import pathlib
+    import sys
+
+    if "spmd_diff.kernels" not in sys.modules:
+        try:
+            importlib.import_module("spmd_diff.kernels")
+        except ImportError:
+            root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
+            spec = importlib.util.spec_from_file_location("spmd_diff.kernels", root / "__init__.py",
+                                                          submodule_search_locations=[str(root)])
+            if spec is None or spec.loader is None:
+                raise
+            module = importlib.util.module_from_spec(spec)
+            sys.modules["spmd_diff.kernels"] = module
+            spec.loader.exec_module(module)
+    return importlib.import_module(f"spmd_diff.kernels.{name}")
+
+
+class _NoStream:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_NO_STREAM = _NoStream()
+
+
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing for ``None`` (host heaps, or everything on the current stream)."""
+    return _NO_STREAM if stream is None else torch.cuda.stream(stream)
