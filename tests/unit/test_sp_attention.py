@@ -164,6 +164,18 @@ def test_ulysses_head_pipelining_equals_plain_attention(degree: int, heads: int,
     torch.testing.assert_close(torch.cat(run_ranks(degree, rank_fn), dim=1), reference, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("requested", ["ulysses", "auto", "ring"])
+def test_wan_1_3b_heads_on_8_ranks(requested: str) -> None:
+    """Wan2.1-1.3B's 12 heads over 8 ranks: Ulysses as asked (2 heads on four ranks, 1 on the others), "auto" (a
+    2 x 4 torus, 3 heads each) and ring; 37 tokens (uneven)."""
+    layout = resolve_layout(requested, 8, 12)
+    assert (layout.name, layout.outer, layout.inner) == {"ulysses": ("ulysses", 1, 8), "auto": ("torus", 2, 4),
+                                                         "ring": ("ring", 8, 1)}[requested]
+    q, k, v, cos, sin = _inputs(1, 37, 12, 8, seed=6)
+    outputs = _run_layout(layout, q, k, v, cos, sin)
+    torch.testing.assert_close(torch.cat(outputs, dim=1), _reference(q, k, v, cos, sin), rtol=1e-12, atol=1e-12)
+
+
 def test_attention_float32_and_bfloat16_stay_close() -> None:
     q, k, v, cos, sin = _inputs(1, 40, 4, 16, seed=3)
     reference = _reference(q, k, v, cos, sin)
