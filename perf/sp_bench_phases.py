@@ -89,7 +89,8 @@ def run_ours(ph: Phase) -> None:
                     model.set_attention_backend("_native_cudnn")
                     ph.measure("diffusers+cudnn", case, 1, None, forward, leader, attention="_native_cudnn")
                 except Exception as error:  # noqa: BLE001 - a local finding (no collectives at S=1)
-                    ph.record(case=case.key, degree=1, method="diffusers+cudnn", error=f"{type(error).__name__}: {error}")
+                    ph.record(case=case.key, degree=1, method="diffusers+cudnn",
+                              error=f"{type(error).__name__}: {error}")
                 finally:
                     model.set_attention_backend("native")
                 variants = [("ours", SPLayout("ulysses", 1, 1), 1)]
