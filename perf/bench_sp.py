@@ -12,7 +12,10 @@ run), within ``--budget-s``; every measurement is appended to ``DIR/<phase>.json
 - ``ours``: S=1 plain diffusers (default SDPA, and cuDNN), ours at S=1; S=2 and S=4 ours Ulysses (also head-group
   pipelined), ring, and at S=4 the torus 2 x 2 with its hidden-transfer fraction (torus with the exchange removed,
   and the exchange alone: ``hidden = 1 - (T_torus - T_no_exchange) / T_exchange``).
-- ``diffusers``: ``enable_parallelism(ContextParallelConfig(...))`` Ulysses (native SDPA and cuDNN) and ring.
+- ``coll``: ours again, S=2 and S=4, over the project's own group-free collectives on NVSHMEM (``GroupSeqComm``
+  over ``GroupCollectives`` on ``NvshmemTransport``: the engine's GPU path), launched by ``mpirun``.
+- ``diffusers``: ``enable_parallelism(ContextParallelConfig(...))`` Ulysses (native SDPA and cuDNN) and ring
+  (cuDNN, torch flash: native SDPA has no log-sum-exp).
 - ``xfuser``: xDiT's ``xFuserWanTransformer3DWrapper`` with USP Ulysses (its default backend, cuDNN here, and SDPA
   flash), if ``xfuser`` imports (carry its wheels: xfuser, yunchang, distvae).
 
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "perf"))
 
-PHASES = ("ours", "diffusers", "xfuser")
+PHASES = ("ours", "coll", "diffusers", "xfuser")
 REF_DIR = Path(os.environ.get("SP_BENCH_REFS", "/tmp/sp_bench_refs"))
 
 
@@ -49,7 +52,7 @@ def run_all(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    shares = {"ours": 0.5, "diffusers": 0.28, "xfuser": 0.22}
+    shares = {"ours": 0.4, "coll": 0.2, "diffusers": 0.22, "xfuser": 0.18}
     status = {}
     for index, phase in enumerate(args.phases):
         left = args.budget_s - (time.monotonic() - start)
@@ -58,8 +61,11 @@ def run_all(args: argparse.Namespace) -> int:
         if limit <= 0:
             status[phase] = "skipped: budget spent"
             continue
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}",
-               __file__, "phase", phase, "--out", str(out), "--layers-14b", str(args.layers_14b),
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
+        if phase == "coll":  # NVSHMEM bootstraps over MPI, as in the engine
+            launcher = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(args.gpus),
+                        sys.executable]
+        cmd = [*launcher, __file__, "phase", phase, "--out", str(out), "--layers-14b", str(args.layers_14b),
                "--reps", str(args.reps), "--budget-s", str(int(limit - 25))]
         print(f"[bench_sp] phase {phase}: up to {limit:.0f} s: {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
@@ -92,15 +98,25 @@ class Phase:
         from sp_bench_lib import MODELS, Case
 
         self.name, self.args = name, args
-        self.rank = int(os.environ["RANK"])
-        self.world = int(os.environ["WORLD_SIZE"])
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
-            torch.cuda.set_device(self.device)
-        else:  # the CPU smoke test of the harness (SP_BENCH_TINY=1)
-            self.device = torch.device("cpu")
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=180))
+        self.mpi_world = None
+        if "RANK" not in os.environ:  # launched by mpirun (phase "coll"): MPI world first, as the engine does
+            from spmd_diff.comm.world import init_world
+            from spmd_diff.parallel.torch_comm import init_from_mpi
+
+            self.mpi_world = init_world()
+            self.rank, self.world = self.mpi_world.rank, self.mpi_world.size
+            self.device = torch.device(self.mpi_world.device)
+            init_from_mpi(self.mpi_world.comm, self.device, timeout_s=180)
+        else:
+            self.rank = int(os.environ["RANK"])
+            self.world = int(os.environ["WORLD_SIZE"])
+            if torch.cuda.is_available():
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank)))
+                torch.cuda.set_device(self.device)
+            else:  # the CPU smoke test of the harness (SP_BENCH_TINY=1)
+                self.device = torch.device("cpu")
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=180))
         probe = torch.ones(1, device=self.device)
         dist.all_reduce(probe)
         self.start = time.monotonic()

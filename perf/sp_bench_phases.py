@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import importlib.metadata
+import json
 import os
 import platform
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,7 @@ from spmd_diff.parallel.torch_comm import TorchSeqComm, build_torch_comms
 
 
 def run_phase(phase: Phase) -> None:
-    {"ours": run_ours, "diffusers": run_diffusers, "xfuser": run_xfuser}[phase.name](phase)
+    {"ours": run_ours, "coll": run_coll, "diffusers": run_diffusers, "xfuser": run_xfuser}[phase.name](phase)
 
 
 def _versions() -> dict:
@@ -135,6 +137,56 @@ def torus_diagnostics(ph: Phase, case, comm, pg, model, forward, local, leader: 
     except Exception as error:  # noqa: BLE001
         if leader:
             ph.record(case=case.key, degree=4, method="torus-exchange-only", error=f"{type(error).__name__}: {error}")
+
+
+# ---- ours over the project's collectives (NVSHMEM) ----------------------------------------------------------------
+
+
+def run_coll(ph: Phase) -> None:
+    """Our layouts over ``GroupSeqComm(GroupCollectives(NvshmemTransport))``, the engine's GPU path (mpirun)."""
+    from spmd_diff.comm.collectives import GroupCollectives
+    from spmd_diff.comm.select import make_transport
+    from spmd_diff.parallel.comm import GroupSeqComm
+
+    heap = 1 << 30 if ph.device.type == "cuda" else 64 << 20
+    transport = make_transport(ph.mpi_world, heap, os.environ.get("SP_BENCH_COLL_TRANSPORT", "nvshmem"))
+    coll = GroupCollectives(transport, 0, heap, max_ranks=4, timeout_s=120)
+    choice = [None]
+    if ph.rank == 0:
+        env = next((json.loads(line) for line in (Path(ph.args.out) / "ours.jsonl").read_text().splitlines()
+                    if '"environment"' in line), {}) if (Path(ph.args.out) / "ours.jsonl").exists() else {}
+        choice = [env.get("attention_probe") or {"best": "auto", "best_lse": "auto"}]
+    dist.broadcast_object_list(choice, 0)
+    local = LocalAttention(choice[0]["best"], lse_backend=choice[0]["best_lse"])
+    try:
+        for degree, groups, assigned in ph.rounds():
+            if degree == 1:
+                continue
+            mine = _my_group(groups, ph.rank)
+            pgs = [dist.new_group(g) for g in groups]
+            comm = GroupSeqComm(coll.group(groups[mine]), coll.group, device=ph.device) if mine is not None else None
+            for case in assigned[mine] if mine is not None else []:
+                leader = ph.rank == groups[mine][0]
+                model = build_model(case, ph.device)
+                inputs = make_inputs(case, ph.device)
+                variants = [("coll-ulysses", SPLayout("ulysses", 1, degree), 1),
+                            ("coll-ulysses-pipe", SPLayout("ulysses", 1, degree), max(1, min(3, case.heads // degree))),
+                            ("coll-ring", SPLayout("ring", degree, 1), 1)]
+                if degree == 4:
+                    variants.append(("coll-torus", SPLayout("torus", 2, 2), 1))
+                for method, layout, chunks in variants:
+                    handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks))
+                    ph.measure(method, case, degree, pgs[mine], lambda: _forward(model, inputs), leader,
+                               layout=layout.describe(), head_chunks=chunks, comm="GroupCollectives/NVSHMEM")
+                    handle.remove()
+                _free(model, inputs)
+            coll.synchronize()
+            dist.barrier()
+            if ph.over_budget():
+                break
+    finally:
+        coll.free()
+        transport.free()
 
 
 # ---- diffusers' context parallelism ------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 CASES = ("1.3B-480p", "1.3B-720p", "14B-480p", "14B-720p")
-OURS = ("ours-ulysses", "ours-ulysses-pipe", "ours-ring", "ours-torus")
+OURS = ("ours-ulysses", "ours-ulysses-pipe", "ours-ring", "ours-torus",
+        "coll-ulysses", "coll-ulysses-pipe", "coll-ring", "coll-torus")
 PEERS_PREFIX = ("diffusers-", "xfuser-")
 
 
