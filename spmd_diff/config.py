@@ -74,6 +74,8 @@ class DitConfig:
     """Ranks per DiT group (sequence-parallel degree)."""
     sp_layout: str = "auto"
     """"auto", "ulysses", "ring" or "torus"."""
+    collective_mib: int = 64
+    """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: run.timeout_s must be >= 0 (0 = automatic), got {job.run.timeout_s}")
     if job.roles.encoders < 0 or job.roles.decoders < 0:
         raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
+    if job.dit.collective_mib < 1:
+        raise UserError(f"{source}: dit.collective_mib must be >= 1, got {job.dit.collective_mib}")
     if job.dit.sp_degree < 1:
         raise UserError(f"{source}: dit.sp_degree must be >= 1, got {job.dit.sp_degree}")
     layouts = ("auto", "ulysses", "ring", "torus")

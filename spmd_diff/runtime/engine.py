@@ -21,6 +21,7 @@ import torch
 
 import spmd_diff
 from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
+from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.comm.select import make_transport
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.world import World, init_world, set_threads
@@ -32,7 +33,9 @@ from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
+from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.roles import RolePlan, plan_roles
+from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
@@ -66,6 +69,8 @@ class Setup:
     spec: VideoSpec
     plan: RolePlan
     dtype: str
+    topology: Topology | None = None
+    """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
 
 
 def resolve_model(path: str, world: World) -> str:
@@ -109,13 +114,11 @@ def prepare(request: RunRequest, world: World) -> Setup:
     if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
         topology = topology.regrouped(job.world.ranks_per_node)
     plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
-    if plan.sp_degree > 1:
-        raise UserError(f"dit.sp_degree={plan.sp_degree}: sequence-parallel DiT groups are not in this build yet; "
-                        "use dit.sp_degree=1 (data-parallel DiT ranks)")
     v = job.video
     spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale,
                      v.max_sequence_length)
-    return Setup(job, "", tuple(items), None, spec, plan, _dtype_name(job, world.device))  # type: ignore[arg-type]
+    return Setup(job, "", tuple(items), None, spec, plan, _dtype_name(job, world.device),  # type: ignore[arg-type]
+                 topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
@@ -149,7 +152,7 @@ def item_attrs(setup: Setup):
     return attrs
 
 
-def _stages_for(role: str, plan: RolePlan) -> set[str]:
+def _stages_for(role: str, plan: RolePlan, rank: int) -> set[str]:
     """The model components a role loads: an encoder never holds the DiT, a decoder only the VAE."""
     if role == "encoder":
         return {"encode"}
@@ -158,9 +161,10 @@ def _stages_for(role: str, plan: RolePlan) -> set[str]:
     if role == "all":
         return {"encode", "denoise", "decode"}
     stages = {"denoise"}
-    if plan.encode_on_dit:
+    leader = rank in {group[0] for group in plan.dit_groups}
+    if plan.encode_on_dit and leader:
         stages.add("encode")
-    if plan.decode_on_dit:
+    if plan.decode_on_dit and leader:
         stages.add("decode")
     return stages
 
@@ -228,10 +232,17 @@ def run(request: RunRequest) -> int:
 
 def _item_cost(setup: Setup, device: str) -> ItemCost:
     s = setup.shapes
-    config_path = Path(setup.model_dir) / "transformer" / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    dims = DitDims(config.get("num_layers", 30), s.num_attention_heads * s.attention_head_dim,
-                   config.get("ffn_dim", 4 * s.num_attention_heads * s.attention_head_dim), s.text_seq_len)
+
+    def config(component: str) -> dict:
+        path = Path(setup.model_dir) / component / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    dit, text, vae = config("transformer"), config("text_encoder"), config("vae")
+    dim = s.num_attention_heads * s.attention_head_dim
+    d_model = text.get("d_model", 4096)
+    text_params = text.get("num_layers", 24) * (4 * d_model * d_model + 3 * d_model * text.get("d_ff", 10240))
+    dims = DitDims(dit.get("num_layers", 30), dim, dit.get("ffn_dim", 4 * dim), s.text_seq_len, text_params,
+                   vae.get("base_dim", 96))
     spec = setup.spec
     return predict_item_cost(s.num_video_tokens, dims, spec.num_inference_steps, spec.guidance_scale > 1.0,
                              spec.num_frames * spec.height * spec.width, device, setup.plan.sp_degree)
@@ -245,7 +256,7 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
         events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
                     plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
                     model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s)
-        print(plan.describe(world.topology), file=sys.stderr)
+        print(plan.describe(setup.topology), file=sys.stderr)
         print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
               f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
     events.emit("rank_start", role=plan.role_of(world.rank), host=socket.gethostname())
@@ -261,21 +272,31 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
     role = plan.role_of(world.rank)
     transport, monitor = None, None
     try:
-        stages = make_stages(setup.model_dir, _stages_for(role, plan), device=world.device,
+        stages = make_stages(setup.model_dir, _stages_for(role, plan, world.rank), device=world.device,
                              dtype=getattr(torch, setup.dtype))
         board_bytes = ProgressBoard.bytes_needed(world.size)
+        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if plan.sp_degree > 1 else 0
         senders: list[ChannelSender] = []
         receivers: list[ChannelReceiver] = []
+        coll = None
         if world.size > 1:
             enc_spec, dec_spec = _ring_specs(setup)
-            layout = HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=board_bytes)
-            transport = make_transport(world, max(layout.heap_bytes, board_bytes), setup.job.world.transport)
+            channels_base = round_up(board_bytes, 256) + coll_bytes
+            layout = HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=channels_base)
+            transport = make_transport(world, max(layout.heap_bytes, channels_base), setup.job.world.transport)
             senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
             receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
+            if coll_bytes:
+                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=plan.sp_degree,
+                                        timeout_s=deadline_s)
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_s, item_attrs(setup), board.publish,
                                 hooks=TestHooks.from_env(world.rank) or None)
+        if coll is not None and role == "dit":
+            ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
+            ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
+                                           device=world.device)
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         _run_role(ctx, role, plan, pending, senders, receivers)
@@ -317,6 +338,8 @@ def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, pending: list[I
         loops.encoder_loop(ctx, mine, senders)
     elif role == "decoder":
         loops.decoder_loop(ctx, receivers)
+    elif ctx.group is not None and ctx.group.rank_in_group != 0:
+        loops.dit_member_loop(ctx)
     else:
         group = plan.group_of(ctx.rank)
         mine = None

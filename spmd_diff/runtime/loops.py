@@ -48,6 +48,10 @@ class RankContext:
     busy_s: float = 0.0
     hooks: Any = None
     """``spmd_diff.runtime.faults.TestHooks`` (fault injection for tests), or None."""
+    sp: Any = None
+    """``spmd_diff.parallel.group_denoise.SPDenoiser`` when this rank is in a DiT group of more than one rank."""
+    group: Any = None
+    """The DiT group (``spmd_diff.comm.collectives.Group``; position 0 is the leader) when ``sp`` is set."""
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
@@ -91,10 +95,17 @@ def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Ten
         return {"failed": _failure("encode", exc)}, {}
 
 
+_GO, _END = 1, 0
+
+
 def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
         with ctx.span("denoise", item) as span:
-            latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
+            if ctx.sp is not None:  # the group leader: tell the members which item, then denoise together
+                ctx.group.broadcast(torch.tensor([_GO, item.index], dtype=torch.int64), 0, ctx.deadline())
+                latents = ctx.sp.denoise(embeds, item.seed, ctx.spec)
+            else:
+                latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
             if span.action == "nan":
                 latents = latents * float("nan")
         if not torch.isfinite(latents).all():
@@ -228,6 +239,22 @@ def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[
                 finish_item(ctx, item, meta, tensors)
     finally:
         close_all(ctx, to_decoders)
+        if ctx.sp is not None:
+            ctx.group.broadcast(torch.tensor([_END, -1], dtype=torch.int64), 0, ctx.deadline())
+
+
+def dit_member_loop(ctx: RankContext) -> None:
+    """A DiT group member other than the leader: denoise whatever item the leader announces, until it says end."""
+    while True:
+        control = ctx.group.broadcast(torch.empty(2, dtype=torch.int64), 0, ctx.deadline())
+        if int(control[0]) == _END:
+            return
+        item = ctx.items[int(control[1])]
+        try:
+            with ctx.span("denoise", item):
+                ctx.sp.denoise(None, None, ctx.spec)
+        except ValueError:
+            pass  # the leader's inputs were unusable: every member raised, the leader records the failure
 
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:

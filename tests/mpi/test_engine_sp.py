@@ -1,0 +1,65 @@
+"""Sequence-parallel DiT groups in the engine: for each layout and S in {2, 4} (torus as 2 x 2 on a virtual
+two-node topology), the videos equal the S = 1 videos within 1 uint8 level."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.mpi._mpirun import mpirun, mpirun_available
+
+pytestmark = pytest.mark.skipif(not mpirun_available(), reason="mpirun or mpi4py missing")
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--set", "video.num_inference_steps=3"]
+PROMPTS = [{"id": "a", "prompt": "A red ball bounces on a wooden floor."},
+           {"id": "b", "prompt": "Waves crash on black rocks.", "seed": 99},
+           {"id": "c", "prompt": "A paper boat drifts down a gutter.", "negative_prompt": "dry"}]
+
+
+@pytest.fixture(scope="module")
+def setup(demo_model_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("sp")
+    prompts = base / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    env = {"SPMD_DIFF_CACHE": str(demo_model_dir.parent)}
+    reference = run(1, prompts, base / "s1", env)
+    return prompts, env, base, reference
+
+
+def run(num_ranks, prompts, out, env, *extra):
+    result = mpirun(num_ranks, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts),
+                    "--out", str(out), *FAST, *extra, timeout=300, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with h5py.File(out / "videos.h5", "r") as f:
+        return {k: f["videos"][k][...] for k in f["videos"]}, result.stderr
+
+
+CASES = {
+    # name: (--set options, what the plan must say)
+    "ulysses-2": (["dit.sp_degree=2", "dit.sp_layout=ulysses"], "1 group(s) of 2 (ulysses)"),
+    "ring-2": (["dit.sp_degree=2", "dit.sp_layout=ring"], "1 group(s) of 2 (ring)"),
+    "ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0"],
+                  "1 group(s) of 4 (ulysses)"),
+    "ring-4": (["dit.sp_degree=4", "dit.sp_layout=ring", "roles.encoders=0", "roles.decoders=0"],
+               "1 group(s) of 4 (ring)"),
+    "torus-2x2": (["dit.sp_degree=4", "roles.encoders=0", "roles.decoders=0", "world.ranks_per_node=2"],
+                  "1 group(s) of 4 (torus 2x2)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sp_layout_equals_one_rank(name, setup):
+    prompts, env, base, (reference, _) = setup
+    options, plan_line = CASES[name]
+    extra = [x for opt in options for x in ("--set", opt)]
+    got, stderr = run(4, prompts, base / name, env, *extra)
+    assert plan_line in stderr
+    assert sorted(got) == sorted(reference)
+    for key in reference:
+        diff = np.abs(got[key].astype(np.int16) - reference[key].astype(np.int16))
+        assert diff.max() <= 1, f"{name} {key}: max diff {diff.max()}"
