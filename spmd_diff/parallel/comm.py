@@ -135,15 +135,19 @@ class GroupSeqComm(SeqComm):
     Args:
         group: the group; its rank order is the shard order.
         subgroup: ``subgroup(world_ranks) -> Group`` (``GroupCollectives.group``), for :meth:`split`.
-        device: where the group's tensors live (its transport's device; the CPU for MPI RMA). Tensors on
+        device: where the group's tensors must live: its transport's device (the CPU for MPI RMA, the GPU for
+            NVSHMEM). ``None``: read from the group (``group.coll.transport.device``), else the CPU. Tensors on
             another device are copied there and back.
     """
 
     def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str | None = None) -> None:
         self.group = group
         self.rank = int(group.rank_in_group)
         self.size = len(group.ranks)
+        transport = getattr(getattr(group, "coll", None), "transport", None)
+        if device is None:
+            device = getattr(transport, "device", None) or "cpu"
         self.device = torch.device(device)
         self._subgroup = subgroup
         self._side_stream = None

@@ -58,11 +58,13 @@ class SPDenoiser:
 
     @classmethod
     def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
-                   torus_shape: tuple[int, int] | None = None, device: torch.device | str = "cpu",
+                   torus_shape: tuple[int, int] | None = None, device: torch.device | str | None = None,
                    local: LocalAttention = LocalAttention()) -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
         ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns), ``sp_layout``/``torus_shape`` as
-        the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``)."""
+        the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``). ``device``: the
+        collectives' transport device; leave it ``None`` to take it from the group (a GPU job on the MPI transport
+        moves host tensors, an NVSHMEM one device tensors)."""
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         layout = resolve_layout(sp_layout, len(group.ranks), int(model.config.num_attention_heads), torus_shape)
         return cls(stages, GroupSeqComm(group, subgroup, device), layout, local)
