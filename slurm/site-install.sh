@@ -86,7 +86,9 @@ if [[ -n $torch_spec ]]; then
   "${pip[@]}" "$torch_spec"
 fi
 # Build without an isolated build environment where setuptools is at hand: no download just to build.
-if "$venv/bin/python" -c 'import setuptools, wheel' 2>/dev/null; then
+# (setuptools >= 70.1 builds wheels itself; older ones need the wheel package.)
+if "$venv/bin/python" -c 'import importlib.util as u, setuptools
+assert u.find_spec("wheel") or u.find_spec("setuptools.command.bdist_wheel")' 2>/dev/null; then
   pip+=(--no-build-isolation)
 fi
 say "installing spmd-diff from $src"

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO_JOB = REPO / "jobs" / "demo.toml"
 # Small renders: the demo model, 2 denoising steps. The same settings for every run a test compares.
 RUN_SETTINGS = ("--set", "video.num_inference_steps=2")
-NUM_PROMPTS = 24  # enough that items in flight when a signal lands (up to ~10 on 4 ranks) never finish the job
+NUM_PROMPTS = 24  # enough that the items in flight when a signal lands never finish the job
 SUBJECTS = ("a cat", "a surfer", "a city skyline", "a dog", "a forest", "rain on a window", "a red kite",
             "a paper boat", "a lighthouse", "a sleeping fox", "a glass of water", "a steam train")
 
