@@ -43,6 +43,16 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the test process dies, even by SIGKILL (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def available_mpi_plugins(env: dict | None = None) -> list[str]:
     """The names `srun --mpi=list` prints (needs no daemon)."""
     out = subprocess.run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30, env=env)
@@ -152,7 +162,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         log = open(self.root / "log" / f"{name}.stdout", "ab")
         self.procs[name] = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env, start_new_session=True,
+            env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
         )
         log.close()
 
@@ -236,6 +246,10 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 self.run(["scancel", job_id], check=False)
                 raise TimeoutError(f"job {job_id} not finished after {timeout_s:.0f} s: states {states}")
             time.sleep(poll_s)
+
+    def job_finished(self, job_id: str) -> bool:
+        records = self.job_records(job_id)
+        return bool(records) and all(r.get("JobState", "") in FINAL_STATES for r in records)
 
     def logs(self, tail: int = 60) -> str:
         parts = []

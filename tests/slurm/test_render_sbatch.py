@@ -86,11 +86,26 @@ def wait_ok(cluster, job_id: str, out: Path, timeout_s: float = JOB_TIMEOUT_S) -
     return records
 
 
-def wait_for_items(out: Path, count: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(item_files(out)) < count:
-        assert time.monotonic() < deadline, f"fewer than {count} item(s) in {out} after {timeout_s} s"
+def wait_until(ready, cluster, job_id: str, out: Path, what: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
+    """Poll ``ready()``; fail at once (with the job's log) if the job ends first, or after ``timeout_s``."""
+    deadline, polls = time.monotonic() + timeout_s, 0
+    while not ready():
+        polls += 1
+        if polls % 10 == 0 and cluster.job_finished(job_id):
+            pytest.fail(f"job {job_id} ended before {what}\n{job_logs(out)}")
+        if time.monotonic() > deadline:
+            cluster.run(["scancel", job_id], check=False)
+            pytest.fail(f"no {what} after {timeout_s} s\n{job_logs(out)}")
         time.sleep(0.2)
+
+
+def log_has(log: Path, after: str, text: str):
+    """A predicate: ``text`` appears in the job log after the first ``after``."""
+    def ready() -> bool:
+        content = log.read_text(errors="replace") if log.exists() else ""
+        _, found, tail = content.partition(after)
+        return bool(found) and text in tail
+    return ready
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 60)
@@ -103,18 +118,6 @@ def test_four_tasks_equal_one_process(slurm_cluster, demo_env, prompts_file, ref
     assert f"launch: srun --mpi={slurm_cluster.mpi_default}" in text, text
     assert_matches_reference(out, reference_out)
     assert write_counts(out) == Counter({item_id: 1 for item_id in read_view(reference_out)})
-
-
-def wait_for_log(log: Path, after: str, text: str, timeout_s: float) -> None:
-    """Wait until ``text`` appears in the job log after the first ``after``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        content = log.read_text(errors="replace") if log.exists() else ""
-        head, found, tail = content.partition(after)
-        if found and text in tail:
-            return
-        assert time.monotonic() < deadline, f"no {text!r} after {after!r} in {log} after {timeout_s} s:\n{content}"
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(3 * JOB_TIMEOUT_S)
@@ -133,11 +136,12 @@ def test_signals_requeue_and_the_job_resumes_exactly_once(slurm_cluster, demo_en
     out = tmp_path / "out"
     # 3 ranks (encoder, DiT, decoder): at most ~7 items in flight when a signal lands, 24 prompts.
     job_id, log = submit_render(slurm_cluster, demo_env, out, prompts_file, "--ntasks=3")
-    wait_for_items(out, 1, JOB_TIMEOUT_S)
+    wait_until(lambda: len(item_files(out)) >= 1, slurm_cluster, job_id, out, "first item")
     slurm_cluster.run(["scancel", "--signal=TERM", job_id])
-    wait_for_log(log, "restart 1,", "to render", JOB_TIMEOUT_S)
+    wait_until(log_has(log, "restart 1,", "to render"), slurm_cluster, job_id, out, "second run")
     num_done_by_first_run = len(item_files(out))
-    wait_for_items(out, num_done_by_first_run + 1, JOB_TIMEOUT_S)
+    wait_until(lambda: len(item_files(out)) > num_done_by_first_run, slurm_cluster, job_id, out,
+               "an item from the second run")
     slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
     records = wait_ok(slurm_cluster, job_id, out, 2 * JOB_TIMEOUT_S)
     text = log.read_text()
