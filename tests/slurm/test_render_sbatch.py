@@ -207,3 +207,19 @@ def test_engine_refuses_singletons_under_srun(slurm_cluster, demo_env, prompts_f
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("Slurm started 2 tasks but MPI sees a world of 1") == 2, result.stderr
     assert not item_files(out)
+
+
+@pytest.mark.timeout(JOB_TIMEOUT_S)
+def test_plain_scancel_is_not_requeued(slurm_cluster, demo_env, prompts_file, tmp_path):
+    """A cancel is a cancel: the ranks still stop cleanly (exit 75), but the script must not requeue the job
+    (`scontrol requeue` would accept the cancelled job)."""
+    out = tmp_path / "out"
+    job_id, log = submit_render(slurm_cluster, demo_env, out, prompts_file, "--ntasks=1")
+    wait_until(log_has(log, "restart 0,", "to render"), slurm_cluster, job_id, out, "the run to start")
+    slurm_cluster.run(["scancel", job_id])
+    records = slurm_cluster.wait_job(job_id, 120)
+    time.sleep(3)  # the batch script may still be finishing its last lines when the job is already CANCELLED
+    text = log.read_text()
+    assert records[0]["JobState"] == "CANCELLED" and int(records[0]["Restarts"]) == 0, (records[0], text)
+    assert "so not requeueing" in text and "requeued job" not in text, text
+    assert len(item_files(out)) < NUM_PROMPTS
