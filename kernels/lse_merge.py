@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, triton, tl, use_triton
+from ._triton import HAS_TRITON, triton, tl
 
 
 def lse_merge_reference(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tensor,
@@ -88,10 +88,14 @@ def lse_merge_(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_blk: torch.Tens
                impl: str = "auto") -> None:
     """Merge ``(out_blk, lse_blk)`` into ``(out_acc, lse_acc)`` in place (shapes in :func:`lse_merge_reference`).
 
-    ``impl``: ``"auto"`` (Triton for float32 accumulators on CUDA when available), ``"triton"`` or ``"torch"``.
+    ``impl``: ``"auto"`` (the torch reference, see below), ``"triton"`` or ``"torch"``.
+
+    "auto" does not pick the Triton kernel: on an H200 (Triton 3.6) it disagreed with the reference on 8% of the
+    elements of tests/gpu/test_sp_gpu.py::test_lse_merge_triton_matches_reference (perf/results/
+    sp-gpu-tests-2026-11-22.log) while passing in Triton's CPU interpreter. Until that test passes on a GPU it runs
+    only when asked for by name.
     """
-    if impl == "triton" or (impl == "auto" and use_triton(out_acc) and out_acc.dtype == torch.float32
-                            and out_acc.is_contiguous() and lse_acc.is_contiguous() and out_blk.stride(-1) == 1):
+    if impl == "triton":
         lse_merge_triton(out_acc, lse_acc, out_blk, lse_blk)
     else:
         lse_merge_reference(out_acc, lse_acc, out_blk, lse_blk)

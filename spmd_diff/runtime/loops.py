@@ -98,11 +98,16 @@ def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Ten
 _GO, _END = 1, 0
 
 
+def _control(ctx: RankContext, word: int, item_index: int) -> torch.Tensor:
+    """The leader's per-item announcement [GO|END, item index], on the device of the group's heap."""
+    return torch.tensor([word, item_index], dtype=torch.int64, device=ctx.group.coll.transport.device)
+
+
 def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
         with ctx.span("denoise", item) as span:
             if ctx.sp is not None:  # the group leader: tell the members which item, then denoise together
-                ctx.group.broadcast(torch.tensor([_GO, item.index], dtype=torch.int64), 0, ctx.deadline())
+                ctx.group.broadcast(_control(ctx, _GO, item.index), 0, ctx.deadline())
                 latents = ctx.sp.denoise(embeds, item.seed, ctx.spec)
             else:
                 latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
@@ -240,13 +245,13 @@ def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[
     finally:
         close_all(ctx, to_decoders)
         if ctx.sp is not None:
-            ctx.group.broadcast(torch.tensor([_END, -1], dtype=torch.int64), 0, ctx.deadline())
+            ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline())
 
 
 def dit_member_loop(ctx: RankContext) -> None:
     """A DiT group member other than the leader: denoise whatever item the leader announces, until it says end."""
     while True:
-        control = ctx.group.broadcast(torch.empty(2, dtype=torch.int64), 0, ctx.deadline())
+        control = ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline()).cpu()
         if int(control[0]) == _END:
             return
         item = ctx.items[int(control[1])]
