@@ -44,3 +44,24 @@ def test_toml_syntax_error_names_file_and_line(tmp_path):
 def test_missing_job_file(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_job(tmp_path / "nope.toml")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.integers(-10, 10_000), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                    st.text(max_size=8), st.booleans(), st.lists(st.integers(), max_size=2))
+_KEYS = st.sampled_from(["model", "video", "run", "roles", "dit", "world", "vidoe", "extra"])
+_FIELDS = st.sampled_from(["path", "height", "width", "num_frames", "guidance_scale", "seed", "encoders",
+                           "sp_degree", "transport", "hieght", "timeout_s", "events"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, st.one_of(_VALUES, st.dictionaries(_FIELDS, _VALUES, max_size=4)), max_size=4))
+def test_job_parser_accepts_or_rejects_cleanly(data):
+    """Any TOML-shaped input either builds a valid job or raises UserError naming the file; nothing else."""
+    try:
+        job = build_job(data, "fuzz.toml")
+    except UserError as exc:
+        assert "fuzz.toml" in str(exc)
+    else:
+        assert (job.video.num_frames - 1) % 4 == 0 and job.video.height >= 1 and job.roles.encoders >= 0
