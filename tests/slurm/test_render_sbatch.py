@@ -223,3 +223,20 @@ def test_plain_scancel_is_not_requeued(slurm_cluster, demo_env, prompts_file, tm
     assert records[0]["JobState"] == "CANCELLED" and int(records[0]["Restarts"]) == 0, (records[0], text)
     assert "so not requeueing" in text and "requeued job" not in text, text
     assert len(item_files(out)) < NUM_PROMPTS
+
+
+@pytest.mark.timeout(240)
+def test_signal_before_the_launch_stops_without_rendering(slurm_cluster, demo_env, prompts_file, tmp_path):
+    """A warning signal that reaches the batch shell while it is still probing the launch: the shell survives
+    (traps come first), starts nothing and exits 75. (SPMD_DIFF_MAX_RESTARTS=0 keeps this test to one run.)"""
+    out = tmp_path / "out"
+    job_id, log = submit_render(slurm_cluster, demo_env, out, prompts_file, "--ntasks=2",
+                                env={"SPMD_DIFF_MAX_RESTARTS": "0"})
+    wait_until(log_has(log, "render.sbatch: job", "restart 0,"), slurm_cluster, job_id, out, "the script to start")
+    slurm_cluster.run(["scancel", "--batch", "--signal=USR1", job_id])
+    records = slurm_cluster.wait_job(job_id, 200)
+    text = log.read_text()
+    assert "got SIGUSR1" in text and "a stop signal arrived before the launch" in text, text
+    assert records[0]["ExitCode"] == "75:0" and int(records[0]["Restarts"]) == 0, (records[0], text)
+    assert "not requeueing" in text and "spmd-diff exited" not in text, text
+    assert not item_files(out)
