@@ -80,13 +80,17 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
+    from spmd_diff.runtime.signals import StopFlag
+
+    # Catch stop signals before the heavy imports: a SIGTERM during start-up still ends in exit 75 (requeue).
+    stop = StopFlag().install()
     from spmd_diff.io.inputs import parse_shard
     from spmd_diff.runtime.engine import RunRequest, run
 
     shard = parse_shard(args.shard) if args.shard else None
     request = RunRequest(args.job, args.prompts, args.out, tuple(args.overrides), args.model, shard, args.force,
                          args.retry_failed)
-    return run(request)
+    return run(request, stop)
 
 
 def _dispatch(args) -> int:

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -46,6 +47,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _tmp_name(path: Path) -> Path:
@@ -112,11 +123,22 @@ class VideoStore:
             atomic_write_text(self.root / "job.json", json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
         self.remove_stale_temporaries()
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files a killed run left (never a final-named file)."""
-        count = 0
+    def remove_stale_temporaries(self, max_age_s: float = 86400.0) -> int:
+        """Delete temporary files a killed run left (never a final-named file).
+
+        A temporary is named ``<final>.tmp.<host>.<pid>``. It is stale when its writer is gone: a process of
+        this host that no longer exists, or (another host, which we cannot ask) older than ``max_age_s``. Job
+        array tasks sharing OUT never delete each other's files in flight.
+        """
+        host, now, count = socket.gethostname(), time.time(), 0
         for path in list(self.items_dir.glob("*/*.tmp.*")) + list(self.root.glob("videos.h5.tmp.*")):
+            writer_host, _, pid = path.name.split(".tmp.", 1)[1].rpartition(".")
             try:
+                if writer_host == host and pid.isdigit():
+                    if _process_alive(int(pid)):
+                        continue
+                elif now - path.stat().st_mtime < max_age_s:
+                    continue
                 path.unlink()
                 count += 1
             except FileNotFoundError:

@@ -169,8 +169,12 @@ def _stages_for(role: str, plan: RolePlan, rank: int) -> set[str]:
     return stages
 
 
-def run(request: RunRequest) -> int:
-    """Run the job on this rank; returns the process exit code (the same on every rank)."""
+def run(request: RunRequest, stop: StopFlag | None = None) -> int:
+    """Run the job on this rank; returns the process exit code (the same on every rank).
+
+    ``stop``: a stop flag already installed (the CLI installs it before importing anything heavy).
+    """
+    stop = stop if stop is not None else StopFlag().install()
     world = init_world()
     watchdog = LauncherWatchdog().start()
     started = time.time()
@@ -200,7 +204,6 @@ def run(request: RunRequest) -> int:
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events)
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
-    stop = StopFlag().install()
     try:
         role_result = _run_rank(world, setup, store, events, stop, items_by_index, pending, deadline_s)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import socket
 import sys
 import threading
@@ -84,9 +85,11 @@ class LauncherWatchdog:
 
 class TestHooks:
     """Fault injection for tests. ``SPMD_DIFF_TEST_HOOKS`` = JSON list of
-    ``{"action": "hang"|"fail"|"exit"|"nan", "stage": "encode"|"denoise"|"decode"|"write", "item": ID,
-    "rank": R (optional)}``: at the start of that stage of that item (on that rank), hang forever, raise,
-    exit the process at once (os._exit, like a SIGKILL), or (``nan``, denoise only) poison the latents."""
+    ``{"action": "hang"|"fail"|"exit"|"nan"|"limit_file_size", "stage": "encode"|"denoise"|"decode"|"write",
+    "item": ID or "*", "rank": R (optional), "bytes": N (limit_file_size)}``: at the start of that stage of that
+    item (on that rank), hang forever, raise, exit the process at once (os._exit, like a SIGKILL), poison the
+    latents (``nan``, denoise only), or make the disk "full" for this process (``limit_file_size``: RLIMIT_FSIZE,
+    so writes past N bytes fail with EFBIG; set after MPI started, whose own files it would break)."""
 
     def __init__(self, rules: list[dict], rank: int) -> None:
         self.rules = [r for r in rules if r.get("rank", rank) == rank]
@@ -102,8 +105,11 @@ class TestHooks:
     def at(self, stage: str, item_id: str) -> str | None:
         """Run the hook for (stage, item), if any; returns the action for actions the caller carries out."""
         for rule in self.rules:
-            if rule.get("stage") == stage and str(rule.get("item")) == item_id:
+            if rule.get("stage") == stage and str(rule.get("item")) in (item_id, "*"):
                 action = rule["action"]
+                if action == "limit_file_size":
+                    resource.setrlimit(resource.RLIMIT_FSIZE, (rule["bytes"], resource.RLIM_INFINITY))
+                    continue
                 if action == "hang":
                     sys.stderr.write(f"spmd-diff: test hook: hanging in {stage} of {item_id!r}\n")
                     sys.stderr.flush()

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -160,12 +159,6 @@ def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
             assert f["video"].shape == (9, 64, 64, 3)
 
 
-def _limit_file_size(limit: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_full_disk_stops_cleanly_and_the_store_stays_readable(env, prompts, tmp_path):
     out = tmp_path / "out"
     first = tmp_path / "first.jsonl"
@@ -174,9 +167,10 @@ def test_full_disk_stops_cleanly_and_the_store_stays_readable(env, prompts, tmp_
     ok = subprocess.run(base + ["--prompts", str(first)], cwd=REPO, env=full_env(env), capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    # Now the file system "fills up": no file may grow past 40 KB (an item file is ~120 KB).
-    full = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env), capture_output=True,
-                          text=True, timeout=300, preexec_fn=_limit_file_size(40_000))
+    # Now the file system "fills up": once writing starts, no file may grow past 40 KB (an item file is ~120 KB).
+    hooks = json.dumps([{"action": "limit_file_size", "stage": "write", "item": "*", "bytes": 40_000}])
+    full = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env, SPMD_DIFF_TEST_HOOKS=hooks),
+                          capture_output=True, text=True, timeout=300)
     assert full.returncode == 4, full.stderr[-3000:]
     assert "cannot write item" in full.stderr and "rerun the same command" in full.stderr
     got = videos(out)  # the view of the first run is intact and readable

@@ -1,4 +1,7 @@
 import os
+import socket
+import subprocess
+import time
 
 import h5py
 import numpy as np
@@ -31,11 +34,26 @@ def test_done_keys_and_stale_temporaries(tmp_path):
     store = VideoStore(tmp_path)
     store.prepare({})
     store.write_item("x", _video(0), {})
-    stale = store.item_path("y").with_name(store.item_path("y").name + ".tmp.host.123")
-    stale.parent.mkdir(parents=True, exist_ok=True)
-    stale.write_bytes(b"half")
+    host = socket.gethostname()
+    dead = _dead_pid()
+    stale = store.item_path("y").with_name(f"{store.item_path('y').name}.tmp.{host}.{dead}")
+    live = store.item_path("z").with_name(f"{store.item_path('z').name}.tmp.{host}.{os.getpid()}")
+    remote = store.item_path("w").with_name(f"{store.item_path('w').name}.tmp.otherhost.1")
+    for path in (stale, live, remote):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
     assert store.done_keys() == {item_key("x")}
     assert store.remove_stale_temporaries() == 1 and not stale.exists()
+    assert live.exists() and remote.exists(), "a writer still alive (or unknowable, on another host) keeps its file"
+    old = time.time() - 2 * 86400
+    os.utime(remote, (old, old))
+    assert store.remove_stale_temporaries() == 1 and not remote.exists()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_success_clears_failure(tmp_path):
