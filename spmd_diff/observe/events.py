@@ -33,9 +33,9 @@ MERGED_NAME = "events.jsonl"
 _REORDER_WINDOW = 4096  # records a per-rank stream may be out of time order by (threads) and still merge sorted
 
 
-def rank_log_path(out_dir: str | os.PathLike[str], rank: int) -> Path:
-    """``OUT/events/rank-{rank:05d}.jsonl``."""
-    return Path(out_dir) / EVENTS_DIR / f"rank-{rank:05d}.jsonl"
+def rank_log_path(out_dir: str | os.PathLike[str], rank: int, tag: str = "") -> Path:
+    """``OUT/events/rank-{rank:05d}[.{tag}].jsonl`` (``tag`` keeps job-array tasks sharing OUT apart)."""
+    return Path(out_dir) / EVENTS_DIR / (f"rank-{rank:05d}.{tag}.jsonl" if tag else f"rank-{rank:05d}.jsonl")
 
 
 class EventLog:
@@ -59,9 +59,10 @@ class EventLog:
         *,
         flush_interval_s: float = 1.0,
         flush_every: int = 1000,
+        tag: str = "",
     ) -> None:
         self.rank = int(rank)
-        self.path = rank_log_path(out_dir, self.rank)
+        self.path = rank_log_path(out_dir, self.rank, tag)
         self.flush_interval_s = float(flush_interval_s)
         self.flush_every = int(flush_every)
         self.num_emitted = 0

@@ -201,7 +201,8 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     items_by_index = {item.index: item for item in setup.items}
     pending = [items_by_index[i] for i in pending_indices]
     deadline_s = wait_deadline_s(_item_cost(setup, world.device), setup.job.run.timeout_s)
-    events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events)
+    shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
+    events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
     try:
