@@ -65,11 +65,15 @@ def _tmp_name(path: Path) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = _tmp_name(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -131,7 +135,9 @@ class VideoStore:
         array tasks sharing OUT never delete each other's files in flight.
         """
         host, now, count = socket.gethostname(), time.time(), 0
-        for path in list(self.items_dir.glob("*/*.tmp.*")) + list(self.root.glob("videos.h5.tmp.*")):
+        candidates = [*self.items_dir.glob("*/*.tmp.*"), *self.failed_dir.glob("*.tmp.*"),
+                      *self.root.glob("videos.h5.tmp.*"), *self.root.glob("job.json.tmp.*")]
+        for path in candidates:
             writer_host, _, pid = path.name.split(".tmp.", 1)[1].rpartition(".")
             try:
                 if writer_host == host and pid.isdigit():

@@ -8,12 +8,14 @@ rank's role loop; (5) rank 0 merges event logs and rebuilds OUT/videos.h5; every
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,21 +75,33 @@ class Setup:
     """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
 
 
-def resolve_model(path: str, world: World) -> str:
-    """"demo" -> the demo model in the cache (built once per node); anything else must be a local directory."""
+def prebuild_model(path: str, world: World) -> None:
+    """Local rank 0 of each node builds the demo or ``random:`` directory into the cache if it is missing.
+
+    No collective inside: the caller's ``run_checked`` (an allgather) is the barrier, so a failed build on one
+    node reaches every rank as the same error instead of leaving its node-mates in a barrier.
+    """
+    if world.local_rank != 0:
+        return
     if path == "demo":
         from spmd_diff.models.demo import demo_model_dir
 
-        if world.local_rank == 0:
-            demo_model_dir()
-        world.comm.Barrier()
+        demo_model_dir()
+    elif path.startswith("random:"):
+        from spmd_diff.models.random_wan import random_model_dir
+
+        random_model_dir(path)
+
+
+def resolve_model(path: str) -> str:
+    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory; else a local dir."""
+    if path == "demo":
+        from spmd_diff.models.demo import demo_model_dir
+
         return str(demo_model_dir())
     if path.startswith("random:"):
         from spmd_diff.models.random_wan import random_model_dir
 
-        if world.local_rank == 0:
-            random_model_dir(path)
-        world.comm.Barrier()
         return str(random_model_dir(path))
     if not Path(path).is_dir():
         raise UserError(f"model directory {path} does not exist (model.path in the job, or --model)")
@@ -179,7 +193,8 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     watchdog = LauncherWatchdog().start()
     started = time.time()
     setup = world.run_checked(lambda: prepare(request, world))
-    model_dir = world.run_checked(lambda: resolve_model(setup.job.model.path, world))
+    world.run_checked(lambda: prebuild_model(setup.job.model.path, world))
+    model_dir = world.run_checked(lambda: resolve_model(setup.job.model.path))
     shapes = world.run_checked(lambda: read_shapes(model_dir, setup.spec))
     setup = dataclasses.replace(setup, model_dir=model_dir, shapes=shapes)
     set_threads(world.local_size, setup.job.run.threads)
@@ -229,7 +244,13 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     watchdog.stop()
     code = 0
     if world.rank == 0:
-        code = _publish(setup, store, events, pending, interrupted, started, request.out_dir)
+        try:
+            code = _publish(setup, store, events, pending, interrupted, started, request.out_dir)
+        except Exception as exc:  # noqa: BLE001 - every rank waits in the bcast below: always reach it
+            full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            code = StoreFull.exit_code if full else 1
+            print(f"spmd-diff: error: the items are written, but publishing {store.view_path} failed: {exc}. "
+                  f"Run `spmd-diff merge {request.out_dir}` once the problem is fixed.", file=sys.stderr, flush=True)
         lock.release()
     return world.comm.bcast(code, root=0)
 
@@ -308,7 +329,9 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
         events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
         stages.free()
         return transport, monitor
-    except (StageTimeout, StoreFull, UserError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here must abort the job, never strand the other ranks
+        if not isinstance(exc, (StageTimeout, StoreFull, UserError)):
+            traceback.print_exc()
         return exc
 
 

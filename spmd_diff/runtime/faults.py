@@ -20,37 +20,48 @@ HOOKS_ENV = "SPMD_DIFF_TEST_HOOKS"
 
 
 class OutLock:
-    """An exclusive ``flock`` on OUT/.lock[-shard-I-of-N], held by rank 0 for the whole run.
+    """``flock``s on OUT, held by rank 0 for the whole run.
 
-    A second job on the same OUT and shard (two sbatch submissions, N singleton ranks, orphans of a dead
-    launcher) is refused with the holder's host and pid instead of racing on the same items.
+    An unsharded job holds OUT/.lock exclusively. Array tasks (``--shard I/N``) share OUT/.lock and each holds
+    OUT/.lock-shard-I-of-N exclusively: tasks of one array run side by side, while a second job on the same OUT
+    (two submissions, N singleton ranks, orphans of a dead launcher, an unsharded run beside an array) is
+    refused with the holder's host and pid instead of racing on the same items.
     """
 
     def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None) -> None:
-        suffix = f"-shard-{shard[0]}-of-{shard[1]}" if shard else ""
-        self.path = Path(out_dir) / f".lock{suffix}"
-        self._fd: int | None = None
+        self.main = Path(out_dir) / ".lock"
+        self.shard = Path(out_dir) / f".lock-shard-{shard[0]}-of-{shard[1]}" if shard else None
+        self._fds: list[int] = []
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if self.shard is None:
+            self._take(self.main, fcntl.LOCK_EX)
+        else:
+            self._take(self.main, fcntl.LOCK_SH)
+            self._take(self.shard, fcntl.LOCK_EX)
+
+    def _take(self, path: Path, mode: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "an array task"
             os.close(fd)
-            raise UserError(f"another spmd-diff job is writing {self.path.parent} ({holder}); wait for it to end "
+            self.release()
+            raise UserError(f"another spmd-diff job is writing {path.parent} ({holder}); wait for it to end "
                             "or use another --out") from None
         except OSError as exc:  # file systems without flock: warn, carry on
-            print(f"spmd-diff: warning: cannot lock {self.path} ({exc.strerror}); make sure no other job writes "
+            print(f"spmd-diff: warning: cannot lock {path} ({exc.strerror}); make sure no other job writes "
                   "this OUT", file=sys.stderr)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-        self._fd = fd
+        if mode == fcntl.LOCK_EX:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self._fds.append(fd)
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 class LauncherWatchdog:

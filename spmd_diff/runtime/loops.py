@@ -113,11 +113,20 @@ def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) 
                 latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
             if span.action == "nan":
                 latents = latents * float("nan")
-        if not torch.isfinite(latents).all():
-            raise FloatingPointError("non-finite values in the final latents")
-        return {}, {"latents": latents.cpu()}
-    except Exception as exc:  # noqa: BLE001
+    except (StageTimeout, StoreFull):
+        raise
+    except ValueError as exc:  # with a group: raised on every member alike (unusable inputs), still in step
         return {"failed": _failure("denoise", exc)}, {}
+    except Exception as exc:  # noqa: BLE001
+        if ctx.sp is not None:
+            raise  # members may be inside a collective: abort the job rather than let the group fall out of step
+        return {"failed": _failure("denoise", exc)}, {}
+    if not torch.isfinite(latents).all():
+        try:
+            raise FloatingPointError("non-finite values in the final latents")
+        except FloatingPointError as exc:
+            return {"failed": _failure("denoise", exc)}, {}
+    return {}, {"latents": latents.cpu()}
 
 
 def finish_item(ctx: RankContext, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,18 +140,26 @@ def finish_item(ctx: RankContext, item: Item, meta: dict, tensors: dict[str, tor
                 ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
             ctx.num_done += 1
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise StoreFull(f"rank {ctx.rank}: cannot write item {item.id!r} to {ctx.store.root}: "
-                                f"{exc.strerror}. {ctx.num_done} item(s) written by this rank are complete; "
-                                "free space, then rerun the same command to render the rest") from exc
+            _raise_if_disk_full(ctx, item, exc)
             failed = _failure("write", exc)
         except Exception as exc:  # noqa: BLE001
             failed = _failure("decode", exc)
     if failed is not None:
-        ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
+        try:
+            ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
+        except OSError as exc:
+            _raise_if_disk_full(ctx, item, exc)
+            raise
         ctx.events.emit("failure", item=item.id, stage=failed["stage"], error=failed["error"])
         ctx.num_failed += 1
     ctx.report(ctx.num_done, ctx.num_failed, ctx.busy_s)
+
+
+def _raise_if_disk_full(ctx: RankContext, item: Item, exc: OSError) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise StoreFull(f"rank {ctx.rank}: cannot write item {item.id!r} to {ctx.store.root}: {exc.strerror}. "
+                        f"{ctx.num_done} item(s) written by this rank are complete; free space, then rerun the "
+                        "same command to render the rest") from exc
 
 
 # -- handing items on ------------------------------------------------------------------------------------------
@@ -208,14 +225,13 @@ def close_all(ctx: RankContext, senders: list[ChannelSender]) -> None:
 # -- the loops ------------------------------------------------------------------------------------------------
 
 def encoder_loop(ctx: RankContext, my_items: list[Item], to_dit: list[ChannelSender]) -> None:
-    try:
-        for item in my_items:
-            if ctx.stop.requested:
-                break
-            meta, tensors = encode_item(ctx, item)
-            send(ctx, to_dit, item, meta, tensors)
-    finally:
-        close_all(ctx, to_dit)
+    # No close on an exception: the job aborts, and a close would only wait out another deadline first.
+    for item in my_items:
+        if ctx.stop.requested:
+            break
+        meta, tensors = encode_item(ctx, item)
+        send(ctx, to_dit, item, meta, tensors)
+    close_all(ctx, to_dit)
 
 
 def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[ChannelReceiver],
@@ -234,24 +250,24 @@ def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[
                     continue  # drain without work so producers can close; the item stays pending
                 yield item, meta, tensors
 
-    try:
-        for item, meta, tensors in source():
-            if "failed" not in meta:
-                meta, tensors = denoise_item(ctx, item, tensors)
-            if to_decoders:
-                send(ctx, to_decoders, item, meta, tensors)
-            else:
-                finish_item(ctx, item, meta, tensors)
-    finally:
-        close_all(ctx, to_decoders)
-        if ctx.sp is not None:
-            ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline())
+    for item, meta, tensors in source():
+        if "failed" not in meta:
+            meta, tensors = denoise_item(ctx, item, tensors)
+        if to_decoders:
+            send(ctx, to_decoders, item, meta, tensors)
+        else:
+            finish_item(ctx, item, meta, tensors)
+    close_all(ctx, to_decoders)  # (not on an exception: the job aborts; see encoder_loop)
+    if ctx.sp is not None:
+        ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline())
 
 
 def dit_member_loop(ctx: RankContext) -> None:
     """A DiT group member other than the leader: denoise whatever item the leader announces, until it says end."""
     while True:
-        control = ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline()).cpu()
+        # The leader may legitimately spend a wait for credit, a wait for data and an encode between items.
+        deadline = time.monotonic() + 3 * ctx.timeout_s
+        control = ctx.group.broadcast(_control(ctx, _END, -1), 0, deadline).cpu()
         if int(control[0]) == _END:
             return
         item = ctx.items[int(control[1])]

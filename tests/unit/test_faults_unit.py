@@ -1,0 +1,22 @@
+import pytest
+
+from spmd_diff.errors import UserError
+from spmd_diff.runtime.faults import OutLock
+
+
+def test_out_lock_exclusive_vs_shards(tmp_path):
+    whole = OutLock(tmp_path, None)
+    whole.acquire()
+    with pytest.raises(UserError, match="another spmd-diff job is writing"):
+        OutLock(tmp_path, (0, 2)).acquire()
+    whole.release()
+    a, b = OutLock(tmp_path, (0, 2)), OutLock(tmp_path, (1, 2))
+    a.acquire()
+    b.acquire()  # tasks of one array share OUT
+    with pytest.raises(UserError, match="pid"):
+        OutLock(tmp_path, (0, 2)).acquire()  # the same shard twice
+    with pytest.raises(UserError):
+        OutLock(tmp_path, None).acquire()  # an unsharded run beside the array
+    a.release()
+    b.release()
+    OutLock(tmp_path, None).acquire()
