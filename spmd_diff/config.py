@@ -7,14 +7,13 @@ every rank (the CLI gathers errors so no rank hangs while another exits).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from spmd_diff.errors import UserError
+from spmd_diff.errors import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -117,11 +116,6 @@ _SECTION_TYPES = {
 }
 
 
-def _nearest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(choices))})"
-
-
 def _coerce(where: str, value: Any, annotation: str) -> Any:
     """Check a TOML value against a field's annotation ("int", "float", "str", "bool")."""
     kind = annotation
@@ -168,7 +162,7 @@ def build_job(data: dict[str, Any], source: str, overrides: list[str] = ()) -> J
     sections: dict[str, Any] = {}
     for name, table in data.items():
         if name not in _SECTION_TYPES:
-            raise UserError(f"{source}: unknown section [{name}]{_nearest(name, list(_SECTION_TYPES))}")
+            raise UserError(f"{source}: unknown section [{name}]{did_you_mean(name, list(_SECTION_TYPES))}")
         if not isinstance(table, dict):
             raise UserError(f"{source}: {name} must be a table [{name}], got {type(table).__name__}")
         cls = _SECTION_TYPES[name]
@@ -176,7 +170,7 @@ def build_job(data: dict[str, Any], source: str, overrides: list[str] = ()) -> J
         values = {}
         for key, value in table.items():
             if key not in known:
-                raise UserError(f"{source}: unknown key {name}.{key}{_nearest(key, list(known))}")
+                raise UserError(f"{source}: unknown key {name}.{key}{did_you_mean(key, list(known))}")
             values[key] = _coerce(f"{source}: {name}.{key}", value, str(known[key].type))
         sections[name] = cls(**values)
     job = JobConfig(**sections)

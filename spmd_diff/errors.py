@@ -1,5 +1,7 @@
 """Errors the user can act on. Everything else is a bug and keeps its traceback."""
 
+import difflib
+
 
 class UserError(ValueError):
     """A problem with the job, the inputs, the model or the allocation.
@@ -23,3 +25,10 @@ class StoreFull(RuntimeError):
     """
 
     exit_code = 4
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` (did you mean 'x'?)`` for the nearest of ``choices``, else `` (known: a, b, ...)``: for unknown-key errors."""
+    choices = list(choices)
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(choices))})"

@@ -5,12 +5,11 @@ Errors name the file and the 1-based line. Every rank parses the same file the s
 
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from spmd_diff.errors import UserError
+from spmd_diff.errors import UserError, did_you_mean
 
 MAX_ID_LENGTH = 256
 _KEYS = ("id", "prompt", "negative_prompt", "seed")
@@ -54,9 +53,7 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
         raise UserError(f"{where}: expected a JSON object {{\"id\": ..., \"prompt\": ...}}, got {type(obj).__name__}")
     for key in obj:
         if key not in _KEYS:
-            close = difflib.get_close_matches(key, _KEYS, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(_KEYS)})"
-            raise UserError(f"{where}: unknown key {key!r}{hint}")
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, _KEYS)}")
     item_id = obj.get("id", str(index))
     if not isinstance(item_id, str):
         raise UserError(f"{where}: id must be a string, got {type(item_id).__name__} {item_id!r}")

@@ -76,25 +76,18 @@ class Setup:
 
 
 def prebuild_model(path: str, world: World) -> None:
-    """Local rank 0 of each node builds the demo or ``random:`` directory into the cache if it is missing.
+    """Local rank 0 of each node resolves first (building a missing demo or ``random:`` directory).
 
     No collective inside: the caller's ``run_checked`` (an allgather) is the barrier, so a failed build on one
     node reaches every rank as the same error instead of leaving its node-mates in a barrier.
     """
-    if world.local_rank != 0:
-        return
-    if path == "demo":
-        from spmd_diff.models.demo import demo_model_dir
-
-        demo_model_dir()
-    elif path.startswith("random:"):
-        from spmd_diff.models.random_wan import random_model_dir
-
-        random_model_dir(path)
+    if world.local_rank == 0:
+        resolve_model(path)
 
 
 def resolve_model(path: str) -> str:
-    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory; else a local dir."""
+    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory (each built there if
+    missing); else a local directory."""
     if path == "demo":
         from spmd_diff.models.demo import demo_model_dir
 

@@ -82,7 +82,8 @@ class _Span:
 
 def _failure(stage: str, exc: BaseException) -> dict:
     text = f"{type(exc).__name__}: {exc}"
-    return {"stage": stage, "error": text, "traceback": traceback.format_exc(limit=6)[-2000:]}
+    return {"stage": stage, "error": text,
+            "traceback": "".join(traceback.format_exception(exc, limit=6))[-2000:]}
 
 
 # -- the stage functions, with failure capture --------------------------------------------------------------------
@@ -122,10 +123,7 @@ def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) 
             raise  # members may be inside a collective: abort the job rather than let the group fall out of step
         return {"failed": _failure("denoise", exc)}, {}
     if not torch.isfinite(latents).all():
-        try:
-            raise FloatingPointError("non-finite values in the final latents")
-        except FloatingPointError as exc:
-            return {"failed": _failure("denoise", exc)}, {}
+        return {"failed": _failure("denoise", FloatingPointError("non-finite values in the final latents"))}, {}
     return {}, {"latents": latents.cpu()}
 
 

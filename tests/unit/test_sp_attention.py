@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,13 +24,7 @@ from spmd_diff.parallel.layout import SPLayout, head_balance, resolve_layout
 from tests.unit._sp_threads import ThreadGroup, run_ranks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Several rank threads share 2 cores: intra-op threads would only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class IntoGroup(ThreadGroup):
