@@ -153,12 +153,8 @@ class P2PAllToAll:
         self.error = torch.zeros(1, dtype=torch.int64, device=device)
         self._tables: dict = {}
 
-    def launch(self, rows: list[tuple[int, ...]], epochs: list[int], blocks: int) -> None:
-        """Enqueue one all-to-all on the current stream: ``rows`` from ``describe``, ``epochs[i]`` the pair epoch
-        of row ``i`` (not shifted), ``blocks`` programs per row. Addresses and sizes must be multiples of 4."""
-        num = len(rows)
-        if not 0 < num <= MAX_PEERS:
-            raise ValueError(f"one launch takes 1 to {MAX_PEERS} peers, got {num}")
+    def table(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        """The device copy of a descriptor table (cached by contents)."""
         key = tuple(rows)
         table = self._tables.get(key)
         if table is None:
@@ -166,6 +162,22 @@ class P2PAllToAll:
                 self._tables.clear()
             table = torch.tensor(rows, dtype=torch.int64).to(self.device)
             self._tables[key] = table
+        return table
+
+    @staticmethod
+    def blocks_for(largest_chunk: int, peers: int) -> int:
+        """Programs per peer row: one per 64 KiB of the largest chunk, at most 32, and at most 128 in all."""
+        return max(1, min(32, 128 // peers, -(-largest_chunk // (64 << 10))))
+
+    def launch(self, rows: list[tuple[int, ...]], epochs: list[int], blocks: int,
+               table: torch.Tensor | None = None) -> None:
+        """Enqueue one all-to-all on the current stream: ``rows`` from ``describe``, ``epochs[i]`` the pair epoch
+        of row ``i`` (not shifted), ``blocks`` programs per row. Addresses and sizes must be multiples of 4."""
+        num = len(rows)
+        if not 0 < num <= MAX_PEERS:
+            raise ValueError(f"one launch takes 1 to {MAX_PEERS} peers, got {num}")
+        if table is None:
+            table = self.table(rows)
         wide = all(value % 8 == 0 for row in rows for value in (row[0], row[1], row[3], row[4], row[9], row[10],
                                                                   row[11], row[13])) and self.buffer_stride % 8 == 0
         padded = list(epochs) + [0] * (MAX_PEERS - num)

@@ -114,17 +114,27 @@ class Bench:
             iters = max(3, min(100, (64 << 20) // total * 4))
             variants = []
 
-            def ours(path: str, fused: bool):
+            def ours(path: str, kernel: str, blocks: str = ""):
                 def run():
                     self.transport.set_data_path(path)
-                    self.coll.set_fused(fused)
+                    os.environ["SPMD_DIFF_P2P_KERNEL"] = kernel
+                    if blocks:
+                        os.environ["SPMD_DIFF_A2A_BLOCKS"] = blocks
+                    else:
+                        os.environ.pop("SPMD_DIFF_A2A_BLOCKS", None)
+                    self.coll._fused = None  # pick the kernel again, drop replay plans
+                    self.coll.set_fused(kernel != "off")
                     return lambda: group.all_to_all_into(send, out)
                 return run
 
-            variants.append(("ours", ours("p2p", True)))  # one kernel (falls back to the host path without Triton)
-            variants.append(("ours-host-path", ours("p2p", False)))  # stream ops, copy engines into peer heaps
+            variants.append(("ours", ours("p2p", "cuda")))  # one CUDA kernel, replayed (Triton without CuPy)
+            variants.append(("ours-triton-kernel", ours("p2p", "triton")))
+            if total >= (64 << 20):
+                for blocks in ("16,4", "32,8", "44,16", "64,16"):
+                    variants.append((f"ours-blocks-{blocks}", ours("p2p", "cuda", blocks)))
+            variants.append(("ours-host-path", ours("p2p", "off")))  # stream ops, copy engines into peer heaps
             if total >= (8 << 20):
-                variants.append(("ours-host-path-nvshmem-puts", ours("nvshmem", False)))
+                variants.append(("ours-host-path-nvshmem-puts", ours("nvshmem", "off")))
             variants.append(("nccl", lambda: lambda: dist.all_to_all_single(out_flat.view(-1), send_flat.view(-1))))
             src = nvshmem.tensor((self.size * per,), dtype=torch.bfloat16)
             dst = nvshmem.tensor((self.size * per,), dtype=torch.bfloat16)
@@ -155,7 +165,7 @@ class Bench:
                 except Exception as error:  # noqa: BLE001 - recorded, the other measurements go on
                     self.error(f"a2a {name} {total}", error)
             self.transport.set_data_path("p2p")
-            self.coll.set_fused(True)
+            ours("p2p", "cuda")()
             torch.cuda.synchronize()
             nvshmem.free_tensor(src)
             nvshmem.free_tensor(dst)
@@ -178,6 +188,8 @@ class Bench:
             nbytes = x.numel() * x.element_size()
             for name, make in (("ours-one-sided", lambda: self._stream_pingpong(x, y)),
                                ("ours-one-sided-tiny", lambda: self._stream_pingpong(x[0, 0, 0, :4], y[0, 0, 0, :4])),
+                               ("ours-one-sided-in-place", lambda: self._stream_pingpong(x, y, in_place=True)),
+                               ("ours-one-sided-copy-engine", lambda: self._stream_pingpong(x, y, kernel=False)),
                                ("ours-channel-api", lambda: self._channel_pingpong(x, ends)),
                                ("nccl-send-recv", lambda: self._nccl_pingpong(x, y)),
                                ("mpi-host-memory", lambda: self._mpi_pingpong(x, y))):
@@ -196,11 +208,13 @@ class Bench:
                     self.error(f"handoff {name} {dtype}", error)
         self.results["handoff"] = rows
 
-    def _stream_pingpong(self, x: torch.Tensor, y: torch.Tensor):
-        """Our data plane: put-with-signal into the peer's heap, the peer's stream waits, copies out, answers."""
+    def _stream_pingpong(self, x: torch.Tensor, y: torch.Tensor, in_place: bool = False, kernel: bool = True):
+        """Our data plane: put-with-signal into the peer's heap, the peer's stream waits, copies out (or, in place,
+        answers from the slot itself), answers. ``kernel=False``: a copy-engine copy, then a signal operation."""
         t, data, sig = self.transport, self.data_offset, self.sig_offset
         nbytes = x.numel() * x.element_size()
         y_bytes = as_byte_tensor(y)
+        t._kernels = None if kernel else False  # None: pick the CUDA put kernel again where there is one
 
         def run():
             self.counter += 1
@@ -210,8 +224,11 @@ class Bench:
                 t.stream_wait_signal(sig + 8, value, 0.0, "pong")
             elif self.rank == 1:
                 t.stream_wait_signal(sig, value, 0.0, "ping")
-                y_bytes.copy_(t.local_tensor(data, nbytes))
-                t.put_signal(0, data, y, sig + 8, value)
+                if in_place:
+                    t.put_signal(0, data, t.local_tensor(data, nbytes), sig + 8, value)
+                else:
+                    y_bytes.copy_(t.local_tensor(data, nbytes))
+                    t.put_signal(0, data, y, sig + 8, value)
         return run
 
     def _channel_pingpong(self, x: torch.Tensor, ends: dict):

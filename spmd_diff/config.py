@@ -75,6 +75,9 @@ class DitConfig:
     """"auto", "ulysses", "ring" or "torus"."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
+    compile: bool = False
+    """GPU DiT groups: compile each transformer block with torch.compile (fuses the blocks' elementwise passes;
+    the first step of each video shape pays the compilation)."""
 
 
 @dataclass(frozen=True)

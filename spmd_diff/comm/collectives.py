@@ -37,7 +37,9 @@ or when more than ``max_inflight`` operations are queued), naming the group, the
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import struct
 import time
 from collections import deque
@@ -63,11 +65,8 @@ TARGET_CHUNK_BYTES = 16 << 20
 SIDE_STREAM_BYTES = 1 << 20
 """On a device heap, operations moving at least this many bytes use one CUDA stream per peer and direction."""
 FUSED_MAX_PEERS = 8
-"""Device heaps: ``all_to_all_into`` with up to this many peers, all P2P-mapped, runs as one kernel (with Triton)."""
-FUSED_BYTES_PER_BLOCK = 64 << 10
-"""One-kernel path: one program per peer for every this many bytes of the largest chunk..."""
-FUSED_MAX_BLOCKS_PER_PEER = 32
-"""... up to this many programs per peer."""
+"""Device heaps: ``all_to_all_into`` with up to this many peers, all P2P-mapped, runs as one kernel (CUDA C through
+CuPy, else Triton)."""
 
 _HEADER = struct.Struct("<IIIIQQ8q")  # magic, dtype code, ndim, pad, nbytes, chunk bytes, shape[8]
 _MAGIC = 0x53504347  # "SPCG"
@@ -202,6 +201,7 @@ class GroupCollectives:
         self._inflight: deque = deque()
         self._streams: list = []
         self._fused: Any = None
+        self._plans: dict = {}
         self.set_fused(fused)
         if self.on_device:
             self._streams = [(torch.cuda.Stream(transport.device), torch.cuda.Stream(transport.device))
@@ -230,6 +230,7 @@ class GroupCollectives:
     def set_fused(self, enabled: bool) -> None:
         """Allow (device heaps with Triton) or forbid the one-kernel path; local, between operations."""
         self._fused_allowed = bool(enabled) and self.on_device and hasattr(self.transport, "address")
+        self._plans.clear()
 
     def fused_kernel(self) -> Any:
         """The one-kernel all-to-all launcher, or None where it cannot run (no Triton, host heap, disabled)."""
@@ -239,12 +240,32 @@ class GroupCollectives:
             try:
                 from spmd_diff.comm.exchange import load_kernel_module
 
-                module = load_kernel_module("p2p_all_to_all")
-                self._fused = module.P2PAllToAll(self.transport.device, self.layout.chunk_bytes,
-                                                 max_spins=int(self.timeout_s * 1e6))
-            except (ImportError, RuntimeError):
-                self._fused = False
+                cuda = load_kernel_module("p2p_cuda")
+                if cuda.available():
+                    self._fused = cuda.CudaP2P(self.transport.device, self.layout.chunk_bytes,
+                                               max_spins=int(self.timeout_s * 1e6))
+            except Exception as error:  # noqa: BLE001 - NVRTC or CuPy trouble: the Triton kernel is next
+                logging.getLogger("spmd_diff").warning("CUDA data-plane kernels unavailable (%s: %s)",
+                                                       type(error).__name__, error)
+            if self._fused is None and os.environ.get("SPMD_DIFF_P2P_KERNEL", "cuda") != "off":
+                try:
+                    module = load_kernel_module("p2p_all_to_all")
+                    self._fused = module.P2PAllToAll(self.transport.device, self.layout.chunk_bytes,
+                                                     max_spins=int(self.timeout_s * 1e6))
+                except (ImportError, RuntimeError):
+                    pass
+            self._fused = self._fused or False
         return self._fused or None
+
+    def plan_for(self, group: "Group", key: tuple) -> Any:
+        """A one-kernel all-to-all already run by ``group`` with the buffers of ``key``, or None."""
+        plan = self._plans.get((group.ranks, key)) if self._fused_allowed else None
+        return plan if plan is not None and plan.kernel is self._fused else None
+
+    def keep_plan(self, group: "Group", key: tuple, plan: Any) -> None:
+        if len(self._plans) >= 512:
+            self._plans.clear()
+        self._plans[(group.ranks, key)] = plan
 
     def track(self, event, description: str, checks: list, deadline: float) -> None:
         """Device heaps: remember an enqueued operation; wait for old ones beyond ``max_inflight``."""
@@ -269,6 +290,8 @@ class GroupCollectives:
             if spins > 1000:  # about a millisecond of polling, then 50 us naps
                 time.sleep(50e-6)
             if time.monotonic() >= deadline:
+                if isinstance(checks, tuple):  # (function, argument): the list is only built when needed
+                    checks = checks[0](checks[1])
                 missing = [what for offset, minimum, what in checks
                            if self.transport.read_signal(offset) < minimum]
                 detail = "; ".join(missing[:4]) or "signals all arrived, the stream is busy with other work"
@@ -329,9 +352,26 @@ class Group:
         the bytes of ``send[j]`` on ``ranks[i]`` (dtypes may differ; bytes are copied). On device heaps no host
         synchronization happens. Returns ``out``.
         """
+        coll = self.coll
+        key = None
+        if coll.on_device and coll._fused_allowed and len(send) == len(out) == self.size:
+            key = tuple((t.data_ptr(), t.nbytes, t.is_contiguous()) for t in send) + tuple(
+                (t.data_ptr(), t.nbytes, t.is_contiguous()) for t in out)
+            plan = coll.plan_for(self, key)
+            if plan is not None:
+                plan.replay(time.monotonic() + coll.timeout_s if deadline is None else deadline)
+                if not plan.has_self:
+                    as_bytes(out[self.rank_in_group]).copy_(as_bytes(send[self.rank_in_group]))
+                return out
         self._check_list(send, "send")
         self._check_list(out, "out")
-        result = self._run("all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), deadline)
+        from spmd_diff.comm.exchange import Exchange
+
+        deadline = time.monotonic() + coll.timeout_s if deadline is None else deadline
+        exchange = Exchange(self, "all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), deadline)
+        result = exchange.run()
+        if key is not None and exchange.plan is not None:
+            coll.keep_plan(self, key, exchange.plan)
         return result
 
     def all_gather(self, tensor: torch.Tensor, deadline: Optional[float] = None) -> list[torch.Tensor]:

@@ -10,8 +10,6 @@ import torch
 
 from spmd_diff.comm.collectives import (
     EPOCH_SHIFT,
-    FUSED_BYTES_PER_BLOCK,
-    FUSED_MAX_BLOCKS_PER_PEER,
     FUSED_MAX_PEERS,
     SIDE_STREAM_BYTES,
     SLOT_HEADER_BYTES,
@@ -43,6 +41,7 @@ class Exchange:
                                      f"{device}")
         self.sends, self.recvs = sends, recvs
         self.results: list = [None] * group.size
+        self.plan: Optional[FusedPlan] = None
 
     def what(self, p: int, doing: str, epoch: int) -> str:
         return (f"{self.group.name} {self.op}: rank {self.coll.rank} waiting for {doing} rank "
@@ -51,8 +50,6 @@ class Exchange:
     def run(self) -> list:
         group, coll, tr, lay, me = self.group, self.coll, self.transport, self.layout, self.me
         my_rank, ranks = coll.rank, group.ranks
-        if me in self.sends and me in self.recvs:
-            self.results[me] = self._copy_self(self.sends[me], self.recvs[me])
         peers = sorted((set(self.sends) | set(self.recvs)) - {me})
         epochs = {p: coll.next_epoch(ranks[p]) << EPOCH_SHIFT for p in peers}
         max_chunk = lay.chunk_bytes
@@ -74,6 +71,8 @@ class Exchange:
         total = sum(plan[0].numel() for plan in send_plan.values())
         if not self.headers and coll.on_device and self._run_fused(peers, epochs, send_plan, recv_plan):
             return self.results
+        if me in self.sends and me in self.recvs:
+            self.results[me] = self._copy_self(self.sends[me], self.recvs[me])
         side = coll.on_device and total >= SIDE_STREAM_BYTES
         current = torch.cuda.current_stream(tr.device) if coll.on_device else None
         if side:
@@ -136,7 +135,8 @@ class Exchange:
 
     def _run_fused(self, peers: list, epochs: dict, send_plan: dict, recv_plan: dict) -> bool:
         """Enqueue this operation as one kernel if every peer's heap is mapped here (P2P) and every address and
-        size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path."""
+        size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path. Leaves a
+        ``FusedPlan`` in ``self.plan``: the group replays it while the same buffers come back."""
         coll, tr, lay, ranks, me = self.coll, self.transport, self.layout, self.group.ranks, self.me
         if not peers or len(peers) > FUSED_MAX_PEERS or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
             return False
@@ -157,26 +157,34 @@ class Exchange:
                 return False
             largest = max(largest, send_chunk, recv_chunk)
             rows.append((send_ptr, data.numel(), num_send, send_chunk, peer + lay.buffer_offset(me, 0),
-                         peer + lay.grant_offset + my_rank * SIGNAL_BYTES,
-                         local + lay.grant_offset + ranks[p] * SIGNAL_BYTES,
-                         peer + lay.arrive_offset + my_rank * SIGNAL_BYTES,
-                         local + lay.arrive_offset + ranks[p] * SIGNAL_BYTES,
-                         local + lay.buffer_offset(p, 0), out_ptr, out_bytes.numel(), num_recv, recv_chunk))
-        blocks = max(1, min(FUSED_MAX_BLOCKS_PER_PEER, 128 // len(peers), -(-largest // FUSED_BYTES_PER_BLOCK)))
+                                 peer + lay.grant_offset + my_rank * SIGNAL_BYTES,
+                                 local + lay.grant_offset + ranks[p] * SIGNAL_BYTES,
+                                 peer + lay.arrive_offset + my_rank * SIGNAL_BYTES,
+                                 local + lay.arrive_offset + ranks[p] * SIGNAL_BYTES,
+                                 local + lay.buffer_offset(p, 0), out_ptr, out_bytes.numel(), num_recv, recv_chunk))
+        own = me in self.sends and me in self.recvs
+        fold_self = own and getattr(kernel, "SELF_ROWS", False) and len(rows) < FUSED_MAX_PEERS
+        if fold_self:
+            src, dst = as_bytes(self.sends[me]), as_bytes(self.recvs[me])
+            if src.numel() != dst.numel():
+                raise ValueError(f"{self.group.name} {self.op}: out[{me}] has {dst.numel()} bytes, "
+                                 f"send[{me}] {src.numel()}")
+            rows.append((src.data_ptr() if src.numel() else 0, src.numel(), -1, 0, 0, 0, 0, 0, 0, 0,
+                                 dst.data_ptr() if dst.numel() else 0, dst.numel(), 0, 0))
+        plan = FusedPlan(kernel, self.group, peers, rows, kernel.blocks_for(largest, len(peers)),
+                         [recv_plan[p][2] for p in peers], fold_self)
         try:
-            kernel.launch(rows, [epochs[p] >> EPOCH_SHIFT for p in peers], blocks)
-        except Exception as error:  # noqa: BLE001 - e.g. Triton cannot compile it here: nothing was enqueued
+            plan.launch([epochs[p] >> EPOCH_SHIFT for p in peers], self.deadline)
+        except Exception as error:  # noqa: BLE001 - e.g. the kernel cannot compile here: nothing was enqueued
             logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
                                                    "host-driven path", type(error).__name__, error)
             coll._fused = False
             return False
         for p in peers:
             self.results[p] = recv_plan[p][0]
-        checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | recv_plan[p][2],
-                   f"the last chunk from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived")
-                  for p in peers]
-        current = torch.cuda.current_stream(tr.device)
-        coll.track(current.record_event(), f"{self.group.name} {self.op} (one kernel)", checks, self.deadline)
+        if own:
+            self.results[me] = self.recvs[me] if fold_self else self._copy_self(self.sends[me], self.recvs[me])
+        self.plan = plan
         return True
 
     def _copy_self(self, send: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
@@ -206,6 +214,41 @@ class Exchange:
         if chunk != plan[3]:
             raise RuntimeError(f"{where}: sender cut {nbytes} bytes into chunks of {chunk}, this rank expected "
                                f"{plan[3]}: the ranks disagree on the collectives layout")
+
+
+class FusedPlan:
+    """An all-to-all the one-kernel path already ran with these very buffers: replaying it costs a launch.
+
+    The descriptor rows (addresses and chunk plans) do not change between calls with the same tensors; only the
+    pair epochs do, and they travel as kernel arguments.
+    """
+
+    __slots__ = ("kernel", "coll", "name", "peer_ranks", "rows", "table", "blocks", "last_chunks", "has_self")
+
+    def __init__(self, kernel: Any, group: Group, peers: list, rows: list, blocks: Any, last_chunks: list,
+                 has_self: bool) -> None:
+        self.kernel, self.coll = kernel, group.coll
+        self.name = f"{group.name} all_to_all_into (one kernel)"
+        self.peer_ranks = [group.ranks[p] for p in peers]
+        self.rows, self.blocks, self.last_chunks, self.has_self = rows, blocks, last_chunks, has_self
+        self.table = kernel.table(rows)
+
+    def launch(self, epochs: list, deadline: float) -> None:
+        """Enqueue with these pair epochs (already advanced) and track it against ``deadline``."""
+        self.kernel.launch(self.rows, epochs, self.blocks, self.table)
+        coll = self.coll
+        stream = torch.cuda.current_stream(coll.transport.device)
+        coll.track(stream.record_event(), self.name, (self._checks, epochs), deadline)
+
+    def replay(self, deadline: float) -> None:
+        """The same operation again: advance the epochs with every peer and launch."""
+        self.launch([self.coll.next_epoch(rank) for rank in self.peer_ranks], deadline)
+
+    def _checks(self, epochs: list) -> list:
+        lay = self.coll.layout
+        return [(lay.arrive_offset + rank * SIGNAL_BYTES, epoch << EPOCH_SHIFT | chunks,
+                 f"the last chunk from rank {rank} (epoch {epoch}) has not arrived")
+                for rank, epoch, chunks in zip(self.peer_ranks, epochs, self.last_chunks)]
 
 
 def load_kernel_module(name: str) -> Any:

@@ -164,6 +164,7 @@ class NvshmemTransport(Transport):
         self.p2p_peers = sorted(self._mapped)
         """Ranks whose heap NVSHMEM maps into this process (NVLink/PCIe P2P): addressable by kernels."""
         self._peer_heaps: dict[int, torch.Tensor] = {}
+        self._kernels: Any = None
         self.set_data_path(data_path)
         self._unfenced: set[int] = set()
         self._host_stream = torch.cuda.Stream(self.device)
@@ -223,6 +224,13 @@ class NvshmemTransport(Transport):
                    signal_offset: int, signal_value: int) -> None:
         self._check_signal(signal_offset)
         self._check_rank(target_rank)
+        if target_rank in self._peer_heaps and self._put_kernel() is not None:
+            data = self._device_bytes(src)
+            self._check_range(target_offset, data.numel())
+            self._kernels.put_signal(data.data_ptr(), self._peer_heaps[target_rank].data_ptr() + target_offset,
+                                     data.numel(), self._peer_heaps[target_rank].data_ptr() + signal_offset,
+                                     signal_value)
+            return
         if target_rank == self.rank or target_rank in self._peer_heaps:
             self.put(target_rank, target_offset, src)
             self.signal(target_rank, signal_offset, signal_value)
@@ -239,6 +247,22 @@ class NvshmemTransport(Transport):
         self._bindings.putmem_signal_on_stream(self._base + target_offset, data.data_ptr(), data.numel(),
                                                self._base + signal_offset, signal_value, self._signal_set,
                                                target_rank, stream)
+
+    def _put_kernel(self) -> Any:
+        """The CUDA ``put_signal`` kernel (one launch: SM copy into the peer's heap, then the signal), or None
+        without CuPy or with ``SPMD_DIFF_P2P_KERNEL`` other than "cuda" (then: a copy, then a signal operation)."""
+        if self._kernels is None:
+            self._kernels = False
+            try:
+                from spmd_diff.comm.exchange import load_kernel_module
+
+                cuda = load_kernel_module("p2p_cuda")
+                if cuda.available():
+                    self._kernels = cuda.CudaP2P(self.device, 256)
+            except Exception as error:  # noqa: BLE001 - NVRTC or CuPy trouble: copy + signal operation instead
+                logging.getLogger("spmd_diff").warning("CUDA put kernel unavailable (%s: %s)",
+                                                       type(error).__name__, error)
+        return self._kernels or None
 
     def signal(self, target_rank: int, signal_offset: int, value: int) -> None:
         self._check_rank(target_rank)

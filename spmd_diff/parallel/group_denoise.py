@@ -41,9 +41,11 @@ class SPDenoiser:
         comm: the group, rank 0 the leader; rank order is the token-shard order (node-major for a torus).
         layout: the resolved layout (:func:`resolve_layout`); ``layout.degree == comm.size``.
         local: the kernel for local attention blocks.
+        compile_blocks: compile the transformer blocks (``parallelize_transformer``).
     """
 
-    def __init__(self, stages: Any, comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention()) -> None:
+    def __init__(self, stages: Any, comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
+                 compile_blocks: bool = False) -> None:
         if layout.degree != comm.size:
             raise ValueError(f"{layout.describe()} needs {layout.degree} ranks, the group has {comm.size}")
         self.stages = stages
@@ -54,12 +56,12 @@ class SPDenoiser:
         if self.attention is not None:
             for model in (stages.transformer, getattr(stages, "transformer_2", None)):
                 if model is not None:
-                    self._handles.append(parallelize_transformer(model, self.attention))
+                    self._handles.append(parallelize_transformer(model, self.attention, compile_blocks))
 
     @classmethod
     def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
                    torus_shape: tuple[int, int] | None = None, device: torch.device | str | None = None,
-                   local: LocalAttention = LocalAttention()) -> "SPDenoiser":
+                   local: LocalAttention = LocalAttention(), compile_blocks: bool = False) -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
         ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns), ``sp_layout``/``torus_shape`` as
         the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``). ``device``: the
@@ -67,7 +69,7 @@ class SPDenoiser:
         moves host tensors, an NVSHMEM one device tensors)."""
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         layout = resolve_layout(sp_layout, len(group.ranks), int(model.config.num_attention_heads), torus_shape)
-        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local)
+        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks)
 
     @property
     def is_leader(self) -> bool:

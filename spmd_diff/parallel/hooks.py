@@ -15,6 +15,10 @@ The plan (the same split/gather points as the model's own ``_cp_plan``, applied 
 - ``proj_out`` forward hook: all-gather the ``[B, s, C_out]`` outputs (the narrowest point: ``C_out = 64`` for
   Wan2.1, not the inner width), so unpatchify and everything after it run on the full sequence on every rank.
 
+With ``compile_blocks=True`` each transformer block is compiled (``nn.Module.compile``) (Inductor fuses
+the block's many fp32 norm, modulation, rotary-free elementwise and residual passes); the group attention itself
+stays outside the compiled graphs (``torch.compiler.disable``): its collectives run exactly as uncompiled.
+
 No model code changes; :meth:`SPHandle.remove` restores the model exactly.
 """
 
@@ -75,10 +79,17 @@ class SPSelfAttnProcessor:
         query = query.unflatten(2, (attn.heads, -1))  # [B, s, H, D]
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        out = self.attention(query, key, value, self.shards.seq_sizes, rotary_emb)  # [B, s, H, D]
+        out = _group_attention(self.attention, query, key, value, self.shards.seq_sizes, rotary_emb)  # [B, s, H, D]
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
+
+
+@torch.compiler.disable
+def _group_attention(attention: SeqParallelAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     seq_sizes: list[int], rotary_emb: Any) -> torch.Tensor:
+    """The group's attention, never traced by Dynamo (a graph break inside a compiled block)."""
+    return attention(query, key, value, seq_sizes, rotary_emb)
 
 
 class SPHandle:
@@ -90,24 +101,30 @@ class SPHandle:
         self.shards = _Shards()
         self._hooks: list = []
         self._processors: list[tuple[Any, Any]] = []
+        self._compiled: list[torch.nn.Module] = []
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         for module, processor in self._processors:
             module.processor = processor
-        self._hooks, self._processors = [], []
+        for block in self._compiled:
+            block._compiled_call_impl = None  # what nn.Module.compile set: calls go to the plain forward again
+        self._hooks, self._processors, self._compiled = [], [], []
         if getattr(self.transformer, "_spmd_sp_handle", None) is self:
             del self.transformer._spmd_sp_handle
 
 
-def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallelAttention) -> SPHandle:
+def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallelAttention,
+                            compile_blocks: bool = False) -> SPHandle:
     """Make ``transformer`` (a diffusers ``WanTransformer3DModel``) run sequence-parallel over ``attention``'s
     group. Every rank of the group must then call it with the same full inputs; each gets the full output.
 
     Args:
         transformer: the model; its modules are not changed, only hooked (and ``attn1`` processors swapped).
         attention: the group's self-attention (layout, comms, kernels).
+        compile_blocks: wrap every block's ``forward`` in ``torch.compile`` (the first forward of each shape
+            compiles; the blocks share one compiled graph per shape).
 
     Returns:
         The handle; ``handle.remove()`` restores the model.
@@ -162,6 +179,9 @@ def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallel
     for block in transformer.blocks:
         handle._processors.append((block.attn1, block.attn1.processor))
         block.attn1.processor = SPSelfAttnProcessor(attention, shards)
+        if compile_blocks:
+            block.compile(dynamic=False)  # nn.Module.compile: the blocks share one graph per shape
+            handle._compiled.append(block)
     transformer._spmd_sp_handle = handle
     return handle
 

@@ -314,7 +314,8 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
         if coll is not None and role == "dit":
             ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
             # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
-            ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape)
+            ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
+                                           compile_blocks=setup.job.dit.compile and str(world.device).startswith("cuda"))
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         _run_role(ctx, role, plan, pending, senders, receivers)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,21 +60,32 @@ def check_collectives(transport, rank: int, size: int) -> None:
         send = [torch.randint(-1000, 1000, (n,), dtype=torch.int32, device="cuda") for n in per_peer]
         all_counts = MPI.COMM_WORLD.allgather(per_peer)  # by world rank: what it sends to each position
         outs = {}
-        for path in ("one kernel", "host path"):
-            roomy.set_fused(path == "one kernel")
+        for path in ("cuda kernel", "triton kernel", "host path"):
+            use_kernel(roomy, path)
             out = [torch.full((all_counts[group.ranks[i]][me],), -7, dtype=torch.int32, device="cuda")
                    for i in range(size)]
             group.all_to_all_into(send, out)
-            outs[path] = out
-        roomy.set_fused(True)
+            outs[path] = [t.clone() for t in out]
+            for t in out:
+                t.fill_(-9)
+            group.all_to_all_into(send, out)  # the same buffers again: a replayed plan on the kernel paths
+            outs[path + " (replayed)"] = out
+        use_kernel(roomy, "cuda kernel")
         reference = group.all_to_all(send)  # header path: never the kernel
         group.synchronize()
         for path, out in outs.items():
             for i in range(size):
                 assert torch.equal(out[i], reference[i]), (label, path, rank, i)
-        log(rank, f"{label}: all_to_all_into by one kernel == host path == header path "
-                  f"(kernel available: {roomy.fused_kernel() is not None})")
+        log(rank, f"{label}: all_to_all_into by the CUDA kernel == Triton kernel == host path == header path, "
+                  f"first and replayed (kernel: {type(roomy.fused_kernel()).__name__})")
     group.barrier()
+
+
+def use_kernel(coll: GroupCollectives, path: str) -> None:
+    """Pick the all-to-all implementation of ``coll`` for the next operations (between operations)."""
+    os.environ["SPMD_DIFF_P2P_KERNEL"] = {"cuda kernel": "cuda", "triton kernel": "triton"}.get(path, "off")
+    coll._fused = None
+    coll.set_fused(path != "host path")
 
 
 def check_channels(transport, rank: int, size: int, num_items: int = 40) -> None:

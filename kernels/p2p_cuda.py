@@ -1,0 +1,320 @@
+"""CUDA C kernels of the GPU data plane, compiled at first use by NVRTC through CuPy (no build step, no nvcc).
+
+Why CUDA C next to the Triton kernel of ``p2p_all_to_all``: the data plane is bound by two things Triton does
+not let us control, 16-byte remote stores (Triton cannot prove the alignment of addresses read from a table, so
+it moves 8 bytes per access) and the host cost of a launch (Triton's launcher binds and specializes its arguments
+in Python on every call: tens of microseconds, the whole budget of a small all-to-all). Here copies move 16 bytes
+per access, four in flight per thread, and a launch is one CuPy call.
+
+Three kernels, all following the protocol of ``spmd_diff.comm.collectives`` (same heap words and values, so
+every one of them interoperates with the host-driven path on the other side):
+
+- ``p2p_all_to_all``: one group-free all-to-all among GPUs that map each other's heaps. Per peer row of the
+  descriptor table (``p2p_all_to_all.describe``), ``send_blocks`` programs send and ``recv_blocks`` programs copy
+  out, concurrently: chunk ``k + 1`` travels while chunk ``k`` is copied out of the slot.
+  Sender: wait (acquire, system scope) for the peer's grant ``>= e | k + 1``, copy a share of chunk ``k`` into
+  buffer ``k % 2`` of our slot on the peer, and the last sender block to finish the chunk (a counter per buffer)
+  sets the peer's arrive word for us to ``e | k + 1`` (release, after a system fence). Receiver: block 0 grants
+  chunks 0 and 1 on entry; for each chunk, wait for arrival, copy a share out (L2 loads: the slot is rewritten by
+  the peer while we run), and the last block grants chunk ``k + 2``.
+- ``put_signal``: every block copies a share of ``src`` into a peer's heap, the last block sets the signal word
+  (release, system scope): a handoff in one launch instead of a copy and a separate signal operation.
+- ``wait_at_least``: one thread spins (acquire) until a word reaches a value: a stream wait with a deadline.
+
+Every wait gives up after ``max_spins`` polls (backing off to a microsecond each), records ``1 + row`` (or 1) in
+the error word and lets the kernel finish: the GPU never hangs for ever, the host reports the timeout.
+
+The torch reference is the host-driven path of the collectives (copy engines and NVSHMEM stream operations);
+tests compare the two bit for bit.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import numpy as np
+import torch
+
+try:  # CuPy is there on GPU machines; absent on CPU-only installs (CI), where nothing here runs
+    import cupy
+
+    HAS_CUPY = True
+except ImportError:  # pragma: no cover - depends on the install
+    cupy = None
+    HAS_CUPY = False
+
+from .p2p_all_to_all import DESC_FIELDS, MAX_PEERS
+
+THREADS = 512
+"""Threads per block of every copying kernel."""
+COUNTER_SLOTS = 64
+"""``put_signal`` launches rotate over this many completion counters (launches on different streams may overlap)."""
+
+SOURCE = r"""
+typedef long long i64;
+typedef unsigned long long u64;
+#define UNROLL 4
+
+__device__ __forceinline__ i64 ld_acquire(const i64* p) {
+    i64 v;
+    asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void st_release(i64* p, i64 v) {
+    asm volatile("st.release.sys.global.b64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
+}
+
+// Thread 0 polls; every thread of the block gets the outcome.
+__device__ __forceinline__ bool block_wait(const i64* word, i64 target, i64 max_spins) {
+    __shared__ int outcome;
+    if (threadIdx.x == 0) {
+        i64 spins = 0;
+        unsigned ns = 32;
+        int ok = 1;
+        while (ld_acquire(word) < target) {
+            if (++spins > max_spins) { ok = 0; break; }
+            if (spins > 64) { __nanosleep(ns); if (ns < 1024) ns <<= 1; }
+        }
+        outcome = ok;
+    }
+    __syncthreads();
+    bool ok = outcome != 0;
+    __syncthreads();
+    return ok;
+}
+
+// Block b of nb copies its share of n bytes: 16-byte accesses (UNROLL in flight per thread) when both ends are
+// 16-byte aligned, else 4-byte, else bytes; loads through L2 only (the source may be rewritten remotely between
+// launches, and L1 is not coherent with NVLink writes).
+__device__ __forceinline__ void copy_share(const char* src, char* dst, i64 n, i64 b, i64 nb) {
+    if (n <= 0) return;
+    const i64 tid = threadIdx.x, nt = blockDim.x;
+    i64 done = 0;
+    if (((((u64)src) | ((u64)dst)) & 15) == 0) {
+        const int4* s = (const int4*)src;
+        int4* d = (int4*)dst;
+        const i64 count = n >> 4;
+        for (i64 base = b * nt * UNROLL + tid; base < count; base += nb * nt * UNROLL) {
+            int4 v[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                i64 i = base + u * nt;
+                if (i < count) v[u] = __ldcg(s + i);
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                i64 i = base + u * nt;
+                if (i < count) __stcg(d + i, v[u]);
+            }
+        }
+        done = count << 4;
+    } else if (((((u64)src) | ((u64)dst)) & 3) == 0) {
+        const int* s = (const int*)src;
+        int* d = (int*)dst;
+        const i64 count = n >> 2;
+        for (i64 i = b * nt + tid; i < count; i += nb * nt) __stcg(d + i, __ldcg(s + i));
+        done = count << 2;
+    }
+    for (i64 i = done + b * nt + tid; i < n; i += nb * nt) dst[i] = src[i];
+}
+
+// After every thread of the block copied: the last of nb blocks through *counter runs `last` (thread 0).
+__device__ __forceinline__ bool last_block(int* counter, int nb) {
+    __shared__ int is_last;
+    __threadfence_system();  // this thread's stores are visible everywhere before the block counts as done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        is_last = atomicAdd(counter, 1) == nb - 1;
+        if (is_last) {
+            atomicExch(counter, 0);
+            __threadfence_system();
+        }
+    }
+    __syncthreads();
+    bool last = is_last != 0;
+    __syncthreads();
+    return last;
+}
+
+extern "C" __global__ void __launch_bounds__(512) p2p_all_to_all(
+        const i64* __restrict__ desc, int* counters, i64* error, i64 stride, i64 max_spins,
+        int send_blocks, int recv_blocks, i64 e0, i64 e1, i64 e2, i64 e3, i64 e4, i64 e5, i64 e6, i64 e7) {
+    const int per_row = send_blocks + recv_blocks;
+    const int p = blockIdx.x / per_row;
+    const int sub = blockIdx.x % per_row;
+    const i64 es[8] = {e0, e1, e2, e3, e4, e5, e6, e7};
+    const i64 epoch = es[p] << 20;
+    const i64* row = desc + p * FIELDS;
+    int ok = 1;
+    if (row[2] < 0) {  // this rank's own block: a local copy, no protocol
+        copy_share((const char*)row[0], (char*)row[10], row[1], sub, per_row);
+        return;
+    }
+    if (sub < send_blocks) {
+        const char* src = (const char*)row[0];
+        const i64 nbytes = row[1], chunks = row[2], chunk = row[3];
+        char* peer_slot = (char*)row[4];
+        i64* peer_arrive = (i64*)row[7];
+        const i64* my_grant = (const i64*)row[6];
+        for (i64 k = 0; k < chunks; k++) {
+            if (block_wait(my_grant, epoch | (k + 1), max_spins)) {
+                const i64 low = k * chunk;
+                const i64 size = nbytes - low < chunk ? nbytes - low : chunk;
+                copy_share(src + low, peer_slot + (k & 1) * stride, size, sub, send_blocks);
+            } else {
+                ok = 0;
+            }
+            if (last_block(counters + p * 4 + (k & 1), send_blocks) && threadIdx.x == 0)
+                st_release(peer_arrive, epoch | (k + 1));
+        }
+    } else {
+        const int b = sub - send_blocks;
+        i64* peer_grant = (i64*)row[5];
+        const i64* my_arrive = (const i64*)row[8];
+        const char* slot = (const char*)row[9];
+        char* out = (char*)row[10];
+        const i64 nbytes = row[11], chunks = row[12], chunk = row[13];
+        if (b == 0 && threadIdx.x == 0) st_release(peer_grant, epoch | 2);
+        for (i64 k = 0; k < chunks; k++) {
+            if (block_wait(my_arrive, epoch | (k + 1), max_spins)) {
+                const i64 low = k * chunk;
+                const i64 size = nbytes - low < chunk ? nbytes - low : chunk;
+                copy_share(slot + (k & 1) * stride, out + low, size, b, recv_blocks);
+            } else {
+                ok = 0;
+            }
+            if (last_block(counters + p * 4 + 2 + (k & 1), recv_blocks) && threadIdx.x == 0 && k + 2 < chunks)
+                st_release(peer_grant, epoch | (k + 3));
+        }
+    }
+    if (!ok && threadIdx.x == 0) atomicExch((u64*)error, (u64)(p + 1));
+}
+
+extern "C" __global__ void __launch_bounds__(512) put_signal(
+        const char* src, char* dst, i64 nbytes, i64* signal, i64 value, int* counter) {
+    copy_share(src, dst, nbytes, blockIdx.x, gridDim.x);
+    if (last_block(counter, gridDim.x) && threadIdx.x == 0) st_release(signal, value);
+}
+
+extern "C" __global__ void wait_at_least(const i64* word, i64 target, i64 max_spins, i64* error) {
+    if (!block_wait(word, target, max_spins) && threadIdx.x == 0) atomicExch((u64*)error, 1ull);
+}
+""".replace("FIELDS", str(DESC_FIELDS))
+
+_modules: dict = {}
+_lock = threading.Lock()
+
+
+def _module(device: torch.device):
+    """The compiled module for ``device`` (NVRTC, for its compute capability; cached per device)."""
+    with _lock:
+        module = _modules.get(device.index)
+        if module is None:
+            with cupy.cuda.Device(device.index):
+                module = cupy.RawModule(code=SOURCE, options=("-std=c++17",))
+                module.compile()
+            _modules[device.index] = module
+        return module
+
+
+def available() -> bool:
+    """CuPy imports, and ``SPMD_DIFF_P2P_KERNEL`` does not ask for another implementation."""
+    return HAS_CUPY and os.environ.get("SPMD_DIFF_P2P_KERNEL", "cuda") == "cuda"
+
+
+class CudaP2P:
+    """Launches the kernels on the current torch stream of ``device``; owns counters, the error word and a
+    cache of device descriptor tables (keyed by their contents: reused buffers cost no copy).
+
+    Args:
+        device: the GPU.
+        buffer_stride: bytes between chunk buffers 0 and 1 of a collectives slot.
+        max_spins: polls of a wait before it gives up (about a microsecond each once backed off).
+    """
+
+    SELF_ROWS = True
+    """A descriptor row with ``send_chunks < 0`` is this rank's own block: copied locally, in the same launch."""
+
+    def __init__(self, device: torch.device, buffer_stride: int, max_spins: int = 50_000_000) -> None:
+        if not HAS_CUPY:
+            raise RuntimeError("the CUDA data-plane kernels need CuPy")
+        self.device = torch.device(device)
+        self.buffer_stride = buffer_stride
+        self.max_spins = max_spins
+        module = _module(self.device)
+        self._a2a = module.get_function("p2p_all_to_all")
+        self._put = module.get_function("put_signal")
+        self._wait = module.get_function("wait_at_least")
+        self.counters = torch.zeros(MAX_PEERS * 4 + COUNTER_SLOTS, dtype=torch.int32, device=self.device)
+        self.error = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._tables: dict = {}
+        self._streams: dict = {}
+        self._rotation = itertools.cycle(range(COUNTER_SLOTS))
+        self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        self._args = (np.uint64(self.counters.data_ptr()), np.uint64(self.error.data_ptr()),
+                      np.int64(buffer_stride), np.int64(max_spins))
+        self._zero = np.int64(0)
+
+    def _stream(self):
+        handle = torch.cuda.current_stream(self.device).cuda_stream
+        stream = self._streams.get(handle)
+        if stream is None:
+            stream = self._streams[handle] = cupy.cuda.ExternalStream(handle, self.device.index)
+        return stream
+
+    def table(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        """The device copy of a descriptor table (cached by contents)."""
+        key = tuple(rows)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= 256:
+                self._tables.clear()
+            table = torch.tensor(rows, dtype=torch.int64).to(self.device)
+            self._tables[key] = table
+        return table
+
+    def blocks_for(self, largest_chunk: int, peers: int) -> tuple[int, int]:
+        """``(send_blocks, recv_blocks)`` per peer: one sender per 64 KiB of the largest chunk, up to a share of
+        the SMs; a quarter as many receivers (their copies are local). ``SPMD_DIFF_A2A_BLOCKS=S,R`` overrides."""
+        forced = os.environ.get("SPMD_DIFF_A2A_BLOCKS")
+        if forced:
+            send, recv = (int(v) for v in forced.split(","))
+            return send, recv
+        send = max(1, min(-(-largest_chunk // (64 << 10)), self._sms // peers))
+        return send, max(1, min(send // 4 if send > 4 else 1, 16))
+
+    def launch(self, rows: list[tuple[int, ...]], epochs: list[int], blocks: tuple[int, int],
+               table: torch.Tensor | None = None) -> None:
+        """Enqueue one all-to-all: ``rows`` from ``p2p_all_to_all.describe``, ``epochs[i]`` the pair epoch of row
+        ``i`` (not shifted), ``blocks`` from ``blocks_for``."""
+        num = len(rows)
+        if not 0 < num <= MAX_PEERS:
+            raise ValueError(f"one launch takes 1 to {MAX_PEERS} peers, got {num}")
+        if table is None:
+            table = self.table(rows)
+        send, recv = blocks
+        padded = [np.int64(e) for e in epochs] + [self._zero] * (MAX_PEERS - num)
+        self._a2a((num * (send + recv),), (THREADS,),
+                  (np.uint64(table.data_ptr()), *self._args, np.int32(send), np.int32(recv), *padded),
+                  stream=self._stream())
+
+    def put_signal(self, src_ptr: int, dst_ptr: int, nbytes: int, signal_ptr: int, value: int) -> None:
+        """Enqueue: copy ``nbytes`` from ``src_ptr`` to ``dst_ptr`` (a peer-mapped heap address), then set the
+        word at ``signal_ptr`` to ``value`` once every byte is visible there."""
+        blocks = max(1, min(self._sms, -(-nbytes // (THREADS * 16 * 4))))
+        counter = self.counters.data_ptr() + 4 * (MAX_PEERS * 4 + next(self._rotation))
+        self._put((blocks,), (THREADS,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.int64(nbytes),
+                                          np.uint64(signal_ptr), np.int64(value), np.uint64(counter)),
+                  stream=self._stream())
+
+    def wait_at_least(self, word_ptr: int, target: int) -> None:
+        """Enqueue: the stream waits until the local word at ``word_ptr`` is ``>= target`` (or gives up)."""
+        self._wait((1,), (32,), (np.uint64(word_ptr), np.int64(target), np.int64(self.max_spins),
+                                 np.uint64(self.error.data_ptr())), stream=self._stream())
+
+    def failed_row(self) -> int:
+        """0 if no launch gave up waiting, else 1 + the descriptor row (or 1) of a wait that did (syncs)."""
+        return int(self.error.item())
