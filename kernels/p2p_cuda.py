@@ -4,7 +4,8 @@ Why CUDA C next to the Triton kernel of ``p2p_all_to_all``: the data plane is bo
 not let us control, 16-byte remote stores (Triton cannot prove the alignment of addresses read from a table, so
 it moves 8 bytes per access) and the host cost of a launch (Triton's launcher binds and specializes its arguments
 in Python on every call: tens of microseconds, the whole budget of a small all-to-all). Here copies move 16 bytes
-per access, four in flight per thread, and a launch is one CuPy call.
+per access, four in flight per thread, and a launch is one ``cuLaunchKernel`` call with argument storage built
+once (CuPy compiles and loads the module).
 
 Three kernels, all following the protocol of ``spmd_diff.comm.collectives`` (same heap words and values, so
 every one of them interoperates with the host-driven path on the other side):
@@ -30,11 +31,11 @@ tests compare the two bit for bit.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
 import threading
 
-import numpy as np
 import torch
 
 try:  # CuPy is there on GPU machines; absent on CPU-only installs (CI), where nothing here runs
@@ -208,6 +209,39 @@ _modules: dict = {}
 _lock = threading.Lock()
 
 
+class _Launcher:
+    """``cuLaunchKernel`` through ctypes with argument storage built once: a launch sets the changing values in
+    place and makes one C call (CuPy's launcher converts every argument on every call: microseconds that a small
+    all-to-all cannot afford). Argument values are copied by the driver at launch, so reuse is safe.
+
+    Args:
+        function: a CuPy ``Function`` (its ``ptr`` is the ``CUfunction``).
+        types: the ctypes type of each kernel parameter, in order.
+    """
+
+    _driver = None
+
+    def __init__(self, function, types: list) -> None:
+        if _Launcher._driver is None:
+            driver = ctypes.CDLL("libcuda.so.1")
+            driver.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 6 + [
+                ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            driver.cuLaunchKernel.restype = ctypes.c_int
+            _Launcher._driver = driver
+        self._function = ctypes.c_void_p(function.ptr)
+        self.args = [kind() for kind in types]
+        self._storage = (ctypes.c_void_p * len(types))(*[ctypes.addressof(a) for a in self.args])
+        self._params = ctypes.cast(self._storage, ctypes.c_void_p)
+
+    def __call__(self, grid: int, block: int, stream: int, *values) -> None:
+        """Launch with parameters ``values`` (all of them, in order) on ``stream`` (a ``cudaStream_t``)."""
+        for slot, value in zip(self.args, values):
+            slot.value = value
+        status = self._driver.cuLaunchKernel(self._function, grid, 1, 1, block, 1, 1, 0, stream, self._params, None)
+        if status:
+            raise RuntimeError(f"cuLaunchKernel failed with CUresult {status}")
+
+
 def _module(device: torch.device):
     """The compiled module for ``device`` (NVRTC, for its compute capability; cached per device)."""
     with _lock:
@@ -245,25 +279,21 @@ class CudaP2P:
         self.buffer_stride = buffer_stride
         self.max_spins = max_spins
         module = _module(self.device)
-        self._a2a = module.get_function("p2p_all_to_all")
-        self._put = module.get_function("put_signal")
-        self._wait = module.get_function("wait_at_least")
+        u64, i64, i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32
+        self._a2a = _Launcher(module.get_function("p2p_all_to_all"),
+                              [u64, u64, u64, i64, i64, i32, i32] + [i64] * MAX_PEERS)
+        self._put = _Launcher(module.get_function("put_signal"), [u64, u64, i64, u64, i64, u64])
+        self._wait = _Launcher(module.get_function("wait_at_least"), [u64, i64, i64, u64])
         self.counters = torch.zeros(MAX_PEERS * 4 + COUNTER_SLOTS, dtype=torch.int32, device=self.device)
         self.error = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._tables: dict = {}
-        self._streams: dict = {}
         self._rotation = itertools.cycle(range(COUNTER_SLOTS))
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self._args = (np.uint64(self.counters.data_ptr()), np.uint64(self.error.data_ptr()),
-                      np.int64(buffer_stride), np.int64(max_spins))
-        self._zero = np.int64(0)
+        self._fixed = (self.counters.data_ptr(), self.error.data_ptr(), buffer_stride, max_spins)
+        self._no_epochs = (0,) * MAX_PEERS
 
-    def _stream(self):
-        handle = torch.cuda.current_stream(self.device).cuda_stream
-        stream = self._streams.get(handle)
-        if stream is None:
-            stream = self._streams[handle] = cupy.cuda.ExternalStream(handle, self.device.index)
-        return stream
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     def table(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
         """The device copy of a descriptor table (cached by contents)."""
@@ -296,24 +326,19 @@ class CudaP2P:
         if table is None:
             table = self.table(rows)
         send, recv = blocks
-        padded = [np.int64(e) for e in epochs] + [self._zero] * (MAX_PEERS - num)
-        self._a2a((num * (send + recv),), (THREADS,),
-                  (np.uint64(table.data_ptr()), *self._args, np.int32(send), np.int32(recv), *padded),
-                  stream=self._stream())
+        self._a2a(num * (send + recv), THREADS, self._stream(), table.data_ptr(), *self._fixed, send, recv,
+                  *epochs, *self._no_epochs[num:])
 
     def put_signal(self, src_ptr: int, dst_ptr: int, nbytes: int, signal_ptr: int, value: int) -> None:
         """Enqueue: copy ``nbytes`` from ``src_ptr`` to ``dst_ptr`` (a peer-mapped heap address), then set the
         word at ``signal_ptr`` to ``value`` once every byte is visible there."""
         blocks = max(1, min(self._sms, -(-nbytes // (THREADS * 16 * 4))))
         counter = self.counters.data_ptr() + 4 * (MAX_PEERS * 4 + next(self._rotation))
-        self._put((blocks,), (THREADS,), (np.uint64(src_ptr), np.uint64(dst_ptr), np.int64(nbytes),
-                                          np.uint64(signal_ptr), np.int64(value), np.uint64(counter)),
-                  stream=self._stream())
+        self._put(blocks, THREADS, self._stream(), src_ptr, dst_ptr, nbytes, signal_ptr, value, counter)
 
     def wait_at_least(self, word_ptr: int, target: int) -> None:
         """Enqueue: the stream waits until the local word at ``word_ptr`` is ``>= target`` (or gives up)."""
-        self._wait((1,), (32,), (np.uint64(word_ptr), np.int64(target), np.int64(self.max_spins),
-                                 np.uint64(self.error.data_ptr())), stream=self._stream())
+        self._wait(1, 32, self._stream(), word_ptr, target, self.max_spins, self.error.data_ptr())
 
     def failed_row(self) -> int:
         """0 if no launch gave up waiting, else 1 + the descriptor row (or 1) of a wait that did (syncs)."""

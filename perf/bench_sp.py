@@ -66,7 +66,8 @@ def run_all(args: argparse.Namespace) -> int:
             launcher = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(args.gpus),
                         sys.executable]
         cmd = [*launcher, __file__, "phase", phase, "--out", str(out), "--layers-14b", str(args.layers_14b),
-               "--reps", str(args.reps), "--budget-s", str(int(limit - 25))]
+               "--reps", str(args.reps), "--budget-s", str(int(limit - 25)), "--degrees", args.degrees,
+               "--cases", *args.cases] + (["--compile"] if args.compile else [])
         print(f"[bench_sp] phase {phase}: up to {limit:.0f} s: {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
         process = subprocess.Popen(cmd, start_new_session=True)
@@ -121,7 +122,7 @@ class Phase:
         dist.all_reduce(probe)
         self.start = time.monotonic()
         self.cases = [Case(m, r, args.layers_14b if m == "14B" else MODELS[m]["num_layers"]) for m in ("1.3B", "14B")
-                      for r in ("480p", "720p")]
+                      for r in ("480p", "720p") if f"{m}-{r}" in args.cases]
         self.results = Path(args.out) / f"{name}.jsonl"
 
     def over_budget(self) -> bool:
@@ -138,7 +139,7 @@ class Phase:
         the one-GPU references first, then what the targets are about, should the budget run out)."""
         costs = {"1.3B-480p": 0.6, "1.3B-720p": 2.4, "14B-480p": 3.2, "14B-720p": 12.2}
         for degree in (1, 4, 2):
-            if degree > self.world:
+            if degree > self.world or str(degree) not in self.args.degrees.split(","):
                 continue
             groups = [list(range(i, i + degree)) for i in range(0, self.world - self.world % degree, degree)]
             load = [0.0] * len(groups)
@@ -209,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="the whole run (all) or one phase (phase)")
     parser.add_argument("--layers-14b", type=int, default=10, help="14B blocks measured (of 40), scaled to 40")
     parser.add_argument("--reps", type=int, default=3, help="timed forwards per measurement (after one warm-up)")
+    parser.add_argument("--degrees", default="1,4,2", help="sequence-parallel degrees to run (comma-separated)")
+    parser.add_argument("--cases", nargs="+", default=["1.3B-480p", "1.3B-720p", "14B-480p", "14B-720p"])
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile variants at S=4 (ours: compiled blocks; diffusers: "
+                             "compile_repeated_blocks); the first forward of each compiles")
     args = parser.parse_args(argv)
     if args.command == "all":
         return run_all(args)

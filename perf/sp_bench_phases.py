@@ -103,10 +103,14 @@ def run_ours(ph: Phase) -> None:
                             ("ours-ring", SPLayout("ring", degree, 1), 1)]
                 if degree == 4:
                     variants.append(("ours-torus", SPLayout("torus", 2, 2), 1))
+                if degree == 4 and ph.args.compile:
+                    variants.insert(1, ("ours-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
             for method, layout, chunks in variants:
-                handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks))
+                compiled = method.endswith("+compile")
+                handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks),
+                                                 compile_blocks=compiled)
                 ph.measure(method, case, degree, pg, forward, leader, layout=layout.describe(), head_chunks=chunks,
-                           attention=f"{local.backend}/{local.lse_backend}")
+                           attention=f"{local.backend}/{local.lse_backend}", compiled=compiled)
                 handle.remove()
             if degree == 4:
                 torus_diagnostics(ph, case, comm, pg, model, forward, local, leader)
@@ -174,10 +178,15 @@ def run_coll(ph: Phase) -> None:
                             ("coll-ring", SPLayout("ring", degree, 1), 1)]
                 if degree == 4:
                     variants.append(("coll-torus", SPLayout("torus", 2, 2), 1))
+                    if ph.args.compile:
+                        variants.insert(1, ("coll-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
                 for method, layout, chunks in variants:
-                    handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks))
+                    compiled = method.endswith("+compile")
+                    handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks),
+                                                     compile_blocks=compiled)
                     ph.measure(method, case, degree, pgs[mine], lambda: _forward(model, inputs), leader,
-                               layout=layout.describe(), head_chunks=chunks, comm="GroupCollectives/NVSHMEM")
+                               layout=layout.describe(), head_chunks=chunks, comm="GroupCollectives/NVSHMEM",
+                               compiled=compiled)
                     handle.remove()
                 _free(model, inputs)
             coll.synchronize()
@@ -211,6 +220,8 @@ def run_diffusers(ph: Phase) -> None:
         variants = [("diffusers-ulysses", "ulysses", None), ("diffusers-ulysses+cudnn", "ulysses", "_native_cudnn"),
                     ("diffusers-ring+cudnn", "ring", "_native_cudnn"),
                     ("diffusers-ring+flash", "ring", "_native_flash")]
+        if degree == 4 and ph.args.compile:
+            variants.insert(2, ("diffusers-ulysses+cudnn+compile", "ulysses", "_native_cudnn"))
         for case in assigned[mine] if mine is not None else []:
             leader = ph.rank == groups[mine][0]
             inputs = make_inputs(case, ph.device)
@@ -220,6 +231,8 @@ def run_diffusers(ph: Phase) -> None:
                     if backend:
                         model.set_attention_backend(backend)
                     model.enable_parallelism(config=configs[kind])
+                    if method.endswith("+compile"):
+                        model.compile_repeated_blocks(dynamic=False)  # diffusers' regional compilation
                 except Exception as error:  # noqa: BLE001 - same on every rank: record and go on
                     if leader:
                         ph.record(case=case.key, degree=degree, method=method, error=f"{type(error).__name__}: {error}")
@@ -238,36 +251,38 @@ def run_diffusers(ph: Phase) -> None:
 
 def run_xfuser(ph: Phase) -> None:
     try:
-        from xfuser.core.distributed import (
-            destroy_model_parallel,
-            init_distributed_environment,
-            initialize_model_parallel,
-        )
-        from xfuser.core.distributed.runtime_state import get_runtime_state, initialize_runtime_state
+        from xfuser.core.distributed import init_distributed_environment, initialize_model_parallel
+        from xfuser.core.distributed.parallel_state import destroy_model_parallel  # the package does not re-export it
+        from xfuser.core.distributed.runtime_state import get_runtime_state
         from xfuser.model_executor.models.transformers.transformer_wan import xFuserWanTransformer3DWrapper
     except Exception as error:  # noqa: BLE001 - not installed or not importable here: a finding
         if ph.rank == 0:
             ph.record(case="all", degree=0, method="xfuser", error=f"import failed: {type(error).__name__}: {error}")
         return
-    init_distributed_environment(world_size=ph.world, rank=ph.rank)
+    cuda = ph.device.type == "cuda"
+    comm_backend = "nccl" if cuda else "gloo"  # named: xDiT refuses to pick one on a machine without a GPU
+    # xDiT's default attention on this machine (no flash_attn 3/4: cuDNN) and torch's flash; SDPA in the CPU smoke test
+    variants = (("xfuser-usp-ulysses", "CUDNN"), ("xfuser-usp-ulysses+sdpa_flash", "SDPA_FLASH")) if cuda else \
+        (("xfuser-usp-ulysses", "SDPA"),)
+    init_distributed_environment(world_size=ph.world, rank=ph.rank, backend=comm_backend)
     for degree, groups, assigned in ph.rounds():
         if degree == 1:
             continue
         mine = _my_group(groups, ph.rank)
         pgs = [dist.new_group(g) for g in groups]
         initialize_model_parallel(data_parallel_degree=ph.world // degree, sequence_parallel_degree=degree,
-                                  ulysses_degree=degree, ring_degree=1)
-        _xfuser_runtime_state(ph.world // degree, degree, initialize_runtime_state)
+                                  ulysses_degree=degree, ring_degree=1, backend=comm_backend)
         for case in assigned[mine] if mine is not None else []:
             leader = ph.rank == groups[mine][0]
             inputs = make_inputs(case, ph.device)
             try:
                 model = build_model(case, ph.device, cls=xFuserWanTransformer3DWrapper)
+                _xfuser_runtime_state(model, ph.world // degree, degree)
             except Exception as error:  # noqa: BLE001
                 if leader:
                     ph.record(case=case.key, degree=degree, method="xfuser", error=f"{type(error).__name__}: {error}")
                 continue
-            for method, backend in (("xfuser-usp-ulysses", "CUDNN"), ("xfuser-usp-ulysses+sdpa_flash", "SDPA_FLASH")):
+            for method, backend in variants:
                 try:
                     get_runtime_state().set_attention_backend(backend)
                 except Exception as error:  # noqa: BLE001
@@ -282,18 +297,17 @@ def run_xfuser(ph: Phase) -> None:
             break
 
 
-def _xfuser_runtime_state(dp_degree: int, ulysses_degree: int, fallback) -> None:
-    """xDiT's runtime state for its components used outside its pipelines. ``ExternalRuntimeState()`` builds its
-    config from default arguments (1 rank of parallelism), which xDiT's own checks reject in a world of several
-    ranks; so build the config with this round's degrees and run the same initialisation on it."""
-    try:
-        import xfuser.core.distributed.runtime_state as xrs
-        from xfuser.config import xFuserArgs
+def _xfuser_runtime_state(model, dp_degree: int, ulysses_degree: int) -> None:
+    """xDiT's global runtime state for ``model`` (an ``xFuserWanTransformer3DWrapper``) run outside its pipelines.
+    Its forward needs a ``DiTRuntimeState`` (``increment_step_counter``); ``initialize_runtime_state()`` without a
+    pipeline makes an ``ExternalRuntimeState``, which has none and whose default config (no parallelism) xDiT's own
+    checks reject in a world of several ranks. So: this round's degrees as xDiT's engine config, and a stand-in
+    pipeline holding only the transformer (xDiT reads its config: heads against the Ulysses degree, patch size).
+    Local: no collective; the model parallel groups must already exist."""
+    from types import SimpleNamespace
 
-        config, _ = xFuserArgs(data_parallel_degree=dp_degree, ulysses_degree=ulysses_degree,
-                               ring_degree=1).create_config()
-        state = xrs.ExternalRuntimeState.__new__(xrs.ExternalRuntimeState)
-        xrs.RuntimeState.__init__(state, config)
-        xrs._RUNTIME = state
-    except Exception:  # noqa: BLE001 - another xDiT version: its own way
-        fallback()
+    from xfuser.config import xFuserArgs
+    from xfuser.core.distributed.runtime_state import initialize_runtime_state
+
+    config, _ = xFuserArgs(data_parallel_degree=dp_degree, ulysses_degree=ulysses_degree, ring_degree=1).create_config()
+    initialize_runtime_state(pipeline=SimpleNamespace(transformer=model), engine_config=config)

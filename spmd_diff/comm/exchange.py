@@ -47,12 +47,11 @@ class Exchange:
         return (f"{self.group.name} {self.op}: rank {self.coll.rank} waiting for {doing} rank "
                 f"{self.group.ranks[p]} (epoch {epoch})")
 
-    def run(self) -> list:
-        group, coll, tr, lay, me = self.group, self.coll, self.transport, self.layout, self.me
-        my_rank, ranks = coll.rank, group.ranks
+    def prepare(self) -> tuple[list, dict, dict]:
+        """``(peers, send_plan, recv_plan)``: positions this rank exchanges with, and per peer the bytes and
+        chunk plan of what goes there / comes here (receives of unknown size get theirs from the header)."""
+        me, max_chunk = self.me, self.layout.chunk_bytes
         peers = sorted((set(self.sends) | set(self.recvs)) - {me})
-        epochs = {p: coll.next_epoch(ranks[p]) << EPOCH_SHIFT for p in peers}
-        max_chunk = lay.chunk_bytes
         send_plan = {}
         for p, tensor in self.sends.items():
             if p != me:
@@ -68,6 +67,13 @@ class Exchange:
                 else:
                     data = as_bytes(out)
                     recv_plan[p] = [out, data, *chunk_plan(data.numel(), max_chunk)]
+        return peers, send_plan, recv_plan
+
+    def run(self) -> list:
+        group, coll, tr, lay, me = self.group, self.coll, self.transport, self.layout, self.me
+        my_rank, ranks = coll.rank, group.ranks
+        peers, send_plan, recv_plan = self.prepare()
+        epochs = {p: coll.next_epoch(ranks[p]) << EPOCH_SHIFT for p in peers}
         total = sum(plan[0].numel() for plan in send_plan.values())
         if not self.headers and coll.on_device and self._run_fused(peers, epochs, send_plan, recv_plan):
             return self.results
@@ -134,18 +140,38 @@ class Exchange:
         return self.results
 
     def _run_fused(self, peers: list, epochs: dict, send_plan: dict, recv_plan: dict) -> bool:
-        """Enqueue this operation as one kernel if every peer's heap is mapped here (P2P) and every address and
-        size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path. Leaves a
-        ``FusedPlan`` in ``self.plan``: the group replays it while the same buffers come back."""
+        """Enqueue this operation as one kernel where ``fused_plan`` makes one; leaves it in ``self.plan`` (the
+        group replays it while the same buffers come back)."""
+        plan = self.fused_plan(peers, send_plan, recv_plan)
+        if plan is None:
+            return False
+        try:
+            plan.launch([epochs[p] >> EPOCH_SHIFT for p in peers], self.deadline)
+        except Exception as error:  # noqa: BLE001 - e.g. the kernel cannot launch here: nothing was enqueued
+            logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
+                                                   "host-driven path", type(error).__name__, error)
+            self.coll._fused = False
+            return False
+        me = self.me
+        for p in peers:
+            self.results[p] = recv_plan[p][0]
+        if me in self.sends and me in self.recvs:
+            self.results[me] = self.recvs[me] if plan.has_self else self._copy_self(self.sends[me], self.recvs[me])
+        self.plan = plan
+        return True
+
+    def fused_plan(self, peers: list, send_plan: dict, recv_plan: dict) -> Optional["FusedPlan"]:
+        """This operation as one kernel, not launched, if every peer's heap is mapped here (P2P) and every
+        address and size is a multiple of 4 bytes; same protocol, words and chunk plan as the host path."""
         coll, tr, lay, ranks, me = self.coll, self.transport, self.layout, self.group.ranks, self.me
         if not peers or len(peers) > FUSED_MAX_PEERS or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
-            return False
+            return None
         kernel = coll.fused_kernel()
         if kernel is None:
-            return False
+            return None
         addresses = [tr.address(ranks[p], 0) for p in peers]
         if None in addresses:
-            return False
+            return None
         local, my_rank = tr.address(coll.rank, 0), coll.rank
         rows, largest = [], 0
         for p, peer in zip(peers, addresses):
@@ -154,7 +180,7 @@ class Exchange:
             send_ptr = data.data_ptr() if data.numel() else 0
             out_ptr = out_bytes.data_ptr() if out_bytes.numel() else 0
             if (send_ptr | data.numel() | out_ptr | out_bytes.numel() | send_chunk | recv_chunk) % 4:
-                return False
+                return None
             largest = max(largest, send_chunk, recv_chunk)
             rows.append((send_ptr, data.numel(), num_send, send_chunk, peer + lay.buffer_offset(me, 0),
                                  peer + lay.grant_offset + my_rank * SIGNAL_BYTES,
@@ -171,21 +197,8 @@ class Exchange:
                                  f"send[{me}] {src.numel()}")
             rows.append((src.data_ptr() if src.numel() else 0, src.numel(), -1, 0, 0, 0, 0, 0, 0, 0,
                                  dst.data_ptr() if dst.numel() else 0, dst.numel(), 0, 0))
-        plan = FusedPlan(kernel, self.group, peers, rows, kernel.blocks_for(largest, len(peers)),
+        return FusedPlan(kernel, self.group, peers, rows, kernel.blocks_for(largest, len(peers)),
                          [recv_plan[p][2] for p in peers], fold_self)
-        try:
-            plan.launch([epochs[p] >> EPOCH_SHIFT for p in peers], self.deadline)
-        except Exception as error:  # noqa: BLE001 - e.g. the kernel cannot compile here: nothing was enqueued
-            logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
-                                                   "host-driven path", type(error).__name__, error)
-            coll._fused = False
-            return False
-        for p in peers:
-            self.results[p] = recv_plan[p][0]
-        if own:
-            self.results[me] = self.recvs[me] if fold_self else self._copy_self(self.sends[me], self.recvs[me])
-        self.plan = plan
-        return True
 
     def _copy_self(self, send: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
         if out is None:
