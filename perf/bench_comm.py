@@ -83,8 +83,10 @@ class Bench:
             self.comm.Barrier()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            host = time.perf_counter()
             for _ in range(iters):
                 fn()
+            self.last_host_s = (time.perf_counter() - host) / iters
             end.record()
             end.synchronize()
             samples.append(self.comm.allreduce(start.elapsed_time(end) / 1e3 / iters, op=MPI.MAX))
@@ -128,6 +130,11 @@ class Bench:
                 return run
 
             variants.append(("ours", ours("p2p", "cuda")))  # one CUDA kernel, replayed (Triton without CuPy)
+
+            def persistent():
+                ours("p2p", "cuda")()
+                return group.all_to_all_init(send, out).start
+            variants.append(("ours-persistent", persistent))  # Group.all_to_all_init: as MPI_Alltoall_init
             variants.append(("ours-triton-kernel", ours("p2p", "triton")))
             if total >= (64 << 20):
                 for blocks in ("16,4", "32,8", "44,16", "64,16"):
@@ -157,11 +164,13 @@ class Bench:
                         raise AssertionError(f"{name} at {total} B/rank: wrong result")
                     median, samples = self.timed(fn, iters, self.args.repeats)
                     row = dict(method=name, bytes_per_rank=total, seconds=median, samples=samples,
+                               host_us_per_call=self.comm.allreduce(self.last_host_s, op=MPI.MAX) * 1e6,
                                leaving_gbps=total * (self.size - 1) / self.size / median / 1e9,
                                algbw_gbps=total / median / 1e9)
                     rows.append(row)
                     self.log(f"a2a {total >> 10:>7} KiB/rank {name:<27} {median * 1e6:10.1f} us  "
-                             f"{row['leaving_gbps']:7.1f} GB/s leaving ({row['algbw_gbps']:.1f} algbw)")
+                             f"{row['leaving_gbps']:7.1f} GB/s leaving ({row['algbw_gbps']:.1f} algbw), host "
+                             f"{row['host_us_per_call']:.1f} us/call")
                 except Exception as error:  # noqa: BLE001 - recorded, the other measurements go on
                     self.error(f"a2a {name} {total}", error)
             self.transport.set_data_path("p2p")
@@ -392,10 +401,11 @@ def write_markdown(results: dict, path: Path) -> None:
              f"torch {env['versions']['torch']}, NCCL {env['versions']['nccl']}, nvshmem4py "
              f"{env['versions']['nvshmem4py']} (libnvshmem {env['versions']['libnvshmem']}). Medians after warm-up.",
              "", "## All-to-all (bf16, equal splits)", "",
-             "| bytes/rank | method | time (us) | GB/s leaving a rank | algbw GB/s |", "|---|---|---|---|---|"]
+             "| bytes/rank | method | time (us) | GB/s leaving a rank | algbw GB/s | host us/call |",
+             "|---|---|---|---|---|---|"]
     for r in results.get("all_to_all", []):
         lines.append(f"| {r['bytes_per_rank'] >> 10} KiB | {r['method']} | {r['seconds'] * 1e6:.1f} | "
-                     f"{r['leaving_gbps']:.1f} | {r['algbw_gbps']:.1f} |")
+                     f"{r['leaving_gbps']:.1f} | {r['algbw_gbps']:.1f} | {r.get('host_us_per_call', 0):.1f} |")
     lines += ["", "## Handoff of a 16x21x60x104 latent (one-way = round trip / 2)", "",
               "| dtype | method | bytes | one-way (us) | GB/s | target (us) | met |", "|---|---|---|---|---|---|---|"]
     for r in results.get("handoff", []):

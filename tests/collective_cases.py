@@ -102,7 +102,14 @@ def run_op(group, seed: int, op: Op, device: str = "cpu") -> None:
     else:
         got = [torch.full((op.counts[i][me],), 3, dtype=getattr(torch, op.dtype), device=device)
                for i in range(size)]
-        returned = group.all_to_all_into(send, got)
+        if op.index % 2:  # persistent (all_to_all_init): started twice, the buffers wiped in between
+            persistent = group.all_to_all_init(send, got)
+            persistent.start()
+            for tensor in got:
+                tensor.fill_(3)
+            returned = persistent.start()
+        else:
+            returned = group.all_to_all_into(send, got)
         assert all(a is b for a, b in zip(returned, got))
     for i in range(size):
         check(to_numpy(got[i]), message(seed, op, i, me), op, i, me)

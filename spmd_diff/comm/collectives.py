@@ -62,6 +62,8 @@ SINGLE_CHUNK_BYTES = 2 << 20
 """Messages up to this size go in one chunk (no pipelining: latency first)."""
 TARGET_CHUNK_BYTES = 16 << 20
 """Larger messages are cut into chunks of about this size (at least two, so copy-out overlaps transfer)."""
+TRACK_EVERY = 8
+"""Device heaps: replayed one-kernel operations record a completion event every this many (deadline checks)."""
 SIDE_STREAM_BYTES = 1 << 20
 """On a device heap, operations moving at least this many bytes use one CUDA stream per peer and direction."""
 FUSED_MAX_PEERS = 8
@@ -202,6 +204,7 @@ class GroupCollectives:
         self._streams: list = []
         self._fused: Any = None
         self._plans: dict = {}
+        self._untracked: Any = None
         self.set_fused(fused)
         if self.on_device:
             self._streams = [(torch.cuda.Stream(transport.device), torch.cuda.Stream(transport.device))
@@ -267,6 +270,23 @@ class GroupCollectives:
             self._plans.clear()
         self._plans[(group.ranks, key)] = plan
 
+    def track_lazily(self, description: str, checks: Any, deadline: float) -> None:
+        """Device heaps: remember an operation just enqueued on the current stream, recording an event for
+        every ``TRACK_EVERY``-th only (an event costs microseconds, a small all-to-all not many more); the
+        others are covered by a later event on the same stream, or by one ``synchronize`` records."""
+        stream = torch.cuda.current_stream(self.transport.device)
+        if self._untracked is not None and self._untracked[0] != stream:
+            self._record_untracked()
+        count = 1 if self._untracked is None else self._untracked[1] + 1
+        self._untracked = (stream, count, description, checks, deadline)
+        if count >= TRACK_EVERY:
+            self._record_untracked()
+
+    def _record_untracked(self) -> None:
+        stream, _, description, checks, deadline = self._untracked
+        self._untracked = None
+        self.track(stream.record_event(), description, checks, deadline)
+
     def track(self, event, description: str, checks: list, deadline: float) -> None:
         """Device heaps: remember an enqueued operation; wait for old ones beyond ``max_inflight``."""
         self._inflight.append((event, description, checks))
@@ -276,6 +296,8 @@ class GroupCollectives:
     def synchronize(self, deadline: Optional[float] = None) -> None:
         """Wait for every enqueued operation; StageTimeout names the group, peer and epoch that did not arrive."""
         deadline = time.monotonic() + self.timeout_s if deadline is None else deadline
+        if self._untracked is not None:
+            self._record_untracked()
         while self._inflight:
             self._wait_oldest(deadline)
         if self._fused and self._fused.failed_row():

@@ -247,11 +247,10 @@ class FusedPlan:
         self.table = kernel.table(rows)
 
     def launch(self, epochs: list, deadline: float) -> None:
-        """Enqueue with these pair epochs (already advanced) and track it against ``deadline``."""
+        """Enqueue with these pair epochs (already advanced); tracked against ``deadline`` (see
+        ``GroupCollectives.track_lazily``)."""
         self.kernel.launch(self.rows, epochs, self.blocks, self.table)
-        coll = self.coll
-        stream = torch.cuda.current_stream(coll.transport.device)
-        coll.track(stream.record_event(), self.name, (self._checks, epochs), deadline)
+        self.coll.track_lazily(self.name, (self._checks, epochs), deadline)
 
     def replay(self, deadline: float) -> None:
         """The same operation again: advance the epochs with every peer and launch."""
