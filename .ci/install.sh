@@ -20,4 +20,12 @@ if ! $PY -c "import torch" 2>/dev/null; then
 fi
 echo "== installing spmd_diff and its test/report extras"
 $PY -m pip install -q -e ".[test,report]"
+
+# Triton, for the CPU-interpreter checks of kernels/ (tests/unit/test_sp_kernels.py; they skip without it). Not a
+# test extra: a CUDA torch pins its own Triton, so only where none imports; 3.6.0 is what the GPU machines run.
+TRITON_SPEC=${TRITON_SPEC:-triton==3.6.0}
+if ! $PY -c "import triton" 2>/dev/null; then
+  echo "== installing $TRITON_SPEC (Triton's CPU interpreter, for the kernel tests)"
+  $PY -m pip install -q "$TRITON_SPEC" || echo "== $TRITON_SPEC did not install here: the interpreter tests skip"
+fi
 $PY -c "import torch, diffusers, mpi4py.MPI as M; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '|', M.Get_library_version().splitlines()[0])"

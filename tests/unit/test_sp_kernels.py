@@ -3,11 +3,9 @@ against the references in Triton's CPU interpreter when Triton is importable (on
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,8 @@ import torch
 
 from spmd_diff.parallel._kernels import apply_rotary_reference, lse_merge_, rope_pack
 from spmd_diff.parallel.attention import math_attention
+
+from spmd_diff.kernels._triton import HAS_TRITON  # after _kernels: it registers spmd_diff.kernels in a bare checkout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,33 +61,13 @@ def test_lse_merge_reference_equals_attention_over_the_union() -> None:
     torch.testing.assert_close(lse, whole_lse, rtol=1e-12, atol=1e-12)
 
 
-INTERPRETER_CHECK = textwrap.dedent("""
-    import torch
-    from spmd_diff.kernels.lse_merge import lse_merge_reference, lse_merge_triton
-    from spmd_diff.kernels.rope_pack import rope_pack_reference, rope_pack_triton
-    gen = torch.Generator().manual_seed(0)
-    for (B, S, H, D), heads in (((2, 5, 3, 12), [2, 1, 0]), ((1, 9, 4, 8), [1, 1, 1, 1])):
-        q, k, v = (torch.randn(B, S, H, D, generator=gen) for _ in range(3))
-        ang = torch.randn(S, D // 2, generator=gen).repeat_interleave(2, -1)
-        cos, sin = ang.cos().view(1, S, 1, D), ang.sin().view(1, S, 1, D)
-        for rot in ((cos, sin), (None, None)):
-            for a, b in zip(rope_pack_reference(q, k, v, *rot, heads), rope_pack_triton(q, k, v, *rot, heads)):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    acc, lse = torch.randn(2, 3, 7, 12, generator=gen), torch.randn(2, 3, 7, generator=gen)
-    blk = torch.randn(2, 7, 3, 12, generator=gen).transpose(1, 2)  # strided, as attention kernels return it
-    blk_lse = torch.randn(2, 7, 3, generator=gen).transpose(1, 2)
-    a, la, b, lb = acc.clone(), lse.clone(), acc.clone(), lse.clone()
-    lse_merge_reference(a, la, blk, blk_lse)
-    lse_merge_triton(b, lb, blk, blk_lse)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
-    print("interpreter ok")
-""")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (CPU-only install)")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton does not import here (CPU-only install)")
 def test_triton_kernels_in_the_cpu_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # read when the kernels are defined: a fresh interpreter
-    result = subprocess.run([sys.executable, "-c", INTERPRETER_CHECK], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and "interpreter ok" in result.stdout, result.stdout + result.stderr
+    """tests/unit/scripts/triton_interpreter_checks.py: both kernels against their references on the layouts the
+    GPU path produces. A fresh process: TRITON_INTERPRET is read when the kernels are defined."""
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run([sys.executable, str(ROOT / "tests/unit/scripts/triton_interpreter_checks.py")], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "interpreter ok" in result.stdout, \
+        f"exit {result.returncode}\n{result.stdout}{result.stderr}"
