@@ -15,6 +15,7 @@ STEPS=${STEPS:-checks,comm,sptests,sp}
 SP_ARGS=${SP_ARGS:-}
 SPTESTS=${SPTESTS:-not nothing}  # a pytest -k expression
 SP_BUDGET=${SP_BUDGET:-300}
+NGPU=${NGPU:-$(nvidia-smi -L | wc -l)}
 want() { [[ ",$STEPS," == *",$1,"* ]]; }
 step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
@@ -26,11 +27,11 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 step "gpus" 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m'
-want checks && step "nvshmem checks (4 ranks)" 180 $MPI -n 4 python3 tests/gpu/scripts/nvshmem_checks.py
-want comm && step "communication benchmark (4 ranks)" 240 $MPI -n 4 python3 perf/bench_comm.py --out "$OUT"
+want checks && step "nvshmem checks ($NGPU ranks)" 180 $MPI -n $NGPU python3 tests/gpu/scripts/nvshmem_checks.py
+want comm && step "communication benchmark ($NGPU ranks)" 240 $MPI -n $NGPU python3 perf/bench_comm.py --out "$OUT"
 want sptests && step "pytest tests/gpu/test_sp_gpu.py -k '$SPTESTS'" 240 python3 -m pytest -q -s tests/gpu/test_sp_gpu.py -k "$SPTESTS"
 want engine && step "pytest tests/gpu/test_engine_gpu.py" 240 python3 -m pytest -x -q -s tests/gpu/test_engine_gpu.py
-want sp && step "sequence-parallel benchmark" $((SP_BUDGET + 60)) python3 perf/bench_sp.py all --out "$OUT/sp" \
+want sp && step "sequence-parallel benchmark" $((SP_BUDGET + 60)) python3 perf/bench_sp.py all --gpus $NGPU --out "$OUT/sp" \
   --budget-s "$SP_BUDGET" $SP_ARGS
 grep -h "^===\|a2a \|handoff \|group of\|gpu checks\|ok\b\|passed\|failed\|ratio\|\] phase" "$LOG" \
   > "$OUT/summary.txt" || true

@@ -103,7 +103,7 @@ def run_ours(ph: Phase) -> None:
                             ("ours-ring", SPLayout("ring", degree, 1), 1)]
                 if degree == 4:
                     variants.append(("ours-torus", SPLayout("torus", 2, 2), 1))
-                if degree == 4 and ph.args.compile:
+                if ph.args.compile:
                     variants.insert(1, ("ours-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
             for method, layout, chunks in variants:
                 compiled = method.endswith("+compile")
@@ -220,7 +220,7 @@ def run_diffusers(ph: Phase) -> None:
         variants = [("diffusers-ulysses", "ulysses", None), ("diffusers-ulysses+cudnn", "ulysses", "_native_cudnn"),
                     ("diffusers-ring+cudnn", "ring", "_native_cudnn"),
                     ("diffusers-ring+flash", "ring", "_native_flash")]
-        if degree == 4 and ph.args.compile:
+        if ph.args.compile:
             variants.insert(2, ("diffusers-ulysses+cudnn+compile", "ulysses", "_native_cudnn"))
         for case in assigned[mine] if mine is not None else []:
             leader = ph.rank == groups[mine][0]
