@@ -178,8 +178,8 @@ def run_coll(ph: Phase) -> None:
                             ("coll-ring", SPLayout("ring", degree, 1), 1)]
                 if degree == 4:
                     variants.append(("coll-torus", SPLayout("torus", 2, 2), 1))
-                    if ph.args.compile:
-                        variants.insert(1, ("coll-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
+                if ph.args.compile:
+                    variants.insert(1, ("coll-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
                 for method, layout, chunks in variants:
                     compiled = method.endswith("+compile")
                     handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks),
