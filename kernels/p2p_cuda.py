@@ -215,7 +215,7 @@ class _Launcher:
     all-to-all cannot afford). Argument values are copied by the driver at launch, so reuse is safe.
 
     Args:
-        function: a CuPy ``Function`` (its ``ptr`` is the ``CUfunction``).
+        function: a CuPy ``RawKernel`` (or ``Function``; ``ptr`` of its ``Function`` is the ``CUfunction``).
         types: the ctypes type of each kernel parameter, in order.
     """
 
@@ -228,7 +228,7 @@ class _Launcher:
                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             driver.cuLaunchKernel.restype = ctypes.c_int
             _Launcher._driver = driver
-        self._function = ctypes.c_void_p(function.ptr)
+        self._function = ctypes.c_void_p(getattr(function, "kernel", function).ptr)  # RawKernel -> Function
         self.args = [kind() for kind in types]
         self._storage = (ctypes.c_void_p * len(types))(*[ctypes.addressof(a) for a in self.args])
         self._params = ctypes.cast(self._storage, ctypes.c_void_p)
