@@ -46,7 +46,6 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from spmd_diff.comm.transport import SIGNAL_BYTES, Transport, as_byte_tensor, round_up
@@ -77,6 +76,12 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.ui
 _DTYPES += [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "uint16", "uint32", "uint64")
             if isinstance(getattr(torch, name, None), torch.dtype)]
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
+
+
+def current_raw_stream(device: torch.device) -> int:
+    """The ``cudaStream_t`` of ``device``'s current stream, cheaply (no ``torch.cuda.Stream`` object)."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return raw(device.index) if raw is not None else torch.cuda.current_stream(device).cuda_stream
 
 
 def chunk_plan(nbytes: int, max_chunk_bytes: int) -> tuple[int, int]:
@@ -199,7 +204,7 @@ class GroupCollectives:
         self.timeout_s = timeout_s
         self.max_inflight = max_inflight
         self.on_device = transport.device.type == "cuda"
-        self._epochs = np.zeros(transport.size, dtype=np.int64)
+        self._epochs = [0] * transport.size  # a list: this is on every operation's host path
         self._inflight: deque = deque()
         self._streams: list = []
         self._fused: Any = None
@@ -219,12 +224,13 @@ class GroupCollectives:
 
     def next_epoch(self, peer: int) -> int:
         """Advance and return the epoch of the pair (this rank, ``peer``)."""
-        self._epochs[peer] += 1
-        return int(self._epochs[peer])
+        epoch = self._epochs[peer] + 1
+        self._epochs[peer] = epoch
+        return epoch
 
     def epoch(self, peer: int) -> int:
         """Operations done so far with ``peer``."""
-        return int(self._epochs[peer])
+        return self._epochs[peer]
 
     def stream_pair(self, position: int):
         """(send, receive) CUDA streams for the peer at group ``position`` (device heaps)."""
@@ -274,7 +280,7 @@ class GroupCollectives:
         """Device heaps: remember an operation just enqueued on the current stream, recording an event for
         every ``TRACK_EVERY``-th only (an event costs microseconds, a small all-to-all not many more); the
         others are covered by a later event on the same stream, or by one ``synchronize`` records."""
-        stream = torch.cuda.current_stream(self.transport.device)
+        stream = current_raw_stream(self.transport.device)
         if self._untracked is not None and self._untracked[0] != stream:
             self._record_untracked()
         count = 1 if self._untracked is None else self._untracked[1] + 1
@@ -285,7 +291,9 @@ class GroupCollectives:
     def _record_untracked(self) -> None:
         stream, _, description, checks, deadline = self._untracked
         self._untracked = None
-        self.track(stream.record_event(), description, checks, deadline)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.ExternalStream(stream, device=self.transport.device))
+        self.track(event, description, checks, deadline)
 
     def track(self, event, description: str, checks: list, deadline: float) -> None:
         """Device heaps: remember an enqueued operation; wait for old ones beyond ``max_inflight``."""

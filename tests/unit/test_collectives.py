@@ -32,7 +32,7 @@ def test_random_schedules_match_numpy(world, chunk_bytes, seed):
 
     def body(transport):
         coll = make(transport, chunk_bytes)
-        return run_schedule(coll, seed, ops), coll._epochs.tolist()
+        return run_schedule(coll, seed, ops), list(coll._epochs)
 
     results = run_local(world, 1 << 20, body, timeout_s=120)
     assert sum(ran for ran, _ in results) == sum(len(op.ranks) for op in ops)
