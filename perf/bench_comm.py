@@ -223,7 +223,7 @@ class Bench:
         t, data, sig = self.transport, self.data_offset, self.sig_offset
         nbytes = x.numel() * x.element_size()
         y_bytes = as_byte_tensor(y)
-        t._kernels = None if kernel else False  # None: pick the CUDA put kernel again where there is one
+        t.use_put_kernel = kernel  # the CUDA put-with-signal kernel, or a copy-engine copy and a signal operation
 
         def run():
             self.counter += 1
