@@ -77,7 +77,8 @@ class DitConfig:
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
     compile: bool = False
     """GPU DiT groups: compile each transformer block with torch.compile (fuses the blocks' elementwise passes;
-    the first step of each video shape pays the compilation)."""
+    the first step of each video shape pays the compilation). Changes bf16 rounding: videos differ from
+    uncompiled ones by about 1.5 uint8 levels on average."""
 
 
 @dataclass(frozen=True)
