@@ -22,8 +22,10 @@ every one of them interoperates with the host-driven path on the other side):
   (release, system scope): a handoff in one launch instead of a copy and a separate signal operation.
 - ``wait_at_least``: one thread spins (acquire) until a word reaches a value: a stream wait with a deadline.
 
-Every wait gives up after ``max_spins`` polls (backing off to a microsecond each), records ``1 + row`` (or 1) in
-the error word and lets the kernel finish: the GPU never hangs for ever, the host reports the timeout.
+Every wait gives up after ``timeout_s`` by the GPU's global timer (or at once once any wait has failed), and
+records the address of the word it waited on in an error word in pinned host memory, which the host reads without
+synchronizing (``failure()``); after a failure no signal is given, so peers time out too instead of reading
+stale bytes. The GPU never hangs for ever, and the host reports which peer did not answer.
 
 The torch reference is the host-driven path of the collectives (copy engines and NVSHMEM stream operations);
 tests compare the two bit for bit.
@@ -71,16 +73,42 @@ __device__ __forceinline__ void st_release(i64* p, i64 v) {
     asm volatile("st.release.sys.global.b64 [%0], %1;" :: "l"(p), "l"(v) : "memory");
 }
 
-// Thread 0 polls; every thread of the block gets the outcome.
-__device__ __forceinline__ bool block_wait(const i64* word, i64 target, i64 max_spins) {
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+// A failure is recorded twice: error[0] in pinned host memory (the host reads it without synchronizing) and
+// error[1] in device memory (what kernels check: an L2 read, not a PCIe round trip). 0 = no failure, else the
+// device address of the word a wait gave up on (the host decodes the peer and what was awaited from it).
+struct Errors { i64* host; i64* device; };
+
+__device__ __forceinline__ i64 read_error(Errors e) { return *(const volatile i64*)e.device; }
+
+__device__ __forceinline__ void set_error(Errors e, i64 value) {
+    *(volatile i64*)e.device = value;
+    *(volatile i64*)e.host = value;
+    __threadfence_system();
+}
+
+// Thread 0 polls until *word >= target; every thread of the block gets the outcome. Gives up after timeout_ns
+// (the GPU's global timer), or at once when another wait of any launch already failed (the error word is set):
+// after one failure nothing waits out a full deadline again.
+__device__ __forceinline__ bool block_wait(const i64* word, i64 target, i64 timeout_ns, Errors error) {
     __shared__ int outcome;
     if (threadIdx.x == 0) {
-        i64 spins = 0;
-        unsigned ns = 32;
         int ok = 1;
-        while (ld_acquire(word) < target) {
-            if (++spins > max_spins) { ok = 0; break; }
-            if (spins > 64) { __nanosleep(ns); if (ns < 1024) ns <<= 1; }
+        if (ld_acquire(word) < target) {
+            const u64 start = now_ns();
+            unsigned ns = 32, spins = 0;
+            while (ld_acquire(word) < target) {
+                if ((++spins & 31) == 0) {
+                    if (read_error(error) != 0 || (i64)(now_ns() - start) > timeout_ns) { ok = 0; break; }
+                }
+                if (spins > 64) { __nanosleep(ns); if (ns < 1024) ns <<= 1; }
+            }
+            if (!ok && read_error(error) == 0) set_error(error, (i64)word);
         }
         outcome = ok;
     }
@@ -91,8 +119,9 @@ __device__ __forceinline__ bool block_wait(const i64* word, i64 target, i64 max_
 }
 
 // Block b of nb copies its share of n bytes: 16-byte accesses (UNROLL in flight per thread) when both ends are
-// 16-byte aligned, else 4-byte, else bytes; loads through L2 only (the source may be rewritten remotely between
-// launches, and L1 is not coherent with NVLink writes).
+// 16-byte aligned, else 4-byte, else bytes; the wide loads go through L2 only (the source may be rewritten
+// remotely between launches, and L1 is not coherent with NVLink writes; the byte tail is read plainly, after
+// the acquire that ordered it).
 __device__ __forceinline__ void copy_share(const char* src, char* dst, i64 n, i64 b, i64 nb) {
     if (n <= 0) return;
     const i64 tid = threadIdx.x, nt = blockDim.x;
@@ -144,19 +173,25 @@ __device__ __forceinline__ bool last_block(int* counter, int nb) {
 }
 
 extern "C" __global__ void __launch_bounds__(512) p2p_all_to_all(
-        const i64* __restrict__ desc, int* counters, i64* error, i64 stride, i64 max_spins,
-        int send_blocks, int recv_blocks, i64 e0, i64 e1, i64 e2, i64 e3, i64 e4, i64 e5, i64 e6, i64 e7) {
+        const i64* __restrict__ desc, int* counters, i64* error_host, i64* error_device, i64 stride,
+        i64 timeout_ns, int send_blocks, int recv_blocks, i64 e0, i64 e1, i64 e2, i64 e3, i64 e4, i64 e5, i64 e6,
+        i64 e7) {
+    const Errors error = {error_host, error_device};
     const int per_row = send_blocks + recv_blocks;
     const int p = blockIdx.x / per_row;
     const int sub = blockIdx.x % per_row;
     const i64 es[8] = {e0, e1, e2, e3, e4, e5, e6, e7};
     const i64 epoch = es[p] << 20;
     const i64* row = desc + p * FIELDS;
-    int ok = 1;
     if (row[2] < 0) {  // this rank's own block: a local copy, no protocol
         copy_share((const char*)row[0], (char*)row[10], row[1], sub, per_row);
         return;
     }
+    // The entry grant (chunks 0 and 1 of our slot) comes from the row's first block, whatever its role: the slot
+    // is free (the previous operation on this stream has completed), and no block of the row waits before it.
+    if (sub == 0 && threadIdx.x == 0) st_release((i64*)row[5], epoch | 2);
+    // A failed wait skips its copy, and no signal is given after a failure anywhere (the error word is set
+    // before the failing block counts itself done): the peer times out too instead of reading stale bytes.
     if (sub < send_blocks) {
         const char* src = (const char*)row[0];
         const i64 nbytes = row[1], chunks = row[2], chunk = row[3];
@@ -164,14 +199,12 @@ extern "C" __global__ void __launch_bounds__(512) p2p_all_to_all(
         i64* peer_arrive = (i64*)row[7];
         const i64* my_grant = (const i64*)row[6];
         for (i64 k = 0; k < chunks; k++) {
-            if (block_wait(my_grant, epoch | (k + 1), max_spins)) {
+            if (block_wait(my_grant, epoch | (k + 1), timeout_ns, error)) {
                 const i64 low = k * chunk;
                 const i64 size = nbytes - low < chunk ? nbytes - low : chunk;
                 copy_share(src + low, peer_slot + (k & 1) * stride, size, sub, send_blocks);
-            } else {
-                ok = 0;
             }
-            if (last_block(counters + p * 4 + (k & 1), send_blocks) && threadIdx.x == 0)
+            if (last_block(counters + p * 4 + (k & 1), send_blocks) && threadIdx.x == 0 && read_error(error) == 0)
                 st_release(peer_arrive, epoch | (k + 1));
         }
     } else {
@@ -181,20 +214,17 @@ extern "C" __global__ void __launch_bounds__(512) p2p_all_to_all(
         const char* slot = (const char*)row[9];
         char* out = (char*)row[10];
         const i64 nbytes = row[11], chunks = row[12], chunk = row[13];
-        if (b == 0 && threadIdx.x == 0) st_release(peer_grant, epoch | 2);
         for (i64 k = 0; k < chunks; k++) {
-            if (block_wait(my_arrive, epoch | (k + 1), max_spins)) {
+            if (block_wait(my_arrive, epoch | (k + 1), timeout_ns, error)) {
                 const i64 low = k * chunk;
                 const i64 size = nbytes - low < chunk ? nbytes - low : chunk;
                 copy_share(slot + (k & 1) * stride, out + low, size, b, recv_blocks);
-            } else {
-                ok = 0;
             }
-            if (last_block(counters + p * 4 + 2 + (k & 1), recv_blocks) && threadIdx.x == 0 && k + 2 < chunks)
+            if (last_block(counters + p * 4 + 2 + (k & 1), recv_blocks) && threadIdx.x == 0 && k + 2 < chunks &&
+                read_error(error) == 0)
                 st_release(peer_grant, epoch | (k + 3));
         }
     }
-    if (!ok && threadIdx.x == 0) atomicExch((u64*)error, (u64)(p + 1));
 }
 
 extern "C" __global__ void __launch_bounds__(512) put_signal(
@@ -203,8 +233,9 @@ extern "C" __global__ void __launch_bounds__(512) put_signal(
     if (last_block(counter, gridDim.x) && threadIdx.x == 0) st_release(signal, value);
 }
 
-extern "C" __global__ void wait_at_least(const i64* word, i64 target, i64 max_spins, i64* error) {
-    if (!block_wait(word, target, max_spins) && threadIdx.x == 0) atomicExch((u64*)error, 1ull);
+extern "C" __global__ void wait_at_least(const i64* word, i64 target, i64 timeout_ns, i64* error_host,
+                                         i64* error_device) {
+    block_wait(word, target, timeout_ns, Errors{error_host, error_device});
 }
 """.replace("FIELDS", str(DESC_FIELDS))
 
@@ -265,37 +296,53 @@ def available() -> bool:
 
 
 class CudaP2P:
-    """Launches the kernels on the current torch stream of ``device``; owns counters, the error word and a
+    """Launches the kernels on the current torch stream of ``device``; owns counters, the error words and a
     cache of device descriptor tables (keyed by their contents: reused buffers cost no copy).
 
     Args:
         device: the GPU.
         buffer_stride: bytes between chunk buffers 0 and 1 of a collectives slot.
-        max_spins: polls of a wait before it gives up (about a microsecond each once backed off).
+        timeout_s: how long one wait inside a kernel may take before it gives up (the GPU's global timer).
     """
 
     SELF_ROWS = True
     """A descriptor row with ``send_chunks < 0`` is this rank's own block: copied locally, in the same launch."""
 
-    def __init__(self, device: torch.device, buffer_stride: int, max_spins: int = 50_000_000) -> None:
+    def __init__(self, device: torch.device, buffer_stride: int, timeout_s: float = 600.0) -> None:
         if not HAS_CUPY:
             raise RuntimeError("the CUDA data-plane kernels need CuPy")
         self.device = torch.device(device)
         self.buffer_stride = buffer_stride
-        self.max_spins = max_spins
+        self.timeout_ns = int(timeout_s * 1e9)
         module = _module(self.device)
         u64, i64, i32 = ctypes.c_uint64, ctypes.c_int64, ctypes.c_int32
-        self._a2a = _Launcher(module.get_function("p2p_all_to_all"),
-                              [u64, u64, u64, i64, i64, i32, i32] + [i64] * MAX_PEERS)
-        self._put = _Launcher(module.get_function("put_signal"), [u64, u64, i64, u64, i64, u64])
-        self._wait = _Launcher(module.get_function("wait_at_least"), [u64, i64, i64, u64])
+        with cupy.cuda.Device(self.device.index):  # RawKernel loads on CuPy's current device
+            self._a2a = _Launcher(module.get_function("p2p_all_to_all"),
+                                  [u64, u64, u64, u64, i64, i64, i32, i32] + [i64] * MAX_PEERS)
+            self._put = _Launcher(module.get_function("put_signal"), [u64, u64, i64, u64, i64, u64])
+            self._wait = _Launcher(module.get_function("wait_at_least"), [u64, i64, i64, u64, u64])
         self.counters = torch.zeros(MAX_PEERS * 4 + COUNTER_SLOTS, dtype=torch.int32, device=self.device)
-        self.error = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.error_host = torch.zeros(1, dtype=torch.int64, pin_memory=True)  # device-visible (UVA), no sync
+        self._error_view = self.error_host.numpy()
+        self.error_device = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._tables: dict = {}
         self._rotation = itertools.cycle(range(COUNTER_SLOTS))
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        self._fixed = (self.counters.data_ptr(), self.error.data_ptr(), buffer_stride, max_spins)
+        self._errors = (self.error_host.data_ptr(), self.error_device.data_ptr())
+        self._fixed = (self.counters.data_ptr(), *self._errors, buffer_stride, self.timeout_ns)
         self._no_epochs = (0,) * MAX_PEERS
+
+    def failure(self) -> int:
+        """0, or the device address of the heap word a wait gave up on (read without synchronizing: the
+        kernels write it into pinned host memory). Sticky until ``clear_failure``."""
+        return int(self._error_view[0])
+
+    def clear_failure(self) -> None:
+        """Forget a recorded failure (synchronizes the device; kernels check the device copy)."""
+        torch.cuda.synchronize(self.device)
+        self._error_view[0] = 0
+        self.error_device.zero_()
+        torch.cuda.synchronize(self.device)
 
     def _stream(self) -> int:
         return _RAW_STREAM(self.device.index) if _RAW_STREAM else torch.cuda.current_stream(self.device).cuda_stream
@@ -317,7 +364,12 @@ class CudaP2P:
         ``SPMD_DIFF_A2A_BLOCKS=S,R`` overrides."""
         forced = os.environ.get("SPMD_DIFF_A2A_BLOCKS")
         if forced:
-            send, recv = (int(v) for v in forced.split(","))
+            try:
+                send, recv = (int(v) for v in forced.split(","))
+            except ValueError:
+                send = recv = 0
+            if send < 1 or recv < 1:
+                raise ValueError(f"SPMD_DIFF_A2A_BLOCKS={forced!r}: give two positive block counts, e.g. 64,16")
             return send, recv
         send = max(1, min(-(-largest_chunk // (64 << 10)), max(16, SENDER_BLOCKS // peers)))
         return send, max(1, min(send // 4, 16))
@@ -333,7 +385,7 @@ class CudaP2P:
             table = self.table(rows)
         send, recv = blocks
         self._a2a(num * (send + recv), THREADS, self._stream(), table.data_ptr(), *self._fixed, send, recv,
-                  *epochs, *self._no_epochs[num:])
+                  *epochs, *self._no_epochs[len(epochs):])
 
     def put_signal(self, src_ptr: int, dst_ptr: int, nbytes: int, signal_ptr: int, value: int) -> None:
         """Enqueue: copy ``nbytes`` from ``src_ptr`` to ``dst_ptr`` (a peer-mapped heap address), then set the
@@ -344,8 +396,4 @@ class CudaP2P:
 
     def wait_at_least(self, word_ptr: int, target: int) -> None:
         """Enqueue: the stream waits until the local word at ``word_ptr`` is ``>= target`` (or gives up)."""
-        self._wait(1, 32, self._stream(), word_ptr, target, self.max_spins, self.error.data_ptr())
-
-    def failed_row(self) -> int:
-        """0 if no launch gave up waiting, else 1 + the descriptor row (or 1) of a wait that did (syncs)."""
-        return int(self.error.item())
+        self._wait(1, 32, self._stream(), word_ptr, target, self.timeout_ns, *self._errors)

@@ -25,8 +25,8 @@ Protocol of one operation between a sender ``s`` and a receiver ``r`` (chunk ``k
 
 On device heaps, operations involving the same pair of ranks must run in the order they were called: issue them on
 one CUDA stream (or order the streams), since epochs are counted in call order. ``all_to_all_into`` among GPUs that
-map each other's heaps runs as one Triton kernel (``spmd_diff.kernels.p2p_all_to_all``) that follows this very
-protocol; other operations are driven from the host.
+map each other's heaps runs as one kernel (CUDA C in ``spmd_diff.kernels.p2p_cuda``, else Triton in
+``spmd_diff.kernels.p2p_all_to_all``) that follows this very protocol; other operations are driven from the host.
 
 Operations run in rounds (round ``k``: every chunk ``k`` is sent, then every chunk ``k`` is received), so on one
 CUDA stream or on the host no wait depends on a later step: deadlock-free by induction over rounds. On device
@@ -252,7 +252,7 @@ class GroupCollectives:
                 cuda = load_kernel_module("p2p_cuda")
                 if cuda.available():
                     self._fused = cuda.CudaP2P(self.transport.device, self.layout.chunk_bytes,
-                                               max_spins=int(self.timeout_s * 1e6))
+                                               timeout_s=self.timeout_s)
             except Exception as error:  # noqa: BLE001 - NVRTC or CuPy trouble: the Triton kernel is next
                 logging.getLogger("spmd_diff").warning("CUDA data-plane kernels unavailable (%s: %s)",
                                                        type(error).__name__, error)
@@ -308,9 +308,32 @@ class GroupCollectives:
             self._record_untracked()
         while self._inflight:
             self._wait_oldest(deadline)
-        if self._fused and self._fused.failed_row():
+        self.check_kernel(sync=True)
+
+    def check_kernel(self, sync: bool = False) -> None:
+        """Raise StageTimeout if a one-kernel operation gave up waiting for a peer. The CUDA kernels report
+        through pinned host memory (no synchronization); the Triton kernel only when ``sync``."""
+        kernel = self._fused
+        if not kernel:
+            return
+        if hasattr(kernel, "failure"):
+            word = kernel.failure()
+            if word:
+                raise StageTimeout(f"rank {self.rank}: a one-kernel all-to-all gave up after {self.timeout_s:.0f} s "
+                                   f"waiting for {self._describe_word(word)}")
+        elif sync and kernel.failed_row():
             raise StageTimeout(f"rank {self.rank}: a one-kernel all-to-all gave up waiting for a peer (descriptor "
-                               f"row {self._fused.failed_row() - 1}) after ~{self.timeout_s:.0f} s of spinning")
+                               f"row {kernel.failed_row() - 1}) after ~{self.timeout_s:.0f} s of spinning")
+
+    def _describe_word(self, address: int) -> str:
+        """What a wait on the local heap word at device ``address`` was waiting for."""
+        offset = address - self.transport.address(self.rank, 0)
+        lay = self.layout
+        if lay.grant_offset <= offset < lay.arrive_offset:
+            return f"a grant from rank {(offset - lay.grant_offset) // SIGNAL_BYTES} (is it in the operation?)"
+        if lay.arrive_offset <= offset < lay.header_offset:
+            return f"a chunk from rank {(offset - lay.arrive_offset) // SIGNAL_BYTES}"
+        return f"the heap word at offset {offset}"
 
     def _wait_oldest(self, deadline: float) -> None:
         event, description, checks = self._inflight[0]

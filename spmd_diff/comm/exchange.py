@@ -51,6 +51,10 @@ class Exchange:
         """``(peers, send_plan, recv_plan)``: positions this rank exchanges with, and per peer the bytes and
         chunk plan of what goes there / comes here (receives of unknown size get theirs from the header)."""
         me, max_chunk = self.me, self.layout.chunk_bytes
+        mine, into = self.sends.get(me), self.recvs.get(me)
+        if mine is not None and into is not None and as_bytes(mine).numel() != as_bytes(into).numel():
+            raise ValueError(f"{self.group.name} {self.op}: out[{me}] has {as_bytes(into).numel()} bytes, "
+                             f"send[{me}] {as_bytes(mine).numel()}")  # before any epoch moves
         peers = sorted((set(self.sends) | set(self.recvs)) - {me})
         send_plan = {}
         for p, tensor in self.sends.items():
@@ -145,13 +149,16 @@ class Exchange:
         plan = self.fused_plan(peers, send_plan, recv_plan)
         if plan is None:
             return False
+        self.coll.check_kernel()  # an earlier kernel gave up: StageTimeout, never a silent fallback
+        pair_epochs = [epochs[p] >> EPOCH_SHIFT for p in peers]
         try:
-            plan.launch([epochs[p] >> EPOCH_SHIFT for p in peers], self.deadline)
+            plan.enqueue(pair_epochs)
         except Exception as error:  # noqa: BLE001 - e.g. the kernel cannot launch here: nothing was enqueued
             logging.getLogger("spmd_diff").warning("one-kernel all-to-all unavailable (%s: %s); using the "
                                                    "host-driven path", type(error).__name__, error)
             self.coll._fused = False
             return False
+        plan.track(pair_epochs, self.deadline)  # outside the try: a StageTimeout here must propagate
         me = self.me
         for p in peers:
             self.results[p] = recv_plan[p][0]
@@ -192,9 +199,6 @@ class Exchange:
         fold_self = own and getattr(kernel, "SELF_ROWS", False) and len(rows) < FUSED_MAX_PEERS
         if fold_self:
             src, dst = as_bytes(self.sends[me]), as_bytes(self.recvs[me])
-            if src.numel() != dst.numel():
-                raise ValueError(f"{self.group.name} {self.op}: out[{me}] has {dst.numel()} bytes, "
-                                 f"send[{me}] {src.numel()}")
             rows.append((src.data_ptr() if src.numel() else 0, src.numel(), -1, 0, 0, 0, 0, 0, 0, 0,
                                  dst.data_ptr() if dst.numel() else 0, dst.numel(), 0, 0))
         return FusedPlan(kernel, self.group, peers, rows, kernel.blocks_for(largest, len(peers)),
@@ -246,15 +250,27 @@ class FusedPlan:
         self.rows, self.blocks, self.last_chunks, self.has_self = rows, blocks, last_chunks, has_self
         self.table = kernel.table(rows)
 
-    def launch(self, epochs: list, deadline: float) -> None:
-        """Enqueue with these pair epochs (already advanced); tracked against ``deadline`` (see
-        ``GroupCollectives.track_lazily``)."""
+    def enqueue(self, epochs: list) -> None:
+        """Launch with these pair epochs (already advanced). Raises only if nothing was enqueued."""
         self.kernel.launch(self.rows, epochs, self.blocks, self.table)
+
+    def track(self, epochs: list, deadline: float) -> None:
+        """Track the launch against ``deadline`` (see ``GroupCollectives.track_lazily``)."""
         self.coll.track_lazily(self.name, (self._checks, epochs), deadline)
 
     def replay(self, deadline: float) -> None:
-        """The same operation again: advance the epochs with every peer and launch."""
-        self.launch([self.coll.next_epoch(rank) for rank in self.peer_ranks], deadline)
+        """The same operation again: advance the epochs with every peer, launch, track. A launch that fails
+        takes the epochs back (nothing was enqueued), so this rank stays in step with its peers."""
+        coll = self.coll
+        coll.check_kernel()
+        epochs = [coll.next_epoch(rank) for rank in self.peer_ranks]
+        try:
+            self.enqueue(epochs)
+        except BaseException:
+            for rank in self.peer_ranks:
+                coll._epochs[rank] -= 1
+            raise
+        self.track(epochs, deadline)
 
     def _checks(self, epochs: list) -> list:
         lay = self.coll.layout

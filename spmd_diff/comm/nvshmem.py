@@ -231,10 +231,18 @@ class NvshmemTransport(Transport):
         if target_rank in self._peer_heaps and self.use_put_kernel and self._put_kernel() is not None:
             data = self._device_bytes(src)
             self._check_range(target_offset, data.numel())
-            self._kernels.put_signal(data.data_ptr(), self._peer_heaps[target_rank].data_ptr() + target_offset,
-                                     data.numel(), self._peer_heaps[target_rank].data_ptr() + signal_offset,
-                                     signal_value)
-            return
+            if self._unfenced:  # NVSHMEM puts still in flight (after a data-path switch) go first
+                self._bindings.quiet_on_stream(self._stream())
+                self._unfenced.clear()
+            peer = self._peer_heaps[target_rank].data_ptr()
+            try:
+                self._kernels.put_signal(data.data_ptr(), peer + target_offset, data.numel(), peer + signal_offset,
+                                         signal_value)
+                return
+            except RuntimeError as error:  # the launch failed, nothing was enqueued: copy + signal from now on
+                logging.getLogger("spmd_diff").warning("CUDA put kernel failed to launch (%s); using a copy and "
+                                                       "a signal operation", error)
+                self._kernels = False
         if target_rank == self.rank or target_rank in self._peer_heaps:
             self.put(target_rank, target_offset, src)
             self.signal(target_rank, signal_offset, signal_value)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -25,9 +26,12 @@ from spmd_diff.comm.channel import (  # noqa: E402
     ChannelReceiver, ChannelSender, HeapLayout, Message, ReceiverPoller, RingSpec, pick_sender)
 from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
 from spmd_diff.comm.nvshmem import NvshmemTransport  # noqa: E402
+from spmd_diff.errors import StageTimeout  # noqa: E402
 from tests.collective_cases import run_schedule, schedule  # noqa: E402
 
 REGION = CollectiveLayout.bytes_needed(8, 4, 16 << 20)
+TIMEOUT_REGION = CollectiveLayout.bytes_needed(8, 2, 1 << 20)
+HAS_CUDA_KERNELS = importlib.util.find_spec("cupy") is not None
 
 
 def log(rank: int, text: str) -> None:
@@ -62,6 +66,9 @@ def check_collectives(transport, rank: int, size: int) -> None:
         outs = {}
         for path in ("cuda kernel", "triton kernel", "host path"):
             use_kernel(roomy, path)
+            expected = {"cuda kernel": "CudaP2P", "triton kernel": "P2PAllToAll", "host path": "NoneType"}[path]
+            if HAS_CUDA_KERNELS or path != "cuda kernel":
+                assert type(roomy.fused_kernel()).__name__ == expected, (path, roomy.fused_kernel())
             out = [torch.full((all_counts[group.ranks[i]][me],), -7, dtype=torch.int32, device="cuda")
                    for i in range(size)]
             group.all_to_all_into(send, out)
@@ -136,15 +143,42 @@ def check_channels(transport, rank: int, size: int, num_items: int = 40) -> None
     log(rank, f"channels under back-pressure ok: items per consumer {[counts[c] for c in consumers]}")
 
 
+def check_kernel_timeout(transport, rank: int, size: int, base: int) -> None:
+    """Rank 0 starts an all-to-all with rank 1, which never joins: the kernel gives up by its own deadline (2 s),
+    the host gets a StageTimeout naming rank 1, and the GPU is free again. Own region: its epochs are spent."""
+    coll = GroupCollectives(transport, base, TIMEOUT_REGION, max_ranks=2, timeout_s=2)
+    if rank == 0:
+        group = coll.group([0, 1])
+        send = [torch.ones(4096, device="cuda") for _ in range(2)]
+        out = [torch.zeros(4096, device="cuda") for _ in range(2)]
+        start = time.monotonic()
+        group.all_to_all_into(send, out)
+        assert type(coll.fused_kernel()).__name__ == "CudaP2P", coll.fused_kernel()
+        try:
+            coll.synchronize(time.monotonic() + 60)  # the host deadline is later: the kernel must give up first
+        except StageTimeout as error:
+            elapsed = time.monotonic() - start
+            assert "gave up" in str(error) and "rank 1" in str(error), error
+            assert elapsed < 20, elapsed
+            log(rank, f"kernel timeout ok after {elapsed:.1f} s: {error}")
+        else:
+            raise AssertionError("the all-to-all with an absent peer completed")
+        torch.cuda.synchronize()
+    MPI.COMM_WORLD.Barrier()
+
+
 def main() -> int:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())
-    transport = NvshmemTransport(comm, 2 * REGION + (1 << 20) + (64 << 20))
+    timeout_base = 2 * REGION + (1 << 20) + (64 << 20)
+    transport = NvshmemTransport(comm, timeout_base + TIMEOUT_REGION)
     try:
         log(rank, f"nvshmem transport up: {size} ranks, P2P peers of rank 0: {transport.p2p_peers}")
         check_collectives(transport, rank, size)
         check_channels(transport, rank, size)
+        if size >= 2 and HAS_CUDA_KERNELS:
+            check_kernel_timeout(transport, rank, size, timeout_base)
         log(rank, "gpu checks ok")
     finally:
         transport.free()
