@@ -101,10 +101,15 @@ __device__ __forceinline__ bool block_wait(const i64* word, i64 target, i64 time
         int ok = 1;
         if (ld_acquire(word) < target) {
             const u64 start = now_ns();
-            unsigned ns = 32, spins = 0;
+            const u64 max_spins = (u64)timeout_ns / 256 + 1024;  // a backstop should the global timer not tick
+            unsigned ns = 32;
+            u64 spins = 0;
             while (ld_acquire(word) < target) {
                 if ((++spins & 31) == 0) {
-                    if (read_error(error) != 0 || (i64)(now_ns() - start) > timeout_ns) { ok = 0; break; }
+                    if (read_error(error) != 0 || (i64)(now_ns() - start) > timeout_ns || spins > max_spins) {
+                        ok = 0;
+                        break;
+                    }
                 }
                 if (spins > 64) { __nanosleep(ns); if (ns < 1024) ns <<= 1; }
             }

@@ -152,10 +152,12 @@ def check_kernel_timeout(transport, rank: int, size: int, base: int) -> None:
         send = [torch.ones(4096, device="cuda") for _ in range(2)]
         out = [torch.zeros(4096, device="cuda") for _ in range(2)]
         start = time.monotonic()
+        log(rank, "kernel timeout check: starting an all-to-all that rank 1 never joins")
         group.all_to_all_into(send, out)
         assert type(coll.fused_kernel()).__name__ == "CudaP2P", coll.fused_kernel()
+        log(rank, "kernel timeout check: enqueued; waiting")
         try:
-            coll.synchronize(time.monotonic() + 60)  # the host deadline is later: the kernel must give up first
+            coll.synchronize(time.monotonic() + 15)  # the host deadline is later: the kernel must give up first
         except StageTimeout as error:
             elapsed = time.monotonic() - start
             assert "gave up" in str(error) and "rank 1" in str(error), error
@@ -177,7 +179,7 @@ def main() -> int:
         log(rank, f"nvshmem transport up: {size} ranks, P2P peers of rank 0: {transport.p2p_peers}")
         check_collectives(transport, rank, size)
         check_channels(transport, rank, size)
-        if size >= 2 and HAS_CUDA_KERNELS:
+        if size >= 2 and HAS_CUDA_KERNELS and os.environ.get("NVSHMEM_CHECKS_SKIP_TIMEOUT") != "1":
             check_kernel_timeout(transport, rank, size, timeout_base)
         log(rank, "gpu checks ok")
     finally:
