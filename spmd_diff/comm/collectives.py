@@ -291,8 +291,13 @@ class GroupCollectives:
     def _record_untracked(self) -> None:
         stream, _, description, checks, deadline = self._untracked
         self._untracked = None
+        device = self.transport.device
+        default = torch.cuda.default_stream(device)
+        # ExternalStream(0) would be a fresh pool stream (torch reads 0 as "none given"), and an event recorded
+        # there completes at once: the default stream must be named as itself.
+        on = default if stream == default.cuda_stream else torch.cuda.ExternalStream(stream, device=device)
         event = torch.cuda.Event()
-        event.record(torch.cuda.ExternalStream(stream, device=self.transport.device))
+        event.record(on)
         self.track(event, description, checks, deadline)
 
     def track(self, event, description: str, checks: list, deadline: float) -> None:

@@ -181,9 +181,10 @@ def main() -> int:
         log(rank, f"nvshmem transport up: {size} ranks, P2P peers of rank 0: {transport.p2p_peers}")
         check_collectives(transport, rank, size)
         check_channels(transport, rank, size)
-        # Opt-in: on two H200s (2026-11-22) an earlier form of this check, waiting in coll.synchronize, hung on
-        # the host after the kernel was enqueued (cause not found; the kernel deadline itself works on one GPU:
-        # kernel_timeout_probe.py). This form polls the failure word instead and has not run on GPUs yet.
+        # Opt-in until it has run on GPUs: on two H200s (2026-11-22) an earlier form, waiting in coll.synchronize,
+        # hung. Probable cause, fixed since: synchronize recorded its event on ExternalStream(0), a fresh stream,
+        # so it returned at once; the check then failed while the kernel still ran, and rank 0 met rank 1 at
+        # different barriers. The kernel deadline itself works on one GPU (kernel_timeout_probe.py).
         if size >= 2 and HAS_CUDA_KERNELS and os.environ.get("NVSHMEM_CHECKS_TIMEOUT") == "1":
             check_kernel_timeout(transport, rank, size, timeout_base)
         log(rank, "gpu checks ok")
