@@ -432,11 +432,13 @@ class Group:
             coll.keep_plan(self, key, exchange.plan)
         return result
 
-    def all_to_all_init(self, send: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> "PersistentAllToAll":
+    def all_to_all_init(self, send: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> Any:
         """A persistent ``all_to_all_into`` with these very buffers (as ``MPI_Alltoall_init``): local, nothing
         moves until ``start()``, which costs one kernel launch where the one-kernel path runs. The buffers must
         stay alive and in place while it is used; every rank of the group starts it the same number of times, in
         the same order as its other operations."""
+        from spmd_diff.comm.exchange import PersistentAllToAll
+
         self._check_list(send, "send")
         self._check_list(out, "out")
         return PersistentAllToAll(self, list(send), list(out))
@@ -499,34 +501,6 @@ class Group:
 
         deadline = time.monotonic() + self.coll.timeout_s if deadline is None else deadline
         return Exchange(self, op, sends, recvs, deadline).run()
-
-
-class PersistentAllToAll:
-    """What ``Group.all_to_all_init`` returns: ``start()`` runs the all-to-all again (device heaps: one kernel
-    launch with the pair epochs as arguments; elsewhere, or where the kernel cannot run, ``all_to_all_into``)."""
-
-    def __init__(self, group: Group, send: list, out: list) -> None:
-        from spmd_diff.comm.exchange import Exchange
-
-        self.group, self.send, self.out = group, send, out
-        self._plan = None
-        coll = group.coll
-        if coll.on_device and coll._fused_allowed:
-            exchange = Exchange(group, "all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), 0.0)
-            self._plan = exchange.fused_plan(*exchange.prepare())
-        if self._plan is not None and not self._plan.has_self:
-            me = group.rank_in_group
-            self._self_copy = (as_bytes(send[me]), as_bytes(out[me]))
-
-    def start(self, deadline: Optional[float] = None) -> list[torch.Tensor]:
-        """Enqueue one all-to-all; returns ``out`` (complete in stream order)."""
-        plan, coll = self._plan, self.group.coll
-        if plan is None or plan.kernel is not coll._fused or not coll._fused_allowed:
-            return self.group.all_to_all_into(self.send, self.out, deadline)
-        plan.replay(time.monotonic() + coll.timeout_s if deadline is None else deadline)
-        if not plan.has_self:
-            self._self_copy[1].copy_(self._self_copy[0])
-        return self.out
 
 
 def encode_header(tensor: torch.Tensor, chunk_bytes: int) -> bytes:

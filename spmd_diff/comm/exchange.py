@@ -4,6 +4,7 @@ the host-driven rounds, on the host or on CUDA streams, and the dispatch to the 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import torch
@@ -277,6 +278,32 @@ class FusedPlan:
         return [(lay.arrive_offset + rank * SIGNAL_BYTES, epoch << EPOCH_SHIFT | chunks,
                  f"the last chunk from rank {rank} (epoch {epoch}) has not arrived")
                 for rank, epoch, chunks in zip(self.peer_ranks, epochs, self.last_chunks)]
+
+
+class PersistentAllToAll:
+    """What ``Group.all_to_all_init`` returns: ``start()`` runs the all-to-all again (device heaps: one kernel
+    launch with the pair epochs as arguments; elsewhere, or where the kernel cannot run, ``all_to_all_into``)."""
+
+    def __init__(self, group: Group, send: list, out: list) -> None:
+        self.group, self.send, self.out = group, send, out
+        self._plan = None
+        coll = group.coll
+        if coll.on_device and coll._fused_allowed:
+            exchange = Exchange(group, "all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), 0.0)
+            self._plan = exchange.fused_plan(*exchange.prepare())
+        if self._plan is not None and not self._plan.has_self:
+            me = group.rank_in_group
+            self._self_copy = (as_bytes(send[me]), as_bytes(out[me]))
+
+    def start(self, deadline: Optional[float] = None) -> list[torch.Tensor]:
+        """Enqueue one all-to-all; returns ``out`` (complete in stream order)."""
+        plan, coll = self._plan, self.group.coll
+        if plan is None or plan.kernel is not coll._fused or not coll._fused_allowed:
+            return self.group.all_to_all_into(self.send, self.out, deadline)
+        plan.replay(time.monotonic() + coll.timeout_s if deadline is None else deadline)
+        if not plan.has_self:
+            self._self_copy[1].copy_(self._self_copy[0])
+        return self.out
 
 
 def load_kernel_module(name: str) -> Any:

@@ -66,18 +66,25 @@ def test_same_pair_in_many_groups_reuses_slots():
     assert sum(run_local(4, 1 << 20, body, timeout_s=60)) > 0
 
 
-def test_group_formation_is_local_and_fast():
+def test_group_formation_is_local():
+    """Forming a group touches neither the transport nor the heap (its cost is measured in perf/bench_comm.py)."""
+    operations = ("put", "put_signal", "signal", "wait_signal", "stream_wait_signal", "read_signal", "local_view",
+                  "local_tensor", "zero_local", "quiet", "barrier")
+
     def body(transport):
         coll = make(transport)
-        t0 = time.perf_counter()
-        for k in range(1000):
-            group = coll.group([transport.rank, (transport.rank + 1 + k % 3) % 4])
-        elapsed = (time.perf_counter() - t0) / 1000
-        assert group.ranks[0] == transport.rank and group.rank_in_group == 0
-        return elapsed
+        calls = []
+        for name in operations:
+            original = getattr(transport, name)
+            setattr(transport, name, lambda *a, _name=name, _original=original, **k: (calls.append(_name),
+                                                                                         _original(*a, **k))[1])
+        groups = [coll.group([transport.rank, (transport.rank + 1 + k % 3) % 4]) for k in range(1000)]
+        for name in operations:
+            delattr(transport, name)
+        assert all(g.ranks[0] == transport.rank and g.rank_in_group == 0 for g in groups)
+        return calls
 
-    per_group = max(run_local(4, 1 << 20, body))
-    assert per_group < 200e-6, f"forming a group took {per_group * 1e6:.1f} us"
+    assert run_local(4, 1 << 20, body) == [[], [], [], []]
 
 
 def test_group_errors():
