@@ -76,9 +76,9 @@ class DitConfig:
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
     compile: bool = False
-    """GPU DiT groups: compile each transformer block with torch.compile (fuses the blocks' elementwise passes;
-    the first step of each video shape pays the compilation). Changes bf16 rounding: videos differ from
-    uncompiled ones by about 1.5 uint8 levels on average."""
+    """GPU DiT groups (dit.sp_degree > 1; no effect on single-rank DiT): compile each transformer block with
+    torch.compile (fuses the blocks' elementwise passes; the first step of each video shape pays the
+    compilation). Changes bf16 rounding: videos differ from uncompiled ones by about 1.5 uint8 levels on average."""
 
 
 @dataclass(frozen=True)
