@@ -181,9 +181,9 @@ class GroupCollectives:
         max_inflight: device heaps: operations queued on streams before the host waits for the oldest one.
         barrier: zero the region on every rank and barrier (set False when the heap is fresh and a barrier
             follows anyway).
-        fused: device heaps: run ``all_to_all_into`` among P2P-mapped GPUs as one kernel (its launches share
-            per-row completion counters: issue one object's operations on one stream at a time)
-            (``spmd_diff.kernels.p2p_all_to_all``, same protocol and heap words) when Triton is there.
+        fused: device heaps: run ``all_to_all_into`` among P2P-mapped GPUs as one kernel (CUDA C through CuPy,
+            else Triton; same protocol and heap words). Its launches share per-row completion counters: issue
+            one object's operations on one stream at a time.
     """
 
     def __init__(self, transport: Transport, base_offset: int, region_bytes: int, max_ranks: int = 8,
