@@ -46,6 +46,24 @@ def describe(send_ptr: int, send_bytes: int, send_chunks: int, send_chunk_bytes:
             my_arrive, recv_slot, out_ptr, recv_bytes, recv_chunks, recv_chunk_bytes)
 
 
+class DescriptorTables:
+    """Device copies of descriptor tables, cached by their contents: an operation on buffers seen before costs no
+    copy. Calling it with rows gives the ``[rows, DESC_FIELDS]`` int64 table on ``device``."""
+
+    def __init__(self, device: torch.device, limit: int = 256) -> None:
+        self.device, self.limit = device, limit
+        self._tables: dict = {}
+
+    def __call__(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
+        key = tuple(rows)
+        table = self._tables.get(key)
+        if table is None:
+            if len(self._tables) >= self.limit:
+                self._tables.clear()
+            table = self._tables[key] = torch.tensor(rows, dtype=torch.int64).to(self.device)
+        return table
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -151,18 +169,7 @@ class P2PAllToAll:
         self.max_spins = max_spins
         self.counters = torch.zeros(MAX_PEERS * 4, dtype=torch.int64, device=device)
         self.error = torch.zeros(1, dtype=torch.int64, device=device)
-        self._tables: dict = {}
-
-    def table(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
-        """The device copy of a descriptor table (cached by contents)."""
-        key = tuple(rows)
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= 256:
-                self._tables.clear()
-            table = torch.tensor(rows, dtype=torch.int64).to(self.device)
-            self._tables[key] = table
-        return table
+        self.table = DescriptorTables(device)
 
     @staticmethod
     def blocks_for(largest_chunk: int, peers: int) -> int:

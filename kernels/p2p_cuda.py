@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on the install
     cupy = None
     HAS_CUPY = False
 
-from .p2p_all_to_all import DESC_FIELDS, MAX_PEERS
+from .p2p_all_to_all import DESC_FIELDS, MAX_PEERS, DescriptorTables
 
 THREADS = 512
 """Threads per block of every copying kernel."""
@@ -330,7 +330,7 @@ class CudaP2P:
         self.error_host = torch.zeros(1, dtype=torch.int64, pin_memory=True)  # device-visible (UVA), no sync
         self._error_view = self.error_host.numpy()
         self.error_device = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._tables: dict = {}
+        self.table = DescriptorTables(self.device)
         self._rotation = itertools.cycle(range(COUNTER_SLOTS))
         self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         self._errors = (self.error_host.data_ptr(), self.error_device.data_ptr())
@@ -351,17 +351,6 @@ class CudaP2P:
 
     def _stream(self) -> int:
         return _RAW_STREAM(self.device.index) if _RAW_STREAM else torch.cuda.current_stream(self.device).cuda_stream
-
-    def table(self, rows: list[tuple[int, ...]]) -> torch.Tensor:
-        """The device copy of a descriptor table (cached by contents)."""
-        key = tuple(rows)
-        table = self._tables.get(key)
-        if table is None:
-            if len(self._tables) >= 256:
-                self._tables.clear()
-            table = torch.tensor(rows, dtype=torch.int64).to(self.device)
-            self._tables[key] = table
-        return table
 
     def blocks_for(self, largest_chunk: int, peers: int) -> tuple[int, int]:
         """``(send_blocks, recv_blocks)`` per peer: one sender per 64 KiB of the largest chunk, up to a share of

@@ -269,8 +269,8 @@ class GroupCollectives:
 
     def plan_for(self, group: "Group", key: tuple) -> Any:
         """A one-kernel all-to-all already run by ``group`` with the buffers of ``key``, or None."""
-        plan = self._plans.get((group.ranks, key)) if self._fused_allowed else None
-        return plan if plan is not None and plan.kernel is self._fused else None
+        plan = self._plans.get((group.ranks, key))
+        return plan if plan is not None and plan.current else None
 
     def keep_plan(self, group: "Group", key: tuple, plan: Any) -> None:
         if len(self._plans) >= 512:
@@ -418,10 +418,7 @@ class Group:
                 (t.data_ptr(), t.nbytes, t.is_contiguous()) for t in out)
             plan = coll.plan_for(self, key)
             if plan is not None:
-                plan.replay(time.monotonic() + coll.timeout_s if deadline is None else deadline)
-                if not plan.has_self:
-                    as_bytes(out[self.rank_in_group]).copy_(as_bytes(send[self.rank_in_group]))
-                return out
+                return plan.replay(send, out, deadline)
         self._check_list(send, "send")
         self._check_list(out, "out")
         from spmd_diff.comm.exchange import Exchange

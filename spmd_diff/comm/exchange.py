@@ -241,11 +241,12 @@ class FusedPlan:
     pair epochs do, and they travel as kernel arguments.
     """
 
-    __slots__ = ("kernel", "coll", "name", "peer_ranks", "rows", "table", "blocks", "last_chunks", "has_self")
+    __slots__ = ("kernel", "coll", "me", "name", "peer_ranks", "rows", "table", "blocks", "last_chunks",
+                 "has_self")
 
     def __init__(self, kernel: Any, group: Group, peers: list, rows: list, blocks: Any, last_chunks: list,
                  has_self: bool) -> None:
-        self.kernel, self.coll = kernel, group.coll
+        self.kernel, self.coll, self.me = kernel, group.coll, group.rank_in_group
         self.name = f"{group.name} all_to_all_into (one kernel)"
         self.peer_ranks = [group.ranks[p] for p in peers]
         self.rows, self.blocks, self.last_chunks, self.has_self = rows, blocks, last_chunks, has_self
@@ -259,10 +260,17 @@ class FusedPlan:
         """Track the launch against ``deadline`` (see ``GroupCollectives.track_lazily``)."""
         self.coll.track_lazily(self.name, (self._checks, epochs), deadline)
 
-    def replay(self, deadline: float) -> None:
-        """The same operation again: advance the epochs with every peer, launch, track. A launch that fails
-        takes the epochs back (nothing was enqueued), so this rank stays in step with its peers."""
+    @property
+    def current(self) -> bool:
+        """Whether the collectives still run this plan's kernel (not switched, disabled or failed over)."""
+        return self.coll._fused_allowed and self.kernel is self.coll._fused
+
+    def replay(self, send: list, out: list, deadline: Optional[float] = None) -> list:
+        """The same operation again with the buffers it was planned for: advance the epochs with every peer,
+        launch, track, and copy this rank's own block where the kernel does not; returns ``out``. A launch that
+        fails takes the epochs back (nothing was enqueued), so this rank stays in step with its peers."""
         coll = self.coll
+        deadline = time.monotonic() + coll.timeout_s if deadline is None else deadline
         coll.check_kernel()
         epochs = [coll.next_epoch(rank) for rank in self.peer_ranks]
         try:
@@ -272,6 +280,9 @@ class FusedPlan:
                 coll._epochs[rank] -= 1
             raise
         self.track(epochs, deadline)
+        if not self.has_self:
+            as_bytes(out[self.me]).copy_(as_bytes(send[self.me]))
+        return out
 
     def _checks(self, epochs: list) -> list:
         lay = self.coll.layout
@@ -291,19 +302,12 @@ class PersistentAllToAll:
         if coll.on_device and coll._fused_allowed:
             exchange = Exchange(group, "all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), 0.0)
             self._plan = exchange.fused_plan(*exchange.prepare())
-        if self._plan is not None and not self._plan.has_self:
-            me = group.rank_in_group
-            self._self_copy = (as_bytes(send[me]), as_bytes(out[me]))
 
     def start(self, deadline: Optional[float] = None) -> list[torch.Tensor]:
         """Enqueue one all-to-all; returns ``out`` (complete in stream order)."""
-        plan, coll = self._plan, self.group.coll
-        if plan is None or plan.kernel is not coll._fused or not coll._fused_allowed:
+        if self._plan is None or not self._plan.current:
             return self.group.all_to_all_into(self.send, self.out, deadline)
-        plan.replay(time.monotonic() + coll.timeout_s if deadline is None else deadline)
-        if not plan.has_self:
-            self._self_copy[1].copy_(self._self_copy[0])
-        return self.out
+        return self._plan.replay(self.send, self.out, deadline)
 
 
 def load_kernel_module(name: str) -> Any:
