@@ -5,23 +5,8 @@
 # Steps are independent: a failing step is logged and the next one runs. Everything goes to $OUT/log.txt.
 set -u
 OUT=${OUT:-perf/results/gpu-run}
-mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
-export SPMD_DIFF_CACHE=/tmp/spmd_cache OMP_NUM_THREADS=4
-LOG="$OUT/log.txt"
-MPI="mpirun --allow-run-as-root --oversubscribe --bind-to none"
 STEPS=${STEPS:-checks,bench,engine,renders}  # a subset runs only those steps
-want() { [[ ",$STEPS," == *",$1,"* ]]; }
-step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
-  echo "=== $name (limit ${limit}s)" | tee -a "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1; local rc=$?
-  echo "=== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$LOG"; }
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >> "$LOG" 2>&1 && export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONPATH=${PYTHONPATH:-$PWD}
-step "gpus" 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvidia-smi topo -m'
+source "$(dirname "$0")/gpu_common.sh"
 want checks && step "nvshmem checks (4 ranks)" 150 $MPI -n 4 python3 tests/gpu/scripts/nvshmem_checks.py
 want bench && step "benchmark (4 ranks)" 240 $MPI -n 4 python3 perf/bench_comm.py --out "$OUT"
 want engine && step "pytest tests/gpu engine vs WanPipeline" 240 python3 -m pytest -x -q -s tests/gpu/test_engine_gpu.py
