@@ -97,27 +97,42 @@ def run_ours(ph: Phase) -> None:
                     model.set_attention_backend("native")
                 variants = [("ours", SPLayout("ulysses", 1, 1), 1)]
             else:
-                pipe = max(1, min(3, case.heads // degree))
-                variants = [("ours-ulysses", SPLayout("ulysses", 1, degree), 1),
-                            ("ours-ulysses-pipe", SPLayout("ulysses", 1, degree), pipe),
-                            ("ours-ring", SPLayout("ring", degree, 1), 1)]
-                if degree == 4:
-                    variants.append(("ours-torus", SPLayout("torus", 2, 2), 1))
-                if ph.args.compile:
-                    variants.insert(1, ("ours-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
-            for method, layout, chunks in variants:
-                compiled = method.endswith("+compile")
-                handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks),
-                                                 compile_blocks=compiled)
-                ph.measure(method, case, degree, pg, forward, leader, layout=layout.describe(), head_chunks=chunks,
-                           attention=f"{local.backend}/{local.lse_backend}", compiled=compiled)
-                handle.remove()
+                variants = _sp_variants("ours", case, degree, ph.args.compile)
+            _measure_variants(ph, variants, case, degree, pg, model, forward, comm, local, leader,
+                              attention=f"{local.backend}/{local.lse_backend}")
             if degree == 4:
                 torus_diagnostics(ph, case, comm, pg, model, forward, local, leader)
             _free(model, inputs)
         dist.barrier()
         if ph.over_budget():
             break
+
+
+def _sp_variants(prefix: str, case, degree: int, compile_variant: bool) -> list:
+    """``(method, layout, head_chunks)`` of our layouts at ``degree`` > 1: Ulysses (also compiled, also
+    head-pipelined), ring, and at 4 the torus 2 x 2."""
+    ulysses = SPLayout("ulysses", 1, degree)
+    variants = [(f"{prefix}-ulysses", ulysses, 1)]
+    if compile_variant:
+        variants.append((f"{prefix}-ulysses+compile", ulysses, 1))
+    variants += [(f"{prefix}-ulysses-pipe", ulysses, max(1, min(3, case.heads // degree))),
+                 (f"{prefix}-ring", SPLayout("ring", degree, 1), 1)]
+    if degree == 4:
+        variants.append((f"{prefix}-torus", SPLayout("torus", 2, 2), 1))
+    return variants
+
+
+def _measure_variants(ph: Phase, variants: list, case, degree: int, pg, model, forward, seq_comm, local,
+                      leader: bool, **extra) -> None:
+    """Parallelize ``model`` over ``seq_comm`` in each layout of ``variants`` (a ``+compile`` method compiles the
+    blocks), time ``forward`` and record it, then restore the model."""
+    for method, layout, chunks in variants:
+        compiled = method.endswith("+compile")
+        handle = parallelize_transformer(model, build_attention(seq_comm, layout, local, head_chunks=chunks),
+                                         compile_blocks=compiled)
+        ph.measure(method, case, degree, pg, forward, leader, layout=layout.describe(), head_chunks=chunks,
+                   compiled=compiled, **extra)
+        handle.remove()
 
 
 def torus_diagnostics(ph: Phase, case, comm, pg, model, forward, local, leader: bool) -> None:
@@ -173,21 +188,9 @@ def run_coll(ph: Phase) -> None:
                 leader = ph.rank == groups[mine][0]
                 model = build_model(case, ph.device)
                 inputs = make_inputs(case, ph.device)
-                variants = [("coll-ulysses", SPLayout("ulysses", 1, degree), 1),
-                            ("coll-ulysses-pipe", SPLayout("ulysses", 1, degree), max(1, min(3, case.heads // degree))),
-                            ("coll-ring", SPLayout("ring", degree, 1), 1)]
-                if degree == 4:
-                    variants.append(("coll-torus", SPLayout("torus", 2, 2), 1))
-                if ph.args.compile:
-                    variants.insert(1, ("coll-ulysses+compile", SPLayout("ulysses", 1, degree), 1))
-                for method, layout, chunks in variants:
-                    compiled = method.endswith("+compile")
-                    handle = parallelize_transformer(model, build_attention(comm, layout, local, head_chunks=chunks),
-                                                     compile_blocks=compiled)
-                    ph.measure(method, case, degree, pgs[mine], lambda: _forward(model, inputs), leader,
-                               layout=layout.describe(), head_chunks=chunks, comm="GroupCollectives/NVSHMEM",
-                               compiled=compiled)
-                    handle.remove()
+                _measure_variants(ph, _sp_variants("coll", case, degree, ph.args.compile), case, degree, pgs[mine],
+                                  model, lambda: _forward(model, inputs), comm, local, leader,
+                                  comm="GroupCollectives/NVSHMEM")
                 _free(model, inputs)
             coll.synchronize()
             dist.barrier()
