@@ -106,6 +106,21 @@ def test_group_errors():
     assert all(run_local(4, 1 << 20, body))
 
 
+def test_own_block_size_mismatch_is_reported_before_epochs_move():
+    def body(transport):
+        coll = make(transport)
+        group = coll.group([0, 1])
+        if transport.rank == 0:
+            with pytest.raises(ValueError, match="out\\[0\\] has 48 bytes, send\\[0\\] 40"):
+                group.all_to_all_into([torch.zeros(10), torch.zeros(10)], [torch.empty(12), torch.empty(10)])
+            assert coll.epoch(1) == 0  # this rank stays in step with its peer, which never saw the call
+        send = [torch.full((3,), float(transport.rank * 2 + j)) for j in range(2)]
+        got = group.all_to_all_into(send, [torch.empty(3), torch.empty(3)])
+        return [float(t[0]) for t in got]
+
+    assert run_local(2, 1 << 20, body, timeout_s=30) == [[0.0, 2.0], [1.0, 3.0]]
+
+
 def test_into_size_mismatch_is_reported():
     def body(transport):
         coll = make(transport)
