@@ -8,21 +8,26 @@ setup(
     # Every subpackage of spmd_diff, plus the top-level kernels/ folder installed as spmd_diff.kernels.
     packages=find_packages(include=["spmd_diff", "spmd_diff.*"]) + ["spmd_diff.kernels"],
     package_dir={"spmd_diff.kernels": "kernels"},
+    # Everything imported at run time, with the versions tested (lower bounds) and upper bounds where a newer
+    # major version is known or expected to break the model code (diffusers' Wan classes, transformers' UMT5,
+    # torch's dispatch). accelerate: diffusers needs it to load Wan's transformer (keep_in_fp32_modules).
     install_requires=[
-        "numpy",
-        "h5py",
-        "mpi4py>=3.1",
-        "torch",
-        "diffusers>=0.35",
-        "transformers",
-        "tokenizers",
-        "sentencepiece",
-        "protobuf",
-        "ftfy",
+        "numpy>=1.26,<3",
+        "h5py>=3.10,<4",
+        "mpi4py>=3.1,<5",
+        "torch>=2.4,<3",
+        "diffusers>=0.35,<0.50",
+        "transformers>=4.46,<6",
+        "accelerate>=1.0,<2",
+        "tokenizers>=0.20,<1",
+        "sentencepiece>=0.2,<1",
+        "protobuf>=4,<8",
+        "ftfy>=6,<7",
+        "Pillow>=10,<14",
     ],
     extras_require={
-        "report": ["matplotlib", "imageio", "imageio-ffmpeg", "tqdm"],
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "report": ["matplotlib>=3.7,<4", "imageio>=2.30,<3", "imageio-ffmpeg>=0.5,<1", "tqdm>=4.60,<5"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "hypothesis>=6.100,<7"],
     },
     entry_points={"console_scripts": ["spmd-diff=spmd_diff.cli:main"]},
 )
