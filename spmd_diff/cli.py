@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="write OUT/report.html and timeline PNGs from OUT/events.jsonl")
     report.add_argument("out")
+    report.add_argument("--run", default="all", help="which runs recorded in OUT: 'all' (default: every run, in "
+                        "order, on one time axis), 'latest', or a run number (0 = the first)")
 
     export = sub.add_parser("export", help="write playable files (mp4, gif, png frames)")
     export.add_argument("out", help="OUT/ or OUT/videos.h5")
@@ -85,12 +87,18 @@ def _run(args) -> int:
     # Catch stop signals before the heavy imports: a SIGTERM during start-up still ends in exit 75 (requeue).
     stop = StopFlag().install()
     from spmd_diff.io.inputs import parse_shard
-    from spmd_diff.runtime.engine import RunRequest, run
+    from spmd_diff.runtime.startup import RunRequest, finish_without_work, start
 
     shard = parse_shard(args.shard) if args.shard else None
     request = RunRequest(args.job, args.prompts, args.out, tuple(args.overrides), args.model, shard, args.force,
                          args.retry_failed)
-    return run(request, stop)
+    started = start(request)  # no torch yet: bad input is reported within about a second
+    if not started.inputs.pending:
+        stop.uninstall()
+        return finish_without_work(started, request)
+    from spmd_diff.runtime.engine import run
+
+    return run(started, request, stop)
 
 
 def _dispatch(args) -> int:
@@ -115,7 +123,10 @@ def _dispatch(args) -> int:
     if args.command == "report":
         from spmd_diff.observe.report import write_report
 
-        print(write_report(args.out))
+        run = int(args.run) if args.run.isdigit() else args.run
+        if run not in ("all", "latest") and not isinstance(run, int):
+            raise UserError(f"--run {args.run!r}: give 'all', 'latest' or a run number")
+        print(write_report(args.out, run))
         return 0
     if args.command == "export":
         from spmd_diff.observe.export import export_videos

@@ -1,48 +1,26 @@
 """spmd_diff.comm: transports (a symmetric heap with one-sided puts and signal words) and the double-ring channel.
 
-``MpiRmaTransport`` is imported lazily: importing ``mpi4py.MPI`` initialises MPI, which unit tests and
-planning code must not pay for (``from spmd_diff.comm.mpi_rma import MpiRmaTransport`` or
-``spmd_diff.comm.MpiRmaTransport`` both work).
+Every name is imported lazily (PEP 562): ``spmd_diff.comm.world`` must load without torch (the engine validates a
+job before importing it), and importing ``mpi4py.MPI`` initialises MPI, which unit tests and planning code must
+not pay for. ``from spmd_diff.comm import ChannelSender`` and ``spmd_diff.comm.MpiRmaTransport`` both work.
 """
 
-from spmd_diff.comm.channel import (
-    HEADER_BYTES,
-    ChannelEdge,
-    ChannelReceiver,
-    ChannelSender,
-    EdgeLayout,
-    HeapLayout,
-    Message,
-    ReceiverPoller,
-    RingSpec,
-    pick_sender,
-    select_ready,
-)
-from spmd_diff.comm.local import LocalTransport, LocalWorld, run_local
-from spmd_diff.comm.transport import Transport
+import importlib
 
-__all__ = [
-    "HEADER_BYTES",
-    "ChannelEdge",
-    "ChannelReceiver",
-    "ChannelSender",
-    "EdgeLayout",
-    "HeapLayout",
-    "LocalTransport",
-    "LocalWorld",
-    "Message",
-    "ReceiverPoller",
-    "RingSpec",
-    "Transport",
-    "pick_sender",
-    "run_local",
-    "select_ready",
-]
+_HOMES = {
+    "HEADER_BYTES": "channel", "ChannelEdge": "channel", "ChannelReceiver": "channel", "ChannelSender": "channel",
+    "EdgeLayout": "channel", "HeapLayout": "channel", "Message": "channel", "ReceiverPoller": "channel",
+    "RingSpec": "channel", "pick_sender": "channel", "select_ready": "channel",
+    "LocalTransport": "local", "LocalWorld": "local", "run_local": "local",
+    "Transport": "transport",
+    "MpiRmaTransport": "mpi_rma",
+}
+
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name == "MpiRmaTransport":
-        from spmd_diff.comm.mpi_rma import MpiRmaTransport
-
-        return MpiRmaTransport
-    raise AttributeError(f"module 'spmd_diff.comm' has no attribute {name!r}")
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'spmd_diff.comm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spmd_diff.comm.{home}"), name)

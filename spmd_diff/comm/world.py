@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -71,12 +72,37 @@ class World:
             raise first
         return result  # type: ignore[return-value]
 
+    def bind_device(self) -> str:
+        """Import torch and bind this rank's GPU (node-local rank modulo the node's GPUs); sets :attr:`device`.
+
+        Where torch sees no GPU although the device nodes exist (a CPU build of torch, say), the rank runs on the
+        CPU and says so once.
+        """
+        num_gpus = self.topology.gpus_per_node
+        if num_gpus > 0:
+            import torch
+
+            seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if seen < num_gpus:
+                if self.rank == 0:
+                    print(f"spmd-diff: warning: {num_gpus} GPU(s) per node found, but torch sees {seen}; "
+                          "ranks use the GPUs torch sees (or the CPU)", file=sys.stderr, flush=True)
+                num_gpus = seen
+        if num_gpus > 0:
+            torch.cuda.set_device(self.local_rank % num_gpus)
+            self.device = f"cuda:{self.local_rank % num_gpus}"
+        return self.device
+
     def free(self) -> None:
         pass
 
 
-def init_world(ranks_per_node: int = 0) -> World:
-    """Start MPI (threads: funneled), check the launch, find nodes, bind a GPU if there are any."""
+def init_world(ranks_per_node: int = 0, bind: bool = True) -> World:
+    """Start MPI (threads: funneled), check the launch, find nodes and their GPUs; bind a GPU if ``bind``.
+
+    With ``bind=False`` nothing imports torch: the engine validates the job first (a typo is reported in about
+    a second) and calls :meth:`World.bind_device` only once there is work to do.
+    """
     import mpi4py
 
     # Only the main thread calls MPI (the progress thread on rank 0 reads local memory). Asking for
@@ -92,29 +118,42 @@ def init_world(ranks_per_node: int = 0) -> World:
     node_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = node_comm.Get_rank(), node_comm.Get_size()
     node_comm.Free()
-    num_gpus = _local_gpu_count()
+    num_gpus = local_gpu_count()
     hostnames = comm.allgather(socket.gethostname())
     min_gpus = comm.allreduce(num_gpus, op=MPI.MIN)
     topology = Topology.from_hostnames(hostnames, gpus_per_node=min_gpus)
     if ranks_per_node:
         topology = topology.regrouped(ranks_per_node)
-    device = "cpu"
-    if min_gpus > 0:
-        import torch
-
-        torch.cuda.set_device(local_rank % min_gpus)
-        device = f"cuda:{local_rank % min_gpus}"
-    return World(comm, rank, size, local_rank, local_size, topology, device)
+    world = World(comm, rank, size, local_rank, local_size, topology, "cpu")
+    if bind:
+        world.bind_device()
+    return world
 
 
-def _local_gpu_count() -> int:
-    if os.environ.get("SPMD_DIFF_FORCE_CPU") == "1":
+def local_gpu_count(env: dict[str, str] | None = None, dev_dir: str = "/dev") -> int:
+    """GPUs this process may use, without importing torch or initialising CUDA.
+
+    ``SPMD_DIFF_FORCE_CPU=1``: 0. ``CUDA_VISIBLE_DEVICES`` set: its entries up to the first invalid one (as CUDA
+    reads it; empty or "-1" hides every GPU). Otherwise the NVIDIA device nodes ``/dev/nvidia<N>``.
+    :meth:`World.bind_device` checks the figure against what torch then sees.
+    """
+    env = os.environ if env is None else env
+    if env.get("SPMD_DIFF_FORCE_CPU") == "1":
         return 0
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = 0
+        for entry in visible.split(","):
+            entry = entry.strip()
+            if not entry or entry.startswith("-"):
+                break
+            count += 1
+        return count
     try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
+        names = os.listdir(dev_dir)
+    except OSError:
         return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return sum(1 for name in names if name.startswith("nvidia") and name[6:].isdigit())
 
 
 def set_threads(local_size: int, requested: int = 0) -> None:

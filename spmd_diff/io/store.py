@@ -87,8 +87,25 @@ class VideoStore:
         self.view_path = self.root / "videos.h5"
 
     # -- setup ------------------------------------------------------------------------------------------------
+    def check_can_write(self) -> None:
+        """Whether OUT/ could be created or written, without creating or writing anything (a job refused later,
+        for a bad model say, must leave OUT as it found it). Raises UserError naming the directory."""
+        if self.root.exists() and not self.root.is_dir():
+            raise UserError(f"output directory {self.root} is a file, not a directory; give another --out")
+        existing = self.root
+        while not existing.exists():
+            if existing.parent == existing:
+                break
+            existing = existing.parent
+        if existing.exists() and not existing.is_dir():
+            raise UserError(f"output directory {self.root} cannot be created: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "is not writable" if existing == self.root else f"cannot be created: {existing} is not writable"
+            raise UserError(f"output directory {self.root} {what}")
+
     def check_writable(self) -> None:
         """Create OUT/ and prove we can write there. Raises UserError naming the directory."""
+        self.check_can_write()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = _tmp_name(self.root / ".write-probe")

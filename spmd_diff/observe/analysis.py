@@ -321,6 +321,8 @@ def stall(run: RunData) -> tuple[float, float, float] | None:
 def verdict(run: RunData) -> str:
     """One line a reader can act on: which role bounds the job, or that it stalled."""
     if not run.spans:
+        if (run.job_end or {}).get("status") == "nothing to do":
+            return "nothing to do: every item of this run was already in OUT (no model was loaded)"
         return "no stage finished: the job never got going (see the job's log for the error)"
     tail = "" if run.job_end else " (no job_end record: the job was killed or is still running)"
     stalled = stall(run)

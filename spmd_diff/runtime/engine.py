@@ -1,17 +1,17 @@
-"""The engine: validate everywhere, plan roles, wire channels, run the role loops, publish the results.
+"""The engine: load the model, wire channels, run the role loops, publish the results.
 
-Order on every rank: (1) world; (2) job, prompts, model shapes, role plan, OUT — errors gathered so every rank
-exits with the same message; (3) one heap for every channel and the progress board, allocated once; (4) this
-rank's role loop; (5) rank 0 merges event logs and rebuilds OUT/videos.h5; every rank exits with the same code.
+It starts where :mod:`spmd_diff.runtime.startup` ends (job, prompts, roles and OUT checked, items pending).
+Order on every rank: (1) GPU binding, model shapes and this role's components — errors gathered so every rank
+exits with the same message and OUT is not touched; (2) OUT's lock and job record; (3) one heap for every channel
+and the progress board, allocated once; (4) this rank's role loop; (5) rank 0 merges event logs and rebuilds
+OUT/videos.h5; every rank exits with the same code.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
-import os
 import socket
 import sys
 import time
@@ -26,38 +26,25 @@ from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, R
 from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.comm.select import make_transport
 from spmd_diff.comm.transport import round_up
-from spmd_diff.comm.world import World, init_world, set_threads
-from spmd_diff.config import JobConfig, load_job
+from spmd_diff.comm.world import World, set_threads
+from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
-from spmd_diff.io.inputs import Item, load_prompts, shard_items
-from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io.inputs import Item
+from spmd_diff.io.store import VideoStore
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
-from spmd_diff.plan.roles import RolePlan, plan_roles
+from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
+from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, pending_items
 
 log = logging.getLogger("spmd_diff")
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    """What the command line asked for."""
-
-    job_path: str
-    prompts_path: str
-    out_dir: str
-    overrides: tuple[str, ...] = ()
-    model: str | None = None
-    shard: tuple[int, int] | None = None
-    force: bool = False
-    retry_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,34 +58,8 @@ class Setup:
     spec: VideoSpec
     plan: RolePlan
     dtype: str
-    topology: Topology | None = None
+    topology: Topology
     """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
-
-
-def prebuild_model(path: str, world: World) -> None:
-    """Local rank 0 of each node resolves first (building a missing demo or ``random:`` directory).
-
-    No collective inside: the caller's ``run_checked`` (an allgather) is the barrier, so a failed build on one
-    node reaches every rank as the same error instead of leaving its node-mates in a barrier.
-    """
-    if world.local_rank == 0:
-        resolve_model(path)
-
-
-def resolve_model(path: str) -> str:
-    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory (each built there if
-    missing); else a local directory."""
-    if path == "demo":
-        from spmd_diff.models.demo import demo_model_dir
-
-        return str(demo_model_dir())
-    if path.startswith("random:"):
-        from spmd_diff.models.random_wan import random_model_dir
-
-        return str(random_model_dir(path))
-    if not Path(path).is_dir():
-        raise UserError(f"model directory {path} does not exist (model.path in the job, or --model)")
-    return str(Path(path).resolve())
 
 
 def _dtype_name(job: JobConfig, device: str) -> str:
@@ -107,25 +68,14 @@ def _dtype_name(job: JobConfig, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def prepare(request: RunRequest, world: World) -> Setup:
-    """Step (2): raises UserError; called on every rank under ``world.run_checked``."""
-    overrides = list(request.overrides)
-    if request.model:
-        overrides.append(f"model.path={request.model!r}")
-    job = load_job(request.job_path, overrides)
-    items = load_prompts(request.prompts_path, job.run.seed)
-    items = shard_items(items, request.shard)
-    if world.size > 1 and world.topology.num_ranks != world.size:  # pragma: no cover - invariant
-        raise AssertionError("topology and world disagree")
-    topology = world.topology
-    if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
-        topology = topology.regrouped(job.world.ranks_per_node)
-    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
-    v = job.video
+def build_setup(inputs: JobInputs, device: str) -> Setup:
+    """The model-dependent half of the setup: the video spec checked against the model's configs."""
+    v = inputs.job.video
     spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale,
                      v.max_sequence_length)
-    return Setup(job, "", tuple(items), None, spec, plan, _dtype_name(job, world.device),  # type: ignore[arg-type]
-                 topology)
+    shapes = read_shapes(inputs.model_dir, spec)
+    return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, inputs.plan,
+                 _dtype_name(inputs.job, device), inputs.topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
@@ -176,33 +126,33 @@ def _stages_for(role: str, plan: RolePlan, rank: int) -> set[str]:
     return stages
 
 
-def run(request: RunRequest, stop: StopFlag | None = None) -> int:
-    """Run the job on this rank; returns the process exit code (the same on every rank).
+def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
+    """Render the pending items on this rank; returns the process exit code (the same on every rank).
 
+    ``started``: :func:`spmd_diff.runtime.startup.start`'s world and validated inputs, with items pending.
     ``stop``: a stop flag already installed (the CLI installs it before importing anything heavy).
+    Order: bind the GPU; load this role's model components (a bad model stops every rank here, before OUT is
+    touched); take OUT's lock and record the job; wire the channels; run the role loop; publish.
     """
-    stop = stop if stop is not None else StopFlag().install()
-    world = init_world()
+    world, inputs = started.world, started.inputs
+    world.bind_device()
     watchdog = LauncherWatchdog().start()
-    started = time.time()
-    setup = world.run_checked(lambda: prepare(request, world))
-    world.run_checked(lambda: prebuild_model(setup.job.model.path, world))
-    model_dir = world.run_checked(lambda: resolve_model(setup.job.model.path))
-    shapes = world.run_checked(lambda: read_shapes(model_dir, setup.spec))
-    setup = dataclasses.replace(setup, model_dir=model_dir, shapes=shapes)
+    setup = world.run_checked(lambda: build_setup(inputs, world.device))
     set_threads(world.local_size, setup.job.run.threads)
+    role = setup.plan.role_of(world.rank)
+    stages = world.run_checked(lambda: make_stages(setup.model_dir, _stages_for(role, setup.plan, world.rank),
+                                                   device=world.device, dtype=getattr(torch, setup.dtype)))
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
 
     def prepare_out():
         store.check_writable()
         if world.rank == 0:
-            store.check_job(setup.job.fingerprint(), force=request.force)
             lock.acquire()
             store.prepare(setup.job.fingerprint(), force=request.force)
-            done = store.done_keys()
-            failed = set() if request.retry_failed else set(store.failures())
-            return [it.index for it in setup.items if item_key(it.id) not in done and it.id not in failed]
+            # Again under the lock: a run that ended since the first look may have finished some.
+            pending = pending_items(store, setup.job, setup.items, True, request.retry_failed)
+            return [it.index for it in pending]
         return None
 
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
@@ -214,7 +164,7 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
     try:
-        role_result = _run_rank(world, setup, store, events, stop, items_by_index, pending, deadline_s)
+        role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_s)
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -238,7 +188,7 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     code = 0
     if world.rank == 0:
         try:
-            code = _publish(setup, store, events, pending, interrupted, started, request.out_dir)
+            code = _publish(setup, store, events, pending, interrupted, started.started_at, request.out_dir)
         except Exception as exc:  # noqa: BLE001 - every rank waits in the bcast below: always reach it
             full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
             code = StoreFull.exit_code if full else 1
@@ -280,9 +230,9 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
     events.emit("rank_start", role=plan.role_of(world.rank), host=socket.gethostname())
 
 
-def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, stop: StopFlag,
+def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
               items_by_index: dict[int, Item], pending: list[Item], deadline_s: float):
-    """Load this role's components, wire the channels, run the role loop.
+    """Wire the channels, run the role loop over this role's loaded ``stages``.
 
     Returns (transport, monitor) on success, or the exception that must abort the job.
     """
@@ -290,8 +240,6 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
     role = plan.role_of(world.rank)
     transport, monitor = None, None
     try:
-        stages = make_stages(setup.model_dir, _stages_for(role, plan, world.rank), device=world.device,
-                             dtype=getattr(torch, setup.dtype))
         board_bytes = ProgressBoard.bytes_needed(world.size)
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if plan.sp_degree > 1 else 0
         senders: list[ChannelSender] = []

@@ -59,7 +59,11 @@ CASES = [
          files={"out/job.json": json.dumps({"model": "demo", "dtype": "auto", "video": {
              "height": 128, "width": 64, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 5.0,
              "negative_prompt": "blurry, low quality", "max_sequence_length": 512}})}),
-    case("out_is_a_file", "output directory {work}/out/sub is not writable", extra=["--out", "{work}/out/sub"],
+    # The model's configs are fine and the weights are not: the failure comes while loading, and OUT (which did
+    # not exist) must still not exist afterwards.
+    case("model_weights_corrupt", "cannot load transformer", extra=["--model", "{work}/model"]) | {
+        "model_copy": {"transformer/diffusion_pytorch_model.safetensors": "not a safetensors file"}},
+    case("out_is_a_file", "output directory {work}/out/sub is a file, not a directory", extra=["--out", "{work}/out/sub"],
          files={"out/sub": "a file where a directory should be"}),
 ]
 

@@ -177,3 +177,22 @@ def test_report_from_real_demo_run(demo_out: Path) -> None:
         assert f"<td>{rank}</td><td>{role}</td><td>{host}</td>" in text
     assert run.num_done == len({s.item for s in run.spans if s.stage == "write"}) > 0
     assert re.search(r"class='verdict[^']*'>[^<]+(bound|bottleneck|stalled|under-utilised|balanced)", text)
+
+
+def test_every_run_is_reported_and_a_run_with_nothing_to_do_says_so(tmp_path):
+    """A rendering run, then a rerun that found every item done (what startup.finish_without_work records)."""
+    end = simulate(tmp_path, num_items=4, fail_item=None)
+    rerun = EventLog(tmp_path, 0)
+    rerun.emit("job_start", t=end + 60, config={"model": {"path": "demo"}}, world_size=1, plan=PLAN, num_items=4,
+               num_pending=0)
+    rerun.emit("job_end", t=end + 60.5, status="nothing to do", items_done=0, items_failed=0, elapsed_s=0.5)
+    rerun.close()
+    merge_event_logs(tmp_path)
+    runs = load_runs(tmp_path / "events.jsonl")
+    assert sorted(runs) == [0, 1]
+    assert verdict(runs[0]).startswith("DiT-bound"), verdict(runs[0])
+    assert verdict(runs[1]).startswith("nothing to do"), verdict(runs[1])
+    html = write_report(tmp_path, "all").read_text()
+    assert "Run 0 (" in html and "Run 1 (" in html and "nothing to do: every item" in html
+    latest = write_report(tmp_path, "latest").read_text()
+    assert "nothing to do: every item" in latest and "Run 0 (" not in latest

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -16,10 +17,20 @@ from pathlib import Path
 from spmd_diff.cli import main
 
 
-def snapshot(root: Path) -> dict:
+def snapshot(root: Path) -> dict | None:
+    """Every file and directory under ``root`` with its mtime; None if ``root`` does not exist."""
     if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+        return None
+    return {str(p.relative_to(root)) + ("/" if p.is_dir() else ""): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def copy_demo_model(dest: Path, overrides: dict) -> None:
+    """The session's demo model (``$SPMD_DIFF_CACHE/demo-v*``) copied to ``dest``, with files replaced by bytes."""
+    from spmd_diff.models.demo import demo_model_dir
+
+    shutil.copytree(demo_model_dir(), dest)
+    for rel, data in overrides.items():
+        (dest / rel).write_bytes(bytes(data) if not isinstance(data, str) else data.encode())
 
 
 def run_case(case: dict, base: Path) -> dict:
@@ -32,6 +43,8 @@ def run_case(case: dict, base: Path) -> dict:
             path.write_text(text)
         else:
             path.write_bytes(bytes(text))
+    if "model_copy" in case:
+        copy_demo_model(work / "model", case["model_copy"])
     out = work / "out"
     before = snapshot(out)
     args = [a.replace("{work}", str(work)) for a in case["args"]]
@@ -42,7 +55,7 @@ def run_case(case: dict, base: Path) -> dict:
         except SystemExit as exc:  # argparse errors
             code = exc.code
     return {"name": case["name"], "code": code, "stderr": err.getvalue()[-3000:],
-            "out_changed": snapshot(out) != before, "out_files": sorted(snapshot(out))}
+            "out_changed": snapshot(out) != before, "out_files": sorted(snapshot(out) or {})}
 
 
 def main_driver() -> None:

@@ -1,0 +1,170 @@
+"""What every rank decides before anything heavy is imported: the job, the prompts, the role plan, the model
+directory and the pending items, read-only on OUT.
+
+torch, diffusers and the model stay unimported here, so a typo in the job or the prompts, roles that do not fit
+or an OUT that cannot be written is reported on every rank within about a second, and a rerun with nothing left
+to render loads no model at all. Errors are gathered (``World.run_checked``): every rank exits with the same
+message, nothing is written.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spmd_diff.comm.world import World, init_world
+from spmd_diff.config import JobConfig, load_job
+from spmd_diff.errors import UserError
+from spmd_diff.io.inputs import Item, load_prompts, shard_items
+from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.plan.roles import RolePlan, plan_roles
+from spmd_diff.plan.topology import Topology
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the command line asked for."""
+
+    job_path: str
+    prompts_path: str
+    out_dir: str
+    overrides: tuple[str, ...] = ()
+    model: str | None = None
+    shard: tuple[int, int] | None = None
+    force: bool = False
+    retry_failed: bool = False
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """The job as every rank sees it before any model is touched; identical on every rank."""
+
+    job: JobConfig
+    items: tuple[Item, ...]
+    plan: RolePlan
+    topology: Topology
+    """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
+    model_dir: str
+    pending: tuple[Item, ...]
+    """Items of ``items`` not yet in OUT (nor recorded as failed, unless ``--retry-failed``), as read before the
+    run took OUT's lock; rank 0 reads them again under the lock before the first item starts."""
+
+
+@dataclass(frozen=True)
+class Started:
+    """A world with its inputs validated: what :func:`spmd_diff.runtime.engine.run` starts from."""
+
+    world: World
+    inputs: JobInputs
+    started_at: float
+
+
+def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, ...], RolePlan, Topology]:
+    """Job, prompts (this shard's), role plan: pure checks, raise UserError."""
+    overrides = list(request.overrides)
+    if request.model:
+        overrides.append(f"model.path={request.model!r}")
+    job = load_job(request.job_path, overrides)
+    items = shard_items(load_prompts(request.prompts_path, job.run.seed), request.shard)
+    topology = world.topology
+    if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
+        topology = topology.regrouped(job.world.ranks_per_node)
+    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    return job, tuple(items), plan, topology
+
+
+def resolve_model(path: str) -> str:
+    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory (each built there if
+    missing); else a local directory."""
+    if path == "demo":
+        from spmd_diff.models.demo import demo_model_dir
+
+        return str(demo_model_dir())
+    if path.startswith("random:"):
+        from spmd_diff.models.random_wan import random_model_dir
+
+        return str(random_model_dir(path))
+    if not Path(path).is_dir():
+        raise UserError(f"model directory {path} does not exist (model.path in the job, or --model)")
+    return str(Path(path).resolve())
+
+
+def pending_items(store: VideoStore, job: JobConfig, items: tuple[Item, ...], force: bool,
+                  retry_failed: bool) -> tuple[Item, ...]:
+    """Rank 0, read-only: refuse an OUT of another job (unless ``force``), then the items left to render."""
+    store.check_can_write()
+    store.check_job(job.fingerprint(), force=force)
+    done = store.done_keys()
+    failed = set() if retry_failed else set(store.failures())
+    return tuple(it for it in items if item_key(it.id) not in done and it.id not in failed)
+
+
+def start(request: RunRequest) -> Started:
+    """Start MPI (no torch), validate everything that needs no model, find the pending items. Collective."""
+    started_at = time.time()
+    world = init_world(bind=False)
+    job, items, plan, topology = world.run_checked(lambda: read_job(request, world))
+    # Node-local rank 0 first: it builds a missing demo or random: directory once per node (errors gathered).
+    world.run_checked(lambda: resolve_model(job.model.path) if world.local_rank == 0 else None)
+    model_dir = world.run_checked(lambda: resolve_model(job.model.path))
+    store = VideoStore(request.out_dir)
+
+    def look_at_out():
+        if world.rank == 0:
+            return [it.index for it in pending_items(store, job, items, request.force, request.retry_failed)]
+        return None
+
+    pending_indices = world.comm.bcast(world.run_checked(look_at_out), root=0)
+    by_index = {item.index: item for item in items}
+    pending = tuple(by_index[i] for i in pending_indices)
+    return Started(world, JobInputs(job, items, plan, topology, model_dir, pending), started_at)
+
+
+def finish_without_work(started: Started, request: RunRequest) -> int:
+    """Nothing left to render: no model is loaded. Rank 0 republishes the view of an existing store and records
+    the run in the event log (so the report shows it had nothing to do). Collective; returns the exit code."""
+    world, inputs = started.world, started.inputs
+    code = 0
+    if world.rank == 0:
+        store = VideoStore(request.out_dir)
+        if store.items_dir.is_dir():
+            code = _republish(started, request, store)
+        else:
+            print(f"spmd-diff: nothing to render ({len(inputs.items)} item(s) in this shard, none pending); "
+                  f"{request.out_dir} was not created", file=sys.stderr)
+    return world.comm.bcast(code, root=0)
+
+
+def _republish(started: Started, request: RunRequest, store: VideoStore) -> int:
+    from spmd_diff.observe.events import EventLog, merge_event_logs
+    from spmd_diff.runtime.faults import OutLock
+
+    inputs = started.inputs
+    lock = OutLock(request.out_dir, request.shard)
+    try:
+        lock.acquire()
+    except UserError as exc:
+        print(f"spmd-diff: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    try:
+        shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
+        events = EventLog(request.out_dir, 0, enabled=inputs.job.run.events, tag=shard_tag)
+        events.emit("job_start", config=inputs.job.to_dict(), world_size=started.world.size,
+                    plan=inputs.plan.to_dict(), num_items=len(inputs.items), num_pending=0,
+                    model_dir=inputs.model_dir, argv=sys.argv)
+        store.build_view([item.id for item in inputs.items])
+        events.emit("job_end", status="nothing to do", items_done=0, items_failed=len(store.failures()),
+                    elapsed_s=time.time() - started.started_at)
+        events.close()
+        if inputs.job.run.events:
+            merge_event_logs(request.out_dir)
+    finally:
+        lock.release()
+    failed = [item.id for item in inputs.items if item.id in store.failures()]
+    print(f"spmd-diff: complete: nothing to render (no model loaded): {len(inputs.items) - len(failed)} of "
+          f"{len(inputs.items)} item(s) are in {store.view_path}"
+          + (f"; {len(failed)} failed earlier: rerun with --retry-failed to render them again" if failed else ""),
+          file=sys.stderr)
+    return 0
