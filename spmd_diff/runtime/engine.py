@@ -17,6 +17,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, R
 from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.comm.select import make_transport
 from spmd_diff.comm.transport import round_up
+from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
 from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
@@ -41,6 +43,7 @@ from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
+from spmd_diff.runtime.rebalance import FixedPolicy, Policy, StageCounters, gather_timings, split_batches
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, pending_items
 
@@ -164,7 +167,8 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
     try:
-        role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_s)
+        role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_s,
+                                FixedPolicy())
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -231,50 +235,97 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
 
 
 def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
-              items_by_index: dict[int, Item], pending: list[Item], deadline_s: float):
-    """Wire the channels, run the role loop over this role's loaded ``stages``.
+              items_by_index: dict[int, Item], pending: list[Item], deadline_s: float, policy: Policy):
+    """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
+    batch's plan, run this rank's role loop until the batch has drained, and (between batches) combine every
+    rank's timings and let ``policy`` choose the next plan.
 
     Returns (transport, monitor) on success, or the exception that must abort the job.
     """
     plan = setup.plan
-    role = plan.role_of(world.rank)
     transport, monitor = None, None
     try:
+        candidates = policy.candidates(plan)
         board_bytes = ProgressBoard.bytes_needed(world.size)
-        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if plan.sp_degree > 1 else 0
-        senders: list[ChannelSender] = []
-        receivers: list[ChannelReceiver] = []
+        max_sp = max(p.sp_degree for p in candidates)
+        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0
+        channels_base = round_up(board_bytes, 256) + coll_bytes
+        enc_spec, dec_spec = _ring_specs(setup)
         coll = None
         if world.size > 1:
-            enc_spec, dec_spec = _ring_specs(setup)
-            channels_base = round_up(board_bytes, 256) + coll_bytes
-            layout = HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=channels_base)
-            transport = make_transport(world, max(layout.heap_bytes, channels_base), setup.job.world.transport)
-            senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
-            receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
+            heap_bytes = max(_layout(world, p, enc_spec, dec_spec, channels_base).heap_bytes for p in candidates)
+            transport = make_transport(world, max(heap_bytes, channels_base), setup.job.world.transport)
             if coll_bytes:
-                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=plan.sp_degree,
+                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
                                         timeout_s=deadline_s)
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_s, item_attrs(setup), board.publish,
                                 hooks=TestHooks.from_env(world.rank) or None)
-        if coll is not None and role == "dit":
-            ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
-            # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
-            ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
-                                           compile_blocks=setup.job.dit.compile and str(world.device).startswith("cuda"))
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
-        _run_role(ctx, role, plan, pending, senders, receivers)
+        counters = StageCounters(ctx)
+        batches = split_batches(pending, policy.batch_items(plan, len(pending)))
+        num_done_before = 0
+        for number, batch in enumerate(batches):
+            role = plan.role_of(world.rank)
+            if number > 0:
+                ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
+            senders, receivers = [], []
+            if transport is not None:
+                layout = _layout(world, plan, enc_spec, dec_spec, channels_base)
+                if number > 0:  # the last batch drained every channel: re-target them (HeapLayout's recipe)
+                    transport.barrier()
+                    layout.clear_local(transport)
+                    transport.barrier()
+                senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
+                receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
+            ctx.group = ctx.sp = None
+            if coll is not None and role == "dit" and plan.sp_degree > 1:
+                ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
+                # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
+                ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
+                                               compile_blocks=setup.job.dit.compile and str(world.device).startswith("cuda"))
+            counters.mark()
+            queue = WorkQueue(world.comm, len(batch))
+            _run_role(ctx, role, plan, queue, batch, senders, receivers)
+            queue.free()
+            num_done_before += len(batch)
+            if number == len(batches) - 1 or world.comm.allreduce(1 if stop.requested else 0):
+                break
+            timings = gather_timings(world.comm, counters.since_mark(world.rank, role))
+            decision = policy.decide(plan, timings, len(pending) - num_done_before)
+            if decision is not None:
+                if world.rank == 0:
+                    events.emit("replan", batch=number, old=plan.to_dict(), new=decision.plan.to_dict(),
+                                reason=decision.reason, predicted_gain=decision.predicted_gain,
+                                timings=[t.to_dict() for t in timings], **decision.details)
+                    print(f"spmd-diff: re-plan after batch {number}: {decision.reason} (predicted "
+                          f"{decision.predicted_gain:.2f}x)", file=sys.stderr, flush=True)
+                plan = decision.plan
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
-        events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
+        events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,
+                    busy_s=ctx.busy_s, stage_s=ctx.stage_s)
         stages.free()
         return transport, monitor
     except Exception as exc:  # noqa: BLE001 - any failure here must abort the job, never strand the other ranks
         if not isinstance(exc, (StageTimeout, StoreFull, UserError)):
             traceback.print_exc()
         return exc
+
+
+def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec, base: int) -> HeapLayout:
+    return HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=base)
+
+
+def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
+    """This rank's components for its role in ``plan``: the loaded ones if they cover it, else loaded anew
+    (the old ones freed first, so a rank never holds two copies)."""
+    needed = _stages_for(plan.role_of(world.rank), plan, world.rank)
+    if needed <= stages.stages:
+        return stages
+    stages.free()
+    return make_stages(setup.model_dir, needed, device=world.device, dtype=getattr(torch, setup.dtype))
 
 
 def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[Item], interrupted: bool,
@@ -298,20 +349,22 @@ def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[It
     return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
-def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, pending: list[Item],
+def _pulled(queue: WorkQueue, pending: list[Item]) -> Iterator[Item]:
+    """The items this rank takes from the shared queue, one at a time, as it becomes free for the next."""
+    while (index := queue.take()) is not None:
+        yield pending[index]
+
+
+def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, queue: WorkQueue, pending: list[Item],
               senders: list[ChannelSender], receivers: list[ChannelReceiver]) -> None:
+    """Ranks at the head of the pipeline (encoders, or DiT group leaders that encode) pull items from ``queue``."""
     if role == "all":
-        loops.solo_loop(ctx, pending)
+        loops.solo_loop(ctx, _pulled(queue, pending))
     elif role == "encoder":
-        mine = [it for k, it in enumerate(pending) if k % len(plan.encoders) == plan.encoders.index(ctx.rank)]
-        loops.encoder_loop(ctx, mine, senders)
+        loops.encoder_loop(ctx, _pulled(queue, pending), senders)
     elif role == "decoder":
         loops.decoder_loop(ctx, receivers)
     elif ctx.group is not None and ctx.group.rank_in_group != 0:
         loops.dit_member_loop(ctx)
     else:
-        group = plan.group_of(ctx.rank)
-        mine = None
-        if plan.encode_on_dit:
-            mine = [it for k, it in enumerate(pending) if k % len(plan.dit_groups) == group]
-        loops.dit_loop(ctx, mine, receivers, senders)
+        loops.dit_loop(ctx, _pulled(queue, pending) if plan.encode_on_dit else None, receivers, senders)

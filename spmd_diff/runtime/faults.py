@@ -17,6 +17,7 @@ from pathlib import Path
 from spmd_diff.errors import UserError
 
 HOOKS_ENV = "SPMD_DIFF_TEST_HOOKS"
+DELAY_ENV = "SPMD_DIFF_INJECT_DELAY"
 
 
 class OutLock:
@@ -106,9 +107,25 @@ class TestHooks:
         self.rules = [r for r in rules if r.get("rank", rank) == rank]
 
     @staticmethod
-    def from_env(rank: int) -> "TestHooks":
-        text = os.environ.get(HOOKS_ENV)
-        return TestHooks(json.loads(text) if text else [], rank)
+    def from_env(rank: int, env: dict[str, str] | None = None) -> "TestHooks":
+        """Rules from ``SPMD_DIFF_TEST_HOOKS``, plus ``SPMD_DIFF_INJECT_DELAY=STAGE:SECONDS`` (a testing aid: every
+        item's STAGE, one of encode, denoise, decode, takes SECONDS longer on every rank, so the re-planner sees
+        that stage grow). Raises UserError for a malformed value."""
+        env = os.environ if env is None else env
+        text = env.get(HOOKS_ENV)
+        rules = json.loads(text) if text else []
+        delay = env.get(DELAY_ENV)
+        if delay:
+            stage, _, seconds = delay.partition(":")
+            try:
+                value = float(seconds)
+            except ValueError:
+                value = -1.0
+            if stage not in ("encode", "denoise", "decode") or not value >= 0:
+                raise UserError(f"{DELAY_ENV}={delay!r}: expected STAGE:SECONDS with STAGE one of encode, denoise, "
+                                "decode, e.g. decode:0.5")
+            rules.append({"action": "delay", "stage": stage, "item": "*", "seconds": value})
+        return TestHooks(rules, rank)
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -118,6 +135,9 @@ class TestHooks:
         for rule in self.rules:
             if rule.get("stage") == stage and str(rule.get("item")) in (item_id, "*"):
                 action = rule["action"]
+                if action == "delay":
+                    time.sleep(float(rule["seconds"]))
+                    continue
                 if action == "limit_file_size":
                     resource.setrlimit(resource.RLIMIT_FSIZE, (rule["bytes"], resource.RLIM_INFINITY))
                     continue

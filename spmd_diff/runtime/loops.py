@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import time
 import traceback
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -46,6 +46,10 @@ class RankContext:
     num_done: int = 0
     num_failed: int = 0
     busy_s: float = 0.0
+    stage_s: dict[str, float] = field(default_factory=dict)
+    """Busy seconds of this rank per stage (encode, denoise, decode, write), cumulative: what re-planning reads."""
+    stage_items: dict[str, int] = field(default_factory=dict)
+    """Items per stage this rank finished (ok or not), cumulative."""
     hooks: Any = None
     """``spmd_diff.runtime.faults.TestHooks`` (fault injection for tests), or None."""
     sp: Any = None
@@ -75,6 +79,8 @@ class _Span:
     def __exit__(self, *exc) -> None:
         t1 = time.time()
         self.ctx.busy_s += t1 - self.t0
+        self.ctx.stage_s[self.stage] = self.ctx.stage_s.get(self.stage, 0.0) + (t1 - self.t0)
+        self.ctx.stage_items[self.stage] = self.ctx.stage_items.get(self.stage, 0) + 1
         self.ctx.events.emit("stage", stage=self.stage, item=self.item.id, t0=self.t0, t1=t1,
                              ok=exc[0] is None)
         self.ctx.report(self.ctx.num_done, self.ctx.num_failed, self.ctx.busy_s)
@@ -222,7 +228,7 @@ def close_all(ctx: RankContext, senders: list[ChannelSender]) -> None:
 
 # -- the loops ------------------------------------------------------------------------------------------------
 
-def encoder_loop(ctx: RankContext, my_items: list[Item], to_dit: list[ChannelSender]) -> None:
+def encoder_loop(ctx: RankContext, my_items: Iterable[Item], to_dit: list[ChannelSender]) -> None:
     # No close on an exception: the job aborts, and a close would only wait out another deadline first.
     for item in my_items:
         if ctx.stop.requested:
@@ -232,7 +238,7 @@ def encoder_loop(ctx: RankContext, my_items: list[Item], to_dit: list[ChannelSen
     close_all(ctx, to_dit)
 
 
-def dit_loop(ctx: RankContext, my_items: list[Item] | None, from_encoders: list[ChannelReceiver],
+def dit_loop(ctx: RankContext, my_items: Iterable[Item] | None, from_encoders: list[ChannelReceiver],
              to_decoders: list[ChannelSender]) -> None:
     """``my_items`` set: this rank encodes its own items. ``to_decoders`` empty: it decodes and writes them."""
 
@@ -281,6 +287,6 @@ def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
         finish_item(ctx, item, meta, tensors)
 
 
-def solo_loop(ctx: RankContext, my_items: list[Item]) -> None:
+def solo_loop(ctx: RankContext, my_items: Iterable[Item]) -> None:
     """One rank, every stage."""
     dit_loop(ctx, my_items, [], [])

@@ -21,6 +21,7 @@ from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io.store import VideoStore, item_key
 from spmd_diff.plan.roles import RolePlan, plan_roles
 from spmd_diff.plan.topology import Topology
+from spmd_diff.runtime.faults import TestHooks
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
         topology = topology.regrouped(job.world.ranks_per_node)
     plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    TestHooks.from_env(world.rank)  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
     return job, tuple(items), plan, topology
 
 

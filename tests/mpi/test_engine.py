@@ -107,7 +107,7 @@ def test_rerun_renders_nothing_and_changes_nothing(four_rank_out, engine_env, pr
     before = tree_digest(out)
     result = run_engine(4, prompts_file, out, engine_env)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert f"{len(PROMPTS)} already in" in result.stderr and "0 to render" in result.stderr
+    assert f"nothing to render (no model loaded): {len(PROMPTS)} of {len(PROMPTS)} item(s)" in result.stderr
     assert tree_digest(out) == before
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
     assert sum(e["ev"] == "job_start" for e in events) == 2

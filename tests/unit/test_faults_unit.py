@@ -20,3 +20,20 @@ def test_out_lock_exclusive_vs_shards(tmp_path):
     a.release()
     b.release()
     OutLock(tmp_path, None).acquire()
+
+
+def test_inject_delay_parses_and_sleeps_inside_the_stage():
+    import time
+
+    from spmd_diff.runtime.faults import TestHooks
+
+    hooks = TestHooks.from_env(0, {"SPMD_DIFF_INJECT_DELAY": "decode:0.2"})
+    t0 = time.monotonic()
+    assert hooks.at("decode", "any-item") is None
+    assert time.monotonic() - t0 >= 0.2
+    t0 = time.monotonic()
+    hooks.at("denoise", "any-item")
+    assert time.monotonic() - t0 < 0.1
+    for bad in ("decode", "write:1", "decode:-1", "decode:soon"):
+        with pytest.raises(UserError, match="SPMD_DIFF_INJECT_DELAY"):
+            TestHooks.from_env(0, {"SPMD_DIFF_INJECT_DELAY": bad})
