@@ -199,7 +199,8 @@ def test_failed_items_are_listed_then_retried(env, prompts, tmp_path):
     # The follow-up runs use one rank (same videos, a third of the start-up cost on a 2-core CI machine).
     plain = mpirun(1, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out),
                    *FAST, timeout=300, env=env, cwd=REPO)
-    assert plain.returncode == 0 and "0 to render" in plain.stderr, plain.stderr[-2000:]
+    assert plain.returncode == 0 and "nothing to render (no model loaded)" in plain.stderr, plain.stderr[-2000:]
+    assert "3 failed earlier: rerun with --retry-failed" in plain.stderr, plain.stderr[-2000:]
     retry = mpirun(1, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out", str(out),
                    *FAST, "--retry-failed", timeout=300, env=env, cwd=REPO)
     assert retry.returncode == 0 and "3 to render" in retry.stderr, retry.stderr[-2000:]
