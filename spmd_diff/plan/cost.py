@@ -61,8 +61,10 @@ def predict_item_cost(num_tokens: int, dims: DitDims, num_steps: int, cfg: bool,
     return ItemCost(encode, denoise, decode)
 
 
-def wait_deadline_s(cost: ItemCost, setting_s: float) -> float:
-    """The deadline of one wait: the job's setting if given (> 0), else a few items' worth of the slowest stage."""
+def wait_deadline_s(cost: ItemCost, setting_s: float, fan_in: int = 1) -> float:
+    """The deadline of one wait: the job's setting if given (> 0), else a few items' worth of the slowest stage
+    plus the queue a consumer shared by ``fan_in`` producers may legitimately hold ahead of a producer's slot
+    (a consumer serves its producers in turn, so a full producer waits at most one item of each other one)."""
     if setting_s > 0:
         return setting_s
-    return max(MIN_DEADLINE_S, 4.0 * cost.slowest_s)
+    return max(MIN_DEADLINE_S, (4.0 + max(1, fan_in)) * cost.slowest_s)

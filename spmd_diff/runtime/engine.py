@@ -161,7 +161,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
     pending = [items_by_index[i] for i in pending_indices]
-    deadline_s = wait_deadline_s(_item_cost(setup, world.device), setup.job.run.timeout_s)
+    deadline_s = wait_deadline_s(_item_cost(setup, world.device), setup.job.run.timeout_s, _fan_in(setup.plan))
     shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
@@ -200,6 +200,13 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
                   f"Run `spmd-diff merge {request.out_dir}` once the problem is fixed.", file=sys.stderr, flush=True)
         lock.release()
     return world.comm.bcast(code, root=0)
+
+
+def _fan_in(plan: RolePlan) -> int:
+    """The most producers one consumer serves: DiT group leaders per decoder, encoders per leader (their items
+    queue at the consumer, so a producer's wait for credit grows with it)."""
+    leaders = len(plan.dit_groups)
+    return max(1, leaders if plan.decoders else 1, len(plan.encoders))
 
 
 def _item_cost(setup: Setup, device: str) -> ItemCost:

@@ -18,4 +18,12 @@ def test_deadline_uses_the_setting_or_a_floor():
     assert wait_deadline_s(tiny, 0) == MIN_DEADLINE_S
     assert wait_deadline_s(tiny, 7.5) == 7.5
     big = predict_item_cost(75600, DitDims(40, 5120, 13824, 512), 50, True, 81 * 720 * 1280, "cuda")
-    assert wait_deadline_s(big, 0) == 4 * big.slowest_s > MIN_DEADLINE_S
+    assert wait_deadline_s(big, 0) == 5 * big.slowest_s > MIN_DEADLINE_S
+
+
+def test_deadline_grows_with_the_producers_a_consumer_serves():
+    """470 DiT leaders into one decoder: a leader's wait for credit may hold an item of each other leader."""
+    big = predict_item_cost(75600, DitDims(40, 5120, 13824, 512), 50, True, 81 * 720 * 1280, "cuda")
+    one, many = wait_deadline_s(big, 0, fan_in=1), wait_deadline_s(big, 0, fan_in=470)
+    assert many == (4 + 470) * big.slowest_s and many > 470 * big.slowest_s > one
+    assert wait_deadline_s(big, 7.5, fan_in=470) == 7.5  # an explicit setting is the user's
