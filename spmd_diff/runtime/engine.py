@@ -32,6 +32,7 @@ from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io.store import VideoStore, item_key
 from spmd_diff.models.random_wan import make_stages
+from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
@@ -154,7 +155,8 @@ def item_attrs(setup: Setup):
         negative = item.negative_prompt if item.negative_prompt is not None else job.video.negative_prompt
         return {"prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
                 "num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
-                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames}
+                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames,
+                "tier": job.speed.tier, "speed": json.dumps(job.speed.resolved(), sort_keys=True)}
 
     return attrs
 
@@ -290,8 +292,15 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
     role = plan.role_of(world.rank)
     transport, monitor = None, None
     try:
+        speed = setup.job.speed
+        fast = speed.tier == "fast"
+        on_gpu = str(world.device).startswith("cuda")
+        compile_fast = fast and speed.fast_compile_dit and on_gpu  # every SP degree; dit.compile: S > 1 only
+        options = StageOptions(vae_dtype=torch.bfloat16 if fast and speed.fast_vae_bf16 else torch.float32,
+                               compile_blocks=compile_fast and plan.sp_degree == 1,  # SP groups compile their own
+                               attention_backend=speed.fast_attention if fast else None)
         stages = make_stages(setup.model_dir, _stages_for(role, plan, world.rank), device=world.device,
-                             dtype=getattr(torch, setup.dtype))
+                             dtype=getattr(torch, setup.dtype), options=options)
         board_bytes = ProgressBoard.bytes_needed(world.size)
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if plan.sp_degree > 1 else 0
         senders: list[ChannelSender] = []
@@ -310,17 +319,19 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_s, item_attrs(setup), board.publish,
-                                hooks=TestHooks.from_env(world.rank) or None)
+                                hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
+                                write_queue=speed.write_queue, warmup=speed.warmup)
         if coll is not None and role == "dit":
             ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
             # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
             ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
-                                           compile_blocks=setup.job.dit.compile and str(world.device).startswith("cuda"))
+                                           compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast))
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         _run_role(ctx, role, plan, pending, senders, receivers)
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
-        events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s)
+        peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
+        events.emit("rank_end", role=role, items=ctx.num_done, failed=ctx.num_failed, busy_s=ctx.busy_s, **peak)
         stages.free()
         return transport, monitor
     except Exception as exc:  # noqa: BLE001 - any failure here must abort the job, never strand the other ranks
