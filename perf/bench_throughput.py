@@ -365,9 +365,17 @@ def main() -> int:
             traceback.print_exc()
             result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
         v = result["variants"][name]
-        print(f"=== {name}: {time.time() - t0:.0f} s; s/video {v.get('s_per_video')}", flush=True)
-    result["options"] = result["variants"].get("baseline", {}).pop("options", None)
+        v["step_s"] = time.time() - t0
+        print(f"=== {name}: {v['step_s']:.0f} s; s/video {v.get('s_per_video')}", flush=True)
+        if "options" in v:
+            result["options"] = v.pop("options")
+        write_results(result, args, out)  # after every variant: a call cut short still brings back what ran
     result["deviations"] = deviations(result, items)
+    print(write_results(result, args, out))
+    return 0
+
+
+def write_results(result: dict, args: argparse.Namespace, out: Path) -> str:
     base = result["variants"].get("baseline", {}).get("videos_per_s")
     result["targets"] = []
     for name, wanted in TARGETS[args.case].items():
@@ -379,8 +387,7 @@ def main() -> int:
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     text = lib.render_markdown(result)
     (out / f"{stem}.md").write_text(text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
