@@ -173,7 +173,8 @@ def render_markdown(result: dict) -> str:
             if "error" in o:
                 lines.append(f"| {name} | failed: {o['error'][:100]} |||")
             else:
-                lines.append(f"| {name} | {fmt(o.get('s_per_video'), 3)} | {fmt(o.get('mean'), 3)} | "
+                first = f" (first call {o['first_call_s']:.1f}: compiles)" if "first_call_s" in o else ""
+                lines.append(f"| {name} | {fmt(o.get('s_per_video'), 3)}{first} | {fmt(o.get('mean'), 3)} | "
                              f"{fmt(o.get('max'))} |")
         lines.append("")
     for name, v in result["variants"].items():
