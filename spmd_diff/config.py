@@ -81,6 +81,49 @@ class DitConfig:
     compilation). Changes bf16 rounding: videos differ from uncompiled ones by about 1.5 uint8 levels on average."""
 
 
+TIERS = ("exact", "fast")
+ATTENTION_BACKENDS = ("native", "_native_cudnn", "_native_flash", "_native_efficient")
+
+
+@dataclass(frozen=True)
+class SpeedConfig:
+    """How much speed may change the video. ``exact`` only removes waste; ``fast`` also changes kernels.
+
+    The ``fast_*`` options are what ``tier = "fast"`` turns on (each can be switched off to measure or avoid it);
+    under ``tier = "exact"`` they are ignored. Their measured deviations are in perf/results/throughput-*.md.
+    """
+
+    tier: str = "exact"
+    """"exact" (default): videos bit-identical to diffusers' WanPipeline on the same device; only waste is removed
+    (uint8 conversion on the device, background writes, cached negative-prompt embeddings, tensors kept on the
+    device, decode overlapping the next denoise). "fast": also the fast_* options below (a measured deviation)."""
+    fast_vae_bf16: bool = True
+    """fast tier: decode with the VAE in bfloat16 instead of float32 (about 1.5x faster decode; on the lent H200,
+    random Wan2.1-1.3B 480p: mean ~0.9, max ~7 uint8 levels from exact)."""
+    fast_compile_dit: bool = True
+    """fast tier: torch.compile each transformer block at every SP degree, S=1 included (the first item of a
+    job pays the compilation; bf16 rounding changes by ~1.5 uint8 levels on average). GPU only: ignored on CPU."""
+    fast_attention: str = "_native_cudnn"
+    """fast tier: diffusers attention backend of the transformer on GPUs ("native" = PyTorch's default choice,
+    "_native_cudnn", "_native_flash", "_native_efficient"); ignored on CPU and in SP groups (their own attention)."""
+    overlap_decode: bool = True
+    """Both tiers, one rank that denoises and decodes: decode (and write) item k on a second thread and CUDA
+    stream while item k+1 is encoded and denoised (the same kernels on the same inputs: bit-identical)."""
+    write_queue: int = 2
+    """Both tiers: finished videos waiting for the background writer (host memory: one video each); the GPU
+    never waits for the disk unless this many are queued. 0 = write in the rank's own thread."""
+    warmup: bool = True
+    """Before the first item, run one denoise step and one decode on throwaway inputs, so that compilation and
+    library start-up are not charged to the first item (and event timings are steady from item one)."""
+
+    def resolved(self) -> dict[str, Any]:
+        """The options in force (those that change the video): what job.json and each video's attributes record."""
+        if self.tier == "exact":
+            return {"tier": "exact"}
+        return {"tier": "fast", "vae_dtype": "bfloat16" if self.fast_vae_bf16 else "float32",
+                "compile_dit": self.fast_compile_dit, "attention": self.fast_attention}
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     ranks_per_node: int = 0
@@ -97,6 +140,7 @@ class JobConfig:
     roles: RolesConfig = field(default_factory=RolesConfig)
     dit: DitConfig = field(default_factory=DitConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -104,7 +148,7 @@ class JobConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings that change what a video looks like: two runs into one OUT must agree on these."""
         video = dataclasses.asdict(self.video)
-        return {"model": self.model.path, "dtype": self.model.dtype, "video": video}
+        return {"model": self.model.path, "dtype": self.model.dtype, "video": video, "speed": self.speed.resolved()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -117,6 +161,7 @@ _SECTION_TYPES = {
     "roles": RolesConfig,
     "dit": DitConfig,
     "world": WorldConfig,
+    "speed": SpeedConfig,
 }
 
 
@@ -210,6 +255,13 @@ def validate_job(job: JobConfig, source: str) -> None:
     dtypes = ("auto", "float32", "bfloat16", "float16")
     if job.model.dtype not in dtypes:
         raise UserError(f"{source}: model.dtype must be one of {', '.join(dtypes)}, got {job.model.dtype!r}")
+    if job.speed.tier not in TIERS:
+        raise UserError(f"{source}: speed.tier must be one of {', '.join(TIERS)}, got {job.speed.tier!r}")
+    if job.speed.fast_attention not in ATTENTION_BACKENDS:
+        raise UserError(f"{source}: speed.fast_attention must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                        f"got {job.speed.fast_attention!r}")
+    if job.speed.write_queue < 0:
+        raise UserError(f"{source}: speed.write_queue must be >= 0, got {job.speed.write_queue}")
     if not job.model.path:
         raise UserError(f"{source}: model.path is empty")
 

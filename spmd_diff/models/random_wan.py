@@ -34,6 +34,7 @@ from typing import Any, Iterable
 import torch
 
 from spmd_diff.errors import UserError
+from spmd_diff.models.speed import EXACT, StageOptions
 from spmd_diff.models.wan import WanStages
 
 PREFIX = "random:"
@@ -187,16 +188,16 @@ class RandomWanStages(WanStages):
     Args:
         model_dir: a directory from ``random_model_dir``.
         stages: as ``WanStages``.
-        device, dtype: as ``WanStages`` (the VAE is float32, as there).
+        device, dtype, options: as ``WanStages`` (the VAE in ``options.vae_dtype``, as there).
         seed: weight seed; every rank that builds a component with the same seed gets the same weights.
     """
 
     def __init__(self, model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, options: StageOptions = EXACT) -> None:
         if not is_random_model_dir(model_dir):
             raise UserError(f"{model_dir} is not a random-weights model directory (no {MARKER_FILE})")
         self.weight_seed = seed
-        super().__init__(model_dir, stages, device=device, dtype=dtype)
+        super().__init__(model_dir, stages, device=device, dtype=dtype, options=options)
 
     def _load(self, name: str, dtype: torch.dtype | None = None) -> Any:
         if name in SEED_OFFSETS:
@@ -205,7 +206,7 @@ class RandomWanStages(WanStages):
 
 
 def make_stages(model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> WanStages:
+                dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> WanStages:
     """``RandomWanStages`` for a random model directory, else ``WanStages`` (what the engine calls)."""
     cls = RandomWanStages if is_random_model_dir(model_dir) else WanStages
-    return cls(model_dir, stages, device=device, dtype=dtype)
+    return cls(model_dir, stages, device=device, dtype=dtype, options=options)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from spmd_diff.errors import UserError
+from spmd_diff.models.speed import EXACT, EmbedCache, StageOptions, apply_transformer_options, frames_to_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -270,13 +271,14 @@ class WanStages:
 
     Loads only what ``stages`` use: ``encode`` -> tokenizer and text encoder (in ``dtype``); ``denoise`` ->
     transformer (and ``transformer_2`` for Wan2.2 two-expert dirs, in ``dtype``) and the scheduler config;
-    ``decode`` -> VAE (always float32, as Wan recommends). Components not loaded are ``None``.
-    Tensors come back on the CPU (they are what ranks hand over); inputs may be on any device.
-    Call :meth:`free` to release the components.
+    ``decode`` -> VAE (``options.vae_dtype``: float32 unless the fast tier asks for bfloat16, as Wan recommends).
+    Components not loaded are ``None``. Tensors come back on ``device`` (a rank that runs the next stage itself
+    keeps them there; channels move them); inputs may be on any device. ``options``: :class:`StageOptions`
+    (default: the exact tier). Call :meth:`free` to release the components.
     """
 
     def __init__(self, model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> None:
         self.stages = frozenset(stages)
         unknown = self.stages - STAGES
         if unknown or not self.stages:
@@ -284,6 +286,8 @@ class WanStages:
         self.model_dir, self._index = _model_index(model_dir)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.options = options
+        self.negative_cache = EmbedCache(options.negative_cache_size)
         self.tokenizer: Any = None
         self.text_encoder: Any = None
         self.transformer: Any = None
@@ -302,11 +306,14 @@ class WanStages:
                 raise UserError(f"model directory {self.model_dir}: model_index.json names no transformer")
             for name in names:
                 setattr(self, name, self._load(name, dtype=dtype))
+                applied = apply_transformer_options(getattr(self, name), options, self.device)
+                if applied:
+                    logger.info("%s: %s", name, ", ".join(applied))
             self._scheduler = self._load("scheduler")
         if "decode" in self.stages:
             from diffusers.video_processor import VideoProcessor
 
-            self.vae = self._load("vae", dtype=torch.float32)
+            self.vae = self._load("vae", dtype=options.vae_dtype)
             self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 
     def _load(self, name: str, dtype: torch.dtype | None = None) -> Any:
@@ -342,7 +349,7 @@ class WanStages:
 
     @torch.no_grad()
     def _embed(self, prompt: str, max_sequence_length: int) -> torch.Tensor:
-        """``WanPipeline._get_t5_prompt_embeds`` for one prompt: ``[1, L, D]`` in the text encoder's dtype, CPU."""
+        """``WanPipeline._get_t5_prompt_embeds`` for one prompt: ``[1, L, D]`` in the text encoder's dtype."""
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         text = prompt_clean(prompt)
@@ -361,22 +368,24 @@ class WanStages:
         prompt_embeds = torch.stack(
             [torch.cat([u, u.new_zeros(max_sequence_length - u.size(0), u.size(1))]) for u in prompt_embeds], dim=0
         )
-        return prompt_embeds.cpu()
+        return prompt_embeds
 
     def encode(self, prompt: str, negative_prompt: str | None, spec: VideoSpec) -> dict[str, torch.Tensor]:
         """Text embeddings of one item, as ``WanPipeline.encode_prompt``.
 
         Returns ``{"prompt_embeds": [1, L, D]}`` plus ``"negative_prompt_embeds": [1, L, D]`` when
         ``spec.guidance_scale > 1`` (a ``None`` negative prompt is ``""``, as in the pipeline); L is
-        ``spec.max_sequence_length``, D the text encoder width; dtype the text encoder's; CPU tensors.
-        Padding positions are zeros. Over-long prompts are truncated with a warning.
+        ``spec.max_sequence_length``, D the text encoder width; dtype the text encoder's; on ``self.device``.
+        Padding positions are zeros. Over-long prompts are truncated with a warning. Negative-prompt embeddings
+        come from :attr:`negative_cache` (the same tensor for the same text: do not modify it in place).
         """
         self._require("encode")
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         embeds = {"prompt_embeds": self._embed(prompt, spec.max_sequence_length)}
         if spec.do_classifier_free_guidance:
-            embeds["negative_prompt_embeds"] = self._embed(negative_prompt or "", spec.max_sequence_length)
+            embeds["negative_prompt_embeds"] = self.negative_cache.get(negative_prompt or "", spec.max_sequence_length,
+                                                                       self._embed)
         return embeds
 
     # ---- denoise ------------------------------------------------------------------------------------------------
@@ -403,7 +412,7 @@ class WanStages:
         ``embeds``: :meth:`encode`'s dict (``[1, L, D]`` tensors, any device and float dtype; cast to the
         transformer's dtype as the pipeline does). ``seed`` drives the CPU generator of the initial latents.
         ``callback(step_index, num_steps)`` runs after each step. Returns the final latents ``[1, C, F, H, W]``
-        float32 on the CPU.
+        float32 on ``self.device``.
         """
         self._require("denoise")
         shapes = self.shapes(spec)
@@ -468,14 +477,29 @@ class WanStages:
                 callback(i, num_timesteps)
 
         assert latents.dtype == torch.float32, latents.dtype
-        return latents.cpu()
+        return latents
 
     # ---- decode -------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def decode(self, latents_BCFHW: torch.Tensor) -> np.ndarray:
         """VAE decode of :meth:`denoise`'s ``[1, C, F, H, W]`` latents (any device/dtype): the video as uint8
-        ``[frames, height, width, 3]`` = ``round(255 * frames)`` of the pipeline's ``output_type="np"`` frames."""
+        ``[frames, height, width, 3]`` = ``round(255 * frames)`` of the pipeline's ``output_type="np"`` frames,
+        through diffusers' ``VideoProcessor`` and numpy (the reference path; :meth:`decode_uint8` is the same
+        video without the float32 host round trip)."""
+        video = self._vae_decode(latents_BCFHW)
+        frames = self.video_processor.postprocess_video(video, output_type="np")
+        return _frames_to_uint8(frames[0])
+
+    @torch.no_grad()
+    def decode_uint8(self, latents_BCFHW: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode`'s video, bit-identical, as a uint8 tensor ``[frames, height, width, 3]`` on
+        ``self.device``: the conversion runs where the VAE ran (:func:`frames_to_uint8`)."""
+        return frames_to_uint8(self._vae_decode(latents_BCFHW))
+
+    def _vae_decode(self, latents_BCFHW: torch.Tensor) -> torch.Tensor:
+        """The pipeline's un-normalisation and ``vae.decode``: ``[1, 3, frames, height, width]`` in the VAE's dtype,
+        values in about [-1, 1]."""
         self._require("decode")
         vae = self.vae
         if latents_BCFHW.ndim != 5 or latents_BCFHW.shape[0] != 1 or latents_BCFHW.shape[1] != vae.config.z_dim:
@@ -487,14 +511,36 @@ class WanStages:
         latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1).to(
             latents.device, latents.dtype)
         latents = latents / latents_std + latents_mean
-        video = vae.decode(latents, return_dict=False)[0]
-        frames = self.video_processor.postprocess_video(video, output_type="np")  # [1, F, H, W, 3] float32
-        return _frames_to_uint8(frames[0])
+        return vae.decode(latents, return_dict=False)[0]
+
+    @torch.no_grad()
+    def warmup(self, spec: VideoSpec) -> None:
+        """Run each loaded stage once on throwaway inputs (one denoising step), so that compilation, kernel
+        selection and library handles are paid before the first item. Leaves no state behind: items rendered
+        afterwards are unchanged."""
+        import dataclasses
+
+        shapes = self.shapes(spec)
+        latents = None
+        if "encode" in self.stages:
+            self._embed("warm-up", spec.max_sequence_length)
+        if "denoise" in self.stages:
+            model = self.transformer if self.transformer is not None else self.transformer_2
+            zeros = torch.zeros(shapes.embeds_shape, dtype=model.dtype, device=self.device)
+            embeds = {"prompt_embeds": zeros, "negative_prompt_embeds": zeros}
+            latents = self.denoise(embeds, 0, dataclasses.replace(spec, num_inference_steps=1))
+        if "decode" in self.stages:
+            if latents is None:
+                latents = torch.zeros(shapes.latents_shape, device=self.device)
+            self.decode_uint8(latents)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def free(self) -> None:
         """Drop every loaded component and return cached accelerator memory."""
         self.tokenizer = self.text_encoder = self.transformer = self.transformer_2 = self.vae = None
         self.video_processor = self._scheduler = None
+        self.negative_cache.clear()
         self.stages = frozenset()
         gc.collect()
         if self.device.type == "cuda":

@@ -34,6 +34,7 @@ from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.store import VideoStore
 from spmd_diff.models.random_wan import make_stages
+from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
@@ -107,7 +108,8 @@ def item_attrs(setup: Setup):
         negative = item.negative_prompt if item.negative_prompt is not None else job.video.negative_prompt
         return {"prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
                 "num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
-                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames}
+                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames,
+                "tier": job.speed.tier, "speed": json.dumps(job.speed.resolved(), sort_keys=True)}
 
     return attrs
 
@@ -142,9 +144,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     watchdog = LauncherWatchdog().start()
     setup = world.run_checked(lambda: build_setup(inputs, world.device))
     set_threads(world.local_size, setup.job.run.threads)
-    role = setup.plan.role_of(world.rank)
-    stages = world.run_checked(lambda: make_stages(setup.model_dir, _stages_for(role, setup.plan, world.rank),
-                                                   device=world.device, dtype=getattr(torch, setup.dtype)))
+    stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
 
@@ -253,6 +253,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
     transport, monitor = None, None
     try:
         candidates = policy.candidates(plan)
+        speed = setup.job.speed
+        on_gpu = str(world.device).startswith("cuda")
         board_bytes = ProgressBoard.bytes_needed(world.size)
         max_sp = max(p.sp_degree for p in candidates)
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0
@@ -268,7 +270,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_s, item_attrs(setup), board.publish,
-                                hooks=TestHooks.from_env(world.rank) or None)
+                                hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
+                                write_queue=speed.write_queue, warmup=speed.warmup)
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
@@ -291,8 +294,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             if coll is not None and role == "dit" and plan.sp_degree > 1:
                 ctx.group = coll.group(plan.dit_groups[plan.group_of(world.rank)])
                 # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
+                compile_fast = speed.tier == "fast" and speed.fast_compile_dit
                 ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
-                                               compile_blocks=setup.job.dit.compile and str(world.device).startswith("cuda"))
+                                               compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast))
             counters.mark()
             queue = WorkQueue(world.comm, len(batch))
             _run_role(ctx, role, plan, queue, batch, senders, receivers)
@@ -311,8 +315,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                           f"{decision.predicted_gain:.2f}x)", file=sys.stderr, flush=True)
                 plan = decision.plan
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
+        peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,
-                    busy_s=ctx.busy_s, stage_s=ctx.stage_s)
+                    busy_s=ctx.busy_s, stage_s=ctx.stage_s, **peak)
         stages.free()
         return transport, monitor
     except Exception as exc:  # noqa: BLE001 - any failure here must abort the job, never strand the other ranks
@@ -325,6 +330,23 @@ def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec
     return HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=base)
 
 
+def _stage_options(setup: Setup, world: World, plan: RolePlan) -> StageOptions:
+    """The speed tier's component options: ``exact`` keeps the pipeline's dtypes and kernels."""
+    speed = setup.job.speed
+    fast = speed.tier == "fast"
+    on_gpu = str(world.device).startswith("cuda")
+    return StageOptions(vae_dtype=torch.bfloat16 if fast and speed.fast_vae_bf16 else torch.float32,
+                        # DiT groups (S > 1) compile their own blocks around the group attention
+                        compile_blocks=fast and speed.fast_compile_dit and on_gpu and plan.sp_degree == 1,
+                        attention_backend=speed.fast_attention if fast else None)
+
+
+def _load_stages(world: World, setup: Setup, plan: RolePlan):
+    """This rank's model components for its role in ``plan``."""
+    return make_stages(setup.model_dir, _stages_for(plan.role_of(world.rank), plan, world.rank),
+                       device=world.device, dtype=getattr(torch, setup.dtype), options=_stage_options(setup, world, plan))
+
+
 def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
     """This rank's components for its role in ``plan``: the loaded ones if they cover it, else loaded anew
     (the old ones freed first, so a rank never holds two copies)."""
@@ -332,7 +354,7 @@ def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
     if needed <= stages.stages:
         return stages
     stages.free()
-    return make_stages(setup.model_dir, needed, device=world.device, dtype=getattr(torch, setup.dtype))
+    return _load_stages(world, setup, plan)
 
 
 def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[Item], interrupted: bool,

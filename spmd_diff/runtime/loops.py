@@ -4,11 +4,19 @@ Items flow encoder -> DiT -> decoder through double-ring channels; every stage w
 the same time. A producer hands each item to the consumer with the most free slots, so a slow consumer gets
 fewer items and nothing waits behind it. A failing item is passed on as a failure record (no tensors) and
 written by whoever would have written the video; the job goes on.
+
+A rank that decodes hands its items to a :class:`Finisher`: decode on a second thread and CUDA stream (so the
+next item's encode and denoise overlap it) and writes on a background thread (so the GPU never waits for the
+disk); tensors stay on the rank's device from encode to the uint8 video, which alone crosses to the host.
+Every GPU stage records its GPU time (CUDA events on its stream, ``gpu_s``) beside its wall time.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import errno
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ from spmd_diff.errors import StageTimeout, StoreFull
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.store import VideoStore
 from spmd_diff.runtime.signals import StopFlag
+from spmd_diff.runtime.worker import Worker
 
 
 @dataclass
@@ -56,34 +65,68 @@ class RankContext:
     """``spmd_diff.parallel.group_denoise.SPDenoiser`` when this rank is in a DiT group of more than one rank."""
     group: Any = None
     """The DiT group (``spmd_diff.comm.collectives.Group``; position 0 is the leader) when ``sp`` is set."""
+    overlap_decode: bool = False
+    """Decode on a second thread (and CUDA stream) while this rank's thread goes on (``speed.overlap_decode``)."""
+    write_queue: int = 0
+    """Videos the background writer may hold (``speed.write_queue``); 0 = write in the rank's thread."""
+    warmup: bool = False
+    """Run :meth:`WanStages.warmup` before the first item (``speed.warmup``)."""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    """Guards ``busy_s`` (spans end on the finisher's threads too)."""
 
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
-    def span(self, stage: str, item: Item):
-        return _Span(self, stage, item)
+    def span(self, stage: str, item: Item | None, gpu: bool = False):
+        """Time a stage: a ``stage`` event with wall ``t0``/``t1`` and, with ``gpu`` on a CUDA rank, ``gpu_s``
+        (CUDA events around the stage on the thread's current stream; the span ends once that work is done)."""
+        return _Span(self, stage, item, gpu)
+
+    @property
+    def cuda_device(self) -> torch.device | None:
+        device = getattr(self.stages, "device", None)
+        return device if isinstance(device, torch.device) and device.type == "cuda" else None
 
     def negative_of(self, item: Item) -> str:
         return item.negative_prompt if item.negative_prompt is not None else self.default_negative
 
 
 class _Span:
-    def __init__(self, ctx: RankContext, stage: str, item: Item) -> None:
+    def __init__(self, ctx: RankContext, stage: str, item: Item | None, gpu: bool) -> None:
         self.ctx, self.stage, self.item = ctx, stage, item
+        self.device = ctx.cuda_device if gpu else None
+        self.start = None
 
     def __enter__(self):
         self.t0 = time.time()
-        self.action = self.ctx.hooks.at(self.stage, self.item.id) if self.ctx.hooks else None
+        if self.device is not None:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        item_id = self.item.id if self.item is not None else ""
+        self.action = self.ctx.hooks.at(self.stage, item_id) if self.ctx.hooks and self.item is not None else None
         return self
 
     def __exit__(self, *exc) -> None:
+        gpu_s = None
+        if self.start is not None:
+            try:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                end.synchronize()
+                gpu_s = round(self.start.elapsed_time(end) / 1e3, 6)
+            except RuntimeError:
+                if exc[0] is None:
+                    raise
         t1 = time.time()
-        self.ctx.busy_s += t1 - self.t0
-        self.ctx.stage_s[self.stage] = self.ctx.stage_s.get(self.stage, 0.0) + (t1 - self.t0)
-        self.ctx.stage_items[self.stage] = self.ctx.stage_items.get(self.stage, 0) + 1
-        self.ctx.events.emit("stage", stage=self.stage, item=self.item.id, t0=self.t0, t1=t1,
-                             ok=exc[0] is None)
-        self.ctx.report(self.ctx.num_done, self.ctx.num_failed, self.ctx.busy_s)
+        with self.ctx.lock:
+            self.ctx.busy_s += t1 - self.t0
+            self.ctx.stage_s[self.stage] = self.ctx.stage_s.get(self.stage, 0.0) + (t1 - self.t0)
+            self.ctx.stage_items[self.stage] = self.ctx.stage_items.get(self.stage, 0) + 1
+        extra = {} if gpu_s is None else {"gpu_s": gpu_s}
+        self.ctx.events.emit("stage", stage=self.stage, item=self.item.id if self.item is not None else None,
+                             t0=self.t0, t1=t1, ok=exc[0] is None, **extra)
+        if threading.current_thread() is threading.main_thread():  # the board is the rank thread's (MPI)
+            self.ctx.report(self.ctx.num_done, self.ctx.num_failed, self.ctx.busy_s)
 
 
 def _failure(stage: str, exc: BaseException) -> dict:
@@ -96,7 +139,7 @@ def _failure(stage: str, exc: BaseException) -> dict:
 
 def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
-        with ctx.span("encode", item):
+        with ctx.span("encode", item, gpu=True):
             return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec)
     except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
         return {"failed": _failure("encode", exc)}, {}
@@ -112,7 +155,7 @@ def _control(ctx: RankContext, word: int, item_index: int) -> torch.Tensor:
 
 def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
-        with ctx.span("denoise", item) as span:
+        with ctx.span("denoise", item, gpu=True) as span:
             if ctx.sp is not None:  # the group leader: tell the members which item, then denoise together
                 ctx.group.broadcast(_control(ctx, _GO, item.index), 0, ctx.deadline())
                 latents = ctx.sp.denoise(embeds, item.seed, ctx.spec)
@@ -130,33 +173,112 @@ def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) 
         return {"failed": _failure("denoise", exc)}, {}
     if not torch.isfinite(latents).all():
         return {"failed": _failure("denoise", FloatingPointError("non-finite values in the final latents"))}, {}
-    return {}, {"latents": latents.cpu()}
+    return {}, {"latents": latents}  # on the rank's device: a channel moves it, a local decode uses it there
 
 
-def finish_item(ctx: RankContext, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Decode and write the item, or record its failure."""
-    failed = meta.get("failed")
-    if failed is None:
+class Finisher:
+    """Decode and write a rank's items: :meth:`submit` each item (or its failure record), :meth:`close` at the end.
+
+    Decode runs on a second thread with its own CUDA stream when ``ctx.overlap_decode`` (else in the caller's
+    thread); the uint8 video is copied to pinned host memory on that stream, and the write (HDF5 image, fsync,
+    rename) runs on a background thread when ``ctx.write_queue > 0``. Outcomes (done / failed) come back to the
+    rank's thread, which updates the counters and the progress board. A full disk in either thread stops the rank
+    with :class:`StoreFull` at its next ``submit`` or at ``close``; the item being written is never half visible
+    (the store writes aside and renames), and nothing queued after it is written.
+    """
+
+    def __init__(self, ctx: RankContext) -> None:
+        self.ctx = ctx
+        device = ctx.cuda_device
+        on_start = (lambda: torch.cuda.set_device(device)) if device is not None else None
+        self.stream = torch.cuda.Stream(device) if device is not None and ctx.overlap_decode else None
+        self.writer = Worker(f"rank {ctx.rank} writer", ctx.write_queue, on_start)
+        self.decoder = Worker(f"rank {ctx.rank} decoder", 1 if ctx.overlap_decode else 0, on_start)
+        self._outcomes: collections.deque = collections.deque()
+
+    def submit(self, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Hand over an item from denoise (or a channel): ``tensors["latents"]`` ``[1, C, F, H, W]`` on any device,
+        or ``meta["failed"]``."""
+        ready = None
+        latents = tensors.get("latents")
+        if self.stream is not None and latents is not None and latents.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()  # the latents are complete on the producing stream at this point
+            latents.record_stream(self.stream)
+        self.decoder.submit(lambda: self._decode(item, meta, latents, ready), self.ctx.timeout_s)
+        self._drain()
+
+    def close(self) -> None:
+        """Wait for every submitted item; raises what stopped the decoder or the writer (e.g. StoreFull)."""
         try:
-            with ctx.span("decode", item):
-                video = ctx.stages.decode(tensors["latents"])
-            with ctx.span("write", item):
-                ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
-            ctx.num_done += 1
-        except OSError as exc:
-            _raise_if_disk_full(ctx, item, exc)
-            failed = _failure("write", exc)
-        except Exception as exc:  # noqa: BLE001
-            failed = _failure("decode", exc)
-    if failed is not None:
+            self.decoder.join(self.ctx.timeout_s)
+        finally:
+            self.writer.join(self.ctx.timeout_s)
+            self._drain()
+
+    def _decode(self, item: Item, meta: dict, latents: torch.Tensor | None, ready: Any) -> None:
+        failed, host = meta.get("failed"), None
+        if failed is None:
+            try:
+                host = self._decode_to_host(item, latents, ready)
+            except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
+                failed = _failure("decode", exc)
+        self.writer.submit(lambda: self._write(item, host, failed), self.ctx.timeout_s)
+
+    def _decode_to_host(self, item: Item, latents: torch.Tensor, ready: Any) -> np.ndarray:
+        ctx = self.ctx
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if ready is not None:
+                self.stream.wait_event(ready)
+            with ctx.span("decode", item, gpu=True):
+                video = ctx.stages.decode_uint8(latents)  # [F, H, W, 3] uint8 on the rank's device
+                if video.is_cuda:  # pinned, on this stream: the span ends when the copy is done
+                    host = torch.empty(video.shape, dtype=video.dtype, pin_memory=True)
+                    host.copy_(video, non_blocking=True)
+                else:
+                    host = video
+        return host.numpy()
+
+    def _write(self, item: Item, video: np.ndarray | None, failed: dict | None) -> None:
+        ctx = self.ctx
+        if failed is None:
+            try:
+                with ctx.span("write", item):
+                    ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
+                self._outcomes.append((item, None))
+                return
+            except OSError as exc:
+                _raise_if_disk_full(ctx, item, exc)
+                failed = _failure("write", exc)
+            except Exception as exc:  # noqa: BLE001
+                failed = _failure("write", exc)
         try:
             ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
         except OSError as exc:
             _raise_if_disk_full(ctx, item, exc)
             raise
-        ctx.events.emit("failure", item=item.id, stage=failed["stage"], error=failed["error"])
-        ctx.num_failed += 1
-    ctx.report(ctx.num_done, ctx.num_failed, ctx.busy_s)
+        self._outcomes.append((item, failed))
+
+    def _drain(self) -> None:
+        ctx = self.ctx
+        while self._outcomes:
+            item, failed = self._outcomes.popleft()
+            if failed is None:
+                ctx.num_done += 1
+            else:
+                ctx.events.emit("failure", item=item.id, stage=failed["stage"], error=failed["error"])
+                ctx.num_failed += 1
+            ctx.report(ctx.num_done, ctx.num_failed, ctx.busy_s)
+
+
+def warm_up(ctx: RankContext) -> None:
+    """``speed.warmup``: the stages' one-step warm-up before the first item, logged as a ``warmup`` event (not a
+    stage: it renders no item). Skipped in DiT groups (their denoise is collective)."""
+    if not ctx.warmup or ctx.sp is not None or ctx.group is not None:
+        return
+    t0 = time.time()
+    ctx.stages.warmup(ctx.spec)
+    ctx.events.emit("warmup", t0=t0, t1=time.time(), stages=sorted(ctx.stages.stages))
 
 
 def _raise_if_disk_full(ctx: RankContext, item: Item, exc: OSError) -> None:
@@ -230,6 +352,7 @@ def close_all(ctx: RankContext, senders: list[ChannelSender]) -> None:
 
 def encoder_loop(ctx: RankContext, my_items: Iterable[Item], to_dit: list[ChannelSender]) -> None:
     # No close on an exception: the job aborts, and a close would only wait out another deadline first.
+    warm_up(ctx)
     for item in my_items:
         if ctx.stop.requested:
             break
@@ -254,13 +377,17 @@ def dit_loop(ctx: RankContext, my_items: Iterable[Item] | None, from_encoders: l
                     continue  # drain without work so producers can close; the item stays pending
                 yield item, meta, tensors
 
+    warm_up(ctx)
+    finisher = None if to_decoders else Finisher(ctx)
     for item, meta, tensors in source():
         if "failed" not in meta:
             meta, tensors = denoise_item(ctx, item, tensors)
         if to_decoders:
             send(ctx, to_decoders, item, meta, tensors)
         else:
-            finish_item(ctx, item, meta, tensors)
+            finisher.submit(item, meta, tensors)
+    if finisher is not None:
+        finisher.close()
     close_all(ctx, to_decoders)  # (not on an exception: the job aborts; see encoder_loop)
     if ctx.sp is not None:
         ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline())
@@ -276,15 +403,18 @@ def dit_member_loop(ctx: RankContext) -> None:
             return
         item = ctx.items[int(control[1])]
         try:
-            with ctx.span("denoise", item):
+            with ctx.span("denoise", item, gpu=True):
                 ctx.sp.denoise(None, None, ctx.spec)
         except ValueError:
             pass  # the leader's inputs were unusable: every member raised, the leader records the failure
 
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
+    warm_up(ctx)
+    finisher = Finisher(ctx)
     for item, meta, tensors in receive(ctx, from_dit):
-        finish_item(ctx, item, meta, tensors)
+        finisher.submit(item, meta, tensors)
+    finisher.close()
 
 
 def solo_loop(ctx: RankContext, my_items: Iterable[Item]) -> None:

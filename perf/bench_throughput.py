@@ -1,0 +1,398 @@
+"""Videos per GPU-hour: diffusers' WanPipeline as users run it (baseline A) against spmd-diff's exact and fast tiers,
+on the same GPUs in the same run. One case per call:
+
+    python3 perf/bench_throughput.py --case 4cfg   --out DIR   # 4 steps, CFG 5.0, 12 videos per variant
+    python3 perf/bench_throughput.py --case 4nocfg --out DIR   # 4 steps, no CFG
+    python3 perf/bench_throughput.py --case 50cfg  --out DIR   # 50 steps, CFG 5.0, 2 videos per variant
+
+- baseline A: one process per GPU (``CUDA_VISIBLE_DEVICES``), each one ``WanPipeline`` (text encoder and DiT bf16,
+  VAE float32, ``output_type="np"``) over its share of the items, timed call by call (synchronised), after an
+  untimed one-step warm-up call; the random weights are the engine's (same seeds), so videos can be compared.
+- exact / fast: the real engine, ``mpirun -n G python -m spmd_diff run`` with one rank per GPU (each encodes,
+  denoises, decodes and writes its items), ``speed.tier`` exact or fast; steady state from its ``events.jsonl``
+  (intervals between a rank's completed writes), so model load, warm-up and compilation are out.
+
+Every variant drops its first ``--warmup`` videos and reports the median of the rest. Deviations: engine exact
+against baseline A (should be bit-identical), engine fast against engine exact, and with ``--options`` each fast
+option alone inside the pipeline. Writes ``DIR/throughput-<case>-<date>.md`` and ``.json`` (hardware, versions,
+commit, config, date). Runs on CPU too (``--tiny``: the demo model at 64x64x9, for a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "perf"))
+
+import throughput_lib as lib  # noqa: E402
+
+CASES = {"4cfg": dict(steps=4, guidance=5.0, videos=12, warmup=2),
+         "4nocfg": dict(steps=4, guidance=1.0, videos=12, warmup=2),
+         "50cfg": dict(steps=50, guidance=5.0, videos=2, warmup=0)}
+TARGETS = {"4cfg": {"exact": 1.05, "fast": 1.3}, "4nocfg": {"exact": 1.05, "fast": 1.35},
+           "50cfg": {"exact": 1.02, "fast": 1.15}}
+NEGATIVE = "blurry, low quality"
+SUBJECTS = ["a red fox running through fresh snow", "waves breaking on black volcanic rocks", "a busy night market",
+            "a hot air balloon over green hills", "a cat chasing a paper ball", "rain on a city street at dusk",
+            "a sailboat in a storm", "a chef flipping pancakes", "cherry blossoms in the wind",
+            "a steam train crossing a bridge", "a dog catching a frisbee", "northern lights over a frozen lake",
+            "a hummingbird at a flower", "a skateboarder in an empty pool", "fireworks over a harbour",
+            "a horse galloping along a beach"]
+
+
+def make_items(num: int, seed: int) -> list[dict]:
+    return [{"id": f"v{k:03d}", "prompt": f"Cinematic shot of {SUBJECTS[k % len(SUBJECTS)]}, detailed, take {k}.",
+             "seed": seed + k} for k in range(num)]
+
+
+# ---- baseline A: one WanPipeline per GPU (a worker process) --------------------------------------------------------
+
+
+def baseline_worker(args: argparse.Namespace) -> None:
+    import numpy as np
+    import torch
+    from diffusers import WanPipeline
+
+    from spmd_diff.models.random_wan import RandomWanStages, build_random_module, random_model_dir
+    from spmd_diff.models.wan import _frames_to_uint8
+
+    cfg = json.loads(args.worker_config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    t_load = time.time()
+    model_dir = _model_dir(cfg["model"])
+    stages = RandomWanStages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype) \
+        if cfg["model"].startswith("random:") else _plain_stages(model_dir, device, dtype)
+    pipe = WanPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
+                       scheduler=stages._scheduler, transformer=stages.transformer)
+    pipe.set_progress_bar_config(disable=True)
+    load_s = time.time() - t_load
+    items = json.loads(Path(cfg["items"]).read_text())[cfg["rank"]::cfg["num_gpus"]]
+    save_dir = Path(cfg["save_dir"])
+
+    def render(item: dict, steps: int | None = None):
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        frames = pipe(prompt=item["prompt"], negative_prompt=NEGATIVE, height=cfg["height"], width=cfg["width"],
+                      num_frames=cfg["num_frames"], num_inference_steps=steps or cfg["steps"],
+                      guidance_scale=cfg["guidance"], generator=torch.Generator("cpu").manual_seed(item["seed"]),
+                      output_type="np", max_sequence_length=512).frames
+        sync()
+        return frames, time.perf_counter() - t0
+
+    render(items[0], steps=1)  # untimed warm-up, as the engine's speed.warmup
+    times, saved = [], []
+    for k, item in enumerate(items):
+        frames, seconds = render(item)
+        times.append(seconds)
+        if k >= cfg["warmup"] and len(saved) < cfg["save"]:
+            np.save(save_dir / f"{item['id']}.npy", _frames_to_uint8(frames[0]))
+            saved.append(item["id"])
+    result = {"times_s": times, "load_s": load_s, "saved": saved, "items": [it["id"] for it in items],
+              "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
+    if cfg.get("options") and saved:
+        result["options"] = _options(pipe, stages, model_dir, items, saved[0], render, save_dir)
+    Path(cfg["result"]).write_text(json.dumps(result, indent=2))
+
+
+def _model_dir(model: str) -> Path:
+    from spmd_diff.runtime.engine import resolve_model
+
+    return Path(resolve_model(model))
+
+
+def _plain_stages(model_dir: Path, device: str, dtype):
+    from spmd_diff.models.wan import WanStages
+
+    return WanStages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype)
+
+
+def _options(pipe, stages, model_dir, items, item_id, render, save_dir) -> dict:
+    """Each fast option on one item against its exact (baseline) video: bf16 VAE alone, cuDNN attention alone, then
+    cuDNN attention with compiled blocks (also against cuDNN alone: the compilation's own effect). The compiled
+    graph is the fast tier's, so the engine's fast run afterwards finds it in Inductor's on-disk cache."""
+    import numpy as np
+    import torch
+
+    from spmd_diff.models.random_wan import build_random_module
+    from spmd_diff.models.speed import StageOptions, apply_transformer_options
+    from spmd_diff.models.wan import _frames_to_uint8
+
+    item = next(it for it in items if it["id"] == item_id)
+    reference = np.load(save_dir / f"{item_id}.npy")
+    device = torch.device(stages.device)
+    out: dict = {}
+    videos: dict = {}
+
+    def measure(name: str, repeat: int = 1, against: str | None = None) -> None:
+        try:
+            seconds = []
+            for _ in range(repeat):
+                frames, s = render(item)
+                seconds.append(s)
+            videos[name] = _frames_to_uint8(frames[0])
+            out[name] = {"s_per_video": seconds[-1], **lib.levels(videos[name], reference)}
+            if repeat > 1:
+                out[name]["first_call_s"] = seconds[0]
+            if against in videos:
+                out[f"{name} vs {against}"] = lib.levels(videos[name], videos[against])
+        except Exception as exc:  # noqa: BLE001 - report and go on with the next option
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+
+    exact_vae = pipe.vae
+    try:
+        pipe.vae = (build_random_module("vae", model_dir, device, torch.bfloat16, stages.weight_seed)
+                    if hasattr(stages, "weight_seed") else copy.deepcopy(exact_vae).to(torch.bfloat16))
+        measure("bf16 VAE")
+    finally:
+        pipe.vae = exact_vae
+    apply_transformer_options(pipe.transformer, StageOptions(attention_backend="_native_cudnn"), device)
+    measure("cuDNN attention")
+    apply_transformer_options(pipe.transformer, StageOptions(compile_blocks=True), device)
+    measure("cuDNN attention + compiled blocks (S=1)", repeat=2, against="cuDNN attention")
+    return out
+
+
+def run_baseline(args, cfg: dict, items_path: Path, work: Path, num_gpus: int) -> dict:
+    save_dir = work / "baseline_videos"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for rank in range(num_gpus):
+        wcfg = dict(cfg, items=str(items_path), rank=rank, num_gpus=num_gpus, save_dir=str(save_dir),
+                    result=str(work / f"baseline-{rank}.json"), save=2, options=args.options and rank == 0)
+        env = dict(os.environ)
+        if num_gpus > 0 and args.device == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = str(rank)
+        log = open(work / f"baseline-{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, __file__, "--worker-config", json.dumps(wcfg)], env=env,
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    codes = []
+    for proc, log in procs:
+        codes.append(proc.wait(timeout=args.step_timeout_s))
+        log.close()
+    if any(codes):
+        tail = (work / f"baseline-{codes.index(next(c for c in codes if c))}.log").read_text()[-3000:]
+        raise RuntimeError(f"baseline worker exit codes {codes}: {tail}")
+    results = [json.loads((work / f"baseline-{r}.json").read_text()) for r in range(num_gpus)]
+    medians = [statistics.median(r["times_s"][cfg["warmup"]:]) for r in results]
+    vps = sum(1.0 / m for m in medians)
+    return {"videos_per_s": vps, "s_per_video": num_gpus / vps, "gpu_s_per_video": num_gpus / vps,
+            "per_gpu": results, "peak_gpu_bytes": max((r["peak_gpu_bytes"] or 0) for r in results) or None,
+            "saved": {i: str(save_dir / f"{i}.npy") for r in results for i in r["saved"]},
+            "options": results[0].get("options"), "load_s": [r["load_s"] for r in results]}
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------------
+
+
+def run_engine(args, cfg: dict, tier: str, items: list[dict], work: Path, num_gpus: int) -> dict:
+    out = work / f"engine-{tier}"
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(it) + "\n" for it in items))
+    job = work / f"job-{tier}.toml"
+    job.write_text(f"""[model]
+path = "{cfg['model']}"
+[video]
+height = {cfg['height']}
+width = {cfg['width']}
+num_frames = {cfg['num_frames']}
+num_inference_steps = {cfg['steps']}
+guidance_scale = {cfg['guidance']}
+negative_prompt = "{NEGATIVE}"
+[run]
+timeout_s = 900
+[roles]
+encoders = 0
+decoders = 0
+[speed]
+tier = "{tier}"
+""")
+    command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(max(1, num_gpus)),
+               sys.executable, "-m", "spmd_diff", "run", str(job), "--prompts", str(prompts), "--out", str(out)]
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    with open(work / f"engine-{tier}.log", "w") as log:
+        code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.step_timeout_s)
+    if code != 0:
+        raise RuntimeError(f"engine exit code {code}: {(work / f'engine-{tier}.log').read_text()[-3000:]}")
+    events = lib.read_events(out)
+    steady = lib.engine_steady_state(events, cfg["warmup"])
+    steady["gpu_s_per_video"] = steady["num_ranks"] / steady["videos_per_s"]
+    steady["wall_s"] = time.time() - t0
+    steady["out"] = str(out)
+    writes = sorted((e for e in events if e.get("ev") == "stage" and e.get("stage") == "write"), key=lambda e: e["t1"])
+    if len(writes) > cfg["warmup"]:
+        middle = writes[min(len(writes) - 1, cfg["warmup"] + (len(writes) - cfg["warmup"]) // 2)]
+        steady["timeline"] = lib.timeline(events, middle["item"])
+        rank_writes = [e for e in writes if e["rank"] == middle["rank"]]
+        if len(rank_writes) > cfg["warmup"] + 1:
+            steady["gpu_idle_fraction"] = lib.gpu_idle_fraction(events, middle["rank"],
+                                                                rank_writes[cfg["warmup"]]["t1"], rank_writes[-1]["t1"])
+    return steady
+
+
+def engine_video(out: str, item_id: str):
+    import h5py
+
+    with h5py.File(Path(out) / "videos.h5", "r") as f:
+        return f["videos"][item_id][...]
+
+
+def deviations(result: dict, items: list[dict], max_videos: int = 4) -> dict:
+    import numpy as np
+
+    v = result["variants"]
+    dev = {}
+
+    def compare(name: str, pairs) -> None:
+        try:
+            stats = [lib.levels(a(), b()) for a, b in pairs]
+            if stats:
+                dev[name] = {"videos": len(stats), "mean": statistics.mean(s["mean"] for s in stats),
+                             "max": max(s["max"] for s in stats), "identical": all(s["identical"] for s in stats)}
+        except Exception as exc:  # noqa: BLE001
+            dev[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    base, exact, fast = v.get("baseline", {}), v.get("exact", {}), v.get("fast", {})
+    if "saved" in base and "out" in exact:
+        compare("engine exact vs baseline A", [(lambda i=i: engine_video(exact["out"], i), lambda p=p: np.load(p))
+                                               for i, p in base["saved"].items()])
+    if "out" in exact and "out" in fast:
+        ids = [it["id"] for it in items][-max_videos:]
+        compare("engine fast vs engine exact", [(lambda i=i: engine_video(fast["out"], i),
+                                                 lambda i=i: engine_video(exact["out"], i)) for i in ids])
+    return dev
+
+
+# ---- driver -------------------------------------------------------------------------------------------------------
+
+
+def environment(num_gpus: int) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None, "host": socket.gethostname(),
+           "cpus": os.cpu_count(), "num_gpus": num_gpus}
+    for name in ("diffusers", "transformers", "numpy", "h5py"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            env[name] = None
+    if torch.cuda.is_available():
+        env["gpus"] = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(num_gpus)}))
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.split()[0]
+        except Exception:  # noqa: BLE001
+            env["driver"] = None
+    else:
+        env["gpus"] = f"CPU only ({platform.processor() or platform.machine()})"
+    commit = os.environ.get("BENCH_COMMIT")
+    if not commit and (ROOT / ".bench_commit").is_file():
+        commit = (ROOT / ".bench_commit").read_text().strip()
+    if not commit:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or None
+    env["commit"] = commit
+    return env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=sorted(CASES), default="4cfg")
+    parser.add_argument("--out", default="perf/results/throughput")
+    parser.add_argument("--variants", default="baseline,exact,fast")
+    parser.add_argument("--videos", type=int, help="videos per variant (default: the case's)")
+    parser.add_argument("--warmup", type=int, help="videos dropped from the steady state (default: the case's)")
+    parser.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
+    parser.add_argument("--model", default="random:wan2.1-t2v-1.3b")
+    parser.add_argument("--size", default="480x832x81", help="HEIGHTxWIDTHxFRAMES")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: demo model, 64x64x9")
+    parser.add_argument("--options", action="store_true", help="also time each fast option alone (GPU)")
+    parser.add_argument("--tag", default="")
+    parser.add_argument("--step-timeout-s", type=float, default=580)
+    parser.add_argument("--worker-config", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker_config:
+        cfg = json.loads(args.worker_config)
+        args.worker_config = json.dumps(cfg)
+        baseline_worker(args)
+        return 0
+
+    import torch
+
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    num_gpus = (args.gpus or torch.cuda.device_count()) if args.device == "cuda" else 1
+    case = CASES[args.case]
+    if args.tiny:
+        args.model, args.size = "demo", "64x64x9"
+    height, width, frames = (int(x) for x in args.size.split("x"))
+    cfg = dict(case=args.case, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
+               guidance=case["guidance"], videos=args.videos or case["videos"],
+               warmup=case["warmup"] if args.warmup is None else args.warmup, num_gpus=num_gpus)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_throughput")) / args.case
+    work.mkdir(parents=True, exist_ok=True)
+    items = make_items(cfg["videos"] * max(1, num_gpus), seed=1000)
+    items_path = work / "items.json"
+    items_path.write_text(json.dumps(items))
+    result = {"benchmark": "throughput", "date": datetime.date.today().isoformat(), "config": cfg,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "environment": environment(num_gpus),
+              "variants": {}}
+    for name in args.variants.split(","):
+        t0 = time.time()
+        print(f"=== {name} ...", flush=True)
+        try:
+            if name == "baseline":
+                result["variants"][name] = run_baseline(args, cfg, items_path, work, num_gpus)
+            else:
+                result["variants"][name] = run_engine(args, cfg, name, items, work, num_gpus)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is reported; the others still run
+            traceback.print_exc()
+            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[-2000:]}
+        v = result["variants"][name]
+        v["step_s"] = time.time() - t0
+        print(f"=== {name}: {v['step_s']:.0f} s; s/video {v.get('s_per_video')}", flush=True)
+        if "options" in v:
+            result["options"] = v.pop("options")
+        write_results(result, args, out)  # after every variant: a call cut short still brings back what ran
+    result["deviations"] = deviations(result, items)
+    print(write_results(result, args, out))
+    return 0
+
+
+def write_results(result: dict, args: argparse.Namespace, out: Path) -> str:
+    base = result["variants"].get("baseline", {}).get("videos_per_s")
+    result["targets"] = []
+    for name, wanted in TARGETS[args.case].items():
+        vps = result["variants"].get(name, {}).get("videos_per_s")
+        measured = vps / base if vps and base else None
+        result["targets"].append({"variant": name, "wanted": wanted, "measured": measured,
+                                  "met": measured is not None and measured >= wanted})
+    stem = f"throughput-{args.case}{'-' + args.tag if args.tag else ''}-{result['date']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    text = lib.render_markdown(result)
+    (out / f"{stem}.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())
