@@ -170,25 +170,36 @@ class CostModel:
         if not changed:
             return self
         rows = sorted((r, (st, ck, sp), mean, weight) for (r, st, ck, sp), (mean, weight) in history.items())
-        log_speed = {r: math.log(self._speeds.get(r, 1.0)) for r, _, _, _ in rows}
-        by_key: dict[Key, list[tuple[int, float, float]]] = {}
-        by_rank: dict[int, list[tuple[Key, float, float]]] = {}
-        for rank, key, mean, weight in rows:
-            by_key.setdefault(key, []).append((rank, mean, weight))
-            by_rank.setdefault(rank, []).append((key, mean, weight))
-        base: dict[Key, float] = {}
-        for _ in range(self.iterations):
-            for key, obs in by_key.items():
-                base[key] = sum(w * (m + log_speed[r]) for r, m, w in obs) / sum(w for _, _, w in obs)
-            for rank, obs in by_rank.items():  # a light pull towards 1.0 (one item's worth) keeps lone ranks sane
-                log_speed[rank] = sum(w * (base[k] - m) for k, m, w in obs) / (sum(w for _, _, w in obs) + 1.0)
-            shift = sum(log_speed.values()) / len(log_speed)
-            log_speed = {r: v - shift for r, v in log_speed.items()}
-        for key, obs in by_key.items():
-            base[key] = sum(w * (m + log_speed[r]) for r, m, w in obs) / sum(w for _, _, w in obs)
-        estimates = tuple(Estimate(k[0], k[1], k[2], math.exp(base[k]), sum(w for _, _, w in by_key[k]))
-                          for k in sorted(base))
-        speeds = tuple((r, math.exp(log_speed[r])) for r in sorted(log_speed))
+        ranks = sorted({r for r, _, _, _ in rows})
+        keys = sorted({k for _, k, _, _ in rows})
+        rank_at = {r: i for i, r in enumerate(ranks)}
+        key_at = {k: i for i, k in enumerate(keys)}
+        row_rank = [rank_at[r] for r, _, _, _ in rows]
+        row_key = [key_at[k] for _, k, _, _ in rows]
+        row_mean = [m for _, _, m, _ in rows]
+        row_weight = [w for _, _, _, w in rows]
+        key_weight = [0.0] * len(keys)
+        rank_weight = [1.0] * len(ranks)  # one item's worth of pull towards speed 1.0 keeps lone ranks sane
+        for i, k, w in zip(row_rank, row_key, row_weight):
+            key_weight[k] += w
+            rank_weight[i] += w
+        log_speed = [math.log(self._speeds.get(r, 1.0)) for r in ranks]
+        base = [0.0] * len(keys)
+        for iteration in range(self.iterations + 1):
+            sums = [0.0] * len(keys)
+            for i, k, m, w in zip(row_rank, row_key, row_mean, row_weight):
+                sums[k] += w * (m + log_speed[i])
+            base = [total / weight for total, weight in zip(sums, key_weight)]
+            if iteration == self.iterations:
+                break
+            sums = [0.0] * len(ranks)
+            for i, k, m, w in zip(row_rank, row_key, row_mean, row_weight):
+                sums[i] += w * (base[k] - m)
+            log_speed = [total / weight for total, weight in zip(sums, rank_weight)]
+            shift = sum(log_speed) / len(log_speed)
+            log_speed = [v - shift for v in log_speed]
+        estimates = tuple(Estimate(k[0], k[1], k[2], math.exp(base[j]), key_weight[j]) for j, k in enumerate(keys))
+        speeds = tuple((r, math.exp(log_speed[i])) for i, r in enumerate(ranks))
         kept = tuple((r, k[0], k[1], k[2], m, w) for r, k, m, w in rows)
         return dataclasses.replace(self, estimates=estimates, rank_speeds=speeds, history=kept)
 

@@ -4,11 +4,11 @@ Ranks come in pools; a pool's ranks hold the same stages. With work pulled by wh
 T can only be served by the pools holding any stage of T, so the workload takes at least
 ``work(T) / capacity(pools touching T)`` for every T (and by Hall's theorem the largest of these bounds is
 achievable by a fluid schedule). Two terms keep it honest for finite work: DiT granularity (a group denoises one
-item at a time: fewer items than groups still take one item's time, which favours larger groups) and the pipeline's fill and drain (DiT groups start
-together, so the first wave waits for its encodes; items of one class take the same time, so groups finish
-together and the last wave's decodes run after everything else).
+item at a time: fewer items than groups still take one item's time, which favours larger groups) and the
+pipeline's fill and drain (DiT groups start together, so the first wave waits for its encodes; items of one class
+take the same time, so groups finish together and the last wave's decodes run after everything else).
 
-Work is in rank-seconds at the median rank's speed; a pool's capacity is the sum of its ranks' speeds (a DiT
+Work is in rank-seconds at speed 1.0 (the cost model's reference); a pool's capacity is the sum of its ranks' speeds (a DiT
 rank counts at its group's slowest member's speed).
 """
 
