@@ -145,13 +145,9 @@ def predict_plan(plan: RolePlan, workload: Workload, cost) -> Prediction:
     return predict_pools(work, sorted(pools.items()), len(plan.dit_groups), sum(group_speeds) / len(group_speeds))
 
 
-def search_shapes(inputs: PlanInputs, workload: Workload, cost, speeds: Sequence[float] | None = None,
-                  allowed_dit_masks: Sequence[int] | None = None,
-                  allowed_aux_masks: Sequence[int] | None = None) -> list[tuple[Shape, Prediction]]:
-    """Every candidate shape with its predicted time (``speeds``: each rank's; None: all 1.0), fastest first.
-
-    ``allowed_*_masks`` restrict the stage sets (e.g. to what ``roles.policy = "static"`` can express).
-    """
+def search_shapes(inputs: PlanInputs, workload: Workload, cost,
+                  speeds: Sequence[float] | None = None) -> list[tuple[Shape, Prediction]]:
+    """Every candidate shape with its predicted time (``speeds``: each rank's; None: all 1.0), fastest first."""
     num_ranks = inputs.topology.num_ranks
     speeds = list(speeds) if speeds is not None else [1.0] * num_ranks
     classes = workload.classes
@@ -168,16 +164,9 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost, speeds: Sequence
         colocate = inputs.settings.colocate
         dit_masks = [m for m in (ALL_STAGES, DENOISE | DECODE, DENOISE | ENCODE, DENOISE)
                      if (colocate or m == DENOISE) and fits(m)]
-        if allowed_dit_masks is not None:
-            dit_masks = [m for m in dit_masks if m in allowed_dit_masks]
+        dit_masks = _maximal(dit_masks)
         aux_masks = [ENCODE | DECODE] if colocate and fits(ENCODE | DECODE) else [m for m in (ENCODE, DECODE)
                                                                                  if fits(m)]
-        if allowed_aux_masks is not None:
-            aux_masks = [m for m in (ENCODE | DECODE, ENCODE, DECODE) if m in allowed_aux_masks and fits(m)]
-            if ENCODE | DECODE in aux_masks:
-                aux_masks = [ENCODE | DECODE]
-        if allowed_dit_masks is None:
-            dit_masks = _maximal(dit_masks)
         work = StageWork.of(workload, cost, sp)
         if _uneven(speeds):
             capacities = [(slow_first, _Capacity(num_ranks, aux_prefix=_aux_prefix(inputs.topology, sp, speeds,
@@ -195,8 +184,7 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost, speeds: Sequence
     return out
 
 
-def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None = None,
-               policy: str = "auto") -> RolePlan:
+def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None = None) -> RolePlan:
     """Place ``shape`` on the topology (``roles.place_ranks``; the slowest nodes give non-DiT ranks first when
     ``shape.slow_first``)."""
     topology = inputs.topology
@@ -211,7 +199,7 @@ def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None 
     encoders = tuple(sorted(r for r in chosen if "encode" in stages[r]))
     decoders = tuple(sorted(r for r in chosen if "decode" in stages[r]))
     layout, torus = resolve_layout(topology, groups, inputs.settings.sp_layout)
-    return RolePlan(topology.num_ranks, encoders, tuple(groups), decoders, layout, torus, tuple(stages), policy)
+    return RolePlan(topology.num_ranks, encoders, tuple(groups), decoders, layout, torus, tuple(stages), "auto")
 
 
 def _best_counts(num_ranks: int, sp: int, dit_mask: int, aux_masks: list[int], work: StageWork,

@@ -105,6 +105,14 @@ def test_more_decode_work_never_means_fewer_decoders():
     assert counts == sorted(counts) and counts[-1] > counts[0]
 
 
+def test_colocation_can_be_turned_off():
+    inp = inputs(1, 8, colocate=False)
+    workload = Workload.uniform(C480, 800)
+    plan = plan_auto(inp, workload, table_cost())
+    assert all(len(plan.stages_of(r)) == 1 for r in range(8)) and len(plan.encoders) == 1
+    check_plan(plan, inp, workload)
+
+
 def test_partial_colocation_never_reserves_a_gpu_for_the_tiny_encode_stage():
     # 20 GiB: the DiT fits with the VAE (14.5 GiB) or with the text encoder (16.0), not with both. A dedicated
     # encoder would idle 98% of the time; encoding on the DiT ranks and decoding on dedicated ranks wastes nothing.
@@ -211,3 +219,18 @@ def test_candidate_degrees():
     assert candidate_degrees(2, 4, 4096) == (2, 4)
     assert candidate_degrees(1, 8, 2) == (1, 2)
     assert candidate_degrees(16, 8, 64) == (16,)
+
+
+def test_static_plans_answer_the_new_accessors_and_keep_the_old():
+    plan = plan_roles(Topology.uniform(2, 4, 4), 1, 1, sp_degree=2)
+    leaders = [g[0] for g in plan.dit_groups]
+    assert plan.stages_of(plan.encoders[0]) == ("encode",) and plan.stages_of(plan.decoders[0]) == ("decode",)
+    assert all(plan.stages_of(r) == ("denoise",) for g in plan.dit_groups for r in g)
+    assert plan.role_counts() == {"encoder": 1, "decoder": 1, "dit": 6} and plan.policy == "static"
+    assert set(plan.to_dict()) == {"encoders", "dit_groups", "decoders", "sp_layout", "torus_shape", "policy"}
+    alone = plan_roles(Topology.uniform(1, 2, 2), 0, 0)
+    assert alone.stages_of(0) == ("encode", "denoise", "decode") and alone.role_of(0) == "dit"
+    assert plan_roles(Topology.uniform(1, 1), 1, 1).role_of(0) == "all"
+    assert leaders and not plan.same_roles(alone)
+    auto = plan_auto(inputs(1, 8, gpu_bytes=20 * GIB), Workload.uniform(C480, 800), table_cost())
+    assert auto.to_dict()["roles"] and "predicted" in auto.describe() and auto.same_roles(auto)
