@@ -102,8 +102,9 @@ class _Capacity:
         return [(shape.dit_mask, dit)] + pools, dit / num_dit
 
 
-def plan_auto(inputs: PlanInputs, workload: Workload, cost) -> RolePlan:
-    """The plan predicted to finish ``workload`` soonest. ``cost``: a :class:`CostModel`.
+def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | None = None) -> RolePlan:
+    """The plan predicted to finish ``workload`` soonest. ``cost``: a :class:`CostModel`. ``current``: the plan
+    in force, if any: ranks keep their roles where the new counts allow (a switch moves as few ranks as it can).
 
     Raises :class:`UserError` when no plan fits the GPUs' memory (the message lists what each stage needs).
     """
@@ -117,7 +118,7 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost) -> RolePlan:
         raise UserError(_no_fit_message(inputs, workload))
     best_plan, best = None, None
     for shape, _ in candidates[: 4 if _uneven(speeds) else 1]:
-        plan = build_plan(inputs, shape, speeds)
+        plan = build_plan(inputs, shape, speeds, current)
         prediction = predict_plan(plan, workload, cost)
         if best is None or prediction.seconds < best.seconds * (1 - 1e-9):
             best_plan, best = plan, prediction
@@ -184,18 +185,27 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost,
     return out
 
 
-def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None = None) -> RolePlan:
+def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None = None,
+               current: RolePlan | None = None) -> RolePlan:
     """Place ``shape`` on the topology (``roles.place_ranks``; the slowest nodes give non-DiT ranks first when
-    ``shape.slow_first``)."""
+    ``shape.slow_first``). With groups of one rank and a ``current`` plan of groups of one, non-DiT ranks stay
+    non-DiT (and keep their stages) where the counts allow."""
     topology = inputs.topology
     num_aux = topology.num_ranks - shape.num_groups * shape.sp_degree
     node_order = _slow_first_order(topology, speeds) if shape.slow_first and speeds is not None else None
     chosen, groups = place_ranks(topology, num_aux, shape.sp_degree, node_order)
     stages: list[tuple[str, ...]] = [stages_of_mask(shape.dit_mask)] * topology.num_ranks
-    picked = iter(chosen)
-    for mask, count in shape.aux:
-        for _ in range(count):
-            stages[next(picked)] = stages_of_mask(mask)
+    if current is not None and shape.sp_degree == 1 and current.sp_degree == 1 \
+            and current.num_ranks == topology.num_ranks:
+        chosen, masks = _sticky_aux(shape, current, chosen)
+        groups = [(r,) for r in sorted(set(range(topology.num_ranks)) - set(chosen))]
+        for rank, mask in zip(chosen, masks):
+            stages[rank] = stages_of_mask(mask)
+    else:
+        picked = iter(chosen)
+        for mask, count in shape.aux:
+            for _ in range(count):
+                stages[next(picked)] = stages_of_mask(mask)
     encoders = tuple(sorted(r for r in chosen if "encode" in stages[r]))
     decoders = tuple(sorted(r for r in chosen if "decode" in stages[r]))
     layout, torus = resolve_layout(topology, groups, inputs.settings.sp_layout)
@@ -278,8 +288,38 @@ def _aux_splits(num_aux: int, missing: int, aux_masks: list[int], work: StageWor
     return splits
 
 
+def _sticky_aux(shape: Shape, current: RolePlan, default: list[int]) -> tuple[list[int], list[int]]:
+    """Non-DiT ranks for ``shape`` and their stage masks: first the current non-DiT ranks holding exactly a mask
+    the shape needs, then other current non-DiT ranks, then ``default`` (``place_ranks``' pick order)."""
+    wanted = {mask: count for mask, count in shape.aux if count}
+    incumbents = [r for r in range(current.num_ranks) if "denoise" not in current.stages_of(r)]
+    chosen: list[int] = []
+    masks: list[int] = []
+    for rank in incumbents:
+        mask = mask_of(current.stages_of(rank))
+        if wanted.get(mask, 0) > 0:
+            wanted[mask] -= 1
+            chosen.append(rank)
+            masks.append(mask)
+    taken = set(chosen)
+    rest = [r for r in incumbents if r not in taken] + [r for r in default if r not in taken]
+    seen: set[int] = set()
+    for rank in rest:
+        if rank in seen or rank in taken:
+            continue
+        seen.add(rank)
+        mask = next((m for m, c in wanted.items() if c > 0), None)
+        if mask is None:
+            break
+        wanted[mask] -= 1
+        chosen.append(rank)
+        masks.append(mask)
+    return chosen, masks
+
+
 def _uneven(speeds: Sequence[float]) -> bool:
-    return max(speeds) - min(speeds) > 0.02
+    """Speeds differ enough to place ranks by them (fitted speeds of equal GPUs scatter by a few percent)."""
+    return max(speeds) > 1.1 * min(speeds)
 
 
 def _slow_first_order(topology: Topology, speeds: Sequence[float]) -> list[int]:

@@ -33,7 +33,8 @@ class SwitchCostModel:
 
     ``rolling`` (default): only ranks whose stages or DiT group change stop pulling; each finishes the job it is
     running (useful work), loads what it newly holds, re-targets its channels and joins the new plan; the others
-    never stop. The job loses those ranks' load time: sum over them / number of ranks.
+    never stop. The job loses those ranks' load time and the refill of their new role (``drain_fraction`` of an
+    item's latency): summed over them / number of ranks.
     Not rolling (a global barrier): every rank drains (on average ``drain_fraction`` of an item's latency), then
     waits for the slowest load.
     """
@@ -60,17 +61,19 @@ class SwitchCostModel:
         old_group = {r: g for g in old.dit_groups for r in g}
         new_group = {r: g for g in new.dit_groups for r in g}
         total = slowest = 0.0
+        changed = 0
         cache: dict[tuple, float] = {}
         for rank in range(new.num_ranks):
             key = (old.stages_of(rank), new.stages_of(rank))
             if key[0] == key[1] and old_group.get(rank) == new_group.get(rank):
                 continue
+            changed += 1
             if key not in cache:
                 cache[key] = sum(loads[s] for s in key[1] if s not in key[0])
             total += self.fixed_s + cache[key]
             slowest = max(slowest, cache[key])
-        if self.rolling:
-            return total / new.num_ranks
+        if self.rolling:  # each rank that changes also starts its new role with nothing queued for it
+            return (total + (changed * self.drain_fraction * item_latency_s)) / new.num_ranks
         return self.fixed_s + self.drain_fraction * item_latency_s + slowest
 
 
@@ -121,7 +124,7 @@ def replan(inputs: PlanInputs, current: RolePlan, workload: Workload, cost: Cost
            behind_batches: int = 0) -> Replan:
     """Decide whether the next batch runs on ``current`` or on the best plan for ``workload`` (the horizon:
     ``workload.horizon``). ``behind_batches``: the previous decision's ``behind_batches`` (0 after a switch)."""
-    best = plan_auto(inputs, workload, cost)
+    best = plan_auto(inputs, workload, cost, current)
     best_prediction = predict_plan(best, workload, cost)
     current_prediction = predict_plan(current, workload, cost)
     latency = _item_latency_s(workload, cost, current.sp_degree)

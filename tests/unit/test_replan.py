@@ -160,11 +160,22 @@ def test_switch_cost_rolling_counts_only_the_ranks_that_change():
     rolling = SwitchCostModel(measured_load_s=(("denoise", 1.0), ("decode", 0.5), ("encode", 5.0)))
     seconds = rolling.seconds(a, b, MEMORY, 60.0)
     assert 0 < changed and seconds == pytest.approx(
-        sum(2.0 + (1.0 if "denoise" in b.stages_of(r) else 0.5) for r in range(64)
+        sum(2.0 + (1.0 if "denoise" in b.stages_of(r) else 0.5) + 0.5 * 60.0 for r in range(64)
             if a.stages_of(r) != b.stages_of(r)) / 64)
     barrier = SwitchCostModel(rolling=False, measured_load_s=rolling.measured_load_s)
     assert barrier.seconds(a, b, MEMORY, 60.0) == pytest.approx(2.0 + 30.0 + 1.0)
     assert rolling.seconds(a, a, MEMORY, 60.0) == 0.0
+
+
+def test_a_switch_moves_as_few_ranks_as_the_new_counts_need():
+    inputs = memcap_inputs()
+    cost = table(truth)
+    current = plan_auto(inputs, Workload.uniform(C480, 6400), cost)
+    more_decoding = table(lambda s, c, d: truth(s, c, d) * (1.3 if s == "decode" else 1.0))
+    moved = plan_auto(inputs, Workload.uniform(C480, 6400), more_decoding, current)
+    grown = len(moved.decoders) - len(current.decoders)
+    assert grown > 0 and set(current.decoders) <= set(moved.decoders)
+    assert sum(1 for r in range(64) if moved.stages_of(r) != current.stages_of(r)) == grown
 
 
 def test_measured_memory_peaks_reach_the_planner():
