@@ -58,22 +58,17 @@ class SwitchCostModel:
         if old.same_roles(new):
             return 0.0
         loads = {stage: self.load_s(stage, memory) for stage in ("encode", "denoise", "decode")}
-        old_group = {r: g for g in old.dit_groups for r in g}
-        new_group = {r: g for g in new.dit_groups for r in g}
+        changed = changed_ranks(old, new)
         total = slowest = 0.0
-        changed = 0
         cache: dict[tuple, float] = {}
-        for rank in range(new.num_ranks):
+        for rank in changed:
             key = (old.stages_of(rank), new.stages_of(rank))
-            if key[0] == key[1] and old_group.get(rank) == new_group.get(rank):
-                continue
-            changed += 1
             if key not in cache:
                 cache[key] = sum(loads[s] for s in key[1] if s not in key[0])
             total += self.fixed_s + cache[key]
             slowest = max(slowest, cache[key])
         if self.rolling:  # each rank that changes also starts its new role with nothing queued for it
-            return (total + (changed * self.drain_fraction * item_latency_s)) / new.num_ranks
+            return (total + len(changed) * self.drain_fraction * item_latency_s) / new.num_ranks
         return self.fixed_s + self.drain_fraction * item_latency_s + slowest
 
 
@@ -154,14 +149,20 @@ def replan(inputs: PlanInputs, current: RolePlan, workload: Workload, cost: Cost
 class Rebalancer:
     """The planner's state between batches: the inputs, the fitted cost model, the plan in force.
 
-    The runtime, on every rank::
+    The runtime, on every rank (the same arguments everywhere, so every rank reaches the same decision)::
 
-        balancer = Rebalancer.start(inputs, horizon_workload, CostModel(AnalyticPrior(sizes)))
+        balancer = Rebalancer.start(inputs, horizon(runs_of(unfinished), batch_items),
+                                    CostModel(AnalyticPrior(sizes)))
         ... run a batch on balancer.plan, measuring this rank's RankTimings ...
         wires = comm.allgather(my_timings.to_wire())
-        balancer, decision = balancer.after_batch([RankTimings.from_wire(w) for w in wires], horizon_workload)
-        if decision.switch: drain, barrier, load/free components, re-target channels, barrier
-        if rank == 0: events.emit("replan", **decision.to_event())
+        balancer, decision = balancer.after_batch([RankTimings.from_wire(w) for w in wires],
+                                                  horizon(runs_of(unfinished), batch_items))
+        if decision and decision.switch:   # rolling: only changed_ranks(decision.current, decision.best) stop,
+            ...                             # finish their item, load what they newly hold, re-target, rejoin
+        if rank == 0 and decision: events.emit("replan", **decision.to_event())
+
+    ``unfinished``: the classes of every item not yet written, in rendering order (items already encoded or
+    denoised included).
     """
 
     inputs: PlanInputs
@@ -198,6 +199,14 @@ class Rebalancer:
         if decision.switch:
             state = dataclasses.replace(state, plan=decision.best, num_switches=self.num_switches + 1)
         return state, decision
+
+
+def changed_ranks(old: RolePlan, new: RolePlan) -> tuple[int, ...]:
+    """Ranks whose stages or DiT group differ between the plans: those that stop, load and rejoin in a switch."""
+    old_group = {r: g for g in old.dit_groups for r in g}
+    new_group = {r: g for g in new.dit_groups for r in g}
+    return tuple(r for r in range(new.num_ranks)
+                 if old.stages_of(r) != new.stages_of(r) or old_group.get(r) != new_group.get(r))
 
 
 def _item_latency_s(workload: Workload, cost: CostModel, sp_degree: int) -> float:
