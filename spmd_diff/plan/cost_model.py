@@ -97,8 +97,60 @@ class Estimate:
     """Items the estimate stands for (each rank's capped at the model's ``window_items``)."""
 
 
-RankKeyMean = tuple[int, str, str, int, float, float]
-"""(rank, stage, class key, SP degree, mean log seconds per item, items it stands for)."""
+class History:
+    """Per (rank, key): the running mean of log seconds per item and the items it stands for, as flat rows.
+
+    Treated as immutable: :meth:`folded` returns a new history (lists copied, rows appended in first-seen order,
+    the same on every rank because the allgathered timings are in rank order everywhere).
+    """
+
+    def __init__(self) -> None:
+        self.ranks: list[int] = []
+        self.keys: list[Key] = []
+        self.rank_at: dict[int, int] = {}
+        self.key_at: dict[Key, int] = {}
+        self.row_at: dict[tuple[int, int], int] = {}
+        self.row_rank: list[int] = []
+        self.row_key: list[int] = []
+        self.mean: list[float] = []
+        self.weight: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def folded(self, timings: Sequence[RankTimings], window: float) -> "History":
+        new = History()
+        new.ranks, new.keys = list(self.ranks), list(self.keys)
+        new.rank_at, new.key_at, new.row_at = dict(self.rank_at), dict(self.key_at), dict(self.row_at)
+        new.row_rank, new.row_key = list(self.row_rank), list(self.row_key)
+        new.mean, new.weight = list(self.mean), list(self.weight)
+        mean, weight, row_at, key_at, log = new.mean, new.weight, new.row_at, new.key_at, math.log
+        for rank in timings:
+            i = new.rank_at.get(rank.rank)
+            for s in rank.samples:
+                if s.num_items <= 0 or s.busy_s <= 0:
+                    continue
+                if i is None:
+                    i = new.rank_at[rank.rank] = len(new.ranks)
+                    new.ranks.append(rank.rank)
+                key = (s.stage, s.class_key, s.sp_degree)
+                k = key_at.get(key)
+                if k is None:
+                    k = key_at[key] = len(new.keys)
+                    new.keys.append(key)
+                observed = log(s.busy_s / s.num_items)
+                row = row_at.get((i, k))
+                if row is None:
+                    row_at[(i, k)] = len(mean)
+                    new.row_rank.append(i)
+                    new.row_key.append(k)
+                    mean.append(observed)
+                    weight.append(min(float(s.num_items), window))
+                else:
+                    w = weight[row]
+                    mean[row] = (mean[row] * w + observed * s.num_items) / (w + s.num_items)
+                    weight[row] = min(w + s.num_items, window)
+        return new
 
 
 @dataclass(frozen=True)
@@ -109,7 +161,8 @@ class CostModel:
     estimates: tuple[Estimate, ...] = ()
     rank_speeds: tuple[tuple[int, float], ...] = ()
     """(rank, speed): 2.0 takes half the time of 1.0 (the geometric mean of the ranks measured). Others: 1.0."""
-    history: tuple[RankKeyMean, ...] = field(default=(), repr=False)
+    history: History = field(default_factory=History, repr=False, compare=False)
+    """Per rank and key, the running mean of log seconds per item (what the fit is solved from)."""
     window_items: float = 32.0
     iterations: int = 6
     _by_key: dict = field(init=False, repr=False, compare=False)
@@ -150,58 +203,46 @@ class CostModel:
         return tuple(self._speeds.get(r, 1.0) for r in range(num_ranks))
 
     def refit(self, timings: Sequence[RankTimings]) -> "CostModel":
-        """A new model with one batch's timings (every rank's) folded in."""
-        history = {(r, st, ck, sp): (mean, weight) for r, st, ck, sp, mean, weight in self.history}
-        changed = False
-        for rank in timings:
-            for s in rank.samples:
-                if s.num_items <= 0 or s.busy_s <= 0:
-                    continue
-                key = (rank.rank, s.stage, s.class_key, s.sp_degree)
-                observed = math.log(s.busy_s / s.num_items)
-                old = history.get(key)
-                if old is None:
-                    history[key] = (observed, min(float(s.num_items), self.window_items))
-                else:
-                    weight = min(old[1], self.window_items)
-                    mean = (old[0] * weight + observed * s.num_items) / (weight + s.num_items)
-                    history[key] = (mean, min(weight + s.num_items, self.window_items))
-                changed = True
-        if not changed:
+        """A new model with one batch's timings (every rank's) folded in.
+
+        Deterministic on every rank: the same rows in the same order (:class:`History`) and the same stopping test.
+        """
+        if not any(s.num_items > 0 and s.busy_s > 0 for rank in timings for s in rank.samples):
             return self
-        rows = sorted((r, (st, ck, sp), mean, weight) for (r, st, ck, sp), (mean, weight) in history.items())
-        ranks = sorted({r for r, _, _, _ in rows})
-        keys = sorted({k for _, k, _, _ in rows})
-        rank_at = {r: i for i, r in enumerate(ranks)}
-        key_at = {k: i for i, k in enumerate(keys)}
-        row_rank = [rank_at[r] for r, _, _, _ in rows]
-        row_key = [key_at[k] for _, k, _, _ in rows]
-        row_mean = [m for _, _, m, _ in rows]
-        row_weight = [w for _, _, _, w in rows]
+        history = self.history.folded(timings, self.window_items)
+        ranks, keys = history.ranks, history.keys
+        row_rank, row_key, row_mean, row_weight = history.row_rank, history.row_key, history.mean, history.weight
         key_weight = [0.0] * len(keys)
         rank_weight = [1.0] * len(ranks)  # one item's worth of pull towards speed 1.0 keeps lone ranks sane
         for i, k, w in zip(row_rank, row_key, row_weight):
             key_weight[k] += w
             rank_weight[i] += w
         log_speed = [math.log(self._speeds.get(r, 1.0)) for r in ranks]
-        base = [0.0] * len(keys)
-        for iteration in range(self.iterations + 1):
+        rows = list(zip(row_rank, row_key, row_mean, row_weight))
+
+        def bases(log_speed: list[float]) -> list[float]:
             sums = [0.0] * len(keys)
-            for i, k, m, w in zip(row_rank, row_key, row_mean, row_weight):
+            for i, k, m, w in rows:
                 sums[k] += w * (m + log_speed[i])
-            base = [total / weight for total, weight in zip(sums, key_weight)]
-            if iteration == self.iterations:
-                break
+            return [total / weight for total, weight in zip(sums, key_weight)]
+
+        for _ in range(self.iterations):  # warm-started from the last fit: one or two rounds usually settle it
+            base = bases(log_speed)
             sums = [0.0] * len(ranks)
-            for i, k, m, w in zip(row_rank, row_key, row_mean, row_weight):
+            for i, k, m, w in rows:
                 sums[i] += w * (base[k] - m)
-            log_speed = [total / weight for total, weight in zip(sums, rank_weight)]
-            shift = sum(log_speed) / len(log_speed)
-            log_speed = [v - shift for v in log_speed]
-        estimates = tuple(Estimate(k[0], k[1], k[2], math.exp(base[j]), key_weight[j]) for j, k in enumerate(keys))
-        speeds = tuple((r, math.exp(log_speed[i])) for i, r in enumerate(ranks))
-        kept = tuple((r, k[0], k[1], k[2], m, w) for r, k, m, w in rows)
-        return dataclasses.replace(self, estimates=estimates, rank_speeds=speeds, history=kept)
+            new = [total / weight for total, weight in zip(sums, rank_weight)]
+            shift = sum(new) / len(new)
+            new = [v - shift for v in new]
+            moved = max(abs(a - b) for a, b in zip(new, log_speed))
+            log_speed = new
+            if moved < 1e-4:
+                break
+        base = bases(log_speed)
+        estimates = tuple(Estimate(k[0], k[1], k[2], math.exp(base[j]), key_weight[j])
+                          for j, k in sorted(enumerate(keys), key=lambda jk: jk[1]))
+        speeds = tuple(sorted((r, math.exp(log_speed[i])) for i, r in enumerate(ranks)))
+        return dataclasses.replace(self, estimates=estimates, rank_speeds=speeds, history=history)
 
     def item_seconds(self, work_class: WorkClass, sp_degree: int = 1) -> dict[str, float]:
         return {stage: self.seconds(stage, work_class, sp_degree) for stage in TIMED_STAGES}

@@ -128,12 +128,15 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
 def predict_plan(plan: RolePlan, workload: Workload, cost) -> Prediction:
     """Predicted time of ``workload`` on ``plan`` with each rank's fitted speed (static plans too)."""
     speeds = list(cost.speeds(plan.num_ranks))
-    group_speeds = []
-    for group in plan.dit_groups:
-        slowest = min(speeds[r] for r in group)
-        group_speeds.append(slowest)
-        for rank in group:
-            speeds[rank] = slowest
+    if plan.sp_degree == 1:
+        group_speeds = [speeds[group[0]] for group in plan.dit_groups]
+    else:
+        group_speeds = []
+        for group in plan.dit_groups:
+            slowest = min(speeds[r] for r in group)
+            group_speeds.append(slowest)
+            for rank in group:
+                speeds[rank] = slowest
     pools: dict[int, float] = {}
     masks: dict[tuple[str, ...], int] = {}
     for rank in range(plan.num_ranks):

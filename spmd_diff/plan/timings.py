@@ -60,15 +60,14 @@ class RankTimings:
 
 def summarize(timings: Sequence[RankTimings]) -> dict:
     """Totals over ranks for a ``replan`` event: per stage items and busy seconds; idle, wait and wall seconds."""
-    stages: dict[str, dict[str, float]] = {}
+    items: dict[str, float] = {}
+    busy: dict[str, float] = {}
     for rank in timings:
         for s in rank.samples:
-            entry = stages.setdefault(s.stage, {"items": 0, "busy_s": 0.0})
-            entry["items"] += s.num_items if s.stage != "denoise" else s.num_items / s.sp_degree
-            entry["busy_s"] += s.busy_s
-    for entry in stages.values():
-        entry["busy_s"] = round(entry["busy_s"], 3)
-        entry["items"] = round(entry["items"], 3)
-    return {"ranks": len(timings), "stages": {k: stages[k] for k in sorted(stages)},
+            items[s.stage] = items.get(s.stage, 0.0) + (s.num_items / s.sp_degree if s.stage == "denoise"
+                                                         else s.num_items)
+            busy[s.stage] = busy.get(s.stage, 0.0) + s.busy_s
+    stages = {k: {"items": round(items[k], 3), "busy_s": round(busy[k], 3)} for k in sorted(items)}
+    return {"ranks": len(timings), "stages": stages,
             "idle_s": round(sum(t.idle_s for t in timings), 3), "wait_s": round(sum(t.wait_s for t in timings), 3),
             "elapsed_s": round(sum(t.elapsed_s for t in timings), 3)}
