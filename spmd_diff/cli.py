@@ -60,9 +60,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _plan(args) -> int:
+    import json
+    from pathlib import Path
+
     from spmd_diff.config import load_job
+    from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
+    from spmd_diff.plan.memory import GIB, MemoryModel, capacity_bytes
+    from spmd_diff.plan.model_sizes import ModelSizes
+    from spmd_diff.plan.planner import PlanInputs, PlannerSettings, candidate_degrees, plan_auto, predict_plan
     from spmd_diff.plan.roles import plan_roles
     from spmd_diff.plan.topology import Topology
+    from spmd_diff.plan.workload import WorkClass, Workload
 
     job = load_job(args.job, args.overrides)
     per_node = args.ranks_per_node or args.gpus_per_node
@@ -71,13 +79,89 @@ def _plan(args) -> int:
     topology = Topology.uniform(args.nodes, per_node, args.gpus_per_node)
     if job.world.ranks_per_node:
         topology = topology.regrouped(job.world.ranks_per_node)
-    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+
+    # The model's sizes from its component configs (no weights are read).
+    path = job.model.path
+    if path.startswith("random:"):
+        from spmd_diff.models.random_wan import ARCHITECTURES, architecture_name
+
+        arch = ARCHITECTURES[architecture_name(path)]
+        configs = (arch["transformer"], arch["text_encoder"], arch["vae"])
+    elif path == "demo":
+        from spmd_diff.models import demo
+
+        configs = (demo.TRANSFORMER_CONFIG, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
+    else:
+        def read(component: str) -> dict:
+            config = Path(path) / component / "config.json"
+            return json.loads(config.read_text()) if config.is_file() else {}
+
+        if not Path(path).is_dir():
+            raise UserError(f"model directory {path} does not exist (model.path in the job)")
+        configs = (read("transformer"), read("text_encoder"), read("vae"))
+    dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if args.gpus_per_node else "float32")
+    v = job.video
+    sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=path)
+    work_class = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0)
+    workload = Workload.uniform(work_class, 100 * topology.num_ranks)  # steady state: many items per rank
+    cost = CostModel(AnalyticPrior(sizes, "cuda" if args.gpus_per_node else "cpu"))
+    gpu_bytes = capacity_bytes(job.world.gpu_memory_gib)
+    memory = MemoryModel.for_model(sizes)
+    degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
+    settings = PlannerSettings(sp_degrees=degrees, sp_layout=job.dit.sp_layout)
+
+    def make_plan(memory):
+        if job.roles.policy == "auto":
+            return plan_auto(PlanInputs(topology, memory, gpu_bytes, settings), workload, cost)
+        return plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+
+    def heap_bytes(plan) -> tuple[int, int]:
+        """Largest per-rank channel heap of today's edge scheme (each encoder -> each DiT leader, each leader
+        -> each decoder), and the rank that needs it."""
+        from spmd_diff.comm.channel import HeapLayout, RingSpec
+
+        shapes = (16, (v.num_frames - 1) // 4 + 1, v.height // 8, v.width // 8)
+        latents = RingSpec(job.run.ring_slots, -(-shapes[0] * shapes[1] * shapes[2] * shapes[3] * 4 // 64) * 64)
+        itemsize = 4 if dtype == "float32" else 2
+        embeds = RingSpec(job.run.ring_slots, (2 if work_class.cfg else 1)
+                          * (-(-v.max_sequence_length * 4096 * itemsize // 64) * 64))
+        leaders = [group[0] for group in plan.dit_groups]
+        encoders, decoders = plan.encoders, plan.decoders
+        need = {r: HeapLayout.bytes_needed([embeds] * len(encoders), len(decoders)) for r in leaders[:1]}
+        need.update({r: HeapLayout.bytes_needed([], len(leaders)) for r in encoders[:1]})
+        need.update({r: HeapLayout.bytes_needed([latents] * len(leaders), 0) for r in decoders[:1]})
+        rank = max(need, key=need.get)
+        return need[rank], rank
+
+    plan = make_plan(memory)
+    heap, heap_rank = heap_bytes(plan)
+    if job.world.transport == "nvshmem" and heap and job.roles.policy == "auto":
+        plan = make_plan(memory.with_heap(heap))  # the heap lives on the GPU: plan around it
+        heap, heap_rank = heap_bytes(plan)
+    prediction = predict_plan(plan, workload, cost)
     print(topology.describe())
+    print(sizes.describe())
+    print(memory.describe([work_class], gpu_bytes, plan.sp_degree))
     print(plan.describe(topology))
-    for node in range(topology.num_nodes):
-        ranks = topology.ranks_on_node(node)
-        roles = ", ".join(f"{r}:{plan.role_of(r)}" for r in ranks)
+    nodes = range(topology.num_nodes)
+    for node in list(nodes)[:16]:
+        roles = ", ".join(f"{r}:{plan.role_of(r)}" for r in topology.ranks_on_node(node))
         print(f"  {topology.hostname(node)}: {roles}")
+    if topology.num_nodes > 16:
+        print(f"  ... {topology.num_nodes - 16} more nodes")
+    for rank in sorted({r for g in plan.dit_groups[:1] for r in g[:1]} | set(plan.encoders[:1] + plan.decoders[:1])):
+        stages = plan.stages_of(rank)
+        need = memory.rank_bytes(stages, [work_class], plan.sp_degree)
+        if need > gpu_bytes:
+            print(f"  warning: rank {rank} holds {'+'.join(stages)}: {need / GIB:.1f} GiB, more than the "
+                  f"{gpu_bytes / GIB:.1f} GiB a GPU offers (world.gpu_memory_gib)")
+    seconds = ", ".join(f"{s} {cost.seconds(s, work_class, plan.sp_degree if s == 'denoise' else 1):.2f}"
+                        for s in ("encode", "denoise", "decode", "write"))
+    print(f"predicted: {prediction.videos_per_hour:,.0f} videos/h of {work_class.key} in steady state "
+          f"(bottleneck: {prediction.bottleneck}; seconds per item from the analytic prior: {seconds})")
+    where = "GPU memory (NVSHMEM)" if job.world.transport == "nvshmem" else "symmetric heap (GPU with NVSHMEM)"
+    print(f"channel heap: up to {heap / 2**20:,.1f} MiB per rank (rank {heap_rank}, {plan.role_of(heap_rank)}) "
+          f"in the {where}, for today's edges: every encoder -> every DiT leader -> every decoder")
     return 0
 
 

@@ -65,6 +65,12 @@ class RolesConfig:
     """Ranks that run the text encoder (0 = DiT ranks encode their own items)."""
     decoders: int = 1
     """Ranks that run the VAE decoder and write results (0 = DiT ranks decode their own items)."""
+    policy: str = "static"
+    """"static": roles.encoders / roles.decoders as given, for the whole job. "auto": the planner chooses which
+    ranks encode, denoise (groups of dit.sp_degree or larger) and decode -- a rank holds several stages where its
+    GPU's memory allows -- and re-balances between batches from measured timings (roles.encoders/decoders are
+    ignored). `spmd-diff plan` prints either; the engine runs "auto" once its runtime support lands, and "auto"
+    then becomes the default."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,9 @@ class WorldConfig:
     """Override the detected ranks per node (0 = detect). Lets one machine stand in for several nodes."""
     transport: str = "auto"
     """"auto", "mpi" (MPI RMA on host memory) or "nvshmem"."""
+    gpu_memory_gib: float = 0.0
+    """GiB of each GPU the role planner may use (0 = the GPU's own memory): no rank is planned with stages that
+    need more. Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger ones."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +252,11 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: run.timeout_s must be >= 0 (0 = automatic), got {job.run.timeout_s}")
     if job.roles.encoders < 0 or job.roles.decoders < 0:
         raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
+    if job.roles.policy not in ("auto", "static"):
+        raise UserError(f"{source}: roles.policy must be auto or static, got {job.roles.policy!r}")
+    if job.world.gpu_memory_gib < 0:
+        raise UserError(f"{source}: world.gpu_memory_gib must be >= 0 (0 = the GPU's own memory), "
+                        f"got {job.world.gpu_memory_gib}")
     if job.dit.collective_mib < 1:
         raise UserError(f"{source}: dit.collective_mib must be >= 1, got {job.dit.collective_mib}")
     if job.dit.sp_degree < 1:

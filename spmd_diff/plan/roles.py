@@ -4,11 +4,16 @@ Placement rule: a DiT group should sit inside one node (sequence parallelism ove
 complete a group on their node are the first picked for encoder/decoder roles; only when the plan needs more
 encoder/decoder ranks than that does it take whole groups' worth of ranks from the last nodes. Ranks left that
 still do not fill a group on their node form groups across nodes (the torus layout's A x B grid).
+
+A plan of ``roles.policy = "auto"`` (``spmd_diff.plan.planner``) also says which stages each rank holds
+(``rank_stages``): a DiT rank may also encode and decode, a non-DiT rank may encode and decode. Plans of
+``"static"`` derive the same from their counts, so every caller asks :meth:`RolePlan.stages_of`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.topology import Topology
@@ -26,6 +31,13 @@ class RolePlan:
     """"none" (groups of one rank), "ulysses", "ring" or "torus"."""
     torus_shape: tuple[int, int] = (1, 1)
     """(A inter-node, B intra-node) ranks of a torus group; (1, S) otherwise."""
+    rank_stages: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
+    """Per rank, the stages it holds ("encode", "denoise", "decode"), set by the auto planner. Empty: derived
+    from the counts (static plans: DiT group leaders encode/decode when there are no encoders/decoders)."""
+    policy: str = "static"
+    """"static" (fixed counts, :func:`plan_roles`) or "auto" (chosen by ``spmd_diff.plan.planner``)."""
+    predicted_videos_per_hour: float = 0.0
+    """What the planner predicted for the workload it planned for (0: not predicted)."""
 
     @property
     def dit_ranks(self) -> tuple[int, ...]:
@@ -37,13 +49,54 @@ class RolePlan:
 
     @property
     def encode_on_dit(self) -> bool:
+        """DiT ranks encode (their own items, or any pulled item)."""
+        if self.rank_stages:
+            return "encode" in self.rank_stages[self.dit_groups[0][0]]
         return not self.encoders
 
     @property
     def decode_on_dit(self) -> bool:
+        """DiT ranks decode (their own items, or any pulled item)."""
+        if self.rank_stages:
+            return "decode" in self.rank_stages[self.dit_groups[0][0]]
         return not self.decoders
 
+    @cached_property
+    def _stage_table(self) -> tuple[tuple[str, ...], ...]:
+        if self.rank_stages:
+            return self.rank_stages
+        table: list[tuple[str, ...]] = [()] * self.num_ranks
+        for rank in self.encoders:
+            table[rank] = ("encode",)
+        for rank in self.decoders:
+            table[rank] = table[rank] + ("decode",)
+        for group in self.dit_groups:
+            leader_extra = (("encode",) if self.encode_on_dit else ()) + (("decode",) if self.decode_on_dit else ())
+            table[group[0]] = tuple(s for s in STAGE_ORDER if s == "denoise" or s in leader_extra)
+            for rank in group[1:]:
+                table[rank] = ("denoise",)
+        return tuple(table)
+
+    @cached_property
+    def _group_index(self) -> dict[int, int]:
+        return {rank: index for index, group in enumerate(self.dit_groups) for rank in group}
+
+    def stages_of(self, rank: int) -> tuple[str, ...]:
+        """The stages ``rank`` holds (the components it loads), in pipeline order."""
+        return self._stage_table[rank]
+
+    def ranks_with(self, stage: str) -> tuple[int, ...]:
+        return tuple(r for r, stages in enumerate(self._stage_table) if stage in stages)
+
+    def same_roles(self, other: "RolePlan") -> bool:
+        """Same ranks doing the same stages in the same groups (predictions aside)."""
+        return (self.num_ranks == other.num_ranks and self.dit_groups == other.dit_groups
+                and self._stage_table == other._stage_table)
+
     def role_of(self, rank: int) -> str:
+        """"all", "encoder", "decoder", "dit", or for co-located auto roles e.g. "dit+decoder", "encoder+decoder"."""
+        if self.rank_stages:
+            return role_name(self.rank_stages[rank])
         if self.num_ranks == 1:
             return "all"
         if rank in self.encoders:
@@ -52,21 +105,36 @@ class RolePlan:
             return "decoder"
         return "dit"
 
+    def role_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for rank in range(self.num_ranks):
+            name = self.role_of(rank)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def group_of(self, rank: int) -> int:
         """Index of the DiT group holding ``rank``."""
-        for index, group in enumerate(self.dit_groups):
-            if rank in group:
-                return index
-        raise KeyError(f"rank {rank} is not a DiT rank")
+        if rank not in self._group_index:
+            raise KeyError(f"rank {rank} is not a DiT rank")
+        return self._group_index[rank]
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "encoders": list(self.encoders),
             "dit_groups": [list(g) for g in self.dit_groups],
             "decoders": list(self.decoders),
             "sp_layout": self.sp_layout,
             "torus_shape": list(self.torus_shape),
+            "policy": self.policy,
         }
+        if self.rank_stages:
+            by_role: dict[str, list[int]] = {}
+            for rank in range(self.num_ranks):
+                by_role.setdefault(self.role_of(rank), []).append(rank)
+            out["roles"] = {name: rank_ranges(ranks) for name, ranks in sorted(by_role.items())}
+        if self.predicted_videos_per_hour:
+            out["predicted_videos_per_hour"] = round(self.predicted_videos_per_hour, 1)
+        return out
 
     def describe(self, topology: Topology | None = None) -> str:
         def where(ranks) -> str:
@@ -81,6 +149,8 @@ class RolePlan:
                 return f"{ranks[:6]}...{ranks[-3:]}"
             return str(ranks)
 
+        if self.rank_stages:
+            return self._describe_auto(where, short)
         lines = [f"role plan for {self.num_ranks} rank(s):"]
         lines.append(f"  encoders : {len(self.encoders):5d} {short(self.encoders)}{where(self.encoders)}"
                      + ("  (DiT ranks encode their own items)" if self.encode_on_dit else ""))
@@ -93,7 +163,53 @@ class RolePlan:
             lines.append(f"    ... {len(self.dit_groups) - 8} more groups")
         lines.append(f"  decoders : {len(self.decoders):5d} {short(self.decoders)}{where(self.decoders)}"
                      + ("  (DiT ranks decode their own items)" if self.decode_on_dit else ""))
+        if self.predicted_videos_per_hour:
+            lines.append(f"  predicted: {self.predicted_videos_per_hour:,.0f} videos/h")
         return "\n".join(lines)
+
+    def _describe_auto(self, where, short) -> str:
+        layout = self.sp_layout if self.sp_layout != "torus" else f"torus {self.torus_shape[0]}x{self.torus_shape[1]}"
+        lines = [f"role plan for {self.num_ranks} rank(s) (policy {self.policy}): {len(self.dit_groups)} DiT "
+                 f"group(s) of {self.sp_degree} ({layout})"]
+        by_role: dict[str, list[int]] = {}
+        for rank in range(self.num_ranks):
+            by_role.setdefault(self.role_of(rank), []).append(rank)
+        for name in sorted(by_role, key=lambda n: (-len(by_role[n]), n)):
+            ranks = by_role[name]
+            stages = "+".join(self.stages_of(ranks[0])) or "nothing"
+            lines.append(f"  {name:16s}: {len(ranks):5d} rank(s) holding {stages:22s} {rank_ranges(ranks)}"
+                         f"{where(ranks) if len(ranks) <= 8 else ''}")
+        for index, group in enumerate(self.dit_groups[:4] if self.sp_degree > 1 else ()):
+            lines.append(f"    group {index}: {list(group)}{where(group)}")
+        if self.predicted_videos_per_hour:
+            lines.append(f"  predicted: {self.predicted_videos_per_hour:,.0f} videos/h")
+        return "\n".join(lines)
+
+
+STAGE_ORDER = ("encode", "denoise", "decode")
+_ROLE_NAMES = {("encode", "denoise", "decode"): "all", ("denoise",): "dit", ("encode",): "encoder",
+               ("decode",): "decoder", ("encode", "decode"): "encoder+decoder", ("denoise", "decode"): "dit+decoder",
+               ("encode", "denoise"): "dit+encoder", (): "idle"}
+
+
+def role_name(stages: tuple[str, ...]) -> str:
+    """The role of a rank holding ``stages`` (in :data:`STAGE_ORDER`)."""
+    return _ROLE_NAMES[tuple(s for s in STAGE_ORDER if s in stages)]
+
+
+def rank_ranges(ranks) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"``."""
+    parts: list[str] = []
+    ranks = sorted(ranks)
+    start = prev = None
+    for rank in ranks + [None]:
+        if start is not None and (rank is None or rank != prev + 1):
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = None
+        if rank is not None and start is None:
+            start = rank
+        prev = rank
+    return ",".join(parts)
 
 
 def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degree: int = 1,
@@ -119,26 +235,39 @@ def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degr
             f"Change roles.encoders/roles.decoders (--set roles.encoders=...) or the number of ranks "
             f"(e.g. {num_encoders + num_decoders + sp_degree} or {num_encoders + num_decoders + 2 * sp_degree}).")
 
-    per_node = [list(topology.ranks_on_node(node)) for node in range(topology.num_nodes)]
-    # Ranks that cannot complete an intra-node group are taken first (front of each node: local rank 0 up).
-    non_dit_needed = num_encoders + num_decoders
-    spare = [ranks[: len(ranks) % sp_degree] for ranks in per_node]
-    chosen: list[int] = []
-    for node_spare in spare:
-        for rank in node_spare:
-            if len(chosen) < non_dit_needed:
-                chosen.append(rank)
-    # Then whole intra-node blocks, from the last node backwards, front of the node first.
-    node = len(per_node) - 1
-    while len(chosen) < non_dit_needed:
-        candidates = [r for r in per_node[node] if r not in chosen]
-        take = min(len(candidates), non_dit_needed - len(chosen))
-        chosen.extend(candidates[:take])
-        node = (node - 1) % len(per_node)
-    chosen_set = set(chosen)
+    chosen, groups = place_ranks(topology, num_encoders + num_decoders, sp_degree)
     encoders = tuple(sorted(chosen[:num_encoders]))
     decoders = tuple(sorted(chosen[num_encoders:]))
+    assert all(len(g) == sp_degree for g in groups) and len(groups) * sp_degree == num_dit
 
+    layout, shape = resolve_layout(topology, groups, sp_layout)
+    return RolePlan(n, encoders, tuple(groups), decoders, layout, shape)
+
+
+def place_ranks(topology: Topology, num_non_dit: int, sp_degree: int,
+                node_order: list[int] | None = None) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Pick ``num_non_dit`` ranks for non-DiT roles and group the rest in blocks of ``sp_degree``.
+
+    Ranks that cannot complete an intra-node group are taken first (front of each node); then whole intra-node
+    blocks from the nodes in ``node_order`` (default: last node backwards), front of the node first. Returns the
+    chosen ranks in the order they were picked and the DiT groups (intra-node first, then across nodes).
+    """
+    per_node = topology.node_ranks
+    chosen: list[int] = []
+    for ranks in per_node:
+        for rank in ranks[: len(ranks) % sp_degree]:
+            if len(chosen) < num_non_dit:
+                chosen.append(rank)
+    chosen_set = set(chosen)
+    order = node_order if node_order is not None else list(range(len(per_node) - 1, -1, -1))
+    position = 0
+    while len(chosen) < num_non_dit:
+        node = order[position % len(order)]
+        position += 1
+        candidates = [r for r in per_node[node] if r not in chosen_set]
+        take = candidates[: num_non_dit - len(chosen)]
+        chosen.extend(take)
+        chosen_set.update(take)
     groups: list[tuple[int, ...]] = []
     leftovers: list[int] = []
     for ranks in per_node:
@@ -147,13 +276,10 @@ def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degr
         groups.extend(tuple(free[i: i + sp_degree]) for i in range(0, whole, sp_degree))
         leftovers.extend(free[whole:])
     groups.extend(tuple(leftovers[i: i + sp_degree]) for i in range(0, len(leftovers), sp_degree))
-    assert all(len(g) == sp_degree for g in groups) and len(groups) * sp_degree == num_dit
-
-    layout, shape = _resolve_layout(topology, groups, sp_layout)
-    return RolePlan(n, encoders, tuple(groups), decoders, layout, shape)
+    return chosen, groups
 
 
-def _resolve_layout(topology: Topology, groups: list[tuple[int, ...]], requested: str) -> tuple[str, tuple[int, int]]:
+def resolve_layout(topology: Topology, groups: list[tuple[int, ...]], requested: str) -> tuple[str, tuple[int, int]]:
     """Sequence-parallel layout from where the groups actually landed."""
     sp = len(groups[0])
     if sp == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from spmd_diff.errors import UserError
 
@@ -33,8 +34,16 @@ class Topology:
     def num_nodes(self) -> int:
         return max(self.node_of_rank) + 1
 
+    @cached_property
+    def node_ranks(self) -> tuple[tuple[int, ...], ...]:
+        """Per node, its ranks in increasing order (computed once: plans of 4,096 ranks ask often)."""
+        per_node: list[list[int]] = [[] for _ in range(self.num_nodes)]
+        for rank, node in enumerate(self.node_of_rank):
+            per_node[node].append(rank)
+        return tuple(tuple(ranks) for ranks in per_node)
+
     def ranks_on_node(self, node: int) -> tuple[int, ...]:
-        return tuple(r for r, n in enumerate(self.node_of_rank) if n == node)
+        return self.node_ranks[node]
 
     def local_rank(self, rank: int) -> int:
         return self.ranks_on_node(self.node_of_rank[rank]).index(rank)

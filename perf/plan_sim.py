@@ -1,0 +1,364 @@
+"""Discrete-event simulation of the engine running a role plan with pulled work (helper of simulate_plan.py).
+
+What is simulated: ranks holding stages per a ``RolePlan``; DiT groups that denoise one item at a time; items
+flowing encode -> denoise -> decode+write through bounded queues (two slots per DiT group, like the rings);
+whoever is free pulls work (decode first, then denoise, then encode, so items in flight stay few). Stage times
+come from the measured figures (:func:`true_seconds`) divided by each rank's speed, with log-normal noise.
+
+Re-planning: at every ``batch_items`` finished items the policy sees each rank's ``RankTimings`` of that batch and
+may return a new plan. Two ways to switch:
+
+- ``"rolling"`` (default): ranks whose stages or group change finish the job they are running, load what they
+  newly hold (bytes / ``LOAD_BYTES_PER_S``) plus ``SWITCH_FIXED_S``, then pull under the new plan; the other ranks
+  never stop. Items already encoded or denoised stay queued for the new plan.
+- ``"global"``: no job starts until every running job has finished; then every rank waits for the slowest load
+  (plus ``SWITCH_FIXED_S``); queued items stay queued.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from spmd_diff.plan.roles import RolePlan
+from spmd_diff.plan.timings import RankTimings, StageSample
+from spmd_diff.plan.workload import WorkClass
+
+C480_4 = WorkClass(480, 832, 81, 4, True)
+C480_4_NOCFG = WorkClass(480, 832, 81, 4, False)
+C480_50 = WorkClass(480, 832, 81, 50, True)
+C720_4 = WorkClass(720, 1280, 81, 4, True)
+
+FORWARD_S = {480: 0.625, 720: 2.449}
+"""One DiT forward on one H200 (DESIGN.md: 0.628 s at 480p (engine: 5.03 s for 8 forwards), 2.449 s at 720p)."""
+SP_FACTOR = {480: {1: 1.0, 2: 0.539, 4: 0.283, 8: 0.150}, 720: {1: 1.0, 2: 0.521, 4: 0.271, 8: 0.141}}
+"""Forward time at degree S over degree 1 (perf/results/sp-2026-11-22*: ours-ulysses 646/348/183 ms at 480p,
+2568/1337/696 ms at 720p; 8 extrapolated at the same efficiency loss per doubling)."""
+DECODE_S = {480: 2.77 + 0.73, 720: 4.183 * 2.77 / 1.829 + 0.73 * 1280 * 720 / (832 * 480)}
+"""float32 VAE + CPU postprocess: 2.77 + 0.73 s at 480p (DESIGN.md); at 720p the bf16 4.18 s scaled by the
+measured float32/bf16 ratio, postprocess by pixels."""
+WRITE_S = {480: 0.34, 720: 0.34 * 224 / 97}
+ENCODE_S = {True: 0.09, False: 0.05}
+LOAD_BYTES_PER_S = 1.5e9
+"""True load bandwidth in the simulation (the planner assumes 2e9: its switch-cost estimate is off on purpose)."""
+SWITCH_FIXED_S = 2.0
+
+
+def true_seconds(stage: str, work_class: WorkClass, sp_degree: int = 1) -> float:
+    """Measured seconds of one item on one H200 (for denoise: the group's wall time at ``sp_degree``)."""
+    res = work_class.height
+    if stage == "encode":
+        return ENCODE_S[work_class.cfg]
+    if stage == "denoise":
+        forwards = work_class.num_steps * (2 if work_class.cfg else 1)
+        return forwards * FORWARD_S[res] * SP_FACTOR[res][sp_degree] + 0.03
+    if stage == "decode":
+        return DECODE_S[res]
+    if stage == "write":
+        return WRITE_S[res]
+    raise ValueError(stage)
+
+
+class TrueCost:
+    """``seconds(stage, class, S)`` from the measured figures: the oracle a static split is searched with."""
+
+    def __init__(self, speeds=None):
+        self._speeds = speeds
+
+    def seconds(self, stage, work_class, sp_degree=1):
+        return true_seconds(stage, work_class, sp_degree)
+
+    def speeds(self, num_ranks):
+        return tuple(self._speeds) if self._speeds else (1.0,) * num_ranks
+
+
+
+
+@dataclass
+class Worker:
+    """A DiT group (or a non-DiT rank: a group of one) and the stages its ranks hold."""
+
+    index: int
+    ranks: tuple[int, ...]
+    stages: frozenset
+    is_group: bool
+    jobs: int = 0
+    waiting: int = 0
+    """Ranks not yet available (finishing an old plan's job, or loading components)."""
+    idle: bool = False
+    epoch: int = 0
+    held: int | None = None
+    """A denoised item the group cannot hand off (decode queue full)."""
+
+
+@dataclass
+class SimResult:
+    makespan_s: float
+    num_switches: int
+    history: list = field(default_factory=list)
+    """(time, role counts) of every plan that ran."""
+    stalled_s: float = 0.0
+    """GPU-seconds lost to switches (ranks loading or waiting at a barrier), divided by the number of GPUs."""
+
+
+class Simulation:
+    """One job: ``items`` (classes, in rendering order) on ranks of ``speeds`` under a policy."""
+
+    def __init__(self, items: list[WorkClass], speeds: list[float], batch_items: int, memory, seed: int = 0,
+                 noise: float = 0.03, switch_mode: str = "rolling"):
+        assert switch_mode in ("rolling", "global"), switch_mode
+        self.items, self.speeds, self.batch_items, self.memory = items, speeds, batch_items, memory
+        self.seed, self.noise, self.switch_mode = seed, noise, switch_mode
+
+    def run(self, policy) -> SimResult:
+        self.rng = random.Random(self.seed)
+        self.t = 0.0
+        self.events: list = []
+        self.seq = 0
+        self.next_item = self.in_flight = self.encoding = self.done = 0
+        self.finished = [False] * len(self.items)
+        self.q_den: deque = deque()
+        self.q_dec: deque = deque()
+        self.blocked: deque = deque()
+        self.rank_busy = [False] * len(self.speeds)
+        self.loading = self.running = self.stale = 0
+        self.pending_plan = None
+        self.window: dict = {}
+        self.window_start = 0.0
+        self.next_boundary = self.batch_items
+        self.plan_epoch = 0
+        self.result = SimResult(0.0, 0)
+        self.policy = policy
+        self._install(policy.initial_plan(), changed=set())
+        while self.events:
+            self.t, _, kind, payload = heapq.heappop(self.events)
+            if kind == "job":
+                self._job_done(*payload)
+            elif kind == "ready":
+                self._rank_ready(payload)
+            elif kind == "global":
+                self._install(payload, changed=set())
+        assert self.done == len(self.items), (self.done, len(self.items))
+        self.result.makespan_s = self.t
+        return self.result
+
+    # ---- plans --------------------------------------------------------------------------------------------------
+
+    def _install(self, plan: RolePlan, changed: set[int]) -> None:
+        """Workers of ``plan``; ranks in ``changed`` load first; busy ranks join when their job ends."""
+        self.plan = plan
+        self.plan_epoch += 1
+        workers = [Worker(i, tuple(g), frozenset(plan.stages_of(g[0])), True) for i, g in enumerate(plan.dit_groups)]
+        dit = set(plan.dit_ranks)
+        for rank in range(plan.num_ranks):
+            if rank not in dit:
+                workers.append(Worker(len(workers), (rank,), frozenset(plan.stages_of(rank)), False))
+        self.workers = workers
+        self.worker_of = {r: w for w in workers for r in w.ranks}
+        self.q_den_cap = self.q_dec_cap = 2 * len(plan.dit_groups)
+        self.idle = {k: deque() for k in ("decode_aux", "decode_dit", "denoise", "encode_aux", "encode_dit")}
+        self.result.history.append((round(self.t, 3), plan.role_counts()))
+        for worker in workers:
+            worker.waiting = len(worker.ranks)
+        for rank in range(plan.num_ranks):
+            if not self.rank_busy[rank]:
+                self._rank_free(rank, rank in changed)
+        self.changed = changed
+
+    def _load_s(self, rank: int, old: RolePlan, new: RolePlan) -> float:
+        gained = [s for s in new.stages_of(rank) if s not in old.stages_of(rank)]
+        return SWITCH_FIXED_S + sum(self.memory.component_bytes(s) for s in gained) / LOAD_BYTES_PER_S
+
+    def _rank_free(self, rank: int, must_load: bool) -> None:
+        if must_load:
+            self.loading += 1
+            seconds = self.load_s[rank]
+            self.result.stalled_s += seconds / len(self.speeds)
+            self.seq += 1
+            heapq.heappush(self.events, (self.t + seconds, self.seq, "ready", rank))
+        else:
+            self._available(rank)
+
+    def _rank_ready(self, rank: int) -> None:
+        self.loading -= 1
+        self._available(rank)
+
+    def _available(self, rank: int) -> None:
+        worker = self.worker_of[rank]
+        worker.waiting -= 1
+        if worker.waiting == 0:
+            self._pull(worker)
+
+    def _switch(self, new: RolePlan) -> None:
+        old = self.plan
+        self.result.num_switches += 1
+        self.stale = self.running  # every running job now belongs to an earlier plan
+        for worker in self.workers:
+            worker.idle = False
+            if worker.held is not None:  # a latent waiting for room: it joins the queue the new plan decodes from
+                self.q_dec.append(worker.held)
+                worker.held = None
+        self.blocked.clear()
+        if self.switch_mode == "rolling":
+            groups = {r: g for g in old.dit_groups for r in g}
+            new_groups = {r: g for g in new.dit_groups for r in g}
+            changed = {r for r in range(new.num_ranks)
+                       if old.stages_of(r) != new.stages_of(r) or groups.get(r) != new_groups.get(r)}
+            self.load_s = {r: self._load_s(r, old, new) for r in changed}
+            self._install(new, changed)
+        else:
+            self.pending_plan = new
+            self.drain_start = self.t
+            self.workers = []  # nothing new starts; running jobs finish
+            if not any(self.rank_busy):
+                self._global_switch()
+
+    def _global_switch(self) -> None:
+        new, self.pending_plan = self.pending_plan, None
+        stall = max(self._load_s(r, self.plan, new) for r in range(new.num_ranks))
+        self.result.stalled_s += self.t - self.drain_start + stall
+        self.seq += 1
+        heapq.heappush(self.events, (self.t + stall, self.seq, "global", new))
+
+    # ---- scheduling ---------------------------------------------------------------------------------------------
+
+    def _duration(self, stage: str, work_class: WorkClass, ranks: tuple[int, ...]) -> float:
+        base = true_seconds(stage, work_class, len(ranks) if stage == "denoise" else 1)
+        sigma = self.noise * (5 if stage == "write" else 1)
+        return base * math.exp(self.rng.gauss(0.0, sigma)) / min(self.speeds[r] for r in ranks)
+
+    def _start(self, worker: Worker, stage: str, item: int, ranks: tuple[int, ...]) -> None:
+        work_class = self.items[item]
+        seconds = self._duration(stage, work_class, ranks)
+        self._record(ranks, stage, work_class, len(ranks) if stage == "denoise" else 1, seconds)
+        if stage == "decode":
+            write = self._duration("write", work_class, ranks)
+            self._record(ranks, "write", work_class, 1, write)
+            seconds += write
+        for rank in ranks:
+            self.rank_busy[rank] = True
+        self.running += 1
+        worker.jobs += 1
+        worker.idle = False
+        self.seq += 1
+        heapq.heappush(self.events, (self.t + seconds, self.seq, "job",
+                                     (self.plan_epoch, worker.index, stage, item, ranks)))
+
+    def _pull(self, worker: Worker) -> None:
+        if worker.jobs or worker.waiting or worker.held is not None or self.pending_plan is not None:
+            return
+        stages = worker.stages
+        if "decode" in stages and self.q_dec:
+            for rank in worker.ranks:
+                if not self.q_dec:
+                    break
+                self._start(worker, "decode", self._pop_dec(), (rank,))
+            return
+        if "denoise" in stages and self.q_den:
+            self._start(worker, "denoise", self.q_den.popleft(), worker.ranks)
+            self._wake_encoder()
+            return
+        if "encode" in stages:
+            for rank in worker.ranks:
+                if self.next_item >= len(self.items) or len(self.q_den) + self.encoding >= self.q_den_cap:
+                    break
+                self.next_item += 1
+                self.in_flight += 1
+                self.encoding += 1
+                self._start(worker, "encode", self.next_item - 1, (rank,))
+            if worker.jobs:
+                return
+        worker.idle = True
+        worker.epoch += 1
+        entry = (worker.index, worker.epoch)
+        kind = "dit" if worker.is_group else "aux"
+        for stage, category in (("decode", f"decode_{kind}"), ("denoise", "denoise"), ("encode", f"encode_{kind}")):
+            if stage in stages:
+                self.idle[category].append(entry)
+
+    def _wake(self, *categories: str) -> None:
+        for category in categories:
+            queue = self.idle[category]
+            while queue:
+                index, epoch = queue.popleft()
+                worker = self.workers[index] if index < len(self.workers) else None
+                if worker is not None and worker.idle and worker.epoch == epoch:
+                    self._pull(worker)
+                    return
+
+    def _wake_encoder(self) -> None:
+        if self.next_item < len(self.items):
+            self._wake("encode_aux", "encode_dit")
+
+    def _pop_dec(self) -> int:
+        item = self.q_dec.popleft()
+        if self.blocked:
+            worker = self.blocked.popleft()
+            self.q_dec.append(worker.held)
+            worker.held = None
+            self._pull(worker)
+        return item
+
+    # ---- completions --------------------------------------------------------------------------------------------
+
+    def _job_done(self, epoch: int, index: int, stage: str, item: int, ranks: tuple[int, ...]) -> None:
+        current = epoch == self.plan_epoch and self.pending_plan is None
+        worker = self.workers[index] if current else None
+        self.running -= 1
+        if epoch != self.plan_epoch:
+            self.stale -= 1
+        for rank in ranks:
+            self.rank_busy[rank] = False
+        if stage == "encode":
+            self.encoding -= 1
+            self.q_den.append(item)
+            self._wake("denoise")
+        elif stage == "denoise":
+            if "decode" in self.plan.stages_of(ranks[0]) or len(self.q_dec) < self.q_dec_cap or worker is None:
+                self.q_dec.append(item)
+                self._wake("decode_aux", "decode_dit")
+            else:
+                worker.held = item
+                self.blocked.append(worker)
+        else:
+            self.done += 1
+            self.in_flight -= 1
+            self.finished[item] = True
+        if self.pending_plan is not None:  # a global switch waits for every running job
+            if not any(self.rank_busy):
+                self._global_switch()
+            return
+        if not current:  # the job belonged to an earlier plan: its ranks join the new one
+            for rank in ranks:
+                self._rank_free(rank, rank in self.changed)
+        else:
+            worker.jobs -= 1
+            if worker.jobs == 0 and worker.held is None:
+                self._pull(worker)
+        if stage == "decode" and self.done >= self.next_boundary and self.done < len(self.items) \
+                and self.loading == 0 and self.stale == 0:
+            self._batch_boundary()
+
+    def _record(self, ranks, stage, work_class, degree, seconds) -> None:
+        for rank in ranks:
+            key = (rank, stage, work_class.key, degree)
+            count, total = self.window.get(key, (0, 0.0))
+            self.window[key] = (count + 1, total + seconds)
+
+    def _batch_boundary(self) -> None:
+        self.next_boundary = self.done + self.batch_items
+        per_rank: dict[int, list] = {}
+        for (rank, stage, key, degree), (count, total) in self.window.items():
+            per_rank.setdefault(rank, []).append(StageSample(stage, key, degree, count, total))
+        elapsed = self.t - self.window_start
+        timings = [RankTimings(rank, tuple(per_rank.get(rank, ())), elapsed_s=elapsed)
+                   for rank in range(len(self.speeds))]
+        self.window = {}
+        self.window_start = self.t
+        unfinished = [c for c, done in zip(self.items, self.finished) if not done]
+        new_plan = self.policy.on_batch(timings, unfinished)
+        if new_plan is not None:
+            self._switch(new_plan)

@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Replay workloads through the role planner and compare makespans (ISSUE 13's simulator).
+
+For each scenario and allocation (8 to 4,096 GPUs) the same items are rendered in a discrete-event simulation
+(perf/plan_sim.py) under four policies:
+
+- static: the best fixed split of roles, searched with the true stage costs over the whole job (an oracle
+  static: ``plan_roles(topology, encoders, decoders)``; the 5 best by the fluid model are simulated, the best kept);
+- one-pipeline-per-GPU: every GPU encodes, denoises and decodes its own pulled items (only where memory allows);
+- auto: ``spmd_diff.plan.replan.Rebalancer`` -- the planner code the engine calls -- starting from the analytic
+  prior, re-fitted from each batch's simulated timings, re-planning with hysteresis and paying drain + load for a
+  switch;
+- lower bound: total work (seconds of every stage of every item on one GPU) / total GPU speed.
+
+Every policy pulls work (an idle unit takes the next item), so the comparison isolates the role plan.
+
+    python perf/simulate_plan.py                      # all scenarios, 8..4096 GPUs; writes perf/results/
+    python perf/simulate_plan.py --scales 8 64 --scenarios uniform-4step --out /tmp/sim
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from plan_sim import C480_4, C480_4_NOCFG, C480_50, C720_4, Simulation, TrueCost, true_seconds  # noqa: E402
+
+from spmd_diff.plan.cost_model import AnalyticPrior, CostModel  # noqa: E402
+from spmd_diff.plan.memory import MemoryModel, capacity_bytes  # noqa: E402
+from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B  # noqa: E402
+from spmd_diff.plan.planner import PlanInputs, PlannerSettings  # noqa: E402
+from spmd_diff.plan.replan import Rebalancer, SwitchCostModel  # noqa: E402
+from spmd_diff.plan.roles import place_ranks, plan_roles  # noqa: E402
+from spmd_diff.plan.throughput import DECODE, DENOISE, ENCODE, StageWork, predict_pools, stages_of_mask  # noqa: E402
+from spmd_diff.plan.topology import Topology  # noqa: E402
+from spmd_diff.plan.workload import Workload, horizon, runs_of  # noqa: E402
+
+SCALES = (8, 64, 512, 4096)
+MEMCAP_GIB = 14.0
+"""A GPU cap under which no two of Wan2.1-1.3B's stages fit one GPU at 480p (the memory model: text encoder
+12.1 GiB, DiT 5.7, VAE decode 11.8, DiT+VAE 14.5)."""
+SCENARIOS = {
+    "uniform-4step": dict(items=[(C480_4, 24)], note="480p 4-step CFG, 24 items/GPU, H200 memory"),
+    "uniform-50step": dict(items=[(C480_50, 8)], note="480p 50-step CFG, 8 items/GPU, H200 memory"),
+    "mix-4-50": dict(items=[(C480_4, 12), (C480_50, 12)], shuffle=True,
+                     note="480p, 4- and 50-step CFG items interleaved at random, 12+12 items/GPU"),
+    "mix-480-720": dict(items=[(C480_4, 12), (C720_4, 12)], shuffle=True,
+                        note="4-step CFG, 480p and 720p interleaved at random, 12+12 items/GPU"),
+    "memcap-4step": dict(items=[(C480_4, 24)], gib=MEMCAP_GIB,
+                         note=f"480p 4-step CFG, 24 items/GPU, GPUs capped at {MEMCAP_GIB:g} GiB (no co-location)"),
+    "slow-node": dict(items=[(C480_4, 24)], gib=MEMCAP_GIB, slow=True,
+                      note=f"as memcap-4step, and node 0 runs at half speed"),
+    "4step-then-50step": dict(items=[(C480_4_NOCFG, 12), (C480_50, 12)], gib=MEMCAP_GIB,
+                              note=f"a 4-step no-CFG draft pass, then a 50-step CFG pass over the same prompts, "
+                                   f"12 items/GPU each, GPUs capped at {MEMCAP_GIB:g} GiB (no co-location)"),
+    "drafts-then-finals": dict(items=[(C480_4_NOCFG, 40), (C480_50, 4)], gib=MEMCAP_GIB,
+                               note=f"a 4-step no-CFG draft pass over every prompt, then a 50-step CFG pass over a "
+                                    f"tenth of them, 40 + 4 items/GPU, GPUs capped at {MEMCAP_GIB:g} GiB"),
+}
+
+
+GLOBAL_SWITCH_SCENARIOS = ("memcap-4step", "slow-node", "4step-then-50step", "drafts-then-finals")
+"""Scenarios also simulated with every switch a global drain and barrier (the heap re-targeting HeapLayout
+documents today), to show what a rolling switch is worth."""
+
+
+def topology_for(num_gpus: int) -> Topology:
+    per_node = min(8, max(1, num_gpus // 2))
+    return Topology.uniform(num_gpus // per_node, per_node, per_node)
+
+
+def make_job(name: str, num_gpus: int, seed: int):
+    """(items in rendering order, sequential phases as workloads, rank speeds, GPU bytes)."""
+    spec = SCENARIOS[name]
+    rng = random.Random(seed)
+    topology = topology_for(num_gpus)
+    if spec.get("shuffle"):
+        items = [c for c, per_gpu in spec["items"] for _ in range(per_gpu * num_gpus)]
+        rng.shuffle(items)
+        phases = [Workload.of(runs_of(sorted(items)))]
+    else:
+        items = [c for c, per_gpu in spec["items"] for _ in range(per_gpu * num_gpus)]
+        phases = [Workload.uniform(c, per_gpu * num_gpus) for c, per_gpu in spec["items"]]
+    speeds = [1.0] * num_gpus
+    if spec.get("slow"):
+        for rank in topology.node_ranks[0]:
+            speeds[rank] = 0.5
+    return topology, items, phases, speeds, capacity_bytes(spec.get("gib", 0.0))
+
+
+class FixedPolicy:
+    def __init__(self, plan):
+        self.plan = plan
+
+    def initial_plan(self):
+        return self.plan
+
+    def on_batch(self, timings, remaining):
+        return None
+
+
+class AutoPolicy:
+    """The engine's loop around the planner: start from the prior, refit and re-plan after every batch."""
+
+    def __init__(self, inputs: PlanInputs, items, batch_items: int, switch_costs: SwitchCostModel):
+        self.inputs, self.items, self.batch_items, self.switch_costs = inputs, items, batch_items, switch_costs
+        self.decisions = []
+        self.plan_ms = []
+
+    def initial_plan(self):
+        started = time.perf_counter()
+        self.balancer = Rebalancer.start(self.inputs, horizon(runs_of(self.items), self.batch_items),
+                                         CostModel(AnalyticPrior(WAN21_T2V_1_3B)), self.switch_costs)
+        self.plan_ms.append(1e3 * (time.perf_counter() - started))
+        return self.balancer.plan
+
+    def on_batch(self, timings, remaining):
+        started = time.perf_counter()
+        workload = horizon(runs_of(remaining), self.batch_items) if remaining else Workload(())
+        self.balancer, decision = self.balancer.after_batch(timings, workload)
+        self.plan_ms.append(1e3 * (time.perf_counter() - started))
+        if decision is not None:
+            self.decisions.append(decision)
+        return decision.best if decision is not None and decision.switch else None
+
+
+def static_candidates(topology, phases, memory, gpu_bytes, speeds, keep=5):
+    """The best (encoders, decoders) counts of ``roles.policy = "static"`` by the fluid model with true costs,
+    summed over the job's sequential phases."""
+    num = topology.num_ranks
+    cost = TrueCost(speeds)
+    works = [StageWork.of(w, cost, 1) for w in phases]
+    classes = [c for w in phases for c in w.classes]
+    fits = {m: memory.fits(stages_of_mask(m), classes, gpu_bytes, 1) for m in range(1, 8)}
+    order, _ = place_ranks(topology, num, 1)  # plan_roles picks encoders, then decoders, in this order
+    prefix = [0.0]
+    for rank in order:
+        prefix.append(prefix[-1] + speeds[rank])
+    scored = {}
+
+    def score(encoders: int, decoders: int) -> float:
+        if (encoders, decoders) not in scored:
+            dit_mask = DENOISE | (ENCODE if encoders == 0 else 0) | (DECODE if decoders == 0 else 0)
+            num_dit = num - encoders - decoders
+            if num_dit < 1 or not fits[dit_mask] or (encoders and not fits[ENCODE]) or \
+                    (decoders and not fits[DECODE]):
+                seconds = math.inf
+            else:
+                dit = prefix[-1] - prefix[encoders + decoders]
+                pools = [(dit_mask, dit), (ENCODE, prefix[encoders]),
+                         (DECODE, prefix[encoders + decoders] - prefix[encoders])]
+                seconds = sum(predict_pools(w, pools, num_dit, dit / num_dit).seconds for w in works)
+            scored[(encoders, decoders)] = seconds
+        return scored[(encoders, decoders)]
+
+    for encoders in range(0, min(num - 1, 2 + math.ceil(num * 0.03)) + 1):
+        score(encoders, 0)
+        lo, hi = 1, num - encoders - 1
+        while hi - lo > 4:  # the time is unimodal in the number of decoders
+            m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            if score(encoders, m1) <= score(encoders, m2):
+                hi = m2
+            else:
+                lo = m1
+        for decoders in range(max(1, lo - 3), min(num - encoders - 1, hi + 3) + 1):
+            score(encoders, decoders)
+    scored = [(seconds, e, x) for (e, x), seconds in scored.items() if math.isfinite(seconds)]
+    scored.sort()
+    return scored[:keep]
+
+
+def phase_bound(topology, phases, memory, gpu_bytes, speeds):
+    """Per phase, the best static split's fluid time (what re-planning between phases could reach at best)."""
+    return sum(static_candidates(topology, [w], memory, gpu_bytes, speeds, 1)[0][0] for w in phases)
+
+
+def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = False) -> dict:
+    topology, items, phases, speeds, gpu_bytes = make_job(name, num_gpus, seed)
+    memory = MemoryModel.for_model(WAN21_T2V_1_3B)
+    batch_items = max(16, 2 * num_gpus)
+    sim = Simulation(items, speeds, batch_items, memory, seed=seed)
+    row = {"scenario": name, "gpus": num_gpus, "items": len(items), "batch_items": batch_items}
+    work = sum(sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in items)
+    row["lower_bound_s"] = max(work / sum(speeds), max(
+        sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in items))
+    row["phase_split_bound_s"] = phase_bound(topology, phases, memory, gpu_bytes, speeds)
+
+    best = None
+    for _, encoders, decoders in static_candidates(topology, phases, memory, gpu_bytes, speeds):
+        result = sim.run(FixedPolicy(plan_roles(topology, encoders, decoders, 1)))
+        if best is None or result.makespan_s < best[0].makespan_s:
+            best = (result, encoders, decoders)
+    row["static_s"] = best[0].makespan_s
+    row["static_split"] = {"encoders": best[1], "decoders": best[2], "dit": num_gpus - best[1] - best[2]}
+
+    one_fits = memory.fits(("encode", "denoise", "decode"), [c for w in phases for c in w.classes], gpu_bytes, 1)
+    if one_fits and best[1] == 0 and best[2] == 0:
+        row["one_pipeline_s"] = row["static_s"]  # the same plan: every GPU does everything
+    elif one_fits:
+        row["one_pipeline_s"] = sim.run(FixedPolicy(plan_roles(topology, 0, 0, 1))).makespan_s
+    else:
+        row["one_pipeline_s"] = None
+
+    inputs = PlanInputs(topology, memory, gpu_bytes, PlannerSettings(sp_degrees=(1, 2, 4)))
+    if global_switch:  # the same job with every switch a global drain + barrier, and a planner that knows it
+        barrier = Simulation(items, speeds, batch_items, memory, seed=seed, switch_mode="global")
+        result = barrier.run(AutoPolicy(inputs, items, batch_items, SwitchCostModel(rolling=False)))
+        row["auto_global_s"] = result.makespan_s
+        row["auto_global_switches"] = result.num_switches
+    auto = AutoPolicy(inputs, items, batch_items, SwitchCostModel())
+    result = sim.run(auto)
+    row["auto_s"] = result.makespan_s
+    row["auto_switches"] = result.num_switches
+    row["auto_stalled_s"] = round(result.stalled_s, 1)
+    row["auto_plans"] = result.history
+    row["auto_decisions"] = len(auto.decisions)
+    row["planner_ms_max"] = round(max(auto.plan_ms), 2)
+    row["planner_ms_median"] = round(sorted(auto.plan_ms)[len(auto.plan_ms) // 2], 2)
+    lower = row["lower_bound_s"]
+    row["auto_over_bound"] = row["auto_s"] / lower
+    row["static_over_auto"] = row["static_s"] / row["auto_s"]
+    row["one_pipeline_over_auto"] = row["one_pipeline_s"] / row["auto_s"] if row["one_pipeline_s"] else None
+    return row
+
+
+def targets(row: dict) -> dict:
+    out = {"auto_within_10pct_of_bound": row["auto_over_bound"] <= 1.10,
+           "auto_not_worse_than_one_pipeline": (row["one_pipeline_s"] is None
+                                                or row["auto_s"] <= row["one_pipeline_s"] * 1.001)}
+    if row["scenario"] in ("4step-then-50step", "drafts-then-finals"):
+        out["auto_1.3x_static"] = row["static_over_auto"] >= 1.3
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def write_results(rows: list[dict], out_dir: Path, date: str, args) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"simulate-plan-{date}"
+    config = {"date": date, "commit": _commit(), "python": platform.python_version(), "host": platform.node(),
+              "scales": args.scales, "seed": args.seed, "memcap_gib": MEMCAP_GIB,
+              "scenarios": {k: v["note"] for k, v in SCENARIOS.items() if k in args.scenarios},
+              "planner": "PlannerSettings(sp_degrees=(1, 2, 4)), defaults otherwise",
+              "model": WAN21_T2V_1_3B.describe()}
+    for row in rows:
+        row["targets"] = targets(row)
+    Path(f"{stem}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1) + "\n")
+    lines = [f"# Role planner simulation ({date})", "",
+             f"Written by perf/simulate_plan.py at commit {config['commit']} (Python {config['python']}, "
+             f"host {config['host']}); seed {args.seed}; {config['model']}.", "",
+             "Makespans in seconds of simulated time. static = best fixed split searched with the true costs; "
+             "one-pipe = every GPU runs all stages; auto = the planner from the analytic prior, refitted and "
+             "re-planned per batch (a rolling switch: only ranks that change stop, to load what they newly hold); "
+             "auto, global switch = the same with every switch a global drain + barrier + slowest load (switches "
+             "in brackets); bound = total work / total GPU speed; "
+             "phase-split = the best split per sequential phase in the fluid model (not a lower bound: context).", ""]
+    for name in args.scenarios:
+        lines.append(f"- **{name}**: {SCENARIOS[name]['note']}")
+    lines += ["", "| scenario | GPUs | items | bound | phase-split | static (E/D/X) | one-pipe | auto | auto/bound "
+                  "| static/auto | switches | auto, global switch | planner ms (max) | targets |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        split = row["static_split"]
+        one = f"{row['one_pipeline_s']:,.0f}" if row["one_pipeline_s"] else "n/a (memory)"
+        marks = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in row["targets"].items())
+        glob = (f"{row['auto_global_s']:,.0f} ({row['auto_global_switches']})" if "auto_global_s" in row else "")
+        lines.append(f"| {row['scenario']} | {row['gpus']} | {row['items']:,} | {row['lower_bound_s']:,.0f} "
+                     f"| {row['phase_split_bound_s']:,.0f} | {row['static_s']:,.0f} ({split['encoders']}/"
+                     f"{split['dit']}/{split['decoders']}) | {one} | {row['auto_s']:,.0f} "
+                     f"| {row['auto_over_bound']:.3f} | {row['static_over_auto']:.2f} | {row['auto_switches']} "
+                     f"| {glob} | {row['planner_ms_max']:.1f} | {marks} |")
+    lines += ["", "Auto's plans over time (time s: role counts):", ""]
+    for row in rows:
+        plans = "; ".join(f"{t:,.0f}: {counts}" for t, counts in row["auto_plans"])
+        lines.append(f"- {row['scenario']} @ {row['gpus']}: {plans}")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    written = [Path(f"{stem}.md"), Path(f"{stem}.json")]
+    png = _plot(rows, args, Path(f"{stem}.png"))
+    if png:
+        written.append(png)
+    return written
+
+
+def _plot(rows, args, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", file=sys.stderr)
+        return None
+    names = [n for n in args.scenarios if any(r["scenario"] == n for r in rows)]
+    cols = 4
+    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, figsize=(16, 4 * math.ceil(len(names) / cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        mine = sorted((r for r in rows if r["scenario"] == name), key=lambda r: r["gpus"])
+        gpus = [r["gpus"] for r in mine]
+        for key, label, style in (("static_s", "best static split", "s--"), ("one_pipeline_s", "one pipeline/GPU",
+                                                                            "^:"), ("auto_s", "auto", "o-"),
+                                  ("auto_global_s", "auto, global switch", "x-."),
+                                  ("phase_split_bound_s", "best split per phase (fluid)", ".:")):
+            ys = [r[key] / r["lower_bound_s"] if r.get(key) else math.nan for r in mine]
+            if any(not math.isnan(y) for y in ys):
+                ax.plot(gpus, ys, style, label=label)
+        ax.axhline(1.10, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(name)
+        ax.set_xlabel("GPUs")
+        ax.set_ylabel("makespan / lower bound")
+        ax.legend(fontsize=8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=int, nargs="+", default=list(SCALES))
+    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--date", default=datetime.date.today().isoformat())
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--jobs", type=int, default=1, help="scenario x scale runs in parallel processes")
+    args = parser.parse_args(argv)
+    tasks = [(name, gpus, args.seed, name in GLOBAL_SWITCH_SCENARIOS) for name in args.scenarios
+             for gpus in args.scales]
+    if args.jobs > 1:
+        from multiprocessing import Pool
+
+        with Pool(args.jobs) as pool:
+            rows = pool.starmap(_timed, tasks)
+    else:
+        rows = [_timed(*task) for task in tasks]
+    for path in write_results(rows, Path(args.out), args.date, args):
+        print(path)
+    return 0
+
+
+def _timed(name, gpus, seed, global_switch):
+    started = time.perf_counter()
+    row = run_scenario(name, gpus, seed, global_switch)
+    row["sim_wall_s"] = round(time.perf_counter() - started, 1)
+    print(f"{name} @ {gpus}: bound {row['lower_bound_s']:.0f} static {row['static_s']:.0f} auto {row['auto_s']:.0f} "
+          f"({row['auto_over_bound']:.3f}x bound, {row['auto_switches']} switches) in {row['sim_wall_s']} s",
+          file=sys.stderr, flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""How long a plan takes for a workload: a fluid model of ranks pulling work. Pure Python.
+
+Ranks come in pools; a pool's ranks hold the same stages. With work pulled by whoever is free, a set of stages
+T can only be served by the pools holding any stage of T, so the workload takes at least
+``work(T) / capacity(pools touching T)`` for every T (and by Hall's theorem the largest of these bounds is
+achievable by a fluid schedule). Two terms keep it honest for finite work: DiT granularity (a group denoises one
+item at a time: fewer items than groups still take one item's time, which favours larger groups) and the
+pipeline's fill and drain (DiT groups start together, so the first wave waits for its encodes; items of one class
+take the same time, so groups finish together and the last wave's decodes run after everything else).
+
+Work is in rank-seconds at speed 1.0 (the cost model's reference); a pool's capacity is the sum of its ranks' speeds (a DiT
+rank counts at its group's slowest member's speed).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Iterable, Sequence
+
+from spmd_diff.plan.workload import Workload
+
+ENCODE, DENOISE, DECODE = 1, 2, 4
+STAGE_BITS = {"encode": ENCODE, "denoise": DENOISE, "decode": DECODE}
+ALL_STAGES = ENCODE | DENOISE | DECODE
+
+
+def mask_of(stages: Iterable[str]) -> int:
+    mask = 0
+    for stage in stages:
+        mask |= STAGE_BITS.get(stage, 0)
+    return mask
+
+
+def stages_of_mask(mask: int) -> tuple[str, ...]:
+    return tuple(stage for stage, bit in STAGE_BITS.items() if mask & bit)
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """What a workload costs per stage, for DiT groups of ``sp_degree`` ranks."""
+
+    encode_s: float
+    denoise_s: float
+    """Rank-seconds: group wall time x ``sp_degree``."""
+    decode_s: float
+    """Decode and write (the rank that decodes writes)."""
+    denoise_wall_s: float
+    num_items: int
+    sp_degree: int
+
+    @staticmethod
+    def of(workload: Workload, cost, sp_degree: int) -> "StageWork":
+        """``cost``: anything with ``seconds(stage, work_class, sp_degree)`` (a :class:`CostModel`)."""
+        encode = denoise_wall = decode = 0.0
+        for work_class, num in workload.counts:
+            encode += num * cost.seconds("encode", work_class, 1)
+            denoise_wall += num * cost.seconds("denoise", work_class, sp_degree)
+            decode += num * (cost.seconds("decode", work_class, 1) + cost.seconds("write", work_class, 1))
+        return StageWork(encode, denoise_wall * sp_degree, decode, denoise_wall, workload.num_items, sp_degree)
+
+    def by_bit(self) -> dict[int, float]:
+        return {ENCODE: self.encode_s, DENOISE: self.denoise_s, DECODE: self.decode_s}
+
+    @cached_property
+    def need_by_subset(self) -> tuple[tuple[int, float], ...]:
+        """(stage subset, its work) for every non-empty subset with work."""
+        by_bit = self.by_bit()
+        needs = ((subset, sum(w for bit, w in by_bit.items() if subset & bit)) for subset in range(1, 8))
+        return tuple((subset, need) for subset, need in needs if need > 0)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted wall seconds for a workload on a plan, and why."""
+
+    seconds: float
+    num_items: int
+    bottleneck: str
+    """The stages whose pools bind (e.g. "decode", or "encode+denoise+decode" when every rank shares all work)."""
+    fluid_s: float
+    granularity_s: float
+    fill_s: float
+
+    @property
+    def videos_per_hour(self) -> float:
+        return 3600.0 * self.num_items / self.seconds if self.seconds > 0 and math.isfinite(self.seconds) else 0.0
+
+    def to_dict(self) -> dict:
+        return {"seconds": round(self.seconds, 3), "videos_per_hour": round(self.videos_per_hour, 1),
+                "bottleneck": self.bottleneck, "fluid_s": round(self.fluid_s, 3),
+                "granularity_s": round(self.granularity_s, 3), "fill_s": round(self.fill_s, 3)}
+
+
+def predict_pools(work: StageWork, pools: Sequence[tuple[int, float]], num_groups: int,
+                  group_speed: float = 1.0) -> Prediction:
+    """``pools``: (stage mask, capacity in median-rank units) pairs; ``num_groups`` DiT groups."""
+    if work.num_items == 0:
+        return Prediction(0.0, 0, "", 0.0, 0.0, 0.0)
+    merged = [0.0] * 8
+    for mask, cap in pools:
+        merged[mask] += cap
+    fluid, binding = 0.0, 0
+    for subset, need in work.need_by_subset:
+        capacity = 0.0
+        for mask in range(1, 8):
+            if mask & subset:
+                capacity += merged[mask]
+        bound = need / capacity if capacity > 0 else math.inf
+        if bound > fluid * (1 + 1e-12):
+            fluid, binding = bound, subset
+    if num_groups < 1:
+        return Prediction(math.inf, work.num_items, "denoise", math.inf, math.inf, 0.0)
+    per_item_wall = work.denoise_wall_s / work.num_items / max(group_speed, 1e-9)
+    granularity = max(1.0, work.num_items / num_groups) * per_item_wall
+    # Fill and drain: DiT groups start together (the first wave waits for its encodes) and, items of a class
+    # taking the same time, finish together (the last wave's decodes follow the last denoise).
+    wave = min(num_groups, work.num_items)
+    encode_item, decode_item = work.encode_s / work.num_items, work.decode_s / work.num_items
+    encoders = sum(merged[m] for m in range(8) if m & ENCODE)
+    decoders = sum(merged[m] for m in range(8) if m & DECODE)
+    fill = max(encode_item, wave * encode_item / max(encoders, 1e-9)) + \
+        max(decode_item, wave * decode_item / max(decoders, 1e-9))
+    bottleneck = "+".join(stages_of_mask(binding)) if fluid >= granularity else "denoise granularity"
+    return Prediction(max(fluid, granularity) + fill, work.num_items, bottleneck, fluid, granularity, fill)
