@@ -64,13 +64,11 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from spmd_diff.config import load_job
-    from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
-    from spmd_diff.plan.memory import GIB, MemoryModel, capacity_bytes
-    from spmd_diff.plan.model_sizes import ModelSizes
-    from spmd_diff.plan.planner import PlanInputs, PlannerSettings, candidate_degrees, plan_auto, predict_plan
+    from spmd_diff.plan.for_job import job_planning
+    from spmd_diff.plan.memory import GIB
+    from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
     from spmd_diff.plan.roles import plan_roles
     from spmd_diff.plan.topology import Topology
-    from spmd_diff.plan.workload import WorkClass, Workload
 
     job = load_job(args.job, args.overrides)
     per_node = args.ranks_per_node or args.gpus_per_node
@@ -99,16 +97,10 @@ def _plan(args) -> int:
         if not Path(path).is_dir():
             raise UserError(f"model directory {path} does not exist (model.path in the job)")
         configs = (read("transformer"), read("text_encoder"), read("vae"))
-    dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if args.gpus_per_node else "float32")
-    v = job.video
-    sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=path)
-    work_class = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0)
-    workload = Workload.uniform(work_class, 100 * topology.num_ranks)  # steady state: many items per rank
-    cost = CostModel(AnalyticPrior(sizes, "cuda" if args.gpus_per_node else "cpu"))
-    gpu_bytes = capacity_bytes(job.world.gpu_memory_gib)
-    memory = MemoryModel.for_model(sizes)
-    degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
-    settings = PlannerSettings(sp_degrees=degrees, sp_layout=job.dit.sp_layout)
+    planning = job_planning(job, topology, configs, on_gpu=bool(args.gpus_per_node))
+    v, sizes, work_class, cost = job.video, planning.sizes, planning.work_class, planning.cost
+    workload = planning.workload(100 * topology.num_ranks)  # steady state: many items per rank
+    gpu_bytes, memory, settings = planning.inputs.gpu_bytes, planning.inputs.memory, planning.inputs.settings
 
     def make_plan(memory):
         if job.roles.policy == "auto":
@@ -122,7 +114,7 @@ def _plan(args) -> int:
 
         shapes = (16, (v.num_frames - 1) // 4 + 1, v.height // 8, v.width // 8)
         latents = RingSpec(job.run.ring_slots, -(-shapes[0] * shapes[1] * shapes[2] * shapes[3] * 4 // 64) * 64)
-        itemsize = 4 if dtype == "float32" else 2
+        itemsize = sizes.text_dtype_bytes
         embeds = RingSpec(job.run.ring_slots, (2 if work_class.cfg else 1)
                           * (-(-v.max_sequence_length * 4096 * itemsize // 64) * 64))
         leaders = [group[0] for group in plan.dit_groups]

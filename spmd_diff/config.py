@@ -67,10 +67,15 @@ class RolesConfig:
     """Ranks that run the VAE decoder and write results (0 = DiT ranks decode their own items)."""
     policy: str = "static"
     """"static": roles.encoders / roles.decoders as given, for the whole job. "auto": the planner chooses which
-    ranks encode, denoise (groups of dit.sp_degree or larger) and decode -- a rank holds several stages where its
-    GPU's memory allows -- and re-balances between batches from measured timings (roles.encoders/decoders are
-    ignored). `spmd-diff plan` prints either; the engine runs "auto" once its runtime support lands, and "auto"
-    then becomes the default."""
+    ranks encode, denoise (groups of dit.sp_degree) and decode -- a rank holds several stages where its GPU's
+    memory allows, so no GPU is reserved for a small stage -- and re-balances between batches from the timings
+    every rank measured (roles.encoders/decoders are ignored). `spmd-diff plan` prints either."""
+    colocate: bool = True
+    """policy "auto": let a rank hold several stages where its GPU's memory allows (false: one stage per rank,
+    e.g. to keep a GPU's memory for larger activations)."""
+    batch_s: float = 300.0
+    """policy "auto": seconds of predicted work per batch. Between batches the pipeline drains, the timings are
+    combined over MPI and the plan may change; shorter batches follow changes sooner, longer ones drain less."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +257,8 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: run.timeout_s must be >= 0 (0 = automatic), got {job.run.timeout_s}")
     if job.roles.encoders < 0 or job.roles.decoders < 0:
         raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
+    if job.roles.batch_s <= 0:
+        raise UserError(f"{source}: roles.batch_s must be > 0, got {job.roles.batch_s}")
     if job.roles.policy not in ("auto", "static"):
         raise UserError(f"{source}: roles.policy must be auto or static, got {job.roles.policy!r}")
     if job.world.gpu_memory_gib < 0:

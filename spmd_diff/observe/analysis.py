@@ -105,7 +105,7 @@ class RunData:
     def _role_timeline(self, rank: int) -> list[tuple[float, str]]:
         out: list[tuple[float, str]] = []
         plans = [(self.t_start, (self.job_start or {}).get("plan"))]
-        plans += [(float(r["t"]), r.get("new")) for r in self.replans]
+        plans += [(float(r["t"]), r.get("new_plan")) for r in self.replans]
         for t, plan in plans:
             role = _role_in_plan(plan, rank, len(self.ranks))
             if role is not None and (not out or out[-1][1] != role):

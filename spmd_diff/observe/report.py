@@ -162,7 +162,7 @@ def _events_list_html(run: RunData) -> str:
         more = f" (first 200 of {len(run.failures)})" if len(run.failures) > 200 else ""
         out += f"<h3>Failures{more}</h3>" + _table(("at (s)", "rank", "item", "stage", "error"), rows)
     if run.replans:
-        rows = [(f"{float(r['t']) - run.t_start:.1f}", r.get("reason", ""), json.dumps(r.get("new"))[:300])
+        rows = [(f"{float(r['t']) - run.t_start:.1f}", r.get("reason", ""), json.dumps(r.get("new_plan"))[:300])
                 for r in run.replans]
         out += "<h3>Re-plans</h3>" + _table(("at (s)", "reason", "new plan"), rows)
     return out

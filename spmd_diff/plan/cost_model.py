@@ -157,7 +157,7 @@ class History:
 class CostModel:
     """Predicted seconds per item per stage at a rank of speed 1.0, and each rank's speed."""
 
-    prior: AnalyticPrior | TablePrior
+    prior: AnalyticPrior | TablePrior | ScaledPrior
     estimates: tuple[Estimate, ...] = ()
     rank_speeds: tuple[tuple[int, float], ...] = ()
     """(rank, speed): 2.0 takes half the time of 1.0 (the geometric mean of the ranks measured). Others: 1.0."""
@@ -193,6 +193,11 @@ class CostModel:
                         den += e.weight
             self._scales[stage] = math.exp(num / den) if den > 0 else 1.0
         return self._scales[stage]
+
+    def scaled(self, stage: str, factor: float) -> "CostModel":
+        """This model's prior with ``stage`` ``factor`` times as slow, nothing measured: what-if plans (the engine
+        sizes its channel heap for the plans such shifts would choose)."""
+        return CostModel(ScaledPrior(self, stage, factor))
 
     def speed(self, rank: int) -> float:
         return self._speeds.get(rank, 1.0)
@@ -255,3 +260,16 @@ class CostModel:
                             for c in classes},
                 "stage_scale": {s: round(self.stage_scale(s), 4) for s in TIMED_STAGES},
                 "ranks_off_speed": dict(list(slow.items())[:64]), "num_ranks_off_speed": len(slow)}
+
+
+@dataclass(frozen=True)
+class ScaledPrior:
+    """A cost model's predictions with one stage ``factor`` times as slow (see :meth:`CostModel.scaled`)."""
+
+    base: "CostModel"
+    stage: str
+    factor: float
+
+    def seconds(self, stage: str, work_class: WorkClass, sp_degree: int = 1) -> float:
+        seconds = self.base.seconds(stage, work_class, sp_degree)
+        return seconds * self.factor if stage == self.stage else seconds

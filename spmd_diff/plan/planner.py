@@ -37,6 +37,11 @@ class PlannerSettings:
     sp_layout: str = "auto"
     colocate: bool = True
     """Let a rank hold several stages where memory allows (False: one stage per rank)."""
+    separate_aux: bool = False
+    """Non-DiT ranks hold one stage each, one that DiT ranks do not hold (DiT ranks that encode never share
+    encoding with encoder ranks; likewise decoding): the shapes whose hand-offs are fixed edges, which is what
+    the engine's role loops run (``spmd_diff.runtime``). False: any maximal stage sets (the simulator's pulled
+    work)."""
     min_gain_fraction: float = 0.05
     """Re-plan only if the predicted gain exceeds this fraction of the remaining time (noise in the timings) ..."""
     switch_cost_factor: float = 1.5
@@ -171,6 +176,8 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost,
         dit_masks = _maximal(dit_masks)
         aux_masks = [ENCODE | DECODE] if colocate and fits(ENCODE | DECODE) else [m for m in (ENCODE, DECODE)
                                                                                  if fits(m)]
+        if inputs.settings.separate_aux:
+            aux_masks = [m for m in (ENCODE, DECODE) if fits(m)]
         work = StageWork.of(workload, cost, sp)
         if _uneven(speeds):
             capacities = [(slow_first, _Capacity(num_ranks, aux_prefix=_aux_prefix(inputs.topology, sp, speeds,
@@ -179,8 +186,9 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost,
         else:
             capacities = [(False, _Capacity(num_ranks, speeds[0]))]
         for dit_mask in dit_masks:
+            masks = [m for m in aux_masks if not m & dit_mask] if inputs.settings.separate_aux else aux_masks
             for slow_first, capacity in capacities:
-                found = _best_counts(num_ranks, sp, dit_mask, aux_masks, work, capacity, slow_first)
+                found = _best_counts(num_ranks, sp, dit_mask, masks, work, capacity, slow_first)
                 if found is not None:
                     out.append(found)
     out.sort(key=lambda c: (round(c[1].seconds, 9), c[0].sp_degree, -bin(c[0].dit_mask).count("1"),
@@ -209,6 +217,9 @@ def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None 
         for mask, count in shape.aux:
             for _ in range(count):
                 stages[next(picked)] = stages_of_mask(mask)
+        if inputs.settings.separate_aux:
+            for rank in picked:  # ranks left over from whole groups, with no stage of their own: idle
+                stages[rank] = ()
     encoders = tuple(sorted(r for r in chosen if "encode" in stages[r]))
     decoders = tuple(sorted(r for r in chosen if "decode" in stages[r]))
     layout, torus = resolve_layout(topology, groups, inputs.settings.sp_layout)

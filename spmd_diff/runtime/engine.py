@@ -40,13 +40,15 @@ from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.roles import RolePlan
+from spmd_diff.plan.workload import WorkClass
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
-from spmd_diff.runtime.rebalance import FixedPolicy, Policy, StageCounters, gather_timings, split_batches
+from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
+                                         split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
-from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, pending_items
+from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, auto_policy, pending_items
 
 log = logging.getLogger("spmd_diff")
 
@@ -72,13 +74,14 @@ def _dtype_name(job: JobConfig, device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def build_setup(inputs: JobInputs, device: str) -> Setup:
-    """The model-dependent half of the setup: the video spec checked against the model's configs."""
+def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
+    """The model-dependent half of the setup: the video spec checked against the model's configs; ``plan``: the
+    plan of the first batch."""
     v = inputs.job.video
     spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale,
                      v.max_sequence_length)
     shapes = read_shapes(inputs.model_dir, spec)
-    return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, inputs.plan,
+    return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, plan,
                  _dtype_name(inputs.job, device), inputs.topology)
 
 
@@ -114,23 +117,6 @@ def item_attrs(setup: Setup):
     return attrs
 
 
-def _stages_for(role: str, plan: RolePlan, rank: int) -> set[str]:
-    """The model components a role loads: an encoder never holds the DiT, a decoder only the VAE."""
-    if role == "encoder":
-        return {"encode"}
-    if role == "decoder":
-        return {"decode"}
-    if role == "all":
-        return {"encode", "denoise", "decode"}
-    stages = {"denoise"}
-    leader = rank in {group[0] for group in plan.dit_groups}
-    if plan.encode_on_dit and leader:
-        stages.add("encode")
-    if plan.decode_on_dit and leader:
-        stages.add("decode")
-    return stages
-
-
 def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     """Render the pending items on this rank; returns the process exit code (the same on every rank).
 
@@ -142,7 +128,12 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     world, inputs = started.world, started.inputs
     world.bind_device()
     watchdog = LauncherWatchdog().start()
-    setup = world.run_checked(lambda: build_setup(inputs, world.device))
+    policy: Policy = FixedPolicy()
+    if inputs.job.roles.policy == "auto":
+        policy = world.run_checked(lambda: auto_policy(inputs.job, inputs.topology, inputs.model_dir,
+                                                       len(inputs.pending)))
+    plan = policy.plan if isinstance(policy, AutoPolicy) else inputs.plan
+    setup = world.run_checked(lambda: build_setup(inputs, plan, world.device))
     set_threads(world.local_size, setup.job.run.threads)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
     store = VideoStore(request.out_dir)
@@ -168,7 +159,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
 
     try:
         role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_s,
-                                FixedPolicy())
+                                policy)
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -263,7 +254,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         coll = None
         if world.size > 1:
             heap_bytes = max(_layout(world, p, enc_spec, dec_spec, channels_base).heap_bytes for p in candidates)
-            transport = make_transport(world, max(heap_bytes, channels_base), setup.job.world.transport)
+            transport_heap = max(heap_bytes, channels_base)
+            transport = make_transport(world, transport_heap, setup.job.world.transport)
             if coll_bytes:
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
                                         timeout_s=deadline_s)
@@ -275,6 +267,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
+        v = setup.job.video
+        work_class_key = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps,
+                                   v.guidance_scale > 1.0).key
         batches = split_batches(pending, policy.batch_items(plan, len(pending)))
         num_done_before = 0
         for number, batch in enumerate(batches):
@@ -299,21 +294,26 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                                compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast))
             counters.mark()
             queue = WorkQueue(world.comm, len(batch))
-            _run_role(ctx, role, plan, queue, batch, senders, receivers)
+            _run_role(ctx, plan, queue, batch, senders, receivers)
             queue.free()
             num_done_before += len(batch)
             if number == len(batches) - 1 or world.comm.allreduce(1 if stop.requested else 0):
                 break
-            timings = gather_timings(world.comm, counters.since_mark(world.rank, role))
+            timings = gather_timings(world.comm, counters.since_mark(world.rank, work_class_key, plan.sp_degree))
             decision = policy.decide(plan, timings, len(pending) - num_done_before)
-            if decision is not None:
+            if decision is not None and decision.switch:
+                new_heap = _layout(world, decision.best, enc_spec, dec_spec, channels_base).heap_bytes
+                if transport is not None and new_heap > transport_heap:
+                    policy.decline(plan)
+                    if world.rank == 0:
+                        events.emit("replan_declined", batch=number, declined=f"the channel heap was sized for "
+                                    f"{transport_heap} bytes, the new plan needs {new_heap}", **decision.to_event())
+                    continue
                 if world.rank == 0:
-                    events.emit("replan", batch=number, old=plan.to_dict(), new=decision.plan.to_dict(),
-                                reason=decision.reason, predicted_gain=decision.predicted_gain,
-                                timings=[t.to_dict() for t in timings], **decision.details)
-                    print(f"spmd-diff: re-plan after batch {number}: {decision.reason} (predicted "
-                          f"{decision.predicted_gain:.2f}x)", file=sys.stderr, flush=True)
-                plan = decision.plan
+                    events.emit("replan", batch=number, **decision.to_event())
+                    print(f"spmd-diff: re-plan after batch {number}: {decision.best.role_counts()} "
+                          f"({decision.reason})", file=sys.stderr, flush=True)
+                plan = decision.best
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,
@@ -343,14 +343,14 @@ def _stage_options(setup: Setup, world: World, plan: RolePlan) -> StageOptions:
 
 def _load_stages(world: World, setup: Setup, plan: RolePlan):
     """This rank's model components for its role in ``plan``."""
-    return make_stages(setup.model_dir, _stages_for(plan.role_of(world.rank), plan, world.rank),
+    return make_stages(setup.model_dir, plan.stages_of(world.rank),
                        device=world.device, dtype=getattr(torch, setup.dtype), options=_stage_options(setup, world, plan))
 
 
 def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
     """This rank's components for its role in ``plan``: the loaded ones if they cover it, else loaded anew
     (the old ones freed first, so a rank never holds two copies)."""
-    needed = _stages_for(plan.role_of(world.rank), plan, world.rank)
+    needed = set(plan.stages_of(world.rank))
     if needed <= stages.stages:
         return stages
     stages.free()
@@ -384,16 +384,22 @@ def _pulled(queue: WorkQueue, pending: list[Item]) -> Iterator[Item]:
         yield pending[index]
 
 
-def _run_role(ctx: loops.RankContext, role: str, plan: RolePlan, queue: WorkQueue, pending: list[Item],
+def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: WorkQueue, pending: list[Item],
               senders: list[ChannelSender], receivers: list[ChannelReceiver]) -> None:
-    """Ranks at the head of the pipeline (encoders, or DiT group leaders that encode) pull items from ``queue``."""
-    if role == "all":
-        loops.solo_loop(ctx, _pulled(queue, pending))
-    elif role == "encoder":
-        loops.encoder_loop(ctx, _pulled(queue, pending), senders)
-    elif role == "decoder":
-        loops.decoder_loop(ctx, receivers)
+    """This rank's loop for the stages ``plan`` gives it. Ranks at the head of the pipeline (encoders, or DiT
+    group leaders that encode) pull items from ``queue``; an idle rank (left over from whole DiT groups) only
+    takes part in the collectives."""
+    stages = set(plan.stages_of(ctx.rank))
+    if not stages:
+        return
+    if "denoise" not in stages:
+        if stages == {"encode"}:
+            loops.encoder_loop(ctx, _pulled(queue, pending), senders)
+        elif stages == {"decode"}:
+            loops.decoder_loop(ctx, receivers)
+        else:
+            raise AssertionError(f"rank {ctx.rank}: no role loop holds {sorted(stages)} without denoise")
     elif ctx.group is not None and ctx.group.rank_in_group != 0:
         loops.dit_member_loop(ctx)
     else:
-        loops.dit_loop(ctx, _pulled(queue, pending) if plan.encode_on_dit else None, receivers, senders)
+        loops.dit_loop(ctx, _pulled(queue, pending) if "encode" in stages else None, receivers, senders)

@@ -8,33 +8,17 @@ job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from spmd_diff.io.inputs import Item
+from spmd_diff.plan.for_job import JobPlanning
+from spmd_diff.plan.planner import plan_auto
+from spmd_diff.plan.replan import Rebalancer, Replan
 from spmd_diff.plan.roles import RolePlan
-
-STAGES = ("encode", "denoise", "decode", "write")
-
-
-@dataclass(frozen=True)
-class RankTimings:
-    """What one rank did during one batch."""
-
-    rank: int
-    role: str
-    wall_s: float
-    """Seconds from the batch's start to this rank's end of it."""
-    stage_s: dict[str, float] = field(default_factory=dict)
-    """Busy seconds per stage in this batch."""
-    stage_items: dict[str, int] = field(default_factory=dict)
-    """Items per stage finished in this batch."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"rank": self.rank, "role": self.role, "wall_s": round(self.wall_s, 4),
-                "stage_s": {k: round(v, 4) for k, v in self.stage_s.items()}, "stage_items": dict(self.stage_items)}
+from spmd_diff.plan.timings import TIMED_STAGES, RankTimings, StageSample
 
 
 class StageCounters:
@@ -50,41 +34,38 @@ class StageCounters:
         self.stage_s = dict(self.ctx.stage_s)
         self.stage_items = dict(self.ctx.stage_items)
 
-    def since_mark(self, rank: int, role: str) -> RankTimings:
-        stage_s = {k: v - self.stage_s.get(k, 0.0) for k, v in self.ctx.stage_s.items()
-                   if v - self.stage_s.get(k, 0.0) > 0}
-        stage_items = {k: v - self.stage_items.get(k, 0) for k, v in self.ctx.stage_items.items()
-                       if v - self.stage_items.get(k, 0) > 0}
-        return RankTimings(rank, role, time.monotonic() - self.t0, stage_s, stage_items)
+    def since_mark(self, rank: int, class_key: str, sp_degree: int) -> RankTimings:
+        """This rank's batch as the planner reads it (every item of the job is of class ``class_key``)."""
+        samples = []
+        for stage in TIMED_STAGES:
+            busy = self.ctx.stage_s.get(stage, 0.0) - self.stage_s.get(stage, 0.0)
+            items = self.ctx.stage_items.get(stage, 0) - self.stage_items.get(stage, 0)
+            if items > 0:
+                samples.append(StageSample(stage, class_key, sp_degree if stage == "denoise" else 1, items, busy))
+        elapsed = time.monotonic() - self.t0
+        busy_total = sum(s.busy_s for s in samples)
+        return RankTimings(rank, tuple(samples), idle_s=max(0.0, elapsed - busy_total), elapsed_s=elapsed)
 
 
 def gather_timings(comm: Any, mine: RankTimings) -> list[RankTimings]:
     """Collective: every rank's timings of the batch, in rank order (one ``allgather``)."""
-    return sorted(comm.allgather(mine), key=lambda t: t.rank)
+    return sorted((RankTimings.from_wire(w) for w in comm.allgather(mine.to_wire())), key=lambda t: t.rank)
 
 
 class Policy(Protocol):
-    """How plans change between batches. Pure: the same inputs give the same answer on every rank."""
+    """How plans change between batches. The same inputs give the same answer on every rank."""
 
     def candidates(self, plan: RolePlan) -> Sequence[RolePlan]:
         """Every plan this policy may switch to from ``plan`` (``plan`` included): the heap is sized for all."""
 
-    def decide(self, plan: RolePlan, timings: Sequence[RankTimings], num_remaining: int) -> "Replan | None":
-        """The plan for the next batch, or None to keep ``plan``."""
+    def decide(self, plan: RolePlan, timings: Sequence[RankTimings], num_remaining: int) -> Replan | None:
+        """The decision after a batch (``.switch``, ``.best``, ``.to_event()``), or None to keep ``plan``."""
 
     def batch_items(self, plan: RolePlan, num_pending: int) -> int:
         """Items per batch (``num_pending`` or more: one batch)."""
 
-
-@dataclass(frozen=True)
-class Replan:
-    """A decision to switch plans, with what it was based on (the ``replan`` event)."""
-
-    plan: RolePlan
-    reason: str
-    predicted_gain: float
-    """Predicted throughput of the new plan over the old one's, e.g. 1.4."""
-    details: dict[str, Any] = field(default_factory=dict)
+    def decline(self, plan: RolePlan) -> None:
+        """The runtime could not switch (the new plan's channels do not fit the heap): ``plan`` stays."""
 
 
 class FixedPolicy:
@@ -98,6 +79,50 @@ class FixedPolicy:
 
     def batch_items(self, plan: RolePlan, num_pending: int) -> int:
         return max(1, num_pending)
+
+    def decline(self, plan: RolePlan) -> None:
+        pass
+
+
+class AutoPolicy:
+    """``roles.policy = "auto"``: the planner's plan (``spmd_diff.plan.planner``), re-planned between batches
+    from the gathered timings with hysteresis and the switch cost counted (``spmd_diff.plan.replan``).
+
+    A batch lasts about ``batch_s`` seconds of predicted work (at least two items per pipeline): long enough that
+    draining the pipeline at its end costs little, short enough to follow a change in the work.
+    """
+
+    def __init__(self, planning: JobPlanning, num_pending: int, batch_s: float) -> None:
+        self.planning = planning
+        self.balancer = Rebalancer.start(planning.inputs, planning.workload(num_pending), planning.cost)
+        self.batch_s = batch_s
+
+    @property
+    def plan(self) -> RolePlan:
+        return self.balancer.plan
+
+    def candidates(self, plan: RolePlan) -> Sequence[RolePlan]:
+        """``plan`` and the plans the planner picks when one stage costs 16x more or less than predicted: the
+        switches a re-plan may make, so the heap is sized for them once (a switch beyond is declined)."""
+        out = [plan]
+        inputs, base = self.planning.inputs, self.planning.cost
+        workload = self.planning.workload(100 * inputs.topology.num_ranks)
+        for stage in ("encode", "denoise", "decode"):
+            for factor in (16.0, 1 / 16):
+                out.append(plan_auto(inputs, workload, base.scaled(stage, factor), current=plan))
+        return out
+
+    def decide(self, plan: RolePlan, timings: Sequence[RankTimings], num_remaining: int) -> Replan | None:
+        self.balancer, decision = self.balancer.after_batch(timings, self.planning.workload(num_remaining))
+        return decision
+
+    def decline(self, plan: RolePlan) -> None:
+        self.balancer = dataclasses.replace(self.balancer, plan=plan)
+
+    def batch_items(self, plan: RolePlan, num_pending: int) -> int:
+        seconds = self.planning.cost.item_seconds(self.planning.work_class, plan.sp_degree)
+        per_item = max(seconds.values()) if seconds else 1.0
+        return batch_size_for(self.batch_s, per_item, len(plan.dit_groups), minimum=2 * len(plan.dit_groups))
 
 
 def split_batches(pending: Sequence[Item], batch_items: int) -> list[list[Item]]:

@@ -19,9 +19,11 @@ from spmd_diff.config import JobConfig, load_job
 from spmd_diff.errors import UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.plan.for_job import job_planning, read_model_configs
 from spmd_diff.plan.roles import RolePlan, plan_roles
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime.faults import TestHooks
+from spmd_diff.runtime.rebalance import AutoPolicy
 
 
 @dataclass(frozen=True)
@@ -62,8 +64,9 @@ class Started:
     started_at: float
 
 
-def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, ...], RolePlan, Topology]:
-    """Job, prompts (this shard's), role plan: pure checks, raise UserError."""
+def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, ...], RolePlan | None, Topology]:
+    """Job, prompts (this shard's), role plan of a static policy (None for "auto": it needs the model's sizes):
+    pure checks, raise UserError."""
     overrides = list(request.overrides)
     if request.model:
         overrides.append(f"model.path={request.model!r}")
@@ -72,7 +75,9 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     topology = world.topology
     if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
         topology = topology.regrouped(job.world.ranks_per_node)
-    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    plan = None
+    if job.roles.policy == "static":
+        plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
     TestHooks.from_env(world.rank)  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
     return job, tuple(items), plan, topology
 
@@ -111,6 +116,8 @@ def start(request: RunRequest) -> Started:
     # Node-local rank 0 first: it builds a missing demo or random: directory once per node (errors gathered).
     world.run_checked(lambda: resolve_model(job.model.path) if world.local_rank == 0 else None)
     model_dir = world.run_checked(lambda: resolve_model(job.model.path))
+    if plan is None:  # policy "auto": the planner's first plan (the engine re-plans for the pending items)
+        plan = world.run_checked(lambda: auto_policy(job, topology, model_dir, len(items)).plan)
     store = VideoStore(request.out_dir)
 
     def look_at_out():
@@ -122,6 +129,14 @@ def start(request: RunRequest) -> Started:
     by_index = {item.index: item for item in items}
     pending = tuple(by_index[i] for i in pending_indices)
     return Started(world, JobInputs(job, items, plan, topology, model_dir, pending), started_at)
+
+
+def auto_policy(job: JobConfig, topology: Topology, model_dir: str, num_items: int) -> AutoPolicy:
+    """The "auto" role policy for this job: the planner over the model's sizes (its configs, no weights) and the
+    plan shapes the role loops run."""
+    planning = job_planning(job, topology, read_model_configs(model_dir), on_gpu=topology.gpus_per_node > 0,
+                            separate_aux=True)
+    return AutoPolicy(planning, num_items, job.roles.batch_s)
 
 
 def finish_without_work(started: Started, request: RunRequest) -> int:

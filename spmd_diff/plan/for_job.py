@@ -1,0 +1,64 @@
+"""What the auto planner needs for one job: the model's sizes, the work class of its items, the memory and cost
+models, the planner's settings. One home for ``spmd-diff plan`` and the engine. Pure Python (configs are dicts)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from spmd_diff.config import JobConfig
+from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
+from spmd_diff.plan.memory import MemoryModel, capacity_bytes
+from spmd_diff.plan.model_sizes import ModelSizes
+from spmd_diff.plan.planner import PlanInputs, PlannerSettings, candidate_degrees
+from spmd_diff.plan.topology import Topology
+from spmd_diff.plan.workload import WorkClass, Workload
+
+
+@dataclass(frozen=True)
+class JobPlanning:
+    """The planner's view of a job on an allocation."""
+
+    inputs: PlanInputs
+    work_class: WorkClass
+    cost: CostModel
+    sizes: ModelSizes
+
+    def workload(self, num_items: int) -> Workload:
+        return Workload.uniform(self.work_class, max(1, num_items))
+
+
+def job_planning(job: JobConfig, topology: Topology, configs: tuple[Mapping[str, Any], Mapping[str, Any],
+                 Mapping[str, Any]], on_gpu: bool, *, separate_aux: bool = False,
+                 device_bytes: int | None = None) -> JobPlanning:
+    """``configs``: the transformer's, text encoder's and VAE's ``config.json`` contents. ``separate_aux``: only the
+    plan shapes the engine's role loops run (see :class:`PlannerSettings`). ``device_bytes``: the GPU's memory
+    as measured (None: an H200)."""
+    dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
+    v = job.video
+    sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=job.model.path)
+    work_class = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0)
+    cost = CostModel(AnalyticPrior(sizes, "cuda" if on_gpu else "cpu"))
+    degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
+    if separate_aux:
+        degrees = (job.dit.sp_degree,)  # the engine keeps one SP degree for the job (per-item degrees: later)
+    settings = PlannerSettings(sp_degrees=degrees, sp_layout=job.dit.sp_layout, colocate=job.roles.colocate,
+                               separate_aux=separate_aux)
+    inputs = PlanInputs(topology, MemoryModel.for_model(sizes), capacity_bytes(job.world.gpu_memory_gib,
+                                                                                 device_bytes), settings)
+    return JobPlanning(inputs, work_class, cost, sizes)
+
+
+def read_model_configs(model_dir: str | Path) -> tuple[dict, dict, dict]:
+    """The transformer's, text encoder's and VAE's ``config.json`` of a diffusers directory ({} where missing)."""
+
+    def read(component: str) -> dict:
+        path = Path(model_dir) / component / "config.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            return {}  # the model's own loading reports a broken config, naming the file
+
+    return read("transformer"), read("text_encoder"), read("vae")
