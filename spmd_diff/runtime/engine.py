@@ -30,7 +30,9 @@ from spmd_diff.comm.world import World, init_world, set_threads
 from spmd_diff.config import JobConfig, load_job
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
-from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io import jobrecord
+from spmd_diff.io.identity import identity_of, model_fingerprint
+from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
@@ -148,13 +150,22 @@ def channel_edges(plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec) -> lis
 
 
 def item_attrs(setup: Setup):
+    """item -> the attributes of its video. All but ``model`` (the path), ``spmd_diff_version`` and the ones the
+    store adds are the item's content identity (spmd_diff.io.identity): a finished file of other attributes is
+    changed work, not finished work. The model is identified by its fingerprint (configs, weight names, sizes and
+    samples), computed once per process."""
     job, spec = setup.job, setup.spec
+    fingerprint = model_fingerprint(setup.model_dir) if setup.model_dir else ""
+    compiled = bool(job.dit.compile and setup.plan.sp_degree > 1)  # compiled blocks change bf16 rounding
 
     def attrs(item: Item) -> dict:
         negative = item.negative_prompt if item.negative_prompt is not None else job.video.negative_prompt
-        return {"prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
+        return {"id": item.id, "prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
                 "num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
-                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames}
+                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames,
+                "max_sequence_length": spec.max_sequence_length, "dtype": setup.dtype,
+                "model_fingerprint": fingerprint, "dit_compile": compiled,
+                "spmd_diff_version": spmd_diff.__version__}
 
     return attrs
 
@@ -196,13 +207,29 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
 
     def prepare_out():
         store.check_writable()
+        attrs_of = item_attrs(setup)
+        by_id = {item.id: item for item in setup.items}
+        store.expect(lambda item_id: attrs_of(by_id[item_id]))
         if world.rank == 0:
-            store.check_job(setup.job.fingerprint(), force=request.force)
+            expected = {item.id: attrs_of(item) for item in setup.items}
+            first = next(iter(expected.values()), None)
+            settings = None if first is None else jobrecord.job_settings(first, setup.job.video.negative_prompt)
+            options = dict(force=request.force, retry_failed=request.retry_failed, model_path=setup.job.model.path,
+                           job=setup.job.to_dict())
+            store.plan(expected, settings, **options)  # refusals first: a refused job leaves OUT untouched
             lock.acquire()
-            store.prepare(setup.job.fingerprint(), force=request.force)
-            done = store.done_keys()
-            failed = set() if request.retry_failed else set(store.failures())
-            return [it.index for it in setup.items if item_key(it.id) not in done and it.id not in failed]
+            try:
+                plan = store.plan(expected, settings, apply=True, **options)
+            except BaseException:
+                lock.release()
+                raise
+            for line in describe_corrupt(plan.corrupt, "it will be rendered again"):
+                warn(line)
+            if plan.rerendered:
+                shown = ", ".join(map(repr, plan.rerendered[:10])) + (" ..." if len(plan.rerendered) > 10 else "")
+                print(f"spmd-diff: --force: rendering {len(plan.rerendered)} changed item(s) again: {shown}",
+                      file=sys.stderr)
+            return [by_id[item_id].index for item_id in plan.pending]
         return None
 
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
@@ -332,9 +359,13 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
 def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[Item], interrupted: bool,
              started: float, out_dir: str) -> int:
     """Rank 0, after every rank finished: rebuild the view, close the event log, say what happened."""
-    store.build_view([item.id for item in setup.items])
+    attrs_of = item_attrs(setup)
+    expected = {item.id: attrs_of(item) for item in setup.items}
+    view = store.build_view(expected)
+    for line in describe_corrupt(view.corrupt, "rerun to render it again"):
+        warn(line)
     failures = store.failures()
-    remaining = [it for it in pending if not store.is_done(it.id)]
+    remaining = [it for it in pending if view.identities.get(it.id) != identity_of(expected[it.id])]
     not_rendered = [it for it in remaining if it.id not in failures]
     num_failed = len(failures)
     status = "interrupted" if interrupted and not_rendered else "complete"
