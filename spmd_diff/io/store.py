@@ -385,6 +385,9 @@ class VideoStore:
             more = f" and {len(changed) - MAX_LISTED} more" if len(changed) > MAX_LISTED else ""
             parts.append(f"{'it' if parts else self.root} holds other versions of {len(changed)} item(s) of this "
                          f"prompts file: {', '.join(listed)}{more}")
+        if any("seed: " in item for item in parts[-1:]):
+            parts[-1] += (" (a JSONL item without a \"seed\" gets run.seed + its line index, so adding, removing "
+                          "or moving lines above it changes its seed: give items their own \"seed\")")
         action = (f"--force to re-render exactly those {len(changed)} item(s) (their old videos are deleted)"
                   if changed else "--force to add videos with these settings (each video's attributes record its "
                   "own)")
