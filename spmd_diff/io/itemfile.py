@@ -70,9 +70,9 @@ def _encode_header(fields: Mapping[str, Any]) -> bytes:
 
 
 def encode_item(video_FHWC: np.ndarray, attrs: Mapping[str, Any], *, item_id: str, key: str, identity: str,
-                settings: str, token: str) -> bytes:
+                settings: str, token: str) -> memoryview:
     """The bytes of an item file: header, then the HDF5 image (built in memory, so a full disk surfaces as one
-    clean OSError when the caller writes these bytes)."""
+    clean OSError when the caller writes these bytes). A view of the in-memory image: no copy of the video."""
     digest = video_digest(video_FHWC)
     written = time.time()
     buffer = io.BytesIO()
@@ -84,11 +84,11 @@ def encode_item(video_FHWC: np.ndarray, attrs: Mapping[str, Any], *, item_id: st
         ds.attrs["identity"] = identity
         ds.attrs["video_sha256"] = digest
         ds.attrs["written"] = written
-    data = bytearray(buffer.getbuffer())
+    data = buffer.getbuffer()
     fields = {"id": item_id, "key": key, "identity": identity, "settings": settings, "token": token,
               "shape": list(video_FHWC.shape), "video_sha256": digest, "size": len(data), "written": written}
     data[:HEADER_BYTES] = _encode_header(fields)
-    return bytes(data)
+    return data
 
 
 def parse_header(raw: bytes) -> Header:

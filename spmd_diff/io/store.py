@@ -81,7 +81,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     tmp = _tmp_name(path)
     try:
         with open(tmp, "wb") as fh:
