@@ -312,6 +312,7 @@ class VideoStore:
         finished files of these items, moves corrupt ones aside and returns the plan; without, it only checks.
         """
         self._refuse_legacy()
+        self._read_token()  # an unreadable store.json is refused before anything is written
         refs = self.item_refs()
         identities = {item_id: identity_of({**attrs, "id": item_id}) for item_id, attrs in expected.items()}
         changed: dict[str, list[ItemRef]] = {}
