@@ -35,7 +35,9 @@ import numpy as np  # noqa: E402
 import spmd_diff  # noqa: E402
 from spmd_diff.io import itemfile, jobrecord  # noqa: E402
 from spmd_diff.io.identity import model_fingerprint  # noqa: E402
+from spmd_diff.io.runplan import plan_run  # noqa: E402
 from spmd_diff.io.store import VideoStore  # noqa: E402
+from spmd_diff.io.view import build_view, verify  # noqa: E402
 
 DEMO = (9, 64, 64, 3)
 WAN_480P = (81, 480, 832, 3)
@@ -99,7 +101,7 @@ def store_costs(root: Path, num_items: int) -> dict:
     video = np.random.default_rng(1).integers(0, 256, DEMO, dtype=np.uint8)
     expected = {f"item-{k:06d}": _attrs(f"item-{k:06d}") for k in range(num_items)}
     settings = jobrecord.job_settings(next(iter(expected.values())), "blurry, low quality")
-    store.plan(expected, settings, apply=True, model_path="/models/x", job={})
+    plan_run(store, expected, settings, apply=True, model_path="/models/x", job={})
     t0 = time.perf_counter()
     for item_id, attrs in expected.items():
         store.write_item(item_id, video, attrs)
@@ -109,11 +111,11 @@ def store_costs(root: Path, num_items: int) -> dict:
     result["list_s"] = _median_s(store.item_refs, 3)
     refs = [r for group in store.item_refs().values() for r in group]
     result["quick_check_all_s"] = _median_s(lambda: [store.check_header(r) for r in refs], 3)
-    result["plan_run_s"] = _median_s(lambda: store.plan(expected, settings, apply=True, model_path="/models/x",
+    result["plan_run_s"] = _median_s(lambda: plan_run(store, expected, settings, apply=True, model_path="/models/x",
                                                         job={}), 3)
-    result["build_view_s"] = _median_s(lambda: store.build_view(expected), 3)
+    result["build_view_s"] = _median_s(lambda: build_view(store, expected), 3)
     result["view_bytes"] = store.view_path.stat().st_size
-    report = store.verify(repair=False)
+    report = verify(store, repair=False)
     result["verify_s"] = report.elapsed_s
     result["verify_MBps"] = report.num_bytes / report.elapsed_s / 1e6
     t0 = time.perf_counter()

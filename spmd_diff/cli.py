@@ -118,9 +118,10 @@ def _out_dir(path: str, write: bool) -> str:
 
 def _verify(args) -> int:
     from spmd_diff.io.store import describe_corrupt, open_store
+    from spmd_diff.io.view import verify
 
     store = open_store(args.out, write=not args.no_move)
-    report = store.verify(repair=not args.no_move)
+    report = verify(store, repair=not args.no_move)
     action = "left in place (--no-move)" if args.no_move else "rerun the job to render it again"
     for line in describe_corrupt(report.corrupt, action):
         print(f"spmd-diff: {line}", file=sys.stderr)
@@ -147,8 +148,9 @@ def _dispatch(args) -> int:
         return launch(args.launcher[1:] if args.launcher[:1] == ["--"] else args.launcher)
     if args.command == "merge":
         from spmd_diff.io.store import describe_corrupt, open_store, warn
+        from spmd_diff.io.view import build_view
 
-        view = open_store(args.out, write=True).build_view()
+        view = build_view(open_store(args.out, write=True))
         for line in describe_corrupt(view.corrupt, "rerun the job to render it again"):
             warn(line)
         corrupt = f", {len(view.corrupt)} corrupt (left out)" if view.corrupt else ""

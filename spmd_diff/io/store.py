@@ -19,13 +19,16 @@ Layout of OUT/::
 Why the view can never show another job's video: HDF5 looks for an external link's file next to the view first,
 and only if it is not there (the view copied alone, a file moved aside) relative to the reader's working
 directory. Every item file name carries this OUT's random token and the item's content identity, so no other
-job's OUT holds a file of that name. ``read_video`` below never uses HDF5's search at all.
+job's OUT holds a file of that name. ``view.read_video`` never uses HDF5's search at all.
 
 An item is done when its file is under its final name *and verifies* (itemfile.py: quick check of header and size
 whenever a run plans its work or the view is rebuilt; full check of the data's checksum by ``spmd-diff verify``
 and whenever ``read_video`` or ``export`` read a video). A corrupt file is reported, moved to corrupt/, and its
 item rendered again. No file is ever modified in place; a crash leaves at most ``*.tmp.*`` files, which the next
 run removes.
+
+This module is the layout and the files; runplan.py decides what a run renders (and refuses), view.py builds
+and reads the view.
 """
 
 from __future__ import annotations
@@ -37,16 +40,15 @@ import secrets
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-import h5py
 import numpy as np
 
 from spmd_diff.errors import UserError
 from spmd_diff.io import itemfile, jobrecord
-from spmd_diff.io.identity import clean_text, describe_changes, identity_of
+from spmd_diff.io.identity import clean_text, identity_of
 from spmd_diff.io.inputs import unstorable_text
 from spmd_diff.io.itemfile import CorruptItem, Header
 
@@ -59,7 +61,7 @@ def item_key(item_id: str) -> str:
     return hashlib.sha1(item_id.encode("utf-8")).hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -77,12 +79,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _tmp_name(path: Path) -> Path:
+def tmp_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp.{socket.gethostname()}.{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    tmp = _tmp_name(path)
+    tmp = tmp_name(path)
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -92,7 +94,7 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -132,28 +134,6 @@ class CorruptFile:
         return f"{who} is corrupt ({self.file}: {self.reason}){where}"
 
 
-@dataclass
-class RunPlan:
-    """What a run will do, decided by rank 0 under the OUT lock."""
-
-    pending: list[str]
-    done: int
-    corrupt: list[CorruptFile] = field(default_factory=list)
-    rerendered: list[str] = field(default_factory=list)  # changed items re-rendered because of --force
-    stale_failures: int = 0  # failure records of items whose content changed since (rendered again)
-
-
-@dataclass
-class ViewReport:
-    path: Path
-    num_videos: int
-    num_failed: int
-    corrupt: list[CorruptFile]
-    num_superseded: int = 0
-    identities: dict[str, str] = field(default_factory=dict)
-    """Item id -> content identity of every video in the view."""
-
-
 class VideoStore:
     """One OUT directory. Any rank may write items; rank 0 plans the run and rebuilds the view."""
 
@@ -173,7 +153,7 @@ class VideoStore:
         """Create OUT/ and prove we can write there. Raises UserError naming the directory."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = _tmp_name(self.root / ".write-probe")
+            probe = tmp_name(self.root / ".write-probe")
             probe.write_bytes(b"ok")
             probe.unlink()
         except OSError as exc:
@@ -183,10 +163,10 @@ class VideoStore:
     def token(self) -> str:
         """This OUT's random token (store.json), made on first use; every item file name ends with it."""
         if self._token is None:
-            self._token = self._read_token() or self._create_store_file()
+            self._token = self.read_token() or self._create_store_file()
         return self._token
 
-    def _read_token(self) -> str | None:
+    def read_token(self) -> str | None:
         try:
             record = json.loads(self.store_path.read_text(encoding="utf-8"))
             token = record["token"]
@@ -203,7 +183,7 @@ class VideoStore:
         record = {"format": "spmd-diff store", "version": STORE_VERSION, "token": secrets.token_hex(4),
                   "created": time.time()}
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = _tmp_name(self.store_path)
+        tmp = tmp_name(self.store_path)
         tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
         try:
             os.link(tmp, self.store_path)  # never replaces: the first writer's token wins
@@ -211,8 +191,8 @@ class VideoStore:
             pass
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.root)
-        return self._read_token()  # type: ignore[return-value]
+        fsync_dir(self.root)
+        return self.read_token()  # type: ignore[return-value]
 
     def expect(self, attrs_of: Callable[[str], Mapping] | None) -> None:
         """Tell the store the attributes of this run's items (by id), so failure records carry their identity."""
@@ -264,7 +244,7 @@ class VideoStore:
             return []
         return [p for p in self.items_dir.glob("*/*.h5") if len(p.name) == 43 and "." not in p.name[:-3]]
 
-    def _refuse_legacy(self) -> None:
+    def refuse_legacy(self) -> None:
         legacy = self.legacy_files()
         if legacy:
             raise UserError(f"{self.root} holds {len(legacy)} item file(s) of an older spmd-diff "
@@ -298,101 +278,6 @@ class VideoStore:
         except OSError as exc:
             corrupt.reason += f"; could not be moved aside: {exc.strerror or exc}"
         return corrupt
-
-    # -- planning a run ---------------------------------------------------------------------------------------
-    def plan(self, expected: Mapping[str, Mapping], settings: Mapping | None, *, force: bool = False,
-             retry_failed: bool = False, apply: bool = False, model_path: str = "",
-             job: Mapping | None = None) -> RunPlan | None:
-        """Decide which of ``expected`` (item id -> attributes) to render; rank 0 of a run.
-
-        Refuses (UserError, OUT untouched) when OUT holds the older layout, or videos of other settings, or other
-        versions of some of these items (each listed with what changed) - unless ``force``, which re-renders
-        exactly the changed items (their old files are deleted). With ``apply`` (under the OUT lock) it also
-        records store.json and job.json, removes stale temporaries and superseded files, quick-checks the
-        finished files of these items, moves corrupt ones aside and returns the plan; without, it only checks.
-        """
-        self._refuse_legacy()
-        self._read_token()  # an unreadable store.json is refused before anything is written
-        refs = self.item_refs()
-        identities = {item_id: identity_of({**attrs, "id": item_id}) for item_id, attrs in expected.items()}
-        changed: dict[str, list[ItemRef]] = {}
-        candidates: dict[str, list[ItemRef]] = {}
-        for item_id, identity in identities.items():
-            files = refs.get(item_key(item_id), [])
-            matching = [r for r in files if r.identity == identity]
-            if matching:
-                candidates[item_id] = matching + [r for r in files if r.identity != identity]
-            elif files:
-                changed[item_id] = files
-        old_record = jobrecord.read(self.job_path)
-        settings_diff = jobrecord.difference(old_record, settings) if settings is not None else None
-        if (changed or settings_diff) and not force:
-            raise UserError(self._refusal(settings_diff, changed, expected))
-        if not apply:
-            return None
-        self.items_dir.mkdir(parents=True, exist_ok=True)
-        self.failed_dir.mkdir(exist_ok=True)
-        _ = self.token
-        if settings is not None:
-            new_record = jobrecord.updated(old_record, settings, model_path, job or {})
-            if new_record != old_record:
-                atomic_write_text(self.job_path, json.dumps(new_record, indent=2, sort_keys=True) + "\n")
-        self.remove_stale_temporaries()
-        plan = RunPlan([], 0)
-        done: set[str] = set()
-        for item_id, files in changed.items():  # --force: the old versions go; the item is rendered again
-            for ref in files:
-                ref.path.unlink(missing_ok=True)
-            plan.rerendered.append(item_id)
-        for item_id, files in candidates.items():
-            for ref in files:
-                if ref.identity != identities[item_id]:
-                    ref.path.unlink(missing_ok=True)  # superseded: a newer version of the item is here
-                    continue
-                if item_id in done:
-                    continue
-                try:
-                    self.check_header(ref)
-                except CorruptItem as exc:
-                    plan.corrupt.append(self.quarantine(ref, str(exc), item_id, move=True))
-                else:
-                    done.add(item_id)
-        failures = {} if retry_failed else self.failures()
-        for item_id in expected:
-            if item_id in done:
-                continue
-            record = failures.get(item_id)
-            if record is not None and record.get("identity", identities[item_id]) == identities[item_id]:
-                continue  # failed with this very content: stays failed until --retry-failed
-            plan.stale_failures += record is not None
-            plan.pending.append(item_id)
-        plan.done = len(done)
-        return plan
-
-    def _refusal(self, settings_diff: str | None, changed: Mapping[str, list[ItemRef]],
-                 expected: Mapping[str, Mapping]) -> str:
-        parts = []
-        if settings_diff:
-            parts.append(f"{self.root} holds videos of a different job configuration ({settings_diff})")
-        if changed:
-            listed = []
-            for item_id in list(changed)[:MAX_LISTED]:
-                try:
-                    old = itemfile.read_attrs(changed[item_id][0].path)
-                    what = describe_changes(old, {**expected[item_id], "id": item_id})
-                except CorruptItem:
-                    what = "its old file is unreadable"
-                listed.append(f"{item_id!r} ({what})")
-            more = f" and {len(changed) - MAX_LISTED} more" if len(changed) > MAX_LISTED else ""
-            parts.append(f"{'it' if parts else self.root} holds other versions of {len(changed)} item(s) of this "
-                         f"prompts file: {', '.join(listed)}{more}")
-        if any("seed: " in item for item in parts[-1:]):
-            parts[-1] += (" (a JSONL item without a \"seed\" gets run.seed + its line index, so adding, removing "
-                          "or moving lines above it changes its seed: give items their own \"seed\")")
-        action = (f"--force to re-render exactly those {len(changed)} item(s) (their old videos are deleted)"
-                  if changed else "--force to add videos with these settings (each video's attributes record its "
-                  "own)")
-        return "; ".join(parts) + f". Use another --out, or {action}"
 
     # -- writing items ----------------------------------------------------------------------------------------
     def write_item(self, item_id: str, video_FHWC: np.ndarray, attrs: Mapping) -> Path:
@@ -440,111 +325,7 @@ class VideoStore:
                 out[item_id] = record
         return out
 
-    # -- the view ---------------------------------------------------------------------------------------------
-    def build_view(self, expected: Mapping[str, Mapping] | None = None, repair: bool = True) -> ViewReport:
-        """Rebuild OUT/videos.h5 over every item file that passes the quick check, and every failure.
-
-        ``expected``: the attributes of the run's items by id (to prefer, for an item with several files, the
-        one of the content asked for; else the newest). With ``repair``, corrupt files are moved to corrupt/ and
-        superseded ones deleted; job.json's video counts are refreshed.
-        """
-        self._refuse_legacy()
-        wanted = {item_key(i): identity_of({**a, "id": i}) for i, a in (expected or {}).items()}
-        ids_by_key = {item_key(i): i for i in (expected or {})}
-        chosen: dict[str, tuple[ItemRef, Header]] = {}
-        corrupt: list[CorruptFile] = []
-        superseded = 0
-        counts: dict[str, int] = {}
-        for key, refs in sorted(self.item_refs().items()):
-            good = []
-            for ref in refs:
-                try:
-                    good.append((ref, self.check_header(ref)))
-                except CorruptItem as exc:
-                    item_id = ids_by_key.get(key) or _id_from_header(ref.path)
-                    corrupt.append(self.quarantine(ref, str(exc), item_id, move=repair))
-            if not good:
-                continue
-            good.sort(key=lambda rh: (rh[0].identity == wanted.get(key), rh[1].written), reverse=True)
-            chosen[key] = good[0]
-            counts[good[0][1].settings] = counts.get(good[0][1].settings, 0) + 1
-            for ref, _ in good[1:]:
-                superseded += 1
-                if repair:
-                    ref.path.unlink(missing_ok=True)
-        videos = {header.id: ref for ref, header in chosen.values()}
-        failures = {i: r for i, r in self.failures().items() if i not in videos}
-        if repair:
-            record = jobrecord.read(self.job_path)
-            if record:
-                refreshed = jobrecord.with_counts(record, counts)
-                if refreshed != record:
-                    atomic_write_text(self.job_path, json.dumps(refreshed, indent=2, sort_keys=True) + "\n")
-        self._write_view(videos, failures, len(corrupt))
-        return ViewReport(self.view_path, len(videos), len(failures), corrupt, superseded,
-                          {item_id: ref.identity for item_id, ref in videos.items()})
-
-    def _write_view(self, videos: Mapping[str, ItemRef], failures: Mapping[str, dict], num_corrupt: int) -> None:
-        tmp = _tmp_name(self.view_path)
-        try:
-            with h5py.File(tmp, "w", libver="latest") as f:
-                group = f.create_group("videos")
-                for item_id in sorted(videos):
-                    group[item_id] = h5py.ExternalLink(videos[item_id].path.relative_to(self.root).as_posix(),
-                                                       "/video")
-                failed = f.create_group("failed")
-                for item_id, record in sorted(failures.items()):
-                    entry = failed.create_group(item_id)
-                    for name in ("stage", "error", "prompt"):
-                        entry.attrs[name] = clean_text(str(record.get(name, "")))
-                f.attrs["num_videos"] = len(videos)
-                f.attrs["num_failed"] = len(failures)
-                f.attrs["num_corrupt_found"] = num_corrupt
-                token = self._read_token()
-                if token:
-                    f.attrs["store_token"] = token
-                if self.job_path.exists():
-                    f.attrs["job"] = clean_text(self.job_path.read_text(encoding="utf-8", errors="replace"))
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.view_path)
-            _fsync_dir(self.root)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    # -- verification -----------------------------------------------------------------------------------------
-    def verify(self, repair: bool = True, progress: Callable[[int, int], None] | None = None) -> "VerifyReport":
-        """Full check of every item file (itemfile.verify_file: header, size, HDF5, the video's checksum); corrupt
-        files are reported and, with ``repair``, moved aside, and the view rebuilt without them."""
-        self._refuse_legacy()
-        started = time.monotonic()
-        refs = [ref for group in self.item_refs().values() for ref in group]
-        corrupt, num_bytes = [], 0
-        for n, ref in enumerate(refs, start=1):
-            try:
-                header = self.check_header(ref)
-                itemfile.read_video(ref.path, header, verify=True)
-                num_bytes += header.size
-            except CorruptItem as exc:
-                item_id = _id_from_header(ref.path)
-                corrupt.append(self.quarantine(ref, str(exc), item_id, move=repair))
-            if progress is not None:
-                progress(n, len(refs))
-        view = self.build_view(repair=repair) if repair else None
-        return VerifyReport(len(refs), num_bytes, corrupt, time.monotonic() - started, view)
-
-
-@dataclass
-class VerifyReport:
-    num_files: int
-    num_bytes: int
-    corrupt: list[CorruptFile]
-    elapsed_s: float
-    view: ViewReport | None
-
-
-def _id_from_header(path: Path) -> str | None:
+def id_from_header(path: Path) -> str | None:
     try:
         with open(path, "rb") as fh:
             return itemfile.parse_header(fh.read(itemfile.HEADER_BYTES)).id
@@ -568,34 +349,6 @@ def open_store(path: str | os.PathLike, *, write: bool = False) -> VideoStore:
     if write and not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"{p} is not writable (read-only); this command rewrites OUT/videos.h5")
     return store
-
-
-def resolve_link(view_path: Path, link: h5py.ExternalLink) -> Path:
-    """The file an external link of the view names, relative to the view's own directory (never the cwd)."""
-    target = Path(link.filename)
-    return target if target.is_absolute() else view_path.parent / target
-
-
-def read_video(view_or_out: str | os.PathLike, item_id: str, verify: bool = True) -> np.ndarray:
-    """uint8 [F, H, W, 3] of one item, through the view, resolved next to the view and checked against the
-    checksum recorded when it was written (CorruptItem if it does not match; KeyError for an unknown id)."""
-    path = Path(view_or_out)
-    if path.is_dir():
-        path = path / "videos.h5"
-    with h5py.File(path, "r") as f:
-        link = f["videos"].get(item_id, getlink=True)
-        if link is None:
-            raise KeyError(f"no video {item_id!r} in {path}")
-        if not isinstance(link, h5py.ExternalLink):  # a self-contained file holds the data itself
-            return f["videos"][item_id][...]
-    file = resolve_link(path, link)
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: the file of item {item_id!r} is missing (a view needs the items/ folder "
-                                "next to it: copy the whole output directory)")
-    header = itemfile.read_header(file)
-    if header.id != item_id:
-        raise CorruptItem(f"{file} holds item {header.id!r}, not {item_id!r}")
-    return itemfile.read_video(file, header, verify=verify)
 
 
 def warn(message: str) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 
 from spmd_diff.errors import UserError
 from spmd_diff.io import itemfile
-from spmd_diff.io.store import resolve_link
+from spmd_diff.io.view import resolve_link
 
 __all__ = ["inspect_store", "StoreItem", "resolve_view", "iter_items", "read_item"]
 

@@ -32,7 +32,9 @@ from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io import jobrecord
 from spmd_diff.io.identity import identity_of, model_fingerprint
+from spmd_diff.io.runplan import plan_run
 from spmd_diff.io.store import VideoStore, describe_corrupt, warn
+from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
@@ -216,10 +218,10 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
             settings = None if first is None else jobrecord.job_settings(first, setup.job.video.negative_prompt)
             options = dict(force=request.force, retry_failed=request.retry_failed, model_path=setup.job.model.path,
                            job=setup.job.to_dict())
-            store.plan(expected, settings, **options)  # refusals first: a refused job leaves OUT untouched
+            plan_run(store, expected, settings, **options)  # refusals first: a refused job leaves OUT untouched
             lock.acquire()
             try:
-                plan = store.plan(expected, settings, apply=True, **options)
+                plan = plan_run(store, expected, settings, apply=True, **options)
             except BaseException:
                 lock.release()
                 raise
@@ -361,7 +363,7 @@ def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[It
     """Rank 0, after every rank finished: rebuild the view, close the event log, say what happened."""
     attrs_of = item_attrs(setup)
     expected = {item.id: attrs_of(item) for item in setup.items}
-    view = store.build_view(expected)
+    view = build_view(store, expected)
     for line in describe_corrupt(view.corrupt, "rerun to render it again"):
         warn(line)
     failures = store.failures()

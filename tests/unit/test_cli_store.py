@@ -11,6 +11,7 @@ import pytest
 
 from spmd_diff.cli import main
 from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io.view import build_view
 
 COMMANDS = {
     "merge": lambda out, tmp: ["merge", str(out)],
@@ -31,7 +32,7 @@ def _store(root: Path, ids=("a", "b", "c")) -> VideoStore:
     store = VideoStore(root)
     for k, item_id in enumerate(ids):
         store.write_item(item_id, np.full((3, 8, 8, 3), k, np.uint8), _attrs(item_id))
-    store.build_view()
+    build_view(store)
     return store
 
 

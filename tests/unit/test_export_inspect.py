@@ -8,12 +8,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from spmd_diff.errors import UserError
 from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io.view import build_view
 from spmd_diff.observe.export import export_videos, safe_name
 from spmd_diff.observe.inspect import inspect_store
 
@@ -58,7 +58,7 @@ def make_store(out: Path) -> Path:
         store.write_item(item_id, _frames(f, h, w), expected[item_id])
     store.write_failure("bad-7", "denoise", "RuntimeError: NaN in latents", "a broken prompt")
     (out / "job.json").write_text(json.dumps({"model": "demo", "fps": 16}))
-    store.build_view(expected, repair=False)
+    build_view(store, expected, repair=False)
     return out
 
 
@@ -214,7 +214,7 @@ def test_a_copied_view_never_reads_a_decoy_in_the_working_directory(store: Path,
     decoy = VideoStore(tmp_path / "decoy")  # another job's OUT with the same ids and settings, other videos
     for n, (item_id, (f, h, w)) in enumerate(ITEMS.items()):
         decoy.write_item(item_id, 255 - _frames(f, h, w), _attrs(n, item_id, f, h, w))
-    decoy.build_view()
+    build_view(decoy)
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(store / "videos.h5", alone / "videos.h5")

@@ -14,7 +14,9 @@ import pytest
 from spmd_diff.errors import UserError
 from spmd_diff.io import jobrecord
 from spmd_diff.io.itemfile import HEADER_BYTES, CorruptItem
-from spmd_diff.io.store import VideoStore, item_key, open_store, read_video
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore, item_key, open_store
+from spmd_diff.io.view import build_view, read_video, verify
 
 
 def _video(seed, frames=3):
@@ -35,7 +37,7 @@ def _settings(attrs):
 def _render(store, expected, seeds=None, **kw):
     """Plan (apply) like a run's rank 0, then write every pending item; returns the plan."""
     first = next(iter(expected.values()))
-    plan = store.plan(expected, _settings(first), apply=True, model_path="demo", job={}, **kw)
+    plan = plan_run(store, expected, _settings(first), apply=True, model_path="demo", job={}, **kw)
     for item_id in plan.pending:
         store.write_item(item_id, _video((seeds or {}).get(item_id, expected[item_id]["seed"])), expected[item_id])
     return plan
@@ -55,7 +57,7 @@ def test_write_view_and_read_back_from_another_cwd(tmp_path, monkeypatch):
     expected = {"a b": _attrs("a b", seed=1), "ü": _attrs("ü", seed=2)}
     _render(store, expected)
     store.write_failure("bad", "decode", "boom", "r")
-    store.build_view(expected)
+    build_view(store, expected)
     monkeypatch.chdir("/")
     assert np.array_equal(read_video(tmp_path / "out", "a b"), _video(1))
     with h5py.File(tmp_path / "out" / "videos.h5", "r") as f:
@@ -72,8 +74,8 @@ def test_a_view_never_reads_a_decoy_out_in_the_working_directory(tmp_path, monke
     expected = {i: _attrs(i) for i in ("a", "b")}
     _render(mine, expected, seeds={"a": 1, "b": 2})
     _render(decoy, expected, seeds={"a": 101, "b": 102})  # same ids and settings, other videos
-    mine.build_view(expected)
-    decoy.build_view(expected)
+    build_view(mine, expected)
+    build_view(decoy, expected)
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(mine.view_path, copy / "videos.h5")
@@ -99,7 +101,7 @@ def test_content_identity_refuses_changed_items_and_force_rerenders_exactly_them
     before = _tree(store.root)
     changed = {**expected, "a": _attrs("a", seed=0, prompt="a NEW prompt"), "b": _attrs("b", seed=99)}
     with pytest.raises(UserError) as err:
-        store.plan(changed, _settings(changed["a"]))
+        plan_run(store, changed, _settings(changed["a"]))
     message = str(err.value)
     assert "other versions of 2 item(s)" in message
     assert "'a' (prompt: 'prompt of a' there, 'a NEW prompt' now)" in message
@@ -110,7 +112,7 @@ def test_content_identity_refuses_changed_items_and_force_rerenders_exactly_them
     assert sorted(plan.pending) == ["a", "b"] and sorted(plan.rerendered) == ["a", "b"] and plan.done == 1
     assert len(store.item_refs()) == 3 and all(len(v) == 1 for v in store.item_refs().values())
     assert _only_file(store, "c").read_bytes() == before[str(_only_file(store, "c").relative_to(store.root))]
-    assert store.plan(changed, _settings(changed["a"]), apply=True).pending == []
+    assert plan_run(store, changed, _settings(changed["a"]), apply=True).pending == []
 
 
 def test_other_settings_refused_with_the_job_level_difference(tmp_path):
@@ -118,26 +120,26 @@ def test_other_settings_refused_with_the_job_level_difference(tmp_path):
     _render(store, {"a": _attrs("a")})
     new = {"b": _attrs("b", steps=8)}  # a new item, other settings: OUT would hold a mix
     with pytest.raises(UserError, match=r"different job configuration \(video.num_inference_steps: 4 there, 8 now\)"):
-        store.plan(new, _settings(new["b"]))
+        plan_run(store, new, _settings(new["b"]))
     other_weights = {"a": _attrs("a", fingerprint="f1")}
     with pytest.raises(UserError, match=r"model.fingerprint: 'f0' there, 'f1' now.*'a' \(model weights"):
-        store.plan(other_weights, _settings(other_weights["a"]))
+        plan_run(store, other_weights, _settings(other_weights["a"]))
 
 
 def test_job_json_counts_the_videos_of_each_setting_after_force(tmp_path):
     store = VideoStore(tmp_path / "out")
     old = {i: _attrs(i) for i in ("a", "b")}
     _render(store, old)
-    store.build_view(old)
+    build_view(store, old)
     assert json.loads(store.job_path.read_text())["num_videos"] == 2
     new = {"a": _attrs("a", steps=8)}  # --force: one item re-rendered with new settings, b keeps the old ones
     _render(store, new, force=True)
-    store.build_view(new)
+    build_view(store, new)
     record = json.loads(store.job_path.read_text())
     assert record["settings"]["video.num_inference_steps"] == 8 and record["num_videos"] == 1
     assert [(e["settings"]["video.num_inference_steps"], e["num_videos"]) for e in record["other_settings"]] == [(4, 1)]
     _render(store, {"b": _attrs("b", steps=8)}, force=True)
-    store.build_view()
+    build_view(store)
     record = json.loads(store.job_path.read_text())
     assert record["num_videos"] == 2 and record["other_settings"] == [], "no video has the old settings any more"
 
@@ -152,7 +154,7 @@ def test_a_corrupt_item_is_reported_moved_aside_and_rendered_again(tmp_path, dam
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage_same_size": os.urandom(len(data)),
                       "garbage_short": os.urandom(300), "empty": b"",
                       "header_only": data[:HEADER_BYTES]}[damage])
-    plan = store.plan(expected, _settings(expected["a"]), apply=True)
+    plan = plan_run(store, expected, _settings(expected["a"]), apply=True)
     assert plan.pending == ["a"] and plan.done == 1
     [corrupt] = plan.corrupt
     assert corrupt.item_id == "a" and corrupt.moved_to.startswith("corrupt/") and "item 'a' is corrupt" in \
@@ -160,7 +162,7 @@ def test_a_corrupt_item_is_reported_moved_aside_and_rendered_again(tmp_path, dam
     assert not path.exists() and (store.root / corrupt.moved_to).exists()
     assert json.loads((store.root / (corrupt.moved_to + ".json")).read_text())["id"] == "a"
     store.write_item("a", _video(0), expected["a"])
-    view = store.build_view(expected)
+    view = build_view(store, expected)
     assert view.num_videos == 2 and view.corrupt == []
     assert np.array_equal(read_video(store.root, "a"), _video(0))
 
@@ -173,7 +175,7 @@ def test_the_view_leaves_out_corrupt_files_of_items_not_in_this_run(tmp_path):
     path_a, path_b = _only_file(store, "a"), _only_file(store, "b")
     path_a.write_bytes(path_a.read_bytes()[:-1000])
     path_b.write_bytes(os.urandom(path_b.stat().st_size))
-    view = store.build_view({"c": expected["c"]})
+    view = build_view(store, {"c": expected["c"]})
     assert view.num_videos == 1 and {c.item_id for c in view.corrupt} == {"a", None}
     assert not path_a.exists() and not path_b.exists()
     with h5py.File(store.view_path, "r") as f:
@@ -190,15 +192,15 @@ def test_verify_catches_damage_the_quick_check_cannot_see(tmp_path):
     assert start > HEADER_BYTES
     data[start + 10:start + 60] = bytes(50)  # zeros inside the video data: header and size still fine
     path.write_bytes(bytes(data))
-    assert store.plan(expected, _settings(expected["a"]), apply=True).pending == []  # quick check passes
-    store.build_view(expected)
+    assert plan_run(store, expected, _settings(expected["a"]), apply=True).pending == []  # quick check passes
+    build_view(store, expected)
     with pytest.raises(CorruptItem, match="does not match the checksum"):
         read_video(store.root, "a")
-    report = store.verify(repair=False)
+    report = verify(store, repair=False)
     assert [c.item_id for c in report.corrupt] == ["a"] and path.exists()
-    report = store.verify()
+    report = verify(store)
     assert [c.item_id for c in report.corrupt] == ["a"] and not path.exists() and report.view.num_videos == 1
-    assert store.plan(expected, _settings(expected["a"]), apply=True).pending == ["a"]
+    assert plan_run(store, expected, _settings(expected["a"]), apply=True).pending == ["a"]
 
 
 def test_unstorable_text_in_failure_records_never_breaks_the_view(tmp_path):
@@ -210,7 +212,7 @@ def test_unstorable_text_in_failure_records_never_breaks_the_view(tmp_path):
         '{"id": "c", "stage": "decode", "error": "bad \\u0000 \\ud83c", "prompt": "x\\ud83c"}')
     (store.failed_dir / f"{item_key('x')}.json").write_text('{"id": "x\\ud83c", "stage": "s", "error": "e"}')
     (store.failed_dir / "garbage.json").write_text("{not json")
-    view = store.build_view()
+    view = build_view(store)
     assert view.num_videos == 1 and view.num_failed == 2
     with h5py.File(store.view_path, "r") as f:
         assert sorted(f["failed"]) == ["b", "c"]
@@ -224,10 +226,10 @@ def test_a_failure_counts_only_for_the_content_that_failed(tmp_path):
     store.expect(lambda item_id: expected[item_id])
     store.write_failure("a", "denoise", "nan")
     settings = _settings(expected["a"])
-    assert store.plan(expected, settings, apply=True).pending == []
-    assert store.plan(expected, settings, apply=True, retry_failed=True).pending == ["a"]
+    assert plan_run(store, expected, settings, apply=True).pending == []
+    assert plan_run(store, expected, settings, apply=True, retry_failed=True).pending == ["a"]
     fixed = {"a": _attrs("a", prompt="a fixed prompt")}
-    plan = store.plan(fixed, settings, apply=True)
+    plan = plan_run(store, fixed, settings, apply=True)
     assert plan.pending == ["a"] and plan.stale_failures == 1
     store.write_item("a", _video(0), fixed["a"])
     assert store.failures() == {}
@@ -263,7 +265,7 @@ def test_merge_without_ids_reads_them_from_the_headers(tmp_path):
     for k in range(3):
         store.write_item(f"id{k}", _video(k), _attrs(f"id{k}"))
     store.write_item("id1", _video(9), _attrs("id1", seed=9))  # a newer version replaces the old file
-    view = store.build_view()
+    view = build_view(store)
     assert view.num_videos == 3 and len(store.item_refs()[item_key("id1")]) == 1
     with h5py.File(store.view_path, "r") as f:
         assert sorted(f["videos"]) == ["id0", "id1", "id2"] and f.attrs["num_videos"] == 3
@@ -284,9 +286,9 @@ def test_older_layout_is_refused_not_misread(tmp_path):
     legacy.parent.mkdir(parents=True)
     legacy.write_bytes(b"round-1 file")
     with pytest.raises(UserError, match="older spmd-diff"):
-        store.plan({"x": _attrs("x")}, None)
+        plan_run(store, {"x": _attrs("x")}, None)
     with pytest.raises(UserError, match="older spmd-diff"):
-        store.build_view()
+        build_view(store)
 
 
 def test_open_store_says_what_is_wrong(tmp_path, monkeypatch):

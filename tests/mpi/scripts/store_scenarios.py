@@ -22,7 +22,8 @@ import h5py
 
 from spmd_diff.cli import main
 from spmd_diff.io.inputs import text_item_id
-from spmd_diff.io.store import VideoStore, item_key, read_video
+from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io.view import read_video
 from spmd_diff.runtime.faults import OutLock
 
 WORK, JOB = Path(sys.argv[1]), sys.argv[2]
