@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 
 from spmd_diff.errors import StageTimeout, UserError
@@ -121,7 +122,14 @@ def _verify(args) -> int:
     from spmd_diff.io.view import verify
 
     store = open_store(args.out, write=not args.no_move)
-    report = verify(store, repair=not args.no_move)
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:  # a line every 30 s: a big store takes hours to read
+        if time.monotonic() - last[0] >= 30.0:
+            last[0] = time.monotonic()
+            print(f"spmd-diff: verify: {done}/{total} item files checked", file=sys.stderr, flush=True)
+
+    report = verify(store, repair=not args.no_move, progress=progress)
     action = "left in place (--no-move)" if args.no_move else "rerun the job to render it again"
     for line in describe_corrupt(report.corrupt, action):
         print(f"spmd-diff: {line}", file=sys.stderr)
