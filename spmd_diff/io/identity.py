@@ -28,6 +28,7 @@ WHOLE_FILE_BYTES = 1 << 20
 SAMPLE_COUNT = 16
 SAMPLE_BYTES = 4096
 _SKIPPED_SUFFIXES = (".md", ".rst", ".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".lock")
+_SKIPPED_PREFIXES = ("license", "notice", "readme")
 _IDENTITY_DIGITS = 16
 
 
@@ -92,7 +93,9 @@ def _model_files(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and not name.lower().endswith(_SKIPPED_SUFFIXES):
+            lower = name.lower()
+            if not name.startswith(".") and not lower.endswith(_SKIPPED_SUFFIXES) \
+                    and not lower.startswith(_SKIPPED_PREFIXES):
                 files.append(Path(dirpath) / name)
     return files
 
@@ -112,7 +115,8 @@ def _hash_file(digest, path: Path, size: int) -> None:
 def model_fingerprint(model_dir: str) -> str:
     """Fingerprint of a model directory (16 hex digits): every file's relative path and size, the bytes of files
     up to 1 MiB (configs, scheduler, tokenizer settings) and 16 samples of 4 KiB of each larger file (weights,
-    big tokenizer files), at fixed offsets from its start to its end. Hidden files and documents are left out.
+    big tokenizer files), at fixed offsets from its start to its end. Hidden files and documents (README,
+    LICENSE, NOTICE, .md, images) are left out.
 
     Costs a directory walk plus at most 64 KiB read per large file; cached per process.
     """

@@ -208,6 +208,23 @@ def run(request: RunRequest, stop: StopFlag | None = None) -> int:
     lock = OutLock(request.out_dir, request.shard)
 
     def prepare_out():
+        # Every rank names the files it writes by the item's identity, which holds the model's fingerprint: the
+        # ranks must agree on it (other weights on some node would make other videos). Every rank reaches the
+        # allgather; errors are raised after it.
+        try:
+            fingerprint, problem = model_fingerprint(setup.model_dir), None
+        except OSError as exc:
+            fingerprint, problem = "", f"cannot read the model directory {setup.model_dir}: {exc.strerror or exc}"
+        fingerprints = world.comm.allgather(fingerprint)
+        if problem:
+            raise UserError(problem)
+        if len(set(fingerprints)) > 1:
+            by_value: dict[str, list[int]] = {}
+            for rank, value in enumerate(fingerprints):
+                by_value.setdefault(value, []).append(rank)
+            raise UserError(f"the model directory {setup.model_dir} differs between ranks (fingerprint: "
+                            + "; ".join(f"{v} on ranks {r[:8]}" for v, r in by_value.items())
+                            + "): every node must see the same model files")
         store.check_writable()
         attrs_of = item_attrs(setup)
         by_id = {item.id: item for item in setup.items}

@@ -55,6 +55,7 @@ def test_model_fingerprint(tmp_path):
     (d / ".cache").mkdir()
     (d / ".cache" / "download.lock").write_text("x")
     (d / "README.md").write_text("docs")
+    (d / "LICENSE").write_text("Apache-2.0")
     assert model_fingerprint(str(d)) == a, "hidden files and documents do not count"
     e = tmp_path / "e"
     shutil.copytree(tmp_path / "a", e)
