@@ -31,8 +31,8 @@ class RunPlan:
 
 
 def plan_run(store: VideoStore, expected: Mapping[str, Mapping], settings: Mapping | None, *, force: bool = False,
-         retry_failed: bool = False, apply: bool = False, model_path: str = "",
-         job: Mapping | None = None) -> RunPlan | None:
+             retry_failed: bool = False, apply: bool = False, model_path: str = "",
+             job: Mapping | None = None) -> RunPlan | None:
     """Decide which of ``expected`` (item id -> attributes) to render; rank 0 of a run.
 
     Refuses (UserError, OUT untouched) when OUT holds the older layout, or videos of other settings, or other
@@ -62,7 +62,7 @@ def plan_run(store: VideoStore, expected: Mapping[str, Mapping], settings: Mappi
         return None
     store.items_dir.mkdir(parents=True, exist_ok=True)
     store.failed_dir.mkdir(exist_ok=True)
-    _ = store.token
+    store.token  # noqa: B018 - makes store.json (the token every item file name ends with) if it is missing
     if settings is not None:
         new_record = jobrecord.updated(old_record, settings, model_path, job or {})
         if new_record != old_record:
@@ -98,6 +98,7 @@ def plan_run(store: VideoStore, expected: Mapping[str, Mapping], settings: Mappi
         plan.pending.append(item_id)
     plan.done = len(done)
     return plan
+
 
 def _refusal(store: VideoStore, settings_diff: str | None, changed: Mapping[str, list[ItemRef]],
              expected: Mapping[str, Mapping]) -> str:

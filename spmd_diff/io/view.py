@@ -88,7 +88,9 @@ def build_view(store: VideoStore, expected: Mapping[str, Mapping] | None = None,
     return ViewReport(store.view_path, len(videos), len(failures), corrupt, superseded,
                       {item_id: ref.identity for item_id, ref in videos.items()})
 
-def _write_view(store: VideoStore, videos: Mapping[str, ItemRef], failures: Mapping[str, dict], num_corrupt: int) -> None:
+
+def _write_view(store: VideoStore, videos: Mapping[str, ItemRef], failures: Mapping[str, dict],
+                num_corrupt: int) -> None:
     tmp = tmp_name(store.view_path)
     try:
         with h5py.File(tmp, "w", libver="latest") as f:
@@ -117,8 +119,9 @@ def _write_view(store: VideoStore, videos: Mapping[str, ItemRef], failures: Mapp
         tmp.unlink(missing_ok=True)
         raise
 
-# -- verification -----------------------------------------------------------------------------------------
-def verify(store: VideoStore, repair: bool = True, progress: Callable[[int, int], None] | None = None) -> "VerifyReport":
+
+def verify(store: VideoStore, repair: bool = True,
+           progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """Full check of every item file (itemfile.verify_file: header, size, HDF5, the video's checksum); corrupt
     files are reported and, with ``repair``, moved aside, and the view rebuilt without them."""
     store.refuse_legacy()
@@ -145,7 +148,7 @@ def resolve_link(view_path: Path, link: h5py.ExternalLink) -> Path:
     return target if target.is_absolute() else view_path.parent / target
 
 
-def read_video(view_or_out: str | os.PathLike, item_id: str, verify: bool = True) -> np.ndarray:
+def read_video(view_or_out: str | os.PathLike, item_id: str, check: bool = True) -> np.ndarray:
     """uint8 [F, H, W, 3] of one item, through the view, resolved next to the view and checked against the
     checksum recorded when it was written (CorruptItem if it does not match; KeyError for an unknown id)."""
     path = Path(view_or_out)
@@ -164,6 +167,6 @@ def read_video(view_or_out: str | os.PathLike, item_id: str, verify: bool = True
     header = itemfile.read_header(file)
     if header.id != item_id:
         raise CorruptItem(f"{file} holds item {header.id!r}, not {item_id!r}")
-    return itemfile.read_video(file, header, verify=verify)
+    return itemfile.read_video(file, header, verify=check)
 
 

@@ -199,7 +199,8 @@ def main_driver() -> None:
          videos=sorted(videos(out_t)), num_files=len(list((out_t / "items").glob("*/*.h5"))))
 
     # Text HDF5 cannot store: refused at parse time with file and line, nothing written.
-    bad = {"nul_prompt": '{"id": "a", "prompt": "x\\u0000y"}', "surrogate_prompt": '{"id": "a", "prompt": "sunset \\ud83c"}',
+    bad = {"nul_prompt": '{"id": "a", "prompt": "x\\u0000y"}',
+           "surrogate_prompt": '{"id": "a", "prompt": "sunset \\ud83c"}',
            "surrogate_id": '{"id": "a\\ud83c", "prompt": "x"}', "nul_id": '{"id": "a\\u0000", "prompt": "x"}'}
     for name, line in bad.items():
         path = WORK / f"{name}.jsonl"
