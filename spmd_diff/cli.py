@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 
 from spmd_diff.errors import StageTimeout, UserError
@@ -27,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a job setting (repeatable), e.g. --set video.num_inference_steps=30")
     run.add_argument("--shard", help="I/N: render only items whose index %% N == I (job arrays)")
-    run.add_argument("--force", action="store_true", help="add to an OUT written with different settings")
+    run.add_argument("--force", action="store_true",
+                     help="re-render the items whose content (prompt, seed, settings, model) changed since OUT got "
+                          "them (their old videos are deleted), and accept settings other than OUT's")
     run.add_argument("--retry-failed", action="store_true", help="render items recorded as failed again")
 
     plan = sub.add_parser("plan", help="print the role plan a job would get, without launching anything")
@@ -39,6 +42,16 @@ def _parser() -> argparse.ArgumentParser:
 
     merge = sub.add_parser("merge", help="rebuild OUT/videos.h5 over every finished item (e.g. after job arrays)")
     merge.add_argument("out")
+
+    verify = sub.add_parser("verify", help="check every finished video against its checksum; move corrupt ones "
+                            "aside (the next run renders them again) and rebuild OUT/videos.h5")
+    verify.add_argument("out")
+    verify.add_argument("--no-move", action="store_true", help="only report (works on a read-only OUT)")
+
+    launch = sub.add_parser("launch", help="run a launcher line (mpirun/srun ...) so that Ctrl-C or SIGTERM stops "
+                            "the job gracefully: items in flight finished, view published, exit 75",
+                            usage="spmd-diff launch mpirun|srun [LAUNCHER OPTIONS] spmd-diff run JOB ...")
+    launch.add_argument("launcher", nargs=argparse.REMAINDER, help="the whole launcher command line")
 
     report = sub.add_parser("report", help="write OUT/report.html and timeline PNGs from OUT/events.jsonl")
     report.add_argument("out")
@@ -177,6 +190,40 @@ def _run(args) -> int:
     return run(started, request, stop)
 
 
+def _out_dir(path: str, write: bool) -> str:
+    """``path`` if it is an existing (and, with ``write``, writable) directory; UserError saying what it is not."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist")
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is a file, not an output directory")
+    if write and not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{path} is not writable (read-only); this command writes into it")
+    return path
+
+
+def _verify(args) -> int:
+    from spmd_diff.io.store import describe_corrupt, open_store
+    from spmd_diff.io.view import verify
+
+    store = open_store(args.out, write=not args.no_move)
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:  # a line every 30 s: a big store takes hours to read
+        if time.monotonic() - last[0] >= 30.0:
+            last[0] = time.monotonic()
+            print(f"spmd-diff: verify: {done}/{total} item files checked", file=sys.stderr, flush=True)
+
+    report = verify(store, repair=not args.no_move, progress=progress)
+    action = "left in place (--no-move)" if args.no_move else "rerun the job to render it again"
+    for line in describe_corrupt(report.corrupt, action):
+        print(f"spmd-diff: {line}", file=sys.stderr)
+    rate = report.num_bytes / max(report.elapsed_s, 1e-9) / 1e6
+    print(f"{store.root}: {report.num_files} item file(s), {report.num_bytes / 1e6:.1f} MB checked in "
+          f"{report.elapsed_s:.1f} s ({rate:.0f} MB/s): {report.num_files - len(report.corrupt)} verified, "
+          f"{len(report.corrupt)} corrupt" + (f"; {report.view.path} rebuilt" if report.view else ""))
+    return 1 if report.corrupt else 0
+
+
 def _dispatch(args) -> int:
     if args.command == "demo-model":
         from spmd_diff.models.demo import build_demo_model
@@ -187,29 +234,39 @@ def _dispatch(args) -> int:
         return _run(args)
     if args.command == "plan":
         return _plan(args)
-    if args.command == "merge":
-        from spmd_diff.io.store import VideoStore
+    if args.command == "launch":
+        from spmd_diff.runtime.supervise import launch
 
-        store = VideoStore(args.out)
-        if not store.items_dir.is_dir():
-            raise UserError(f"{args.out} has no items/ directory: not a spmd-diff output directory")
-        path = store.build_view()
-        print(f"{path}: {len(store.done_keys())} video(s), {len(store.failures())} failed")
+        return launch(args.launcher[1:] if args.launcher[:1] == ["--"] else args.launcher)
+    if args.command == "merge":
+        from spmd_diff.io.store import describe_corrupt, open_store, warn
+        from spmd_diff.io.view import build_view
+
+        view = build_view(open_store(args.out, write=True))
+        for line in describe_corrupt(view.corrupt, "rerun the job to render it again"):
+            warn(line)
+        corrupt = f", {len(view.corrupt)} corrupt (left out)" if view.corrupt else ""
+        print(f"{view.path}: {view.num_videos} video(s), {view.num_failed} failed{corrupt}")
         return 0
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "report":
         from spmd_diff.observe.report import write_report
 
         run = int(args.run) if args.run.isdigit() else args.run
         if run not in ("all", "latest") and not isinstance(run, int):
             raise UserError(f"--run {args.run!r}: give 'all', 'latest' or a run number")
-        print(write_report(args.out, run))
+        print(write_report(_out_dir(args.out, write=True), run))
         return 0
     if args.command == "export":
         from spmd_diff.observe.export import export_videos
 
-        for path in export_videos(args.out, args.format, args.ids, args.dest, fps=args.fps):
+        skipped: list[tuple[str, str]] = []
+        for path in export_videos(args.out, args.format, args.ids, args.dest, fps=args.fps, skipped=skipped):
             print(path)
-        return 0
+        for item_id, reason in skipped:
+            print(f"spmd-diff: warning: {item_id!r} not exported: {reason}", file=sys.stderr)
+        return 1 if skipped else 0
     if args.command == "inspect":
         from spmd_diff.observe.inspect import inspect_store
 
@@ -223,7 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     args = _parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        try:
+            return _dispatch(args)
+        except OSError as exc:
+            if args.command in ("run", "demo-model"):
+                raise
+            # A store command on an OUT it cannot read or write (permissions, a file where a directory should
+            # be, not an HDF5 view): say which path and why, never a traceback.
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            raise UserError(f"{args.command}: {where}{exc.strerror or exc}") from None
     except (UserError, StageTimeout) as exc:
         rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMI_RANK") or os.environ.get("SLURM_PROCID")
         where = f" (rank {rank})" if rank is not None else ""

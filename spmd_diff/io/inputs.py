@@ -1,10 +1,23 @@
 """The prompts file: JSONL (one object per item) or plain text (one prompt per line).
 
 Errors name the file and the 1-based line. Every rank parses the same file the same way.
+
+Ids and seeds:
+
+- JSONL: ``id`` is the item's name (default: its 0-based index as text); ``seed`` defaults to ``run.seed`` + the
+  item's index.
+- Plain text: the id comes from the text of the line, not its position, so inserting, removing or reordering lines
+  never gives an existing prompt another id: ``<first 16 hex digits of the SHA-1 of the line>``, and for the k-th
+  repetition of the same line (k >= 2) ``<that>.<k>``. The seed comes from the id the same way
+  (``run.seed`` + a number drawn from the id's SHA-1), so a prompt keeps its video wherever its line moves.
+
+Text HDF5 cannot store (NUL characters, lone UTF-16 surrogates such as the JSON escape ``"\\ud83c"``) is refused
+here, naming the file, the line and the field, before anything is rendered.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +26,8 @@ from spmd_diff.errors import UserError, did_you_mean
 
 MAX_ID_LENGTH = 256
 _KEYS = ("id", "prompt", "negative_prompt", "seed")
+_TEXT_ID_DIGITS = 16
+BOM = "\ufeff"
 
 
 @dataclass(frozen=True)
@@ -26,11 +41,31 @@ class Item:
     seed: int
 
 
+def unstorable_text(text: str) -> str | None:
+    """Why HDF5 cannot store ``text`` as a UTF-8 string (a NUL, a lone surrogate), or None if it can."""
+    position = text.find("\x00")
+    if position >= 0:
+        return f"a NUL character (\\u0000) at character {position + 1}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start + 1}: "
+                "JSON escapes of characters beyond U+FFFF must come in pairs, e.g. \\ud83c\\udf05")
+    return None
+
+
+def _check_text(text: str, field: str, where: str) -> None:
+    problem = unstorable_text(text)
+    if problem is not None:
+        raise UserError(f"{where}: {field} contains {problem}; HDF5 cannot store it")
+
+
 def _check_id(item_id: str, where: str) -> None:
+    _check_text(item_id, "id", where)
     if not item_id or item_id.strip() != item_id:
         raise UserError(f"{where}: id {item_id!r} is empty or has leading/trailing spaces")
-    if "/" in item_id or "\x00" in item_id or item_id in (".", ".."):
-        raise UserError(f"{where}: id {item_id!r} may not contain '/' or NUL, nor be '.' or '..' "
+    if "/" in item_id or item_id in (".", ".."):
+        raise UserError(f"{where}: id {item_id!r} may not contain '/', nor be '.' or '..' "
                         "(it names an HDF5 path /videos/<id>)")
     if len(item_id) > MAX_ID_LENGTH:
         raise UserError(f"{where}: id is {len(item_id)} characters long; at most {MAX_ID_LENGTH}")
@@ -44,15 +79,28 @@ def _check_seed(seed, where: str) -> int:
     return seed
 
 
+def _object_without_duplicate_keys(where: str):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        obj: dict = {}
+        for key, value in pairs:
+            if key in obj:
+                raise UserError(f"{where}: key {key!r} appears twice in one object")
+            obj[key] = value
+        return obj
+
+    return hook
+
+
 def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line, object_pairs_hook=_object_without_duplicate_keys(where))
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object {{\"id\": ..., \"prompt\": ...}}, got {type(obj).__name__}")
     for key in obj:
         if key not in _KEYS:
+            _check_text(key, "a key", where)
             raise UserError(f"{where}: unknown key {key!r}{did_you_mean(key, _KEYS)}")
     item_id = obj.get("id", str(index))
     if not isinstance(item_id, str):
@@ -61,16 +109,34 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
     prompt = obj.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise UserError(f"{where}: prompt must be a non-empty string, got {prompt!r}")
+    _check_text(prompt, "prompt", where)
     negative = obj.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise UserError(f"{where}: negative_prompt must be a string, got {type(negative).__name__}")
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise UserError(f"{where}: negative_prompt must be a string, got {type(negative).__name__}")
+        _check_text(negative, "negative_prompt", where)
     seed = _check_seed(obj["seed"], where) if "seed" in obj else base_seed + index
     return Item(index, item_id, prompt, negative, seed)
 
 
+def text_item_id(text: str, occurrence: int) -> str:
+    """The id of the ``occurrence``-th (1-based) line of a plain-text prompts file whose text is ``text``."""
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:_TEXT_ID_DIGITS]
+    return digest if occurrence == 1 else f"{digest}.{occurrence}"
+
+
+def text_item_seed(item_id: str, base_seed: int) -> int:
+    """The seed of a plain-text item: ``run.seed`` plus a number drawn from its id (not from its line number)."""
+    offset = int.from_bytes(hashlib.sha1(item_id.encode("utf-8")).digest()[:8], "big")
+    return (base_seed + offset) % 2**63
+
+
 def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> list[Item]:
     """Items from the text of a prompts file. ``fmt``: "jsonl", "text", or "auto" (from the file's suffix:
-    .jsonl/.ndjson/.json are JSONL, .txt is text; otherwise JSONL if the first non-blank line starts with '{')."""
+    .jsonl/.ndjson/.json are JSONL, .txt is text; otherwise JSONL if the first non-blank line starts with '{').
+    A leading UTF-8 byte-order mark is ignored."""
+    if text.startswith(BOM):
+        text = text[1:]
     lines = text.splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
@@ -84,6 +150,7 @@ def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> 
     is_jsonl = fmt == "jsonl"
     items: list[Item] = []
     seen: dict[str, int] = {}
+    occurrences: dict[str, int] = {}
     for number, line in enumerate(lines, start=1):
         where = f"{source}:{number}"
         if not line.strip():
@@ -92,9 +159,11 @@ def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> 
         if is_jsonl:
             item = _parse_json_line(line, index, base_seed, where)
         else:
-            if "\x00" in line:
-                raise UserError(f"{where}: NUL byte in prompt")
-            item = Item(index, str(index), line.strip(), None, base_seed + index)
+            prompt = line.strip()
+            _check_text(prompt, "the prompt", where)
+            occurrences[prompt] = occurrences.get(prompt, 0) + 1
+            item_id = text_item_id(prompt, occurrences[prompt])
+            item = Item(index, item_id, prompt, None, text_item_seed(item_id, base_seed))
         if item.id in seen:
             raise UserError(f"{where}: duplicate id {item.id!r} (first on line {seen[item.id]})")
         seen[item.id] = number
@@ -105,13 +174,22 @@ def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> 
 def load_prompts(path: str | Path, base_seed: int) -> list[Item]:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"prompts file {path} does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise UserError(f"prompts file {path} is not UTF-8 text (byte {exc.start})") from None
+    except IsADirectoryError:
+        raise UserError(f"prompts file {path} is a directory") from None
     except OSError as exc:
-        raise UserError(f"cannot read prompts file {path}: {exc}") from None
+        raise UserError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            raise UserError(f"prompts file {path} is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                            "save it as UTF-8") from None
+        raise UserError(f"prompts file {path} is not UTF-8 text (line {line}, byte {exc.start}: "
+                        f"{data[exc.start:exc.start + 1]!r})") from None
     return parse_prompts(text, str(path), base_seed)
 
 

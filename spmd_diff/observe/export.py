@@ -8,6 +8,10 @@
 - png: a folder per item, ``frame_00000.png`` ..., each with tEXt chunks (``prompt``, ``id``, ``settings``),
   and ``metadata.json`` beside them.
 
+Every video is read from the item file its link names, resolved next to the view (never relative to the working
+directory), and checked against the checksum recorded when it was written. A video that is missing or corrupt is
+skipped and reported; the others are still exported.
+
 File names come from the id: kept as is when it is made of ``[A-Za-z0-9._-]`` (and not too long), otherwise
 reduced to those characters and suffixed with 8 hex digits of the id's SHA-1, so distinct ids never collide.
 """
@@ -26,7 +30,8 @@ import h5py
 import numpy as np
 
 from spmd_diff.errors import UserError
-from spmd_diff.observe.inspect import resolve_view
+from spmd_diff.io import itemfile
+from spmd_diff.observe.inspect import item_file, open_view, resolve_view
 
 __all__ = ["export_videos", "safe_name", "FORMATS"]
 
@@ -129,18 +134,35 @@ def _select(f: h5py.File, ids: Sequence[str] | None, view: Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
+def _read(f: h5py.File, key: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """The video (checked against its checksum) and attributes of ``/videos/<key>``; CorruptItem if unusable."""
+    path = item_file(f, key)
+    if path is None:  # a self-contained file holds the data
+        ds = f["videos"][key]
+        return np.asarray(ds[...]), dict(ds.attrs)
+    if not path.exists():
+        raise itemfile.CorruptItem(f"its file {path} is missing")
+    header = itemfile.read_header(path)
+    if header.id != key:
+        raise itemfile.CorruptItem(f"{path.name} holds item {header.id!r}")
+    frames = itemfile.read_video(path, header, verify=True)
+    return frames, itemfile.read_attrs(path)
+
+
 def export_videos(
     out_dir_or_h5: str | os.PathLike[str],
     fmt: str,
     ids: Sequence[str] | None,
     dest_dir: str | os.PathLike[str],
     fps: float = 16,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[Path]:
     """Write ``ids`` (None: every finished video) of a store as ``fmt`` files into ``dest_dir``.
 
     Returns the written paths in order: ``DEST/<name>.mp4`` / ``.gif``, or the folder ``DEST/<name>/`` of
-    PNG frames, ``<name> = safe_name(id)``. UserError for an unknown format, unknown or failed ids, or a
-    missing encoder.
+    PNG frames, ``<name> = safe_name(id)``. A video that is missing, corrupt or not a video is skipped: appended
+    to ``skipped`` as (id, why) when a list is given, else reported by a UserError once the others are written.
+    UserError for an unknown format, unknown or failed ids, or a missing encoder.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -148,19 +170,23 @@ def export_videos(
         raise UserError(f"fps must be positive, got {fps}")
     view = resolve_view(out_dir_or_h5)
     dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the export directory {dest}: {exc.strerror or exc}") from None
     written: list[Path] = []
-    with h5py.File(view, "r") as f:
+    problems: list[tuple[str, str]] = []
+    with open_view(view) as f:
         for key in _select(f, ids, view):
             try:
-                ds = f["videos"][key]
-                frames = np.asarray(ds[...])
-            except (KeyError, OSError) as exc:
-                raise UserError(f"cannot read the video of {key!r} from {view}: {exc}") from None
+                frames, attrs = _read(f, key)
+            except itemfile.CorruptItem as exc:
+                problems.append((key, str(exc)))
+                continue
             if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-                raise UserError(f"{key!r} in {view} is not a uint8 [frames, height, width, 3] video: "
-                                f"{frames.dtype} {frames.shape}")
-            meta = _settings(dict(ds.attrs))
+                problems.append((key, f"not a uint8 [frames, height, width, 3] video: {frames.dtype} {frames.shape}"))
+                continue
+            meta = _settings(attrs)
             meta.setdefault("id", key)
             name = safe_name(str(meta["id"]))
             if fmt == "mp4":
@@ -173,4 +199,10 @@ def export_videos(
                 path = dest / name
                 _write_pngs(path, frames, meta)
             written.append(path)
+    if skipped is not None:
+        skipped.extend(problems)
+    elif problems:
+        listed = "; ".join(f"{key!r}: {why}" for key, why in problems[:10])
+        raise UserError(f"exported {len(written)} video(s) into {dest}, but skipped {len(problems)} that could not "
+                        f"be read from {view}: {listed}")
     return written

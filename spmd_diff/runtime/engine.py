@@ -31,8 +31,12 @@ from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
 from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
+from spmd_diff.io import jobrecord
+from spmd_diff.io.identity import identity_of, model_fingerprint
 from spmd_diff.io.inputs import Item
-from spmd_diff.io.store import VideoStore
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore, describe_corrupt, warn
+from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
@@ -48,7 +52,7 @@ from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
-from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, auto_policy, pending_items
+from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs
 
 log = logging.getLogger("spmd_diff")
 
@@ -68,12 +72,6 @@ class Setup:
     """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
 
 
-def _dtype_name(job: JobConfig, device: str) -> str:
-    if job.model.dtype != "auto":
-        return job.model.dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
 def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
     """The model-dependent half of the setup: the video spec checked against the model's configs; ``plan``: the
     plan of the first batch."""
@@ -82,7 +80,7 @@ def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
                      v.max_sequence_length)
     shapes = read_shapes(inputs.model_dir, spec)
     return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, plan,
-                 _dtype_name(inputs.job, device), inputs.topology)
+                 dtype_name(inputs.job, device.startswith("cuda")), inputs.topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
@@ -104,17 +102,9 @@ def channel_edges(plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec) -> lis
     return edges
 
 
-def item_attrs(setup: Setup):
-    job, spec = setup.job, setup.spec
-
-    def attrs(item: Item) -> dict:
-        negative = item.negative_prompt if item.negative_prompt is not None else job.video.negative_prompt
-        return {"prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
-                "num_inference_steps": spec.num_inference_steps, "guidance_scale": spec.guidance_scale,
-                "model": job.model.path, "height": spec.height, "width": spec.width, "num_frames": spec.num_frames,
-                "tier": job.speed.tier, "speed": json.dumps(job.speed.resolved(), sort_keys=True)}
-
-    return attrs
+def setup_attrs(setup: Setup):
+    """item -> the attributes of its video (:func:`spmd_diff.runtime.startup.item_attrs` for this setup)."""
+    return item_attrs(setup.job, setup.model_dir, setup.dtype, setup.plan.sp_degree)
 
 
 def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
@@ -140,13 +130,47 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     lock = OutLock(request.out_dir, request.shard)
 
     def prepare_out():
+        # Every rank names the files it writes by the item's identity, which holds the model's fingerprint: the
+        # ranks must agree on it (other weights on some node would make other videos). Every rank reaches the
+        # allgather; errors are raised after it.
+        try:
+            fingerprint, problem = model_fingerprint(setup.model_dir), None
+        except OSError as exc:
+            fingerprint, problem = "", f"cannot read the model directory {setup.model_dir}: {exc.strerror or exc}"
+        fingerprints = world.comm.allgather(fingerprint)
+        if problem:
+            raise UserError(problem)
+        if len(set(fingerprints)) > 1:
+            by_value: dict[str, list[int]] = {}
+            for rank, value in enumerate(fingerprints):
+                by_value.setdefault(value, []).append(rank)
+            raise UserError(f"the model directory {setup.model_dir} differs between ranks (fingerprint: "
+                            + "; ".join(f"{v} on ranks {r[:8]}" for v, r in by_value.items())
+                            + "): every node must see the same model files")
         store.check_writable()
+        attrs_of = setup_attrs(setup)
+        by_id = {item.id: item for item in setup.items}
+        store.expect(lambda item_id: attrs_of(by_id[item_id]))
         if world.rank == 0:
+            expected = {item.id: attrs_of(item) for item in setup.items}
+            first = next(iter(expected.values()), None)
+            settings = None if first is None else jobrecord.job_settings(first, setup.job.video.negative_prompt)
+            options = dict(force=request.force, retry_failed=request.retry_failed, model_path=setup.job.model.path,
+                           job=setup.job.to_dict())
+            plan_run(store, expected, settings, **options)  # refusals first: a refused job leaves OUT untouched
             lock.acquire()
-            store.prepare(setup.job.fingerprint(), force=request.force)
-            # Again under the lock: a run that ended since the first look may have finished some.
-            pending = pending_items(store, setup.job, setup.items, True, request.retry_failed)
-            return [it.index for it in pending]
+            try:
+                plan = plan_run(store, expected, settings, apply=True, **options)
+            except BaseException:
+                lock.release()
+                raise
+            for line in describe_corrupt(plan.corrupt, "it will be rendered again"):
+                warn(line)
+            if plan.rerendered:
+                shown = ", ".join(map(repr, plan.rerendered[:10])) + (" ..." if len(plan.rerendered) > 10 else "")
+                print(f"spmd-diff: --force: rendering {len(plan.rerendered)} changed item(s) again: {shown}",
+                      file=sys.stderr)
+            return [by_id[item_id].index for item_id in plan.pending]
         return None
 
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
@@ -261,7 +285,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                         timeout_s=deadline_s)
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
-                                store, events, stop, deadline_s, item_attrs(setup), board.publish,
+                                store, events, stop, deadline_s, setup_attrs(setup), board.publish,
                                 hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
                                 write_queue=speed.write_queue, warmup=speed.warmup)
         if world.rank == 0:
@@ -360,9 +384,13 @@ def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
 def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[Item], interrupted: bool,
              started: float, out_dir: str) -> int:
     """Rank 0, after every rank finished: rebuild the view, close the event log, say what happened."""
-    store.build_view([item.id for item in setup.items])
+    attrs_of = setup_attrs(setup)
+    expected = {item.id: attrs_of(item) for item in setup.items}
+    view = build_view(store, expected)
+    for line in describe_corrupt(view.corrupt, "rerun to render it again"):
+        warn(line)
     failures = store.failures()
-    remaining = [it for it in pending if not store.is_done(it.id)]
+    remaining = [it for it in pending if view.identities.get(it.id) != identity_of(expected[it.id])]
     not_rendered = [it for it in remaining if it.id not in failures]
     num_failed = len(failures)
     status = "interrupted" if interrupted and not_rendered else "complete"

@@ -26,20 +26,55 @@ class OutLock:
     An unsharded job holds OUT/.lock exclusively. Array tasks (``--shard I/N``) share OUT/.lock and each holds
     OUT/.lock-shard-I-of-N exclusively: tasks of one array run side by side, while a second job on the same OUT
     (two submissions, N singleton ranks, orphans of a dead launcher, an unsharded run beside an array) is
-    refused with the holder's host and pid instead of racing on the same items.
+    refused with the holder's host and pid instead of racing on the same items. Array tasks also share
+    OUT/.lock-shards-of-N, and a task of another shard count M is refused while any task of N runs: shards 0/2 and
+    0/3 overlap (items 0, 6, 12, ...), so they would render the same items twice.
     """
 
     def __init__(self, out_dir: str | os.PathLike, shard: tuple[int, int] | None) -> None:
         self.main = Path(out_dir) / ".lock"
         self.shard = Path(out_dir) / f".lock-shard-{shard[0]}-of-{shard[1]}" if shard else None
+        self.count = Path(out_dir) / f".lock-shards-of-{shard[1]}" if shard else None
+        self.shard_spec = f"{shard[0]}/{shard[1]}" if shard else ""
         self._fds: list[int] = []
 
     def acquire(self) -> None:
         if self.shard is None:
             self._take(self.main, fcntl.LOCK_EX)
-        else:
+            return
+        # One task at a time looks at the other shard counts and takes its own, so two tasks of different
+        # counts starting together cannot both miss each other.
+        guard = os.open(self.main.with_name(".lock-guard"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+            except OSError:
+                pass  # no flock on this file system: _take says so
             self._take(self.main, fcntl.LOCK_SH)
+            self._refuse_other_shard_counts()
+            self._take(self.count, fcntl.LOCK_SH)
             self._take(self.shard, fcntl.LOCK_EX)
+        finally:
+            os.close(guard)
+
+    def _refuse_other_shard_counts(self) -> None:
+        for other in self.main.parent.glob(".lock-shards-of-*"):
+            if other == self.count:
+                continue
+            fd = os.open(other, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if not isinstance(exc, BlockingIOError):
+                    continue
+                count = other.name.rsplit("-", 1)[-1]
+                self.release()
+                raise UserError(f"tasks of another job array are writing {self.main.parent} with --shard I/{count}; "
+                                f"this task (--shard {self.shard_spec}) would render some of their items again "
+                                f"(different shard counts overlap): wait for them to end, or use --shard I/{count}"
+                                ) from None
+            finally:
+                os.close(fd)
 
     def _take(self, path: Path, mode: int) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1,4 +1,5 @@
-"""Faults on CPU ranks: SIGKILL of a rank or of the launcher, a hung rank, a full disk, failing items.
+"""Faults on CPU ranks: SIGKILL of a rank or of the launcher, a hung rank, a full disk, failing items, Ctrl-C or
+SIGTERM to the launcher (through ``spmd-diff launch``).
 
 The promise under test: every item ends up rendered exactly once (bit-identical to an uninterrupted run) or
 listed as failed with its reason, and a failure costs no more than the items in flight.
@@ -59,7 +60,9 @@ def videos(out: Path) -> dict[str, np.ndarray]:
 
 def assert_exactly_once_and_equal(out: Path, reference: dict[str, np.ndarray]) -> None:
     files = sorted(p.name for p in (out / "items").glob("*/*"))
-    assert files == sorted(f"{item_key(k)}.h5" for k in reference), "one final file per item, no leftovers"
+    assert all(name.endswith(".h5") and ".tmp." not in name for name in files), f"leftovers: {files}"
+    keys = sorted(name.split(".")[0] for name in files)  # items/<xx>/<sha1(id)>.<identity>.<token>.h5
+    assert keys == sorted(item_key(k) for k in reference), "one final file per item"
     got = videos(out)
     assert sorted(got) == sorted(reference)
     for key, video in reference.items():
@@ -134,6 +137,59 @@ def test_kill_then_rerun_exactly_once(victim, seed, env, prompts, reference, tmp
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{NUM_ITEMS - partial} to render" in rerun.stderr
+    assert_exactly_once_and_equal(out, reference)
+
+
+def _kill_launch_tree(proc: subprocess.Popen) -> None:
+    """Kill ``spmd-diff launch`` and the launcher it started in a session of its own, with that session's ranks."""
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int(Path(entry, "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid:
+                for pid in _session_members(int(entry.name)):
+                    os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+    _kill_group(proc)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stop_signal_to_the_launch_finishes_items_in_flight_publishes_and_resumes(sig, env, prompts, reference,
+                                                                                 tmp_path):
+    """Ctrl-C (SIGINT) or SIGTERM to the job's launch command: exit 75, no item in flight lost, the view lists
+    every finished item, and a rerun renders exactly the rest, bit-identical to an uninterrupted run. (A bare
+    mpirun cannot do this: Open MPI turns either signal into SIGKILL of every rank a second later, exit 1.)"""
+    out = tmp_path / "out"
+    launch = [sys.executable, "-m", "spmd_diff", "launch", *command(4, prompts, out)]
+    proc = subprocess.Popen(launch, cwd=REPO, env=full_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list((out / "items").glob("*/*.h5"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before the signal"
+        os.kill(proc.pid, sig)
+        stdout, stderr = proc.communicate(timeout=120)
+    except BaseException:
+        _kill_launch_tree(proc)
+        raise
+    assert proc.returncode == 75, stderr[-3000:]
+    assert f"{signal.Signals(sig).name}: asking every rank to finish the items in flight" in stderr
+    assert "SIGUSR1 received: finishing the items in flight" in stderr
+    finished = {p.name.split(".")[0] for p in (out / "items").glob("*/*.h5")}
+    assert 0 < len(finished) < NUM_ITEMS
+    with h5py.File(out / "videos.h5", "r") as f:  # published, and listing every finished item
+        assert {item_key(k) for k in f["videos"]} == finished
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["status"] for e in events if e["ev"] == "job_end"] == ["interrupted"]
+    denoised = {e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "denoise" and e["ok"]}
+    written = {e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "write" and e["ok"]}
+    assert denoised <= written, f"denoised but lost: {sorted(denoised - written)}"
+    rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{NUM_ITEMS - len(finished)} to render" in rerun.stderr
     assert_exactly_once_and_equal(out, reference)
 
 

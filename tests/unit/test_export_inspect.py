@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
+import shutil
 import subprocess
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from spmd_diff.errors import UserError
+from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io.view import build_view
 from spmd_diff.observe.export import export_videos, safe_name
 from spmd_diff.observe.inspect import inspect_store
 
@@ -21,13 +23,13 @@ imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 ITEMS = {
     # id: (frames, height, width)
     "cat-0001": (9, 32, 48),
-    "a dog, ünïcode/?*": (5, 30, 42),  # '/' cannot be an HDF5 name: stored under a mapped key, real id in attrs
+    "a dog, ünïcode?*": (5, 30, 42),
     "odd size": (4, 17, 23),
 }
 
 
 def _key(item_id: str) -> str:
-    return item_id.replace("/", "%2F")
+    return item_id
 
 
 def _frames(num_frames: int, height: int, width: int) -> np.ndarray:
@@ -41,27 +43,28 @@ def _frames(num_frames: int, height: int, width: int) -> np.ndarray:
     return out
 
 
+def _attrs(n: int, item_id: str, f: int, h: int, w: int) -> dict:
+    return dict(id=item_id, prompt=f"prompt of {item_id} \"quoted\"", negative_prompt="", seed=100 + n,
+                num_inference_steps=4, guidance_scale=5.0, model="demo", height=h, width=w, num_frames=f,
+                max_sequence_length=512, dtype="float32", model_fingerprint="f0", dit_compile=False)
+
+
 def make_store(out: Path) -> Path:
-    """A tiny OUT/ in the contract layout: item files + videos.h5 view with external links + job.json."""
-    out.mkdir(parents=True, exist_ok=True)
+    """A tiny OUT/ written by the store itself: item files, a failure, the view (external links), job.json."""
+    store = VideoStore(out)
+    expected = {}
+    for n, (item_id, (f, h, w)) in enumerate(ITEMS.items()):
+        expected[item_id] = _attrs(n, item_id, f, h, w)
+        store.write_item(item_id, _frames(f, h, w), expected[item_id])
+    store.write_failure("bad-7", "denoise", "RuntimeError: NaN in latents", "a broken prompt")
     (out / "job.json").write_text(json.dumps({"model": "demo", "fps": 16}))
-    with h5py.File(out / "videos.h5", "w") as view:
-        videos = view.create_group("videos")
-        for n, (item_id, (f, h, w)) in enumerate(ITEMS.items()):
-            sha = hashlib.sha1(item_id.encode()).hexdigest()
-            rel = Path("items") / sha[:2] / f"{sha}.h5"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            with h5py.File(out / rel, "w") as itemf:
-                ds = itemf.create_dataset("video", data=_frames(f, h, w), chunks=(1, h, w, 3))
-                attrs = dict(id=item_id, prompt=f"prompt of {item_id} \"quoted\"", negative_prompt="", seed=100 + n,
-                             num_inference_steps=4, guidance_scale=5.0, model="demo", height=h, width=w, num_frames=f)
-                for k, v in attrs.items():
-                    ds.attrs[k] = v
-            videos[_key(item_id)] = h5py.ExternalLink(str(rel), "/video")
-        failed = view.create_group("failed")
-        g = failed.create_group("bad-7")
-        g.attrs.update(error="RuntimeError: NaN in latents", stage="denoise", prompt="a broken prompt")
+    build_view(store, expected, repair=False)
     return out
+
+
+def item_path(out: Path, item_id: str) -> Path:
+    [ref] = VideoStore(out).item_refs()[item_key(item_id)]
+    return ref.path
 
 
 @pytest.fixture()
@@ -106,8 +109,8 @@ def test_export_mp4_pixels_close(store: Path, tmp_path: Path) -> None:
 def test_export_gif_reads_back(store: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    paths = export_videos(store, "gif", ["cat-0001", _key("a dog, ünïcode/?*")], tmp_path / "gif")
-    for path, item_id in zip(paths, ["cat-0001", "a dog, ünïcode/?*"]):
+    paths = export_videos(store, "gif", ["cat-0001", _key("a dog, ünïcode?*")], tmp_path / "gif")
+    for path, item_id in zip(paths, ["cat-0001", "a dog, ünïcode?*"]):
         f, h, w = ITEMS[item_id]
         frames = imageio.mimread(str(path))
         assert len(frames) == f and frames[0].shape[:2] == (h, w)
@@ -167,8 +170,69 @@ def test_inspect_one_item_and_limit(store: Path) -> None:
 
 
 def test_inspect_missing_item_file(store: Path) -> None:
-    for p in (store / "items").rglob("*.h5"):
-        p.unlink()
-        break
+    item_path(store, "odd size").unlink()
     text = inspect_store(store)
-    assert "missing" in text
+    assert "1 of the videos listed below have a missing file" in text
+    assert "missing" in inspect_store(store, item_id="odd size")
+
+
+def _damage(store: Path) -> None:
+    cat, dog = item_path(store, "cat-0001"), item_path(store, "a dog, ünïcode?*")
+    cat.write_bytes(cat.read_bytes()[:5000])  # truncated
+    dog.write_bytes(os.urandom(dog.stat().st_size))  # garbage of the same size
+
+
+def test_corrupt_items_are_reported_and_the_rest_still_works(store: Path, tmp_path: Path) -> None:
+    """inspect names the corrupt items (not "missing file"); export skips them, says why, exports the rest."""
+    _damage(store)
+    text = inspect_store(store)
+    assert "2 of the videos listed below are corrupt" in text and "missing" not in text
+    one = inspect_store(store, item_id="cat-0001")
+    assert "status: corrupt" in one and "truncated" in one
+    skipped: list = []
+    paths = export_videos(store, "png", None, tmp_path / "png", skipped=skipped)
+    assert [p.name for p in paths] == [safe_name("odd size")]
+    assert sorted(i for i, _ in skipped) == ["a dog, ünïcode?*", "cat-0001"]
+    assert any("truncated" in why for _, why in skipped) and any("item header" in why for _, why in skipped)
+    with pytest.raises(UserError, match="exported 1 video.*skipped 2"):
+        export_videos(store, "png", None, tmp_path / "png2")
+
+
+def test_export_checks_the_data_checksum(store: Path, tmp_path: Path) -> None:
+    path = item_path(store, "odd size")
+    data = bytearray(path.read_bytes())
+    start = data.find(_frames(*ITEMS["odd size"])[2].tobytes())
+    data[start:start + 30] = bytes(30)
+    path.write_bytes(bytes(data))
+    skipped: list = []
+    export_videos(store, "png", ["odd size"], tmp_path / "png", skipped=skipped)
+    assert skipped == [("odd size", "its video data does not match the checksum recorded when it was written")]
+
+
+def test_a_copied_view_never_reads_a_decoy_in_the_working_directory(store: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    decoy = VideoStore(tmp_path / "decoy")  # another job's OUT with the same ids and settings, other videos
+    for n, (item_id, (f, h, w)) in enumerate(ITEMS.items()):
+        decoy.write_item(item_id, 255 - _frames(f, h, w), _attrs(n, item_id, f, h, w))
+    build_view(decoy)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(store / "videos.h5", alone / "videos.h5")
+    monkeypatch.chdir(decoy.root)
+    skipped: list = []
+    assert export_videos(alone, "png", None, tmp_path / "png", skipped=skipped) == []
+    assert len(skipped) == 3 and all("missing" in why for _, why in skipped)
+    assert "3 of the videos listed below have a missing file" in inspect_store(alone)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text("not hdf5"), "is not an HDF5 file"),
+    (lambda p: p.mkdir(), "has the job finished"),
+])
+def test_not_a_store(tmp_path: Path, make, message) -> None:
+    target = tmp_path / "thing"
+    make(target)
+    for call in (lambda: inspect_store(target), lambda: export_videos(target, "png", None, tmp_path / "e")):
+        with pytest.raises(UserError, match=message):
+            call()

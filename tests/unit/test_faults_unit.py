@@ -37,3 +37,20 @@ def test_inject_delay_parses_and_sleeps_inside_the_stage():
     for bad in ("decode", "write:1", "decode:-1", "decode:soon"):
         with pytest.raises(UserError, match="SPMD_DIFF_INJECT_DELAY"):
             TestHooks.from_env(0, {"SPMD_DIFF_INJECT_DELAY": bad})
+
+
+def test_out_lock_refuses_array_tasks_of_another_shard_count(tmp_path):
+    """Shards 0/2 and 0/3 overlap (items 0, 6, 12, ...): running both on one OUT would render those twice."""
+    two = OutLock(tmp_path, (0, 2))
+    two.acquire()
+    with pytest.raises(UserError, match=r"--shard I/2; this task \(--shard 0/3\) would render some of their items"):
+        OutLock(tmp_path, (0, 3)).acquire()
+    other_task = OutLock(tmp_path, (1, 2))
+    other_task.acquire()  # the same count is still welcome
+    two.release()
+    with pytest.raises(UserError, match="--shard I/2"):
+        OutLock(tmp_path, (2, 3)).acquire()  # while any task of the first array runs
+    other_task.release()
+    three = OutLock(tmp_path, (0, 3))
+    three.acquire()
+    three.release()
