@@ -301,6 +301,8 @@ def _run_rank(world: World, setup: Setup, store: VideoStore, events: EventLog, s
                                attention_backend=speed.fast_attention if fast else None)
         stages = make_stages(setup.model_dir, _stages_for(role, plan, world.rank), device=world.device,
                              dtype=getattr(torch, setup.dtype), options=options)
+        if on_gpu:  # rank_end's peak is the rendering peak (weights included), not that of building them
+            torch.cuda.reset_peak_memory_stats(world.device)
         board_bytes = ProgressBoard.bytes_needed(world.size)
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if plan.sp_degree > 1 else 0
         senders: list[ChannelSender] = []
