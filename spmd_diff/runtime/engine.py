@@ -270,6 +270,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         candidates = policy.candidates(plan)
         speed = setup.job.speed
         on_gpu = str(world.device).startswith("cuda")
+        if on_gpu:  # rank_end's peak is the rendering peak (weights included), not that of building them
+            torch.cuda.reset_peak_memory_stats(world.device)
         board_bytes = ProgressBoard.bytes_needed(world.size)
         max_sp = max(p.sp_degree for p in candidates)
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_diff.errors import StageTimeout, StoreFull
+from spmd_diff.config import build_job
+from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.models.speed import EmbedCache, StageOptions, frames_to_uint8
 from spmd_diff.models.wan import VideoSpec, WanStages, _frames_to_uint8
 from spmd_diff.runtime.worker import Worker
@@ -119,6 +120,22 @@ def test_warmup_changes_no_item(demo_model_dir: pathlib.Path, exact: WanStages) 
     exact.warmup(SPEC)
     after = exact.decode_uint8(exact.denoise(exact.encode(prompt, "blurry", SPEC), 4, SPEC))
     assert torch.equal(before, after)
+
+
+def test_speed_section_is_typed_validated_and_fingerprinted() -> None:
+    job = build_job({}, "job.toml")
+    assert job.speed.tier == "exact" and job.fingerprint()["speed"] == {"tier": "exact"}
+    fast = build_job({"speed": {"tier": "fast", "fast_vae_bf16": False}}, "job.toml", ["speed.write_queue=4"])
+    assert fast.fingerprint()["speed"] == {"tier": "fast", "vae_dtype": "float32", "compile_dit": True,
+                                           "attention": "_native_cudnn"}
+    assert fast.speed.write_queue == 4 and fast.to_dict()["speed"]["overlap_decode"] is True
+    for data, message in (({"tier": "turbo"}, "speed.tier must be one of exact, fast"),
+                          ({"fast_attention": "sage"}, "speed.fast_attention must be one of"),
+                          ({"write_queue": -1}, "speed.write_queue must be >= 0"),
+                          ({"fast_vae_bf16": "yes"}, "speed.fast_vae_bf16 must be bool"),
+                          ({"tier_": "fast"}, "unknown key speed.tier_ (did you mean 'tier'?)")):
+        with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+            build_job({"speed": data}, "job.toml")
 
 
 # ---- the background worker --------------------------------------------------------------------------------------
