@@ -116,7 +116,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
 
 
 def _model_dir(model: str) -> Path:
-    from spmd_diff.runtime.engine import resolve_model
+    from spmd_diff.runtime.startup import resolve_model
 
     return Path(resolve_model(model))
 
