@@ -32,14 +32,15 @@ class RunPlan:
 
 def plan_run(store: VideoStore, expected: Mapping[str, Mapping], settings: Mapping | None, *, force: bool = False,
              retry_failed: bool = False, apply: bool = False, model_path: str = "",
-             job: Mapping | None = None) -> RunPlan | None:
+             job: Mapping | None = None) -> RunPlan:
     """Decide which of ``expected`` (item id -> attributes) to render; rank 0 of a run.
 
     Refuses (UserError, OUT untouched) when OUT holds the older layout, or videos of other settings, or other
     versions of some of these items (each listed with what changed) - unless ``force``, which re-renders
     exactly the changed items (their old files are deleted). With ``apply`` (under the OUT lock) it also
     records store.json and job.json, removes stale temporaries and superseded files, quick-checks the
-    finished files of these items, moves corrupt ones aside and returns the plan; without, it only checks.
+    finished files of these items and moves corrupt ones aside; without, it writes nothing and returns what it
+    would do (corrupt files stay where they are but count as not done).
     """
     store.refuse_legacy()
     store.read_token()  # an unreadable store.json is refused before anything is written
@@ -58,33 +59,34 @@ def plan_run(store: VideoStore, expected: Mapping[str, Mapping], settings: Mappi
     settings_diff = jobrecord.difference(old_record, settings) if settings is not None else None
     if (changed or settings_diff) and not force:
         raise UserError(_refusal(store, settings_diff, changed, expected))
-    if not apply:
-        return None
-    store.items_dir.mkdir(parents=True, exist_ok=True)
-    store.failed_dir.mkdir(exist_ok=True)
-    store.token  # noqa: B018 - makes store.json (the token every item file name ends with) if it is missing
-    if settings is not None:
-        new_record = jobrecord.updated(old_record, settings, model_path, job or {})
-        if new_record != old_record:
-            atomic_write_text(store.job_path, json.dumps(new_record, indent=2, sort_keys=True) + "\n")
-    store.remove_stale_temporaries()
+    if apply:
+        store.items_dir.mkdir(parents=True, exist_ok=True)
+        store.failed_dir.mkdir(exist_ok=True)
+        store.token  # noqa: B018 - makes store.json (the token every item file name ends with) if it is missing
+        if settings is not None:
+            new_record = jobrecord.updated(old_record, settings, model_path, job or {})
+            if new_record != old_record:
+                atomic_write_text(store.job_path, json.dumps(new_record, indent=2, sort_keys=True) + "\n")
+        store.remove_stale_temporaries()
     plan = RunPlan([], 0)
     done: set[str] = set()
     for item_id, files in changed.items():  # --force: the old versions go; the item is rendered again
-        for ref in files:
-            ref.path.unlink(missing_ok=True)
+        if apply:
+            for ref in files:
+                ref.path.unlink(missing_ok=True)
         plan.rerendered.append(item_id)
     for item_id, files in candidates.items():
         for ref in files:
             if ref.identity != identities[item_id]:
-                ref.path.unlink(missing_ok=True)  # superseded: a newer version of the item is here
+                if apply:
+                    ref.path.unlink(missing_ok=True)  # superseded: a newer version of the item is here
                 continue
             if item_id in done:
                 continue
             try:
                 store.check_header(ref)
             except CorruptItem as exc:
-                plan.corrupt.append(store.quarantine(ref, str(exc), item_id, move=True))
+                plan.corrupt.append(store.quarantine(ref, str(exc), item_id, move=apply))
             else:
                 done.add(item_id)
     failures = {} if retry_failed else store.failures()

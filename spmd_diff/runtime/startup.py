@@ -9,16 +9,24 @@ message, nothing is written.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+import spmd_diff
 
 from spmd_diff.comm.world import World, init_world
 from spmd_diff.config import JobConfig, load_job
 from spmd_diff.errors import UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
-from spmd_diff.io.store import VideoStore, item_key
+from spmd_diff.io import jobrecord
+from spmd_diff.io.identity import model_fingerprint
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore
+from spmd_diff.io.view import build_view
 from spmd_diff.plan.for_job import job_planning, read_model_configs
 from spmd_diff.plan.roles import RolePlan, plan_roles
 from spmd_diff.plan.topology import Topology
@@ -98,14 +106,48 @@ def resolve_model(path: str) -> str:
     return str(Path(path).resolve())
 
 
-def pending_items(store: VideoStore, job: JobConfig, items: tuple[Item, ...], force: bool,
-                  retry_failed: bool) -> tuple[Item, ...]:
-    """Rank 0, read-only: refuse an OUT of another job (unless ``force``), then the items left to render."""
+def dtype_name(job: JobConfig, on_gpu: bool) -> str:
+    """The transformer's and text encoder's dtype: ``model.dtype``, or for "auto" bfloat16 on a GPU, else float32."""
+    if job.model.dtype != "auto":
+        return job.model.dtype
+    return "bfloat16" if on_gpu else "float32"
+
+
+def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Callable[[Item], dict]:
+    """item -> the attributes of its video. All but ``model`` (the path), ``spmd_diff_version`` and the ones the
+    store adds are the item's content identity (:mod:`spmd_diff.io.identity`): a finished file of other
+    attributes is changed work, not finished work. The model is identified by its fingerprint (configs, weight
+    names, sizes and samples), computed once per process; the speed tier and its options change pixels too."""
+    v = job.video
+    fingerprint = model_fingerprint(model_dir) if model_dir else ""
+    compiled = bool(job.dit.compile and sp_degree > 1)  # compiled blocks change bf16 rounding
+    speed = json.dumps(job.speed.resolved(), sort_keys=True)
+
+    def attrs(item: Item) -> dict:
+        negative = item.negative_prompt if item.negative_prompt is not None else v.negative_prompt
+        return {"id": item.id, "prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
+                "num_inference_steps": v.num_inference_steps, "guidance_scale": v.guidance_scale,
+                "model": job.model.path, "height": v.height, "width": v.width, "num_frames": v.num_frames,
+                "max_sequence_length": v.max_sequence_length, "dtype": dtype, "model_fingerprint": fingerprint,
+                "dit_compile": compiled, "tier": job.speed.tier, "speed": speed,
+                "spmd_diff_version": spmd_diff.__version__}
+
+    return attrs
+
+
+def pending_items(store: VideoStore, job: JobConfig, items: tuple[Item, ...], attrs_of: Callable[[Item], dict],
+                  force: bool, retry_failed: bool) -> tuple[Item, ...]:
+    """Rank 0, read-only: refuse an OUT of another job or of changed items (unless ``force``), then the items
+    left to render (the engine decides again, under OUT's lock, and then moves corrupt files aside)."""
     store.check_can_write()
-    store.check_job(job.fingerprint(), force=force)
-    done = store.done_keys()
-    failed = set() if retry_failed else set(store.failures())
-    return tuple(it for it in items if item_key(it.id) not in done and it.id not in failed)
+    if not store.root.is_dir():
+        return items
+    expected = {item.id: attrs_of(item) for item in items}
+    settings = jobrecord.job_settings(next(iter(expected.values())), job.video.negative_prompt) if expected else None
+    plan = plan_run(store, expected, settings, force=force, retry_failed=retry_failed, model_path=job.model.path,
+                    job=job.to_dict())
+    pending = set(plan.pending)
+    return tuple(item for item in items if item.id in pending)
 
 
 def start(request: RunRequest) -> Started:
@@ -122,7 +164,9 @@ def start(request: RunRequest) -> Started:
 
     def look_at_out():
         if world.rank == 0:
-            return [it.index for it in pending_items(store, job, items, request.force, request.retry_failed)]
+            attrs_of = item_attrs(job, model_dir, dtype_name(job, topology.gpus_per_node > 0), plan.sp_degree)
+            return [it.index for it in pending_items(store, job, items, attrs_of, request.force,
+                                                     request.retry_failed)]
         return None
 
     pending_indices = world.comm.bcast(world.run_checked(look_at_out), root=0)
@@ -171,7 +215,9 @@ def _republish(started: Started, request: RunRequest, store: VideoStore) -> int:
         events.emit("job_start", config=inputs.job.to_dict(), world_size=started.world.size,
                     plan=inputs.plan.to_dict(), num_items=len(inputs.items), num_pending=0,
                     model_dir=inputs.model_dir, argv=sys.argv)
-        store.build_view([item.id for item in inputs.items])
+        attrs_of = item_attrs(inputs.job, inputs.model_dir, dtype_name(inputs.job, inputs.topology.gpus_per_node > 0),
+                              inputs.plan.sp_degree)
+        build_view(store, {item.id: attrs_of(item) for item in inputs.items})
         events.emit("job_end", status="nothing to do", items_done=0, items_failed=len(store.failures()),
                     elapsed_s=time.time() - started.started_at)
         events.close()
