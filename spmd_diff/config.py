@@ -65,11 +65,12 @@ class RolesConfig:
     """Ranks that run the text encoder (0 = DiT ranks encode their own items)."""
     decoders: int = 1
     """Ranks that run the VAE decoder and write results (0 = DiT ranks decode their own items)."""
-    policy: str = "static"
-    """"static": roles.encoders / roles.decoders as given, for the whole job. "auto": the planner chooses which
+    policy: str = "auto"
+    """"auto": the planner chooses which
     ranks encode, denoise (groups of dit.sp_degree) and decode -- a rank holds several stages where its GPU's
     memory allows, so no GPU is reserved for a small stage -- and re-balances between batches from the timings
-    every rank measured (roles.encoders/decoders are ignored). `spmd-diff plan` prints either."""
+    every rank measured (roles.encoders/decoders are ignored). "static": roles.encoders / roles.decoders as
+    given, for the whole job. `spmd-diff plan` prints either."""
     colocate: bool = True
     """policy "auto": let a rank hold several stages where its GPU's memory allows (false: one stage per rank,
     e.g. to keep a GPU's memory for larger activations)."""

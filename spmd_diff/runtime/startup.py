@@ -178,6 +178,9 @@ def start(request: RunRequest) -> Started:
 def auto_policy(job: JobConfig, topology: Topology, model_dir: str, num_items: int) -> AutoPolicy:
     """The "auto" role policy for this job: the planner over the model's sizes (its configs, no weights) and the
     plan shapes the role loops run."""
+    if job.dit.sp_degree > topology.num_ranks:
+        raise UserError(f"dit.sp_degree={job.dit.sp_degree} needs at least {job.dit.sp_degree} ranks; the job has "
+                        f"{topology.num_ranks}")
     planning = job_planning(job, topology, read_model_configs(model_dir), on_gpu=topology.gpus_per_node > 0,
                             separate_aux=True)
     return AutoPolicy(planning, num_items, job.roles.batch_s)

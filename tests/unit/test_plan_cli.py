@@ -11,9 +11,9 @@ JOB = "perf/jobs/random-1.3b-480p.toml"
 
 def test_policy_and_gpu_memory_are_typed_and_validated():
     job = build_job({}, "x.toml")
-    assert job.roles.policy == "static" and job.world.gpu_memory_gib == 0.0
-    job = build_job({}, "x.toml", ["roles.policy='auto'", "world.gpu_memory_gib=40"])
-    assert job.roles.policy == "auto" and job.world.gpu_memory_gib == 40.0
+    assert job.roles.policy == "auto" and job.world.gpu_memory_gib == 0.0
+    job = build_job({}, "x.toml", ["roles.policy='static'", "world.gpu_memory_gib=40"])
+    assert job.roles.policy == "static" and job.world.gpu_memory_gib == 40.0
     with pytest.raises(UserError, match="roles.policy must be auto or static, got 'dynamic'"):
         build_job({"roles": {"policy": "dynamic"}}, "x.toml")
     with pytest.raises(UserError, match="world.gpu_memory_gib must be >= 0"):
@@ -21,7 +21,7 @@ def test_policy_and_gpu_memory_are_typed_and_validated():
 
 
 def test_plan_prints_static_and_auto_plans_with_predictions(capsys):
-    assert main(["plan", JOB, "--nodes", "1", "--gpus-per-node", "4"]) == 0
+    assert main(["plan", JOB, "--nodes", "1", "--gpus-per-node", "4", "--set", "roles.policy='static'"]) == 0
     static = capsys.readouterr().out
     assert "encoders :     1" in static and "bottleneck: decode" in static and "channel heap: up to 32.0 MiB" in static
     assert main(["plan", JOB, "--nodes", "1", "--gpus-per-node", "4", "--set", "roles.policy='auto'"]) == 0
