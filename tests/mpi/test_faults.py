@@ -152,20 +152,15 @@ def _kill_launch_tree(proc: subprocess.Popen) -> None:
     _kill_group(proc)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_stop_signal_to_the_launch_finishes_items_in_flight_publishes_and_resumes(sig, env, prompts, reference,
-                                                                                 tmp_path):
-    """Ctrl-C (SIGINT) or SIGTERM to the job's launch command: exit 75, no item in flight lost, the view lists
-    every finished item, and a rerun renders exactly the rest, bit-identical to an uninterrupted run. (A bare
-    mpirun cannot do this: Open MPI turns either signal into SIGKILL of every rank a second later, exit 1.)"""
-    out = tmp_path / "out"
+def _launch_and_stop(env: dict, prompts: Path, out: Path, sig: int, at_items: int) -> subprocess.CompletedProcess:
+    """``spmd-diff launch mpirun -n 4 spmd-diff run ...``; ``sig`` to the launch once ``at_items`` items are on disk."""
     launch = [sys.executable, "-m", "spmd_diff", "launch", *command(4, prompts, out)]
     proc = subprocess.Popen(launch, cwd=REPO, env=full_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            if len(list((out / "items").glob("*/*.h5"))) >= 2:
+            if len(list((out / "items").glob("*/*.h5"))) >= at_items:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the job finished before the signal"
@@ -174,22 +169,44 @@ def test_stop_signal_to_the_launch_finishes_items_in_flight_publishes_and_resume
     except BaseException:
         _kill_launch_tree(proc)
         raise
-    assert proc.returncode == 75, stderr[-3000:]
-    assert f"{signal.Signals(sig).name}: asking every rank to finish the items in flight" in stderr
-    assert "SIGUSR1 received: finishing the items in flight" in stderr
+    return subprocess.CompletedProcess(launch, proc.returncode, stdout, stderr)
+
+
+def _assert_stopped_gracefully(stopped: subprocess.CompletedProcess, sig: int, out: Path) -> set[str]:
+    """Exit 75, no denoised item lost, the view published and listing every finished item; returns their keys."""
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    assert f"{signal.Signals(sig).name}: asking every rank to finish the items in flight" in stopped.stderr
+    assert "SIGUSR1 received: finishing the items in flight" in stopped.stderr
     finished = {p.name.split(".")[0] for p in (out / "items").glob("*/*.h5")}
     assert 0 < len(finished) < NUM_ITEMS
-    with h5py.File(out / "videos.h5", "r") as f:  # published, and listing every finished item
+    with h5py.File(out / "videos.h5", "r") as f:
         assert {item_key(k) for k in f["videos"]} == finished
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
-    assert [e["status"] for e in events if e["ev"] == "job_end"] == ["interrupted"]
-    denoised = {e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "denoise" and e["ok"]}
-    written = {e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "write" and e["ok"]}
+    last_start = max(e["t"] for e in events if e["ev"] == "job_start")
+    run = [e for e in events if e.get("t", e.get("t0", 0)) >= last_start]
+    assert [e["status"] for e in run if e["ev"] == "job_end"] == ["interrupted"]
+    denoised = {e["item"] for e in run if e["ev"] == "stage" and e["stage"] == "denoise" and e["ok"]}
+    written = {e["item"] for e in run if e["ev"] == "stage" and e["stage"] == "write" and e["ok"]}
     assert denoised <= written, f"denoised but lost: {sorted(denoised - written)}"
+    return finished
+
+
+def test_ctrl_c_and_sigterm_to_the_launch_stop_gracefully_and_the_job_resumes_exactly_once(env, prompts, reference,
+                                                                                          tmp_path):
+    """Ctrl-C (SIGINT), then on the resumed run SIGTERM, to the job's launch command (``spmd-diff launch
+    mpirun ...``): each time exit 75, no item in flight lost, the view lists every finished item; the resumed run
+    renders only the rest, and the last run completes the job bit-identical to an uninterrupted one. (A bare
+    mpirun cannot do this: Open MPI turns either signal into SIGKILL of every rank a second later, exit 1.)"""
+    out = tmp_path / "out"
+    first = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2), signal.SIGINT, out)
+    stopped = _launch_and_stop(env, prompts, out, signal.SIGTERM, len(first) + 2)
+    assert f"{NUM_ITEMS - len(first)} to render" in stopped.stderr
+    second = _assert_stopped_gracefully(stopped, signal.SIGTERM, out)
+    assert first < second
     rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"{NUM_ITEMS - len(finished)} to render" in rerun.stderr
+    assert f"{NUM_ITEMS - len(second)} to render" in rerun.stderr
     assert_exactly_once_and_equal(out, reference)
 
 
