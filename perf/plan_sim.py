@@ -195,7 +195,6 @@ class Simulation:
     def _switch(self, new: RolePlan) -> None:
         old = self.plan
         self.result.num_switches += 1
-        self.stale = self.running  # every running job now belongs to an earlier plan
         for worker in self.workers:
             worker.idle = False
             if worker.held is not None:  # a latent waiting for room: it joins the queue the new plan decodes from
@@ -203,6 +202,7 @@ class Simulation:
                 worker.held = None
         self.blocked.clear()
         if self.switch_mode == "rolling":
+            self.stale = self.running  # every running job now belongs to an earlier plan
             groups = {r: g for g in old.dit_groups for r in g}
             new_groups = {r: g for g in new.dit_groups for r in g}
             changed = {r for r in range(new.num_ranks)

@@ -118,20 +118,22 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
         raise ValueError("plan_auto needs a workload with at least one item")
     num_ranks = inputs.topology.num_ranks
     speeds = cost.speeds(num_ranks)
-    candidates = search_shapes(inputs, workload, cost, speeds)
+    primed = current is not None
+    candidates = search_shapes(inputs, workload, cost, speeds, primed)
     if not candidates:
         raise UserError(_no_fit_message(inputs, workload))
     best_plan, best = None, None
     for shape, _ in candidates[: 4 if _uneven(speeds) else 1]:
         plan = build_plan(inputs, shape, speeds, current)
-        prediction = predict_plan(plan, workload, cost)
+        prediction = predict_plan(plan, workload, cost, primed)
         if best is None or prediction.seconds < best.seconds * (1 - 1e-9):
             best_plan, best = plan, prediction
     return replace(best_plan, predicted_videos_per_hour=best.videos_per_hour)
 
 
-def predict_plan(plan: RolePlan, workload: Workload, cost) -> Prediction:
-    """Predicted time of ``workload`` on ``plan`` with each rank's fitted speed (static plans too)."""
+def predict_plan(plan: RolePlan, workload: Workload, cost, primed: bool = False) -> Prediction:
+    """Predicted time of ``workload`` on ``plan`` with each rank's fitted speed (static plans too); ``primed``:
+    re-planning a running job (see ``throughput.predict_pools``)."""
     speeds = list(cost.speeds(plan.num_ranks))
     if plan.sp_degree == 1:
         group_speeds = [speeds[group[0]] for group in plan.dit_groups]
@@ -151,11 +153,12 @@ def predict_plan(plan: RolePlan, workload: Workload, cost) -> Prediction:
             mask = masks[stages] = mask_of(stages)
         pools[mask] = pools.get(mask, 0.0) + speeds[rank]
     work = StageWork.of(workload, cost, plan.sp_degree)
-    return predict_pools(work, sorted(pools.items()), len(plan.dit_groups), sum(group_speeds) / len(group_speeds))
+    return predict_pools(work, sorted(pools.items()), len(plan.dit_groups), sum(group_speeds) / len(group_speeds),
+                         primed)
 
 
-def search_shapes(inputs: PlanInputs, workload: Workload, cost,
-                  speeds: Sequence[float] | None = None) -> list[tuple[Shape, Prediction]]:
+def search_shapes(inputs: PlanInputs, workload: Workload, cost, speeds: Sequence[float] | None = None,
+                  primed: bool = False) -> list[tuple[Shape, Prediction]]:
     """Every candidate shape with its predicted time (``speeds``: each rank's; None: all 1.0), fastest first."""
     num_ranks = inputs.topology.num_ranks
     speeds = list(speeds) if speeds is not None else [1.0] * num_ranks
@@ -188,7 +191,7 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost,
         for dit_mask in dit_masks:
             masks = [m for m in aux_masks if not m & dit_mask] if inputs.settings.separate_aux else aux_masks
             for slow_first, capacity in capacities:
-                found = _best_counts(num_ranks, sp, dit_mask, masks, work, capacity, slow_first)
+                found = _best_counts(num_ranks, sp, dit_mask, masks, work, capacity, slow_first, primed)
                 if found is not None:
                     out.append(found)
     out.sort(key=lambda c: (round(c[1].seconds, 9), c[0].sp_degree, -bin(c[0].dit_mask).count("1"),
@@ -227,7 +230,7 @@ def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None 
 
 
 def _best_counts(num_ranks: int, sp: int, dit_mask: int, aux_masks: list[int], work: StageWork,
-                 capacity: _Capacity, slow_first: bool) -> tuple[Shape, Prediction] | None:
+                 capacity: _Capacity, slow_first: bool, primed: bool) -> tuple[Shape, Prediction] | None:
     missing = ALL_STAGES & ~dit_mask
     covered = 0
     for mask in aux_masks:
@@ -245,7 +248,7 @@ def _best_counts(num_ranks: int, sp: int, dit_mask: int, aux_masks: list[int], w
         for aux in _aux_splits(num_ranks - groups * sp, missing, aux_masks, work):
             shape = Shape(sp, dit_mask, groups, aux, slow_first)
             pools, dit_speed = capacity.pools(shape)
-            prediction = predict_pools(work, pools, groups, dit_speed)
+            prediction = predict_pools(work, pools, groups, dit_speed, primed)
             if best is None or prediction.seconds < best[1].seconds:
                 best = (shape, prediction)
         return best

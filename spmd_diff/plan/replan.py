@@ -120,8 +120,8 @@ def replan(inputs: PlanInputs, current: RolePlan, workload: Workload, cost: Cost
     """Decide whether the next batch runs on ``current`` or on the best plan for ``workload`` (the horizon:
     ``workload.horizon``). ``behind_batches``: the previous decision's ``behind_batches`` (0 after a switch)."""
     best = plan_auto(inputs, workload, cost, current)
-    best_prediction = predict_plan(best, workload, cost)
-    current_prediction = predict_plan(current, workload, cost)
+    best_prediction = predict_plan(best, workload, cost, primed=True)
+    current_prediction = predict_plan(current, workload, cost, primed=True)
     latency = _item_latency_s(workload, cost, current.sp_degree)
     switch_cost = switch_costs.seconds(current, best, inputs.memory, latency)
     settings = inputs.settings

@@ -94,8 +94,9 @@ class Prediction:
 
 
 def predict_pools(work: StageWork, pools: Sequence[tuple[int, float]], num_groups: int,
-                  group_speed: float = 1.0) -> Prediction:
-    """``pools``: (stage mask, capacity in median-rank units) pairs; ``num_groups`` DiT groups."""
+                  group_speed: float = 1.0, primed: bool = False) -> Prediction:
+    """``pools``: (stage mask, capacity at speed 1.0) pairs; ``num_groups`` DiT groups. ``primed``: a job already
+    running (items encoded ahead wait for the DiT groups), so the first wave does not wait for its encodes."""
     if work.num_items == 0:
         return Prediction(0.0, 0, "", 0.0, 0.0, 0.0)
     merged = [0.0] * 8
@@ -120,7 +121,7 @@ def predict_pools(work: StageWork, pools: Sequence[tuple[int, float]], num_group
     encode_item, decode_item = work.encode_s / work.num_items, work.decode_s / work.num_items
     encoders = sum(merged[m] for m in range(8) if m & ENCODE)
     decoders = sum(merged[m] for m in range(8) if m & DECODE)
-    fill = max(encode_item, wave * encode_item / max(encoders, 1e-9)) + \
+    fill = max(encode_item, 0.0 if primed else wave * encode_item / max(encoders, 1e-9)) + \
         max(decode_item, wave * decode_item / max(decoders, 1e-9))
     bottleneck = "+".join(stages_of_mask(binding)) if fluid >= granularity else "denoise granularity"
     return Prediction(max(fluid, granularity) + fill, work.num_items, bottleneck, fluid, granularity, fill)
