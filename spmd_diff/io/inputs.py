@@ -95,7 +95,8 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
     try:
         obj = json.loads(line, object_pairs_hook=_object_without_duplicate_keys(where))
     except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        at = "" if exc.msg.endswith(" at") else " at"  # "Unterminated string starting at" names a place itself
+        raise UserError(f"{where}: not valid JSON ({exc.msg}{at} column {exc.colno})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{where}: expected a JSON object {{\"id\": ..., \"prompt\": ...}}, got {type(obj).__name__}")
     for key in obj:

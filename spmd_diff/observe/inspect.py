@@ -12,6 +12,7 @@ store's quick check (header, size): an item is "done", "corrupt" (with why), "mi
 from __future__ import annotations
 
 import json
+import re
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,11 +138,16 @@ def moved_aside(view: Path) -> list[dict[str, Any]]:
 def iter_items(f: h5py.File, include_failed: bool = True) -> Iterator[StoreItem]:
     """Every item of an open view: finished videos first, then failures."""
     if "videos" in f:
-        for key in f["videos"]:
+        for key in sorted(f["videos"], key=natural_key):
             yield read_item(f, key)
     if include_failed and "failed" in f:
-        for key in f["failed"]:
+        for key in sorted(f["failed"], key=natural_key):
             yield read_item(f, key, failed=True)
+
+
+def natural_key(item_id: str) -> list:
+    """Ids in the order people count: "2" before "10", "item-9" before "item-10"."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", item_id)]
 
 
 def _load_job(view: Path, f: h5py.File) -> dict[str, Any] | None:

@@ -236,3 +236,10 @@ def test_not_a_store(tmp_path: Path, make, message) -> None:
     for call in (lambda: inspect_store(target), lambda: export_videos(target, "png", None, tmp_path / "e")):
         with pytest.raises(UserError, match=message):
             call()
+
+
+def test_ids_are_listed_in_counting_order():
+    from spmd_diff.observe.inspect import natural_key
+
+    ids = ["10", "2", "1", "item-10", "item-9", "b", "a", "0"]
+    assert sorted(ids, key=natural_key) == ["0", "1", "2", "10", "a", "b", "item-9", "item-10"]

@@ -116,3 +116,12 @@ def test_jsonl_parser_accepts_or_rejects_cleanly(objs):
         assert str(exc).startswith("p:")
     else:
         assert [i.id for i in items] == [o["id"] for o in objs]
+
+
+def test_json_errors_read_as_a_sentence():
+    from spmd_diff.errors import UserError
+    from spmd_diff.io.inputs import parse_prompts
+
+    with pytest.raises(UserError) as info:
+        parse_prompts('{"id": "c", "prompt": "abc\n', "p.jsonl", 0)
+    assert "at at" not in str(info.value) and "Unterminated string starting at column" in str(info.value)
