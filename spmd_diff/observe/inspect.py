@@ -223,7 +223,7 @@ def inspect_store(path: str | os.PathLike[str], item_id: str | None = None, limi
         rows: list[list[str]] = []
         missing = corrupt = 0
         for group, failed in (("videos", False), ("failed", True)):  # up to ``limit`` of each: failures always show
-            keys = list(f[group]) if group in f else []
+            keys = sorted(f[group], key=natural_key) if group in f else []
             for key in keys if limit is None else keys[:limit]:  # a huge store opens only the files it lists
                 item = read_item(f, key, failed=failed)
                 missing += item.status == "missing"

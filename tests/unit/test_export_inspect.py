@@ -238,8 +238,16 @@ def test_not_a_store(tmp_path: Path, make, message) -> None:
             call()
 
 
-def test_ids_are_listed_in_counting_order():
+def test_ids_are_listed_in_counting_order(tmp_path: Path):
     from spmd_diff.observe.inspect import natural_key
 
     ids = ["10", "2", "1", "item-10", "item-9", "b", "a", "0"]
     assert sorted(ids, key=natural_key) == ["0", "1", "2", "10", "a", "b", "item-9", "item-10"]
+    store, expected = VideoStore(tmp_path / "OUT"), {}
+    for n, item_id in enumerate(["10", "2", "1", "11", "0"]):
+        expected[item_id] = _attrs(n, item_id, 1, 16, 16)
+        store.write_item(item_id, _frames(1, 16, 16), expected[item_id])
+    build_view(store, expected, repair=False)
+    lines = inspect_store(tmp_path / "OUT").splitlines()
+    listed = [line.split()[0] for line in lines if line.split() and line.split()[0] in expected]
+    assert listed == ["0", "1", "2", "10", "11"], lines
