@@ -196,3 +196,20 @@ def test_every_run_is_reported_and_a_run_with_nothing_to_do_says_so(tmp_path):
     assert "Run 0 (" in html and "Run 1 (" in html and "nothing to do: every item" in html
     latest = write_report(tmp_path, "latest").read_text()
     assert "nothing to do: every item" in latest and "Run 0 (" not in latest
+
+
+def test_a_replan_changes_the_roles_on_the_timeline(tmp_path):
+    """The engine's replan record (plan.replan.Replan.to_event: old_plan / new_plan) moves ranks between roles."""
+    end = simulate(tmp_path, num_items=4, fail_item=None)
+    log = EventLog(tmp_path, 0)
+    new_plan = {"encoders": [0], "dit_groups": [[1], [3]], "decoders": [2]}
+    log.emit("replan", t=end - 0.5, batch=0, switch=True, reason="gain", old_plan=PLAN, new_plan=new_plan)
+    log.close()
+    merge_event_logs(tmp_path)
+    run = load_runs(tmp_path / "events.jsonl")[0]
+    assert [role for _, role in run.role_timeline(3)] == ["decoder", "dit"]
+    import html as html_module
+    import json as json_module
+
+    page = write_report(tmp_path, "all").read_text()
+    assert html_module.escape(json_module.dumps(new_plan)) in page  # the re-plan's new plan is listed
