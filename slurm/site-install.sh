@@ -18,7 +18,8 @@
 #                            build); without it pip picks torch as a dependency of the package
 #   --pip-arg ARG            extra argument for every pip install (repeatable): --index-url=..., --no-index,
 #                            --find-links=DIR for an offline wheelhouse, ...
-#   --system-site-packages   let the venv see the interpreter's packages (reuse a site torch/mpi4py)
+#   --system-site-packages   let the venv see the interpreter's packages (reuse a site torch/mpi4py; when
+#                            --python is itself a virtual environment, its packages)
 #   --module-load MOD        the module the install needs loaded (repeatable), e.g. the MPI that mpi4py was
 #                            built against: --module-load openmpi/4.1.6
 #   --version V              module version name (default: the package's version)
@@ -74,6 +75,17 @@ if [[ ! -x $venv/bin/python ]]; then
   ((system_site)) && venv_args+=(--system-site-packages --without-pip)
   say "creating $venv with $("$python" -c 'import sys; print(sys.executable, sys.version.split()[0])')"
   "$python" -m venv "${venv_args[@]}" "$venv"
+  if ((system_site)); then
+    # --python may itself be a virtual environment (one with torch and mpi4py, say): its packages are not the
+    # base interpreter's "system site", so expose them to the new venv with a .pth file.
+    "$python" - "$venv" <<'PY'
+import pathlib, site, sys
+if sys.prefix != sys.base_prefix:
+    venv = pathlib.Path(sys.argv[1])
+    (target,) = venv.glob("lib/python*/site-packages")
+    (target / "_spmd_diff_site_python.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+PY
+  fi
   if ! "$venv/bin/python" -c 'import pip' 2>/dev/null; then
     "$venv/bin/python" -m ensurepip --default-pip >/dev/null
   fi

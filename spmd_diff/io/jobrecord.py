@@ -26,7 +26,8 @@ SETTING_NAMES = {
     "height": "video.height", "width": "video.width", "num_frames": "video.num_frames",
     "num_inference_steps": "video.num_inference_steps", "guidance_scale": "video.guidance_scale",
     "max_sequence_length": "video.max_sequence_length", "dtype": "model.dtype",
-    "model_fingerprint": "model.fingerprint", "dit_compile": "dit.compile",
+    "model_fingerprint": "model.fingerprint", "dit_compile": "dit.compile", "tier": "speed.tier",
+    "speed": "speed.resolved",
 }
 """Item attribute -> setting name (as in the job file) for the job-wide attributes."""
 DEFAULT_NEGATIVE = "video.negative_prompt"

@@ -25,7 +25,7 @@ from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io import jobrecord
 from spmd_diff.io.identity import model_fingerprint
 from spmd_diff.io.runplan import plan_run
-from spmd_diff.io.store import VideoStore
+from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.plan.for_job import job_planning, read_model_configs
 from spmd_diff.plan.roles import RolePlan, plan_roles
@@ -220,7 +220,11 @@ def _republish(started: Started, request: RunRequest, store: VideoStore) -> int:
                     model_dir=inputs.model_dir, argv=sys.argv)
         attrs_of = item_attrs(inputs.job, inputs.model_dir, dtype_name(inputs.job, inputs.topology.gpus_per_node > 0),
                               inputs.plan.sp_degree)
-        build_view(store, {item.id: attrs_of(item) for item in inputs.items})
+        print(f"spmd-diff: {len(inputs.items)} item(s), {len(inputs.items)} already in {request.out_dir} or "
+              "failed, 0 to render", file=sys.stderr)
+        view = build_view(store, {item.id: attrs_of(item) for item in inputs.items})
+        for line in describe_corrupt(view.corrupt, "rerun to render it again"):
+            warn(line)
         events.emit("job_end", status="nothing to do", items_done=0, items_failed=len(store.failures()),
                     elapsed_s=time.time() - started.started_at)
         events.close()

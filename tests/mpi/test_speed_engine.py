@@ -82,7 +82,8 @@ def test_exact_tier_is_bit_identical_to_the_plain_path(exact_out, demo_model_dir
         assert attrs[p["id"]]["tier"] == "exact" and json.loads(attrs[p["id"]]["speed"]) == {"tier": "exact"}
     pipeline = reference_video(demo_model_dir, PROMPTS[2]["prompt"], "static, dark", job.run.seed + 2, spec)
     assert np.abs(got["city"].astype(np.int16) - pipeline.astype(np.int16)).max() <= 1
-    assert json.loads((exact_out / "job.json").read_text())["speed"] == {"tier": "exact"}
+    settings = json.loads((exact_out / "job.json").read_text())["settings"]
+    assert settings["speed.tier"] == "exact" and json.loads(settings["speed.resolved"]) == {"tier": "exact"}
 
 
 def test_exact_tier_events(exact_out):
@@ -105,9 +106,9 @@ def test_fast_tier_within_tolerance(exact_out, env, prompts, tmp_path):
         print(f"{key}: fast vs exact mean {diff.mean():.3f}, max {diff.max()} levels")
         assert diff.mean() <= 1.5 and diff.max() <= 64 and 0 < diff.max(), key  # the tiny demo VAE in bf16
         assert attrs[key]["tier"] == "fast" and json.loads(attrs[key]["speed"])["vae_dtype"] == "bfloat16"
-    fingerprint = json.loads((out / "job.json").read_text())
-    assert fingerprint["speed"] == {"tier": "fast", "vae_dtype": "bfloat16", "compile_dit": True,
-                                    "attention": "_native_cudnn"}
+    settings = json.loads((out / "job.json").read_text())["settings"]
+    assert settings["speed.tier"] == "fast" and json.loads(settings["speed.resolved"]) == {
+        "tier": "fast", "vae_dtype": "bfloat16", "compile_dit": True, "attention": "_native_cudnn"}
     refused = run_one_rank(prompts, exact_out, env, "--set", "speed.tier='fast'")  # another tier, same OUT
     assert refused.returncode == 2 and "speed.tier: 'exact' there, 'fast' now" in refused.stderr
 
