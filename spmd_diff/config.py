@@ -162,11 +162,6 @@ class JobConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """The settings that change what a video looks like: two runs into one OUT must agree on these."""
-        video = dataclasses.asdict(self.video)
-        return {"model": self.model.path, "dtype": self.model.dtype, "video": video, "speed": self.speed.resolved()}
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 

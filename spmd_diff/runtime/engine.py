@@ -10,7 +10,6 @@ OUT/videos.h5; every rank exits with the same code.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import socket
 import sys
@@ -18,7 +17,6 @@ import time
 import traceback
 from dataclasses import dataclass
 from typing import Iterator
-from pathlib import Path
 
 import torch
 
@@ -41,6 +39,7 @@ from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
+from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.roles import RolePlan
@@ -227,11 +226,7 @@ def _fan_in(plan: RolePlan) -> int:
 def _item_cost(setup: Setup, device: str) -> ItemCost:
     s = setup.shapes
 
-    def config(component: str) -> dict:
-        path = Path(setup.model_dir) / component / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-    dit, text, vae = config("transformer"), config("text_encoder"), config("vae")
+    dit, text, vae = read_model_configs(setup.model_dir)
     dim = s.num_attention_heads * s.attention_head_dim
     d_model = text.get("d_model", 4096)
     text_params = text.get("num_layers", 24) * (4 * d_model * d_model + 3 * d_model * text.get("d_ff", 10240))

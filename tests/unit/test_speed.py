@@ -124,10 +124,10 @@ def test_warmup_changes_no_item(demo_model_dir: pathlib.Path, exact: WanStages) 
 
 def test_speed_section_is_typed_validated_and_fingerprinted() -> None:
     job = build_job({}, "job.toml")
-    assert job.speed.tier == "exact" and job.fingerprint()["speed"] == {"tier": "exact"}
+    assert job.speed.tier == "exact" and job.speed.resolved() == {"tier": "exact"}
     fast = build_job({"speed": {"tier": "fast", "fast_vae_bf16": False}}, "job.toml", ["speed.write_queue=4"])
-    assert fast.fingerprint()["speed"] == {"tier": "fast", "vae_dtype": "float32", "compile_dit": True,
-                                           "attention": "_native_cudnn"}
+    assert fast.speed.resolved() == {"tier": "fast", "vae_dtype": "float32", "compile_dit": True,
+                                   "attention": "_native_cudnn"}
     assert fast.speed.write_queue == 4 and fast.to_dict()["speed"]["overlap_decode"] is True
     for data, message in (({"tier": "turbo"}, "speed.tier must be one of exact, fast"),
                           ({"fast_attention": "sage"}, "speed.fast_attention must be one of"),
