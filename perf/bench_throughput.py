@@ -223,8 +223,7 @@ negative_prompt = "{NEGATIVE}"
 [run]
 timeout_s = 900
 [roles]
-encoders = 0
-decoders = 0
+policy = "auto"
 [speed]
 tier = "{tier}"
 """)
@@ -241,6 +240,9 @@ tier = "{tier}"
     steady["gpu_s_per_video"] = steady["num_ranks"] / steady["videos_per_s"]
     steady["wall_s"] = time.time() - t0
     steady["out"] = str(out)
+    start = next(e for e in events if e.get("ev") == "job_start")
+    steady["plan"] = {"policy": start["plan"].get("policy"), "roles": start["plan"].get("roles"),
+                      "replans": sum(1 for e in events if e.get("ev") == "replan")}
     writes = sorted((e for e in events if e.get("ev") == "stage" and e.get("stage") == "write"), key=lambda e: e["t1"])
     if len(writes) > cfg["warmup"]:
         middle = writes[min(len(writes) - 1, cfg["warmup"] + (len(writes) - cfg["warmup"]) // 2)]
