@@ -121,8 +121,7 @@ def _plan(args) -> int:
         return plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
 
     def heap_bytes(plan) -> tuple[int, int]:
-        """Largest per-rank channel heap of today's edge scheme (each encoder -> each DiT leader, each leader
-        -> each decoder), and the rank that needs it."""
+        """Largest per-rank channel heap of the plan's channels (``RolePlan.channel_edges``), and its rank."""
         from spmd_diff.comm.channel import HeapLayout, RingSpec
 
         shapes = (16, (v.num_frames - 1) // 4 + 1, v.height // 8, v.width // 8)
@@ -130,13 +129,9 @@ def _plan(args) -> int:
         itemsize = sizes.text_dtype_bytes
         embeds = RingSpec(job.run.ring_slots, (2 if work_class.cfg else 1)
                           * (-(-v.max_sequence_length * 4096 * itemsize // 64) * 64))
-        leaders = [group[0] for group in plan.dit_groups]
-        encoders, decoders = plan.encoders, plan.decoders
-        need = {r: HeapLayout.bytes_needed([embeds] * len(encoders), len(decoders)) for r in leaders[:1]}
-        need.update({r: HeapLayout.bytes_needed([], len(leaders)) for r in encoders[:1]})
-        need.update({r: HeapLayout.bytes_needed([latents] * len(leaders), 0) for r in decoders[:1]})
-        rank = max(need, key=need.get)
-        return need[rank], rank
+        layout = HeapLayout(plan.num_ranks, plan.channel_edges(embeds, latents))
+        rank = max(range(plan.num_ranks), key=lambda r: layout.rank_bytes[r])
+        return layout.rank_bytes[rank], rank
 
     plan = make_plan(memory)
     heap, heap_rank = heap_bytes(plan)
@@ -166,7 +161,7 @@ def _plan(args) -> int:
           f"(bottleneck: {prediction.bottleneck}; seconds per item from the analytic prior: {seconds})")
     where = "GPU memory (NVSHMEM)" if job.world.transport == "nvshmem" else "symmetric heap (GPU with NVSHMEM)"
     print(f"channel heap: up to {heap / 2**20:,.1f} MiB per rank (rank {heap_rank}, {plan.role_of(heap_rank)}) "
-          f"in the {where}, for today's edges: every encoder -> every DiT leader -> every decoder")
+          f"in the {where}; a consumer serves at most {plan.fan_in()} producer(s)")
     return 0
 
 

@@ -62,9 +62,12 @@ def predict_item_cost(num_tokens: int, dims: DitDims, num_steps: int, cfg: bool,
 
 
 def wait_deadline_s(cost: ItemCost, setting_s: float, fan_in: int = 1) -> float:
-    """The deadline of one wait: the job's setting if given (> 0), else a few items' worth of the slowest stage
-    plus the queue a consumer shared by ``fan_in`` producers may legitimately hold ahead of a producer's slot
-    (a consumer serves its producers in turn, so a full producer waits at most one item of each other one)."""
+    """The deadline of one wait: what one item's stage may take (the job's ``run.timeout_s`` if given, > 0) times
+    the items a wait may legitimately queue behind: its own and the one ahead of it, plus one of each other
+    producer of a consumer shared by ``fan_in`` producers (a consumer serves its producers in turn, so a full
+    producer waits at most one item of each other one). Automatic (``setting_s`` 0): a few items' worth of the
+    model's slowest stage on top of that queue, never under ``MIN_DEADLINE_S``."""
+    fan_in = max(1, fan_in)
     if setting_s > 0:
-        return setting_s
-    return max(MIN_DEADLINE_S, (4.0 + max(1, fan_in)) * cost.slowest_s)
+        return (2 + fan_in) * setting_s
+    return max(MIN_DEADLINE_S, (4.0 + fan_in) * cost.slowest_s)

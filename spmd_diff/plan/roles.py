@@ -12,11 +12,31 @@ A plan of ``roles.policy = "auto"`` (``spmd_diff.plan.planner``) also says which
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any, Sequence
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.topology import Topology
+
+
+def spread_edges(producers: Sequence[int], consumers: Sequence[int]) -> list[tuple[int, int]]:
+    """Which producer feeds which consumer, as sorted ``(producer, consumer)`` rank pairs.
+
+    Every producer feeds at least one consumer and every consumer hears from at least one producer; a producer
+    feeds two consumers where there are two (the second half the consumers away), so one slow consumer never holds
+    a producer alone. A consumer hears from at most ``2 * ceil(P / C)`` producers (2 when ``C >= P``): its rings,
+    and so the symmetric heap every rank allocates, grow with the ratio of producers to consumers, never with
+    their number (each producer -> every consumer would need ``P`` rings per consumer: gigabytes at scale).
+    """
+    num_p, num_c = len(producers), len(consumers)
+    if not num_p or not num_c:
+        return []
+    pairs = {(j % num_p, j % num_c) for j in range(max(num_p, num_c))}
+    if num_c > 1:
+        pairs |= {(j, (j + num_c // 2) % num_c) for j in range(num_p)}
+    return sorted((producers[p], consumers[c]) for p, c in pairs)
 
 
 @dataclass(frozen=True)
@@ -111,6 +131,21 @@ class RolePlan:
             name = self.role_of(rank)
             counts[name] = counts.get(name, 0) + 1
         return counts
+
+    def channel_edges(self, embeds_spec: Any, latents_spec: Any) -> list[tuple[int, int, Any, str]]:
+        """The plan's channels as ``(producer, consumer, spec, name)``: encoders -> DiT group leaders (text
+        embeddings, ``embeds_spec``), leaders -> decoders (latents, ``latents_spec``), connected by
+        :func:`spread_edges`. Co-located stages hand over in process and need none."""
+        leaders = [group[0] for group in self.dit_groups]
+        edges = [(e, d, embeds_spec, f"enc{e}->dit{d}") for e, d in spread_edges(self.encoders, leaders)]
+        edges += [(d, x, latents_spec, f"dit{d}->dec{x}") for d, x in spread_edges(leaders, self.decoders)]
+        return edges
+
+    def fan_in(self) -> int:
+        """The most producers one consumer serves (at least 1): a producer's wait for a free slot may last
+        that many of the consumer's items."""
+        consumers = Counter(consumer for _, consumer, _, _ in self.channel_edges(None, None))
+        return max(consumers.values(), default=1)
 
     def group_of(self, rank: int) -> int:
         """Index of the DiT group holding ``rank``."""

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -93,14 +93,6 @@ def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
     return RingSpec(slots, embeds), RingSpec(slots, latents)
 
 
-def channel_edges(plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec) -> list[tuple]:
-    """Encoder -> each DiT group leader, each DiT group leader -> decoder."""
-    leaders = [group[0] for group in plan.dit_groups]
-    edges = [(e, d, enc_spec, f"enc{e}->dit{d}") for e in plan.encoders for d in leaders]
-    edges += [(d, x, dec_spec, f"dit{d}->dec{x}") for d in leaders for x in plan.decoders]
-    return edges
-
-
 def setup_attrs(setup: Setup):
     """item -> the attributes of its video (:func:`spmd_diff.runtime.startup.item_attrs` for this setup)."""
     return item_attrs(setup.job, setup.model_dir, setup.dtype, setup.plan.sp_degree)
@@ -175,13 +167,18 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
     pending = [items_by_index[i] for i in pending_indices]
-    deadline_s = wait_deadline_s(_item_cost(setup, world.device), setup.job.run.timeout_s, _fan_in(setup.plan))
+    cost = _item_cost(setup, world.device)
+
+    def deadline_for(plan: RolePlan) -> float:
+        return wait_deadline_s(cost, setup.job.run.timeout_s, plan.fan_in())
+
+    deadline_s = deadline_for(setup.plan)
     shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
     _announce(world, setup, events, pending, request.out_dir, deadline_s)
 
     try:
-        role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_s,
+        role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_for,
                                 policy)
     finally:
         stop.uninstall()
@@ -216,13 +213,6 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     return world.comm.bcast(code, root=0)
 
 
-def _fan_in(plan: RolePlan) -> int:
-    """The most producers one consumer serves: DiT group leaders per decoder, encoders per leader (their items
-    queue at the consumer, so a producer's wait for credit grows with it)."""
-    leaders = len(plan.dit_groups)
-    return max(1, leaders if plan.decoders else 1, len(plan.encoders))
-
-
 def _item_cost(setup: Setup, device: str) -> ItemCost:
     s = setup.shapes
 
@@ -252,10 +242,11 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
 
 
 def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
-              items_by_index: dict[int, Item], pending: list[Item], deadline_s: float, policy: Policy):
+              items_by_index: dict[int, Item], pending: list[Item], deadline_for: Callable[[RolePlan], float],
+              policy: Policy):
     """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
-    batch's plan, run this rank's role loop until the batch has drained, and (between batches) combine every
-    rank's timings and let ``policy`` choose the next plan.
+    batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until the batch has
+    drained, and (between batches) combine every rank's timings and let ``policy`` choose the next plan.
 
     Returns (transport, monitor) on success, or the exception that must abort the job.
     """
@@ -276,13 +267,18 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if world.size > 1:
             heap_bytes = max(_layout(world, p, enc_spec, dec_spec, channels_base).heap_bytes for p in candidates)
             transport_heap = max(heap_bytes, channels_base)
+            if world.rank == 0:
+                print(f"spmd-diff: symmetric heap {transport_heap / 2**20:,.1f} MiB per rank (channels, DiT "
+                      f"collectives, progress board; the largest of the {len(candidates)} plan(s) this job may "
+                      f"switch between); a consumer serves at most {max(p.fan_in() for p in candidates)} "
+                      "producer(s)", file=sys.stderr)
             transport = make_transport(world, transport_heap, setup.job.world.transport)
-            if coll_bytes:
+            if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
-                                        timeout_s=deadline_s)
+                                        timeout_s=max(deadline_for(p) for p in candidates))
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
-                                store, events, stop, deadline_s, setup_attrs(setup), board.publish,
+                                store, events, stop, deadline_for(plan), setup_attrs(setup), board.publish,
                                 hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
                                 write_queue=speed.write_queue, warmup=speed.warmup)
         if world.rank == 0:
@@ -295,6 +291,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         num_done_before = 0
         sp_for: tuple = (None, None)  # (DiT group, components) the SP hooks are attached for
         for number, batch in enumerate(batches):
+            ctx.timeout_s = deadline_for(plan)
             if number > 0:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
             senders, receivers = [], []
@@ -321,6 +318,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
                                                    compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast))
                 sp_for = (group_ranks, stages)
+            if ctx.hooks:
+                ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()
             queue = WorkQueue(world.comm, len(batch))
             _run_role(ctx, plan, queue, batch, senders, receivers)
@@ -343,6 +342,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     print(f"spmd-diff: re-plan after batch {number}: {decision.best.role_counts()} "
                           f"({decision.reason})", file=sys.stderr, flush=True)
                 plan = decision.best
+                if ctx.hooks:
+                    ctx.hooks.at("replan", f"batch-{number}")
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,
@@ -356,7 +357,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
 
 
 def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec, base: int) -> HeapLayout:
-    return HeapLayout(world.size, channel_edges(plan, enc_spec, dec_spec), base_offset=base)
+    return HeapLayout(world.size, plan.channel_edges(enc_spec, dec_spec), base_offset=base)
 
 
 def _stage_options(setup: Setup, world: World, plan: RolePlan) -> StageOptions:

@@ -136,7 +136,12 @@ class TestHooks:
     "item": ID or "*", "rank": R (optional), "bytes": N (limit_file_size)}``: at the start of that stage of that
     item (on that rank), hang forever, raise, exit the process at once (os._exit, like a SIGKILL), poison the
     latents (``nan``, denoise only), or make the disk "full" for this process (``limit_file_size``: RLIMIT_FSIZE,
-    so writes past N bytes fail with EFBIG; set after MPI started, whose own files it would break)."""
+    so writes past N bytes fail with EFBIG; set after MPI started, whose own files it would break).
+
+    Two more points are not stages of an item: ``"stage": "replan"`` (every rank, right after the plan for the
+    next batch is chosen, before any rank switches) and ``"stage": "batch_start"`` (a batch whose channels and
+    components are ready, before its first item); their ``item`` is ``"batch-N"`` (N counted from 0: the batch
+    just finished, or the one starting)."""
 
     def __init__(self, rules: list[dict], rank: int) -> None:
         self.rules = [r for r in rules if r.get("rank", rank) == rank]

@@ -215,7 +215,7 @@ def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
     hooks = json.dumps([{"action": "hang", "stage": "denoise", "item": "item-05", "rank": 2},
                         {"action": "hang", "stage": "denoise", "item": "item-05", "rank": 3}])
     started = time.monotonic()
-    proc = subprocess.run(command(4, prompts, out, "--set", "run.timeout_s=8"), cwd=REPO, capture_output=True,
+    proc = subprocess.run(command(4, prompts, out, "--set", "run.timeout_s=5"), cwd=REPO, capture_output=True,
                           text=True, timeout=240, env=full_env(env, SPMD_DIFF_TEST_HOOKS=hooks))
     elapsed = time.monotonic() - started
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -279,3 +279,58 @@ def test_failed_items_are_listed_then_retried(env, prompts, tmp_path):
     assert retry.returncode == 0 and "3 to render" in retry.stderr, retry.stderr[-2000:]
     with h5py.File(out / "videos.h5", "r") as f:
         assert len(f["videos"]) == NUM_ITEMS and len(f["failed"]) == 0
+
+
+# roles.policy = "auto" with one stage per rank, short batches and a slow denoise: the planner moves ranks to the
+# DiT after the first batch (tests/mpi/test_replan_mpi.py shows it does), so the kills below land in a re-plan.
+REPLANNING = ("--set", 'roles.policy="auto"', "--set", "roles.colocate=false", "--set", "roles.batch_s=0.5")
+
+
+def _killed_at(point: str, victim: int, env: dict, prompts: Path, out: Path) -> subprocess.CompletedProcess:
+    item = "batch-1" if point == "batch_start" else "*"  # the batch after the first re-plan; any re-plan
+    hooks = json.dumps([{"action": "exit", "stage": point, "item": item, "rank": victim}])
+    return subprocess.run(command(4, prompts, out, *REPLANNING), cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=full_env(env, SPMD_DIFF_INJECT_DELAY="denoise:0.4",
+                                                    SPMD_DIFF_TEST_HOOKS=hooks))
+
+
+def test_a_kill_during_and_right_after_a_replan_then_rerun_exactly_once(env, prompts, reference, tmp_path):
+    """A random rank dies while the ranks switch to a new plan (``replan``), then, in the rerun, one dies as the
+    first batch of the new plan starts (``batch_start`` of batch 1, channels re-targeted and components
+    reloaded). The last run completes: every item once, bit-identical to the uninterrupted run."""
+    out, rng = tmp_path / "out", random.Random(13)
+    done = 0
+    for point in ("replan", "batch_start"):
+        victim = rng.randrange(4)
+        killed = _killed_at(point, victim, env, prompts, out)
+        assert killed.returncode != 0, killed.stderr[-3000:]
+        assert "re-plan after batch 0" in killed.stderr, (point, killed.stderr[-3000:])
+        now = len(list((out / "items").glob("*/*.h5")))
+        assert done < now < NUM_ITEMS, (point, victim, done, now)  # the first batch's items are kept, no more
+        done = now
+    rerun = subprocess.run(command(4, prompts, out, *REPLANNING), cwd=REPO, env=full_env(env), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{NUM_ITEMS - done} to render" in rerun.stderr
+    assert_exactly_once_and_equal(out, reference)
+
+
+def test_many_producers_into_one_slow_consumer_finish_without_a_deadline_abort(env, prompts, reference, tmp_path):
+    """Three DiT leaders feed one decoder that takes ~1 s per item through one-slot rings, with
+    ``run.timeout_s = 2`` (no stage of an item takes longer): a leader with a full ring waits for one item of each
+    other leader, ~3 s (asserted below: a 2 s deadline would stop it), and the deadline allows for that queue. A dead peer is still found: tests above (hung rank) use the same rule."""
+    out, few = tmp_path / "out", tmp_path / "few.jsonl"
+    few.write_text("".join(prompts.read_text().splitlines(keepends=True)[:12]))
+    result = subprocess.run(command(5, few, out, "--set", "roles.encoders=1", "--set", "roles.decoders=1",
+                                    "--set", "run.timeout_s=2", "--set", "run.ring_slots=1"),
+                            cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env=full_env(env, SPMD_DIFF_INJECT_DELAY="decode:1.0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "a consumer serves at most 3 producer(s)" in result.stderr
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    credit = [e["t1"] - e["t0"] for e in events if e["ev"] == "wait" and e.get("what") == "credit"]
+    assert max(credit) > 2.0, f"no producer queued longer than a stage: {sorted(credit)[-5:]}"
+    got = videos(out)
+    assert sorted(got) == sorted(reference)[:12]
+    for key, video in got.items():
+        assert np.array_equal(video, reference[key]), key

@@ -16,7 +16,7 @@ def test_predicted_gpu_times_are_in_the_measured_range():
 def test_deadline_uses_the_setting_or_a_floor():
     tiny = predict_item_cost(768, DitDims(2, 24, 32, 512, 1e5, 3), 4, True, 9 * 64 * 64, "cpu")
     assert wait_deadline_s(tiny, 0) == MIN_DEADLINE_S
-    assert wait_deadline_s(tiny, 7.5) == 7.5
+    assert wait_deadline_s(tiny, 7.5) == 3 * 7.5  # a stage of 7.5 s: its own item and the one ahead, one producer
     big = predict_item_cost(75600, DitDims(40, 5120, 13824, 512), 50, True, 81 * 720 * 1280, "cuda")
     assert wait_deadline_s(big, 0) == 5 * big.slowest_s > MIN_DEADLINE_S
 
@@ -26,4 +26,5 @@ def test_deadline_grows_with_the_producers_a_consumer_serves():
     big = predict_item_cost(75600, DitDims(40, 5120, 13824, 512), 50, True, 81 * 720 * 1280, "cuda")
     one, many = wait_deadline_s(big, 0, fan_in=1), wait_deadline_s(big, 0, fan_in=470)
     assert many == (4 + 470) * big.slowest_s and many > 470 * big.slowest_s > one
-    assert wait_deadline_s(big, 7.5, fan_in=470) == 7.5  # an explicit setting is the user's
+    # An explicit setting is the longest one stage may take: the queue of 470 producers still counts.
+    assert wait_deadline_s(big, 7.5, fan_in=470) == (2 + 470) * 7.5

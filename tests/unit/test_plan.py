@@ -3,7 +3,7 @@
 import pytest
 
 from spmd_diff.errors import UserError
-from spmd_diff.plan.roles import plan_roles
+from spmd_diff.plan.roles import plan_roles, spread_edges
 from spmd_diff.plan.topology import Topology
 
 
@@ -92,3 +92,29 @@ def test_topology_from_hostnames_and_regroup():
     assert topo.local_rank(3) == 1
     with pytest.raises(UserError, match="must divide"):
         topo.regrouped(3)
+
+
+@pytest.mark.parametrize("num_p,num_c", [(1, 1), (1, 3), (3, 1), (2, 2), (5, 2), (2, 5), (7, 3), (470, 1),
+                                         (470, 7), (40, 2275), (2275, 1781)])
+def test_spread_edges_cover_both_sides_with_bounded_fan_in(num_p, num_c):
+    producers, consumers = list(range(100, 100 + num_p)), list(range(5000, 5000 + num_c))
+    edges = spread_edges(producers, consumers)
+    assert len(set(edges)) == len(edges) and edges == sorted(edges)
+    out_degree = {p: sum(1 for q, _ in edges if q == p) for p in producers}
+    in_degree = {c: sum(1 for _, d in edges if d == c) for c in consumers}
+    assert min(out_degree.values()) >= min(2, num_c), "a producer feeds two consumers where there are two"
+    assert min(in_degree.values()) >= 1, "every consumer hears from a producer"
+    assert max(in_degree.values()) <= 2 * -(-num_p // num_c)
+
+
+def test_the_channel_heap_grows_with_the_ratio_of_producers_to_consumers_not_their_number():
+    """The simulator's memory-capped plan at 4,096 ranks (40 encoders, 2,275 DiT, 1,781 decoders), 480p latents:
+    each decoder holds a few rings, not one per DiT leader (which would be 2,275 x 2 x 8.7 MB = 39 GB)."""
+    from spmd_diff.comm.channel import HeapLayout, RingSpec
+
+    latents, embeds = RingSpec(2, 16 * 21 * 60 * 104 * 4), RingSpec(2, 2 * 512 * 4096 * 2)
+    small = plan_roles(Topology.uniform(1, 8, 8), 1, 3, 1, "ulysses")
+    big = plan_roles(Topology.uniform(512, 8, 8), 40, 1781, 1, "ulysses")
+    heaps = [HeapLayout(p.num_ranks, p.channel_edges(embeds, latents)).heap_bytes for p in (small, big)]
+    assert heaps[1] <= 4 * (latents.ring_bytes + embeds.ring_bytes), heaps
+    assert big.fan_in() <= 2 * -(-2275 // 1781) and small.fan_in() <= 2 * -(-4 // 3)
