@@ -297,10 +297,15 @@ class VideoStore:
         return corrupt
 
     # -- writing items ----------------------------------------------------------------------------------------
-    def write_item(self, item_id: str, video_FHWC: np.ndarray, attrs: Mapping) -> Path:
-        """Write one finished video atomically. ``video_FHWC``: uint8 [frames, height, width, 3]."""
-        if video_FHWC.dtype != np.uint8 or video_FHWC.ndim != 4 or video_FHWC.shape[-1] != 3:
-            raise ValueError(f"video must be uint8 [F, H, W, 3], got {video_FHWC.dtype} {video_FHWC.shape}")
+    def write_item(self, item_id: str, video: np.ndarray, attrs: Mapping) -> Path:
+        """Write one finished video atomically. ``video``: uint8 [frames, height, width, 3] for a raw video, or
+        the mp4 bytes uint8 [N] of an encoded one (``attrs["codec"]`` h264/hevc; frames.stored_form makes both)."""
+        encoded = str(attrs.get("codec", "raw")) != "raw"
+        if video.dtype != np.uint8 or (video.ndim != 1 if encoded else (video.ndim != 4 or video.shape[-1] != 3)):
+            want = "mp4 bytes uint8 [N]" if encoded else "uint8 [F, H, W, 3]"
+            raise ValueError(f"video must be {want} (codec {attrs.get('codec', 'raw')!r}), got {video.dtype} "
+                             f"{video.shape}")
+        video_FHWC = video
         attrs = {**attrs, "id": item_id}
         key, identity, token = item_key(item_id), identity_of(attrs), self.token
         path = self.items_dir / key[:2] / f"{key}.{identity}.{token}.h5"
