@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diff.errors import UserError, did_you_mean
+from spmd_diff.io.codec import DEFAULT_FPS, DEFAULT_PRESET, DEFAULT_QUALITY
 
 
 @dataclass(frozen=True)
@@ -151,12 +152,12 @@ class OutputConfig:
 
     video: str = "raw"
     """"raw" (uint8 [F, H, W, 3]), "h264" (libx264) or "hevc" (libx265): an mp4, yuv420p, in the item file."""
-    quality: int = 17
+    quality: int = DEFAULT_QUALITY
     """h264/hevc: constant rate factor, 0-51, lower = better and bigger. 17 keeps a natural-looking clip above
     40 dB PSNR at ~1/150 of raw (perf/results/encode-2026-12-03.md)."""
-    preset: str = "medium"
+    preset: str = DEFAULT_PRESET
     """h264/hevc: x264/x265 preset ("ultrafast" ... "veryslow"): slower = smaller at the same quality."""
-    fps: int = 16
+    fps: int = DEFAULT_FPS
     """h264/hevc: frames per second written into the mp4 (Wan2.1 renders 16). Raw videos carry none."""
     compression: str = "none"
     """raw: lossless HDF5 filter on each frame's chunk: "none", "gzip", "lzf" or "zstd" (hdf5plugin; readers

@@ -24,6 +24,11 @@ CODECS = {"h264": "libx264", "hevc": "libx265"}
 """``output.video`` name -> the FFmpeg encoder that makes it."""
 PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 """x264 and x265 presets (both take the same names): faster = bigger files at the same quality."""
+DEFAULT_QUALITY = 17
+"""Default constant rate factor (``output.quality``): keeps a natural-looking clip above 40 dB PSNR."""
+DEFAULT_PRESET = "medium"
+DEFAULT_FPS = 16
+"""Wan2.1 renders 16 frames per second."""
 MAX_QUALITY = 51
 """The largest constant rate factor x264 and x265 take (0 = lossless for x264, best for x265)."""
 

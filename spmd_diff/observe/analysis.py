@@ -15,7 +15,8 @@ import numpy as np
 __all__ = ["Span", "Wait", "RunData", "load_runs", "busy_by_rank", "role_busy", "verdict", "role_title",
            "completion_times", "stall"]
 
-_STAGE_ROLE = {"encode": "encoder", "denoise": "dit", "decode": "decoder", "write": "decoder"}
+_STAGE_ROLE = {"encode": "encoder", "denoise": "dit", "decode": "decoder", "write": "decoder",
+               "encode_video": "decoder"}
 _ROLE_TITLE = {"encoder": "encoder", "dit": "DiT", "decoder": "decoder", "all": "single-rank"}
 
 
