@@ -137,22 +137,33 @@ def synthetic_clip(num_frames: int, height: int, width: int, seed: int = 0) -> n
     y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
     x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
     shapes = [(rng.uniform(0.1, 0.9, 2), rng.uniform(-0.01, 0.01, 2), rng.uniform(0.06, 0.2),
-               rng.uniform(0.1, 0.95, 3), bool(rng.integers(2))) for _ in range(6)]
-    grain = rng.normal(0.0, 1.0, (height, width, 1)).astype(np.float32)  # luminance grain
+               rng.uniform(0.1, 0.95, 3).astype(np.float32), bool(rng.integers(2))) for _ in range(6)]
+    grain = rng.normal(0.0, 1.5, (height, width, 1)).astype(np.float32)  # luminance grain
     video = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    img = np.empty((height, width, 3), dtype=np.float32)
     for f in range(num_frames):
         t = f / max(1, num_frames - 1)
-        img = np.stack([0.5 + 0.4 * np.sin(2.0 * np.pi * (x * 0.8 + y * 0.3 + 0.3 * t)),
-                        0.45 + 0.35 * np.cos(2.0 * np.pi * (y * 0.9 - 0.25 * t)) + 0 * x,
-                        0.3 + 0.5 * x * (1.0 - y) + 0.1 * t], axis=-1)
+        img[..., 0] = 0.5 + 0.4 * np.sin(np.float32(2.0 * np.pi) * (x * 0.8 + y * 0.3 + np.float32(0.3 * t)))
+        img[..., 1] = 0.45 + 0.35 * np.cos(np.float32(2.0 * np.pi) * (y * 0.9 - np.float32(0.25 * t)))
+        img[..., 2] = 0.3 + 0.5 * x * (1.0 - y) + np.float32(0.1 * t)
         for (cy, cx), (vy, vx), size, colour, disc in shapes:
             py, px = cy + vy * f, cx + vx * f
+            # only the shape's bounding box is touched (alpha is 0 outside it)
+            y0, y1 = np.searchsorted(y[:, 0], [py - size * width / height, py + size * width / height])
+            x0, x1 = np.searchsorted(x[0], [px - size, px + size])
+            if y0 >= y1 or x0 >= x1:
+                continue
+            yy, xx = (y[y0:y1] - py) * (height / width), x[:, x0:x1] - px
             if disc:
-                dist = np.sqrt(((y - py) * height / width) ** 2 + (x - px) ** 2) / size
+                dist = np.sqrt(yy * yy + xx * xx) / size
             else:
-                dist = np.maximum(np.abs(y - py) * height / width, np.abs(x - px)) / size
+                dist = np.maximum(np.abs(yy), np.abs(xx)) / size
             alpha = np.clip((1.0 - dist) * 8.0, 0.0, 1.0)[..., None]
-            img = img * (1.0 - alpha) + colour * alpha
-        img = img * 255.0 + grain * 1.5
-        video[f] = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+            box = img[y0:y1, x0:x1]
+            box += alpha * (colour - box)
+        frame = img * 255.0
+        frame += grain
+        np.rint(frame, out=frame)
+        np.clip(frame, 0, 255, out=frame)
+        video[f] = frame
     return video
