@@ -253,21 +253,24 @@ class Finisher:
     def _write(self, item: Item, video: np.ndarray | None, failed: dict | None) -> None:
         ctx = self.ctx
         if failed is None:
+            stage = "write"
             try:
                 attrs = ctx.attrs(item)
                 stored, extra = video, {}
                 if is_encoded(attrs):  # on this (writer) thread: the GPU never waits for the encoder
-                    with ctx.span("encode_video", item, cpu=True):
+                    stage = "encode_video"
+                    with ctx.span(stage, item, cpu=True):
                         stored, extra = stored_form(video, attrs, threads=self.encode_threads, metadata=attrs)
-                with ctx.span("write", item, cpu=True):
+                    stage = "write"
+                with ctx.span(stage, item, cpu=True):
                     ctx.store.write_item(item.id, np.ascontiguousarray(stored), {**attrs, **extra})
                 self._outcomes.append((item, None))
                 return
             except OSError as exc:
                 _raise_if_disk_full(ctx, item, exc)
-                failed = _failure("write", exc)
+                failed = _failure(stage, exc)
             except Exception as exc:  # noqa: BLE001
-                failed = _failure("write", exc)
+                failed = _failure(stage, exc)
         try:
             ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
         except OSError as exc:
