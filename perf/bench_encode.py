@@ -127,9 +127,11 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
             Path(args.out + ".partial.json").write_text(json.dumps(results, indent=1) + "\n")
+    synced = Path(__file__).resolve().parents[1] / ".bench_commit"  # a worktree copied for the GPU machine
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+        commit = synced.read_text().split()[0] if synced.exists() else subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).parent).stdout.strip()
     except OSError:
         commit = ""
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": args.machine,
