@@ -90,8 +90,9 @@ def encode_mp4(frames_FHWC: np.ndarray, codec: str, quality: int, preset: str, f
         stream.codec_context.thread_count = int(threads)
         if codec == "hevc":
             stream.codec_context.codec_tag = "hvc1"  # plays in QuickTime/Safari too
-        for frame in frames:
+        for index, frame in enumerate(frames):
             picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", interpolation="AREA")
+            picture.pts = index  # in 1/fps: left unset, timestamps (and so the bitstream) are not reproducible
             for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
