@@ -2,11 +2,12 @@
 
 The file is an ordinary HDF5 file (h5py opens it as is: dataset ``/video``, attributes on the dataset; raw
 videos are uint8 [F, H, W, 3], one chunk per frame, optionally gzip/lzf/zstd-filtered; encoded ones the bytes of
-an mp4 file, uint8 [N], with ``codec``, ``quality``, ``preset``, ``fps``, ``frames`` attributes) whose first ``HEADER_BYTES`` are an HDF5 *user block*, which HDF5 skips. We keep
-a small text header there::
+an mp4 file, uint8 [N], with ``codec``, ``quality``, ``preset``, ``fps``, ``frames`` attributes) whose first
+``HEADER_BYTES`` are an HDF5 *user block*, which HDF5 skips. We keep a small text header there::
 
-    spmd-diff item 1\\n{"id": ..., "key": ..., "identity": ..., "settings": ..., "token": ..., "shape": [F, H, W, 3] (or
-    [N] mp4 bytes), "video_sha256": ..., "size": <bytes of the whole file>, "written": <unix time>, "form": "raw"}\\n<spaces> <crc32, 8 hex digits>
+    spmd-diff item 1\\n{"id": ..., "key": ..., "identity": ..., "settings": ..., "token": ..., "shape": [F, H, W, 3]
+    (or [N] mp4 bytes), "video_sha256": ..., "size": <bytes of the whole file>, "written": <unix time>,
+    "form": "raw"}\\n<spaces> <crc32, 8 hex digits>
 
 so the store can check an item without opening it as HDF5: the header must parse, its CRC-32 must match, its key,
 identity and token must match the file's name and its ``size`` the file's size. That *quick check* (one read of
