@@ -157,6 +157,10 @@ def test_kill_then_rerun_exactly_once(victim, seed, output, env, prompts, refere
         assert_exactly_once_and_equal(out, reference)
     else:
         assert_exactly_once_encoded(out, reference)
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        encodes = [e for e in events if e.get("ev") == "stage" and e.get("stage") == "encode_video" and e["ok"]]
+        assert len({e["item"] for e in encodes}) >= NUM_ITEMS - partial  # the rerun's, each with its CPU time
+        assert all(e["cpu_s"] > 0 for e in encodes)
 
 
 def _kill_launch_tree(proc: subprocess.Popen) -> None:
