@@ -24,10 +24,13 @@ setup(
         "protobuf>=4,<8",
         "ftfy>=6,<7",
         "Pillow>=10,<14",
+        "av>=18.1,<19",  # PyAV: FFmpeg with libx264/libx265 in its wheel (output.video = h264/hevc, export)
+        "hdf5plugin>=7.1,<8",  # output.compression = "zstd"
     ],
     extras_require={
         "report": ["matplotlib>=3.7,<4", "imageio>=2.30,<3", "imageio-ffmpeg>=0.5,<1", "tqdm>=4.60,<5"],
-        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "hypothesis>=6.100,<7"],
+        "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "hypothesis>=6.100,<7",
+                 "webdataset>=1.0.2,<2"],
     },
     entry_points={"console_scripts": ["spmd-diff=spmd_diff.cli:main"]},
 )

@@ -61,9 +61,12 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write playable files (mp4, gif, png frames)")
     export.add_argument("out", help="OUT/ or OUT/videos.h5")
     export.add_argument("dest", help="directory to write into")
-    export.add_argument("--format", choices=("mp4", "gif", "png"), default="mp4")
+    export.add_argument("--format", choices=("mp4", "gif", "png", "webdataset"), default="mp4",
+                        help="mp4 (encoded videos copied as stored, raw ones encoded), gif, png frames, or "
+                             "webdataset tar shards of <key>.mp4 + <key>.json with a manifest.json")
+    export.add_argument("--shard-size", type=int, default=1000, help="webdataset: items per tar shard")
     export.add_argument("--ids", nargs="*", help="item ids (default: all)")
-    export.add_argument("--fps", type=int, default=16)
+    export.add_argument("--fps", type=int, default=16, help="gif, and raw videos encoded to mp4 (encoded ones keep theirs)")
 
     inspect = sub.add_parser("inspect", help="list items, their settings, status and failures")
     inspect.add_argument("path", help="OUT/ or OUT/videos.h5")
@@ -257,7 +260,8 @@ def _dispatch(args) -> int:
         from spmd_diff.observe.export import export_videos
 
         skipped: list[tuple[str, str]] = []
-        for path in export_videos(args.out, args.format, args.ids, args.dest, fps=args.fps, skipped=skipped):
+        for path in export_videos(args.out, args.format, args.ids, args.dest, fps=args.fps, skipped=skipped,
+                                  shard_size=args.shard_size):
             print(path)
         for item_id, reason in skipped:
             print(f"spmd-diff: warning: {item_id!r} not exported: {reason}", file=sys.stderr)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spmd_diff.errors import UserError, did_you_mean
+from spmd_diff.io.codec import DEFAULT_FPS, DEFAULT_PRESET, DEFAULT_QUALITY
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,8 @@ class RunConfig:
     """Deadline of any single wait (channel, barrier), seconds; 0 = from the cost model (a few items' worth of the
     slowest stage, at least 300 s). A peer silent this long is reported and the job aborts."""
     threads: int = 0
-    """torch intra-op threads per rank; 0 = cores of the node divided by the ranks on it."""
+    """CPU threads per rank (torch intra-op, and the h264/hevc encoder); 0 = cores of the node divided by the
+    ranks on it."""
     events: bool = True
     """Write OUT/events/ (per-rank event logs, merged into OUT/events.jsonl at the end)."""
     progress_interval_s: float = 30.0
@@ -138,6 +140,70 @@ class SpeedConfig:
                 "compile_dit": self.fast_compile_dit, "attention": self.fast_attention}
 
 
+OUTPUT_VIDEOS = ("raw", "h264", "hevc")
+OUTPUT_COMPRESSIONS = ("none", "gzip", "lzf", "zstd")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """How each video is stored in its item file: raw uint8 frames (optionally with a lossless HDF5 filter) or an
+    mp4 encoded in-process (spmd_diff/io/codec.py). Part of every video's identity and attributes (see
+    ``attrs``): the stored bytes, and for h264/hevc the pixels read back, depend on it."""
+
+    video: str = "raw"
+    """"raw" (uint8 [F, H, W, 3]), "h264" (libx264) or "hevc" (libx265): an mp4, yuv420p, in the item file."""
+    quality: int = DEFAULT_QUALITY
+    """h264/hevc: constant rate factor, 0-51, lower = better and bigger. 17 keeps a natural-looking clip above
+    40 dB PSNR at ~1/150 of raw (perf/results/encode-2026-12-03.md)."""
+    preset: str = DEFAULT_PRESET
+    """h264/hevc: x264/x265 preset ("ultrafast" ... "veryslow"): slower = smaller at the same quality."""
+    fps: int = DEFAULT_FPS
+    """h264/hevc: frames per second written into the mp4 (Wan2.1 renders 16). Raw videos carry none."""
+    compression: str = "none"
+    """raw: lossless HDF5 filter on each frame's chunk: "none", "gzip", "lzf" or "zstd" (hdf5plugin; readers
+    need ``import hdf5plugin`` before h5py opens such a file). Frames read back bit-identical."""
+
+    def attrs(self) -> dict[str, Any]:
+        """What each video records of its output form (and what identifies it): only the settings that apply."""
+        if self.video == "raw":
+            return {"codec": "raw", "compression": self.compression}
+        return {"codec": self.video, "quality": self.quality, "preset": self.preset, "fps": self.fps}
+
+    def validate(self, source: str) -> None:
+        """UserError naming the setting and its choices; checks the installed FFmpeg (PyAV) has the encoder and
+        that hdf5plugin is there for zstd."""
+        from spmd_diff.io import codec
+
+        if self.video not in OUTPUT_VIDEOS:
+            raise UserError(f"{source}: output.video must be one of {', '.join(OUTPUT_VIDEOS)}, got {self.video!r}")
+        if self.compression not in OUTPUT_COMPRESSIONS:
+            raise UserError(f"{source}: output.compression must be one of {', '.join(OUTPUT_COMPRESSIONS)}, "
+                            f"got {self.compression!r}")
+        if self.video != "raw" and self.compression != "none":
+            raise UserError(f"{source}: output.compression applies to output.video = \"raw\" only (an mp4 is "
+                            f"already compressed); got compression {self.compression!r} with video {self.video!r}")
+        if not 0 <= self.quality <= codec.MAX_QUALITY:
+            raise UserError(f"{source}: output.quality (constant rate factor) must be in 0..{codec.MAX_QUALITY}, "
+                            f"got {self.quality}")
+        if self.preset not in codec.PRESETS:
+            raise UserError(f"{source}: output.preset must be one of {', '.join(codec.PRESETS)}, "
+                            f"got {self.preset!r}")
+        if not 1 <= self.fps <= 240:
+            raise UserError(f"{source}: output.fps must be in 1..240, got {self.fps}")
+        if self.video != "raw":
+            missing = codec.missing_codecs(codec.CODECS)
+            if self.video in missing:
+                usable = ["raw"] + [name for name in codec.CODECS if name not in missing]
+                raise UserError(f"{source}: output.video = {self.video!r}: {missing[self.video]}; available here: "
+                                f"{', '.join(usable)}")
+        if self.compression == "zstd":
+            try:
+                import hdf5plugin  # noqa: F401
+            except ImportError:
+                raise UserError(f"{source}: output.compression = \"zstd\" needs hdf5plugin (pip install "
+                                "hdf5plugin); available here: none, gzip, lzf") from None
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     ranks_per_node: int = 0
@@ -158,6 +224,7 @@ class JobConfig:
     dit: DitConfig = field(default_factory=DitConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -174,6 +241,7 @@ _SECTION_TYPES = {
     "dit": DitConfig,
     "world": WorldConfig,
     "speed": SpeedConfig,
+    "output": OutputConfig,
 }
 
 
@@ -283,6 +351,7 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: speed.write_queue must be >= 0, got {job.speed.write_queue}")
     if not job.model.path:
         raise UserError(f"{source}: model.path is empty")
+    job.output.validate(source)
 
 
 def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:

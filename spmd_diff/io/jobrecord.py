@@ -1,7 +1,7 @@
 """OUT/job.json: which settings the videos in OUT were made with, and the check that keeps a job from mixing others in.
 
 The *settings* of a video are the job-wide part of its identity (size, frames, steps, guidance, text length, dtype,
-model fingerprint, compiled blocks), named as in the job file (``video.height``, ``model.fingerprint``, ...), plus
+model fingerprint, compiled blocks, output form), named as in the job file (``video.height``, ``model.fingerprint``, ...), plus
 the job's default negative prompt. job.json holds::
 
     {"settings": {...}, "model": <model.path of the newest run>, "num_videos": <videos with these settings>,
@@ -27,7 +27,8 @@ SETTING_NAMES = {
     "num_inference_steps": "video.num_inference_steps", "guidance_scale": "video.guidance_scale",
     "max_sequence_length": "video.max_sequence_length", "dtype": "model.dtype",
     "model_fingerprint": "model.fingerprint", "dit_compile": "dit.compile", "tier": "speed.tier",
-    "speed": "speed.resolved",
+    "speed": "speed.resolved", "codec": "output.video", "compression": "output.compression",
+    "quality": "output.quality", "preset": "output.preset", "fps": "output.fps",
 }
 """Item attribute -> setting name (as in the job file) for the job-wide attributes."""
 DEFAULT_NEGATIVE = "video.negative_prompt"

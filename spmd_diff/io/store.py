@@ -297,14 +297,18 @@ class VideoStore:
         return corrupt
 
     # -- writing items ----------------------------------------------------------------------------------------
-    def write_item(self, item_id: str, video_FHWC: np.ndarray, attrs: Mapping) -> Path:
-        """Write one finished video atomically. ``video_FHWC``: uint8 [frames, height, width, 3]."""
-        if video_FHWC.dtype != np.uint8 or video_FHWC.ndim != 4 or video_FHWC.shape[-1] != 3:
-            raise ValueError(f"video must be uint8 [F, H, W, 3], got {video_FHWC.dtype} {video_FHWC.shape}")
+    def write_item(self, item_id: str, video: np.ndarray, attrs: Mapping) -> Path:
+        """Write one finished video atomically. ``video``: uint8 [frames, height, width, 3] for a raw video, or
+        the mp4 bytes uint8 [N] of an encoded one (``attrs["codec"]`` h264/hevc; frames.stored_form makes both)."""
+        encoded = itemfile.is_encoded(attrs)
+        if video.dtype != np.uint8 or (video.ndim != 1 if encoded else (video.ndim != 4 or video.shape[-1] != 3)):
+            want = "mp4 bytes uint8 [N]" if encoded else "uint8 [F, H, W, 3]"
+            raise ValueError(f"video must be {want} (codec {attrs.get('codec', 'raw')!r}), got {video.dtype} "
+                             f"{video.shape}")
         attrs = {**attrs, "id": item_id}
         key, identity, token = item_key(item_id), identity_of(attrs), self.token
         path = self.items_dir / key[:2] / f"{key}.{identity}.{token}.h5"
-        data = itemfile.encode_item(np.ascontiguousarray(video_FHWC), attrs, item_id=item_id, key=key,
+        data = itemfile.encode_item(np.ascontiguousarray(video), attrs, item_id=item_id, key=key,
                                     identity=identity, settings=jobrecord.settings_digest(jobrecord.settings_of(attrs)),
                                     token=token)
         path.parent.mkdir(parents=True, exist_ok=True)

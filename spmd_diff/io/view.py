@@ -1,7 +1,10 @@
 """OUT/videos.h5, the view: built from the item files that pass the quick check, read without HDF5's search.
 
 ``/videos/<id>`` is an external link to ``items/<xx>/<file>.h5:/video``, ``/failed/<id>`` a group whose attributes
-say why (text cleaned so any record can be stored). HDF5 resolves a link next to the view first and, only if
+say why (text cleaned so any record can be stored). ``/forms/<form>`` lists the ids of the videos stored in each
+output form ("raw", "raw+zstd", "h264 crf 17 medium 16 fps", ...: a raw video's dataset is its uint8
+[F, H, W, 3] frames, an encoded one's the bytes of an mp4 file; ``frames.read_frames`` reads either), and the
+attribute ``forms`` counts them (JSON). HDF5 resolves a link next to the view first and, only if
 the file is not there, relative to the reader's working directory; item file names carry this OUT's token and
 the item's identity, so no other OUT has them, and ``read_video`` resolves links itself, next to the view.
 """
@@ -19,7 +22,7 @@ import h5py
 import numpy as np
 
 from spmd_diff.io import itemfile, jobrecord
-from spmd_diff.io.identity import clean_text, identity_of
+from spmd_diff.io.identity import clean_text, identity_of, plain
 from spmd_diff.io.itemfile import CorruptItem, Header
 from spmd_diff.io.store import (CorruptFile, ItemRef, VideoStore, atomic_write_text, fsync_dir, id_from_header,
                                 item_key, tmp_name)
@@ -77,6 +80,7 @@ def build_view(store: VideoStore, expected: Mapping[str, Mapping] | None = None,
             if repair:
                 ref.path.unlink(missing_ok=True)
     videos = {header.id: ref for ref, header in chosen.values()}
+    forms = {header.id: header.form for _, header in chosen.values()}
     failures = {i: r for i, r in store.failures().items() if i not in videos}
     if repair:
         record = jobrecord.read(store.job_path)
@@ -84,13 +88,13 @@ def build_view(store: VideoStore, expected: Mapping[str, Mapping] | None = None,
             refreshed = jobrecord.with_counts(record, counts)
             if refreshed != record:
                 atomic_write_text(store.job_path, json.dumps(refreshed, indent=2, sort_keys=True) + "\n")
-    _write_view(store, videos, failures, len(corrupt))
+    _write_view(store, videos, failures, len(corrupt), forms)
     return ViewReport(store.view_path, len(videos), len(failures), corrupt, superseded,
                       {item_id: ref.identity for item_id, ref in videos.items()})
 
 
 def _write_view(store: VideoStore, videos: Mapping[str, ItemRef], failures: Mapping[str, dict],
-                num_corrupt: int) -> None:
+                num_corrupt: int, forms: Mapping[str, str]) -> None:
     tmp = tmp_name(store.view_path)
     try:
         with h5py.File(tmp, "w", libver="latest") as f:
@@ -98,6 +102,13 @@ def _write_view(store: VideoStore, videos: Mapping[str, ItemRef], failures: Mapp
             for item_id in sorted(videos):
                 group[item_id] = h5py.ExternalLink(videos[item_id].path.relative_to(store.root).as_posix(),
                                                    "/video")
+            by_form: dict[str, list[str]] = {}
+            for item_id in sorted(videos):
+                by_form.setdefault(forms.get(item_id, "raw"), []).append(item_id)
+            form_group = f.create_group("forms")
+            for form, ids in sorted(by_form.items()):
+                form_group.create_dataset(form.replace("/", "_"), data=ids, dtype=h5py.string_dtype())
+            f.attrs["forms"] = json.dumps({form: len(ids) for form, ids in sorted(by_form.items())})
             failed = f.create_group("failed")
             for item_id, record in sorted(failures.items()):
                 entry = failed.create_group(item_id)
@@ -148,9 +159,11 @@ def resolve_link(view_path: Path, link: h5py.ExternalLink) -> Path:
     return target if target.is_absolute() else view_path.parent / target
 
 
-def read_video(view_or_out: str | os.PathLike, item_id: str, check: bool = True) -> np.ndarray:
-    """uint8 [F, H, W, 3] of one item, through the view, resolved next to the view and checked against the
-    checksum recorded when it was written (CorruptItem if it does not match; KeyError for an unknown id)."""
+def read_stored(view_or_out: str | os.PathLike, item_id: str, check: bool = True) -> tuple[np.ndarray, dict]:
+    """(stored video, attributes) of one item, through the view, resolved next to the view and checked against
+    the checksum recorded when it was written (CorruptItem if it does not match; KeyError for an unknown id).
+    The stored video is uint8 [F, H, W, 3] frames or an encoded video's mp4 bytes uint8 [N] (``codec``
+    attribute); ``frames.read_frames`` returns frames for either."""
     path = Path(view_or_out)
     if path.is_dir():
         path = path / "videos.h5"
@@ -159,7 +172,9 @@ def read_video(view_or_out: str | os.PathLike, item_id: str, check: bool = True)
         if link is None:
             raise KeyError(f"no video {item_id!r} in {path}")
         if not isinstance(link, h5py.ExternalLink):  # a self-contained file holds the data itself
-            return f["videos"][item_id][...]
+            itemfile.load_filters()
+            ds = f["videos"][item_id]
+            return ds[...], {name: plain(value) for name, value in ds.attrs.items()}
     file = resolve_link(path, link)
     if not file.exists():
         raise FileNotFoundError(f"{file}: the file of item {item_id!r} is missing (a view needs the items/ folder "
@@ -167,6 +182,9 @@ def read_video(view_or_out: str | os.PathLike, item_id: str, check: bool = True)
     header = itemfile.read_header(file)
     if header.id != item_id:
         raise CorruptItem(f"{file} holds item {header.id!r}, not {item_id!r}")
-    return itemfile.read_video(file, header, verify=check)
+    return itemfile.read_video(file, header, verify=check), itemfile.read_attrs(file)
 
 
+def read_video(view_or_out: str | os.PathLike, item_id: str, check: bool = True) -> np.ndarray:
+    """The stored video of one item (see :func:`read_stored`): uint8 [F, H, W, 3] for a raw video."""
+    return read_stored(view_or_out, item_id, check)[0]

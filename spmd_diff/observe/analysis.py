@@ -15,7 +15,8 @@ import numpy as np
 __all__ = ["Span", "Wait", "RunData", "load_runs", "busy_by_rank", "role_busy", "verdict", "role_title",
            "completion_times", "stall"]
 
-_STAGE_ROLE = {"encode": "encoder", "denoise": "dit", "decode": "decoder", "write": "decoder"}
+_STAGE_ROLE = {"encode": "encoder", "denoise": "dit", "decode": "decoder", "write": "decoder",
+               "encode_video": "decoder"}
 _ROLE_TITLE = {"encoder": "encoder", "dit": "DiT", "decoder": "decoder", "all": "single-rank"}
 
 
@@ -34,6 +35,8 @@ class Span:
     t0: float
     t1: float
     ok: bool = True
+    cpu_s: float | None = None
+    """CPU seconds the stage recorded (``encode_video``, ``write``), if any."""
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,9 @@ def load_runs(events_path: str | Path) -> dict[int, RunData]:
         if ev == "stage":
             ok = rec.get("ok", True) is not False and not rec.get("error")
             t1 = _num(rec, "t1", t)
+            cpu = rec.get("cpu_s")
             run.spans.append(Span(rank, str(rec.get("stage", "?")), str(rec.get("item", "")),
-                                  _num(rec, "t0", t1), t1, ok))
+                                  _num(rec, "t0", t1), t1, ok, float(cpu) if isinstance(cpu, (int, float)) else None))
         elif ev == "wait":
             t1 = _num(rec, "t1", t)
             run.waits.append(Wait(rank, str(rec.get("channel", "?")), str(rec.get("what", "?")),

@@ -1,16 +1,23 @@
-"""``spmd-diff export OUT/ --format mp4|gif|png``: playable files from the result store.
+"""``spmd-diff export OUT/ DIR --format mp4|gif|png|webdataset``: playable files and training shards from the store.
 
-- mp4: H.264 (yuv420p, so any player opens it) through the ffmpeg binary of the ``imageio-ffmpeg`` package;
-  ``title`` and ``comment`` metadata hold the prompt, ``description`` a JSON of the item's settings.
-  yuv420p needs an even width and height: an odd one is padded by one pixel (edge copied).
+- mp4: an encoded video's stored bytes are copied as they are (no re-encoding: the file is the one written at
+  render time, H.264 or HEVC); a raw video is encoded here, H.264 yuv420p (any player opens it) at the default
+  ``output.quality``/``output.preset``, through the same encoder (spmd_diff/io/codec.py, PyAV). ``title`` and
+  ``comment`` metadata hold the prompt, ``description`` a JSON of the item's settings. yuv420p needs an even
+  width and height: an odd one is padded by one pixel (edge copied).
+- webdataset: tar shards ``shard-000000.tar`` ... of ``--shard-size`` items each, every item two members
+  ``<key>.mp4`` (as for mp4) and ``<key>.json`` (id, prompt, negative prompt, seed, the job-wide settings, the
+  video's form), in a stable order (ids sorted), and ``manifest.json`` (the shards, their items and SHA-256). The
+  ``webdataset`` package reads them (``webdataset.WebDataset(urls)``); ``<key>`` is the id's safe file name
+  without dots (WebDataset splits keys at the first dot).
 - gif: through Pillow, looping, the prompt in the GIF comment extension. Identical consecutive frames are
   merged by the encoder (their durations add), so such a GIF has fewer frames but plays the same.
 - png: a folder per item, ``frame_00000.png`` ..., each with tEXt chunks (``prompt``, ``id``, ``settings``),
   and ``metadata.json`` beside them.
 
 Every video is read from the item file its link names, resolved next to the view (never relative to the working
-directory), and checked against the checksum recorded when it was written. A video that is missing or corrupt is
-skipped and reported; the others are still exported.
+directory), and checked against the checksum recorded when it was written; frames of any form come from
+``spmd_diff.io.frames``. A video that is missing or corrupt is skipped and reported; the others are still exported.
 
 File names come from the id: kept as is when it is made of ``[A-Za-z0-9._-]`` (and not too long), otherwise
 reduced to those characters and suffixed with 8 hex digits of the id's SHA-1, so distinct ids never collide.
@@ -19,9 +26,11 @@ reduced to those characters and suffixed with 8 hex digits of the id's SHA-1, so
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
+import tarfile
 import unicodedata
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,12 +39,15 @@ import h5py
 import numpy as np
 
 from spmd_diff.errors import UserError
-from spmd_diff.io import itemfile
+from spmd_diff.io import codec, itemfile
+from spmd_diff.io.frames import describe_form, frames_of, is_encoded
+from spmd_diff.io.jobrecord import settings_of
+from spmd_diff.io.store import atomic_write_bytes, atomic_write_text
 from spmd_diff.observe.inspect import item_file, open_view, resolve_view
 
 __all__ = ["export_videos", "safe_name", "FORMATS"]
 
-FORMATS = ("mp4", "gif", "png")
+FORMATS = ("mp4", "gif", "png", "webdataset")
 _SAFE_RE = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_NAME = 100
 
@@ -62,31 +74,11 @@ def _settings(attrs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _even(frames_FHWC: np.ndarray) -> np.ndarray:
-    """Pad height/width by one edge pixel where odd (yuv420p needs even sizes)."""
-    pad_h, pad_w = frames_FHWC.shape[1] % 2, frames_FHWC.shape[2] % 2
-    if pad_h or pad_w:
-        frames_FHWC = np.pad(frames_FHWC, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return frames_FHWC
-
-
-def _write_mp4(path: Path, frames_FHWC: np.ndarray, meta: dict[str, Any], fps: float) -> None:
-    try:
-        import imageio.v2 as imageio
-    except ImportError as exc:
-        raise UserError("mp4 export needs imageio and its ffmpeg binary: pip install imageio imageio-ffmpeg") from exc
-    prompt = str(meta.get("prompt", ""))
-    description = json.dumps(meta, ensure_ascii=False, default=str)
-    params = ["-metadata", f"title={prompt}", "-metadata", f"comment={prompt}",
-              "-metadata", f"description={description}", "-movflags", "+faststart"]
-    try:
-        writer = imageio.get_writer(str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264",
-                                    pixelformat="yuv420p", quality=8, macro_block_size=1, output_params=params)
-    except (ImportError, RuntimeError) as exc:
-        raise UserError(f"mp4 export needs the ffmpeg binary: pip install imageio-ffmpeg ({exc})") from exc
-    with writer:
-        for frame in _even(frames_FHWC):
-            writer.append_data(frame)
+def _mp4_bytes(stored: np.ndarray, attrs: dict[str, Any], meta: dict[str, Any], fps: float) -> bytes:
+    """The mp4 of a video: an encoded one's stored bytes as they are; a raw one encoded (H.264, default quality)."""
+    if is_encoded(attrs):
+        return stored.tobytes()
+    return codec.encode_mp4(stored, "h264", codec.DEFAULT_QUALITY, codec.DEFAULT_PRESET, round(fps), metadata=meta)
 
 
 def _write_gif(path: Path, frames_FHWC: np.ndarray, meta: dict[str, Any], fps: float) -> None:
@@ -135,9 +127,11 @@ def _select(f: h5py.File, ids: Sequence[str] | None, view: Path) -> list[str]:
 
 
 def _read(f: h5py.File, key: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """The video (checked against its checksum) and attributes of ``/videos/<key>``; CorruptItem if unusable."""
+    """The stored video (checked against its checksum: frames, or an encoded video's mp4 bytes) and attributes of
+    ``/videos/<key>``; CorruptItem if unusable."""
     path = item_file(f, key)
     if path is None:  # a self-contained file holds the data
+        itemfile.load_filters()
         ds = f["videos"][key]
         return np.asarray(ds[...]), dict(ds.attrs)
     if not path.exists():
@@ -145,8 +139,78 @@ def _read(f: h5py.File, key: str) -> tuple[np.ndarray, dict[str, Any]]:
     header = itemfile.read_header(path)
     if header.id != key:
         raise itemfile.CorruptItem(f"{path.name} holds item {header.id!r}")
-    frames = itemfile.read_video(path, header, verify=True)
-    return frames, itemfile.read_attrs(path)
+    stored = itemfile.read_video(path, header, verify=True)
+    return stored, itemfile.read_attrs(path)
+
+
+def _check_stored(stored: np.ndarray, attrs: dict[str, Any]) -> str | None:
+    """Why a stored video is not one (None if it is)."""
+    if is_encoded(attrs):
+        return None if stored.dtype == np.uint8 and stored.ndim == 1 and stored.size else \
+            f"not mp4 bytes: {stored.dtype} {stored.shape}"
+    if stored.dtype != np.uint8 or stored.ndim != 4 or stored.shape[-1] != 3 or stored.shape[0] == 0:
+        return f"not a uint8 [frames, height, width, 3] video: {stored.dtype} {stored.shape}"
+    return None
+
+
+def wds_key(item_id: str) -> str:
+    """A WebDataset sample key for ``item_id``: its safe name without dots (WebDataset splits at the first dot),
+    suffixed with 8 hex digits of the id's SHA-1 whenever a dot had to go, so distinct ids never collide."""
+    name = safe_name(item_id)
+    if "." not in name:
+        return name
+    return f"{name.replace('.', '_')}-{hashlib.sha1(item_id.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _sample_json(item_id: str, attrs: dict[str, Any]) -> dict[str, Any]:
+    return {"id": item_id, "prompt": attrs.get("prompt", ""), "negative_prompt": attrs.get("negative_prompt", ""),
+            "seed": attrs.get("seed"), "settings": settings_of(attrs), "form": describe_form(attrs),
+            "frames": attrs.get("frames", attrs.get("num_frames")), "height": attrs.get("height"),
+            "width": attrs.get("width"), "fps": attrs.get("fps"), "model": attrs.get("model"),
+            "video_sha256": attrs.get("video_sha256")}
+
+
+class _ShardWriter:
+    """Tar shards of ``shard_size`` samples, each written aside and renamed when full; the manifest at the end."""
+
+    def __init__(self, dest: Path, shard_size: int, source: Path) -> None:
+        self.dest, self.shard_size, self.source = dest, shard_size, source
+        self.shards: list[dict[str, Any]] = []
+        self._members: list[tuple[str, bytes, float]] = []
+        self._items: list[dict[str, str]] = []
+
+    def add(self, item_id: str, mp4: bytes, meta: dict[str, Any], mtime: float) -> None:
+        key = wds_key(item_id)
+        text = json.dumps(meta, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
+        self._members += [(f"{key}.mp4", mp4, mtime), (f"{key}.json", text, mtime)]
+        self._items.append({"id": item_id, "key": key})
+        if len(self._items) == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._items:
+            return
+        name = f"shard-{len(self.shards):06d}.tar"
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for member, data, mtime in self._members:
+                info = tarfile.TarInfo(member)
+                info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        data = buffer.getvalue()
+        atomic_write_bytes(self.dest / name, data)
+        self.shards.append({"name": name, "num_items": len(self._items), "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest(), "items": self._items})
+        self._members, self._items = [], []
+
+    def close(self) -> Path:
+        self.flush()
+        manifest = {"format": "webdataset", "source": str(self.source), "shard_size": self.shard_size,
+                    "num_shards": len(self.shards), "num_items": sum(s["num_items"] for s in self.shards),
+                    "members": ["mp4", "json"], "order": "item ids sorted", "shards": self.shards}
+        path = self.dest / "manifest.json"
+        atomic_write_text(path, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        return path
 
 
 def export_videos(
@@ -154,20 +218,25 @@ def export_videos(
     fmt: str,
     ids: Sequence[str] | None,
     dest_dir: str | os.PathLike[str],
-    fps: float = 16,
+    fps: float = codec.DEFAULT_FPS,
     skipped: list[tuple[str, str]] | None = None,
+    shard_size: int = 1000,
 ) -> list[Path]:
     """Write ``ids`` (None: every finished video) of a store as ``fmt`` files into ``dest_dir``.
 
-    Returns the written paths in order: ``DEST/<name>.mp4`` / ``.gif``, or the folder ``DEST/<name>/`` of
-    PNG frames, ``<name> = safe_name(id)``. A video that is missing, corrupt or not a video is skipped: appended
-    to ``skipped`` as (id, why) when a list is given, else reported by a UserError once the others are written.
-    UserError for an unknown format, unknown or failed ids, or a missing encoder.
+    Returns the written paths in order: ``DEST/<name>.mp4`` / ``.gif``, the folder ``DEST/<name>/`` of PNG
+    frames (``<name> = safe_name(id)``), or for webdataset the shards then ``manifest.json``. ``fps``: frame rate
+    of gifs and of raw videos encoded to mp4 (an encoded video keeps its own). A video that is missing, corrupt
+    or not a video is skipped: appended to ``skipped`` as (id, why) when a list is given, else reported by a
+    UserError once the others are written. UserError for an unknown format, unknown or failed ids, a bad
+    ``shard_size`` or a missing encoder.
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if not fps or fps <= 0:
         raise UserError(f"fps must be positive, got {fps}")
+    if fmt == "webdataset" and (not isinstance(shard_size, int) or shard_size < 1):
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
     view = resolve_view(out_dir_or_h5)
     dest = Path(dest_dir)
     try:
@@ -176,29 +245,39 @@ def export_videos(
         raise UserError(f"cannot create the export directory {dest}: {exc.strerror or exc}") from None
     written: list[Path] = []
     problems: list[tuple[str, str]] = []
+    shards = _ShardWriter(dest, shard_size, view) if fmt == "webdataset" else None
     with open_view(view) as f:
-        for key in _select(f, ids, view):
+        keys = _select(f, ids, view)
+        for key in sorted(keys) if shards is not None else keys:
             try:
-                frames, attrs = _read(f, key)
-            except itemfile.CorruptItem as exc:
+                stored, attrs = _read(f, key)
+                why = _check_stored(stored, attrs)
+                if why is not None:
+                    problems.append((key, why))
+                    continue
+                meta = _settings(attrs)
+                meta.setdefault("id", key)
+                name = safe_name(str(meta["id"]))
+                if shards is not None:
+                    shards.add(str(meta["id"]), _mp4_bytes(stored, meta, meta, fps), _sample_json(key, meta),
+                               float(meta.get("written", 0) or 0))
+                    continue
+                if fmt == "mp4":
+                    path = dest / f"{name}.mp4"
+                    atomic_write_bytes(path, _mp4_bytes(stored, meta, meta, fps))
+                elif fmt == "gif":
+                    path = dest / f"{name}.gif"
+                    _write_gif(path, frames_of(stored, meta), meta, fps)
+                else:
+                    path = dest / name
+                    _write_pngs(path, frames_of(stored, meta), meta)
+            except (itemfile.CorruptItem, ValueError) as exc:  # ValueError: an mp4 that does not decode
                 problems.append((key, str(exc)))
                 continue
-            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
-                problems.append((key, f"not a uint8 [frames, height, width, 3] video: {frames.dtype} {frames.shape}"))
-                continue
-            meta = _settings(attrs)
-            meta.setdefault("id", key)
-            name = safe_name(str(meta["id"]))
-            if fmt == "mp4":
-                path = dest / f"{name}.mp4"
-                _write_mp4(path, frames, meta, fps)
-            elif fmt == "gif":
-                path = dest / f"{name}.gif"
-                _write_gif(path, frames, meta, fps)
-            else:
-                path = dest / name
-                _write_pngs(path, frames, meta)
             written.append(path)
+    if shards is not None:
+        manifest = shards.close()
+        written += [dest / s["name"] for s in shards.shards] + [manifest]
     if skipped is not None:
         skipped.extend(problems)
     elif problems:

@@ -105,7 +105,8 @@ def read_item(f: h5py.File, key: str, failed: bool = False) -> StoreItem:
     if path is None:  # a self-contained file: the dataset is in the view
         ds = f["videos"][key]
         attrs = _attrs(ds)
-        return StoreItem(id=str(attrs.get("id", key)), status="done", shape=tuple(ds.shape), attrs=attrs)
+        return StoreItem(id=str(attrs.get("id", key)), status="done", shape=_frame_shape(tuple(ds.shape), attrs),
+                         attrs=attrs)
     if not path.exists():
         return StoreItem(id=key, status="missing", error=f"its file {path} is gone", link=link)
     try:
@@ -119,7 +120,17 @@ def read_item(f: h5py.File, key: str, failed: bool = False) -> StoreItem:
         return StoreItem(id=key, status="corrupt", error=f"{path.name}: {exc}", link=link)
     except (OSError, KeyError) as exc:
         return StoreItem(id=key, status="corrupt", error=f"{path.name}: cannot be read as HDF5 ({exc})", link=link)
-    return StoreItem(id=str(attrs.get("id", key)), status="done", shape=shape, attrs=attrs, link=link)
+    return StoreItem(id=str(attrs.get("id", key)), status="done", shape=_frame_shape(shape, attrs), attrs=attrs,
+                     link=link)
+
+
+def _frame_shape(stored_shape: tuple[int, ...], attrs: dict[str, Any]) -> tuple[int, ...]:
+    """(frames, height, width, 3) of a video: its dataset's shape, or for an encoded one (mp4 bytes) what its
+    attributes record (not decoded here: inspect is a quick look)."""
+    if not itemfile.is_encoded(attrs):
+        return stored_shape
+    return (int(attrs.get("frames", attrs.get("num_frames", 0))), int(attrs.get("height", 0)),
+            int(attrs.get("width", 0)), 3)
 
 
 def moved_aside(view: Path) -> list[dict[str, Any]]:
@@ -198,7 +209,8 @@ def _describe_one(view: Path, f: h5py.File, item_id: str) -> str:
         raise UserError(f"no item {item_id!r} in {view}")
     lines = [f"item {item.id!r} in {view}", f"  status: {item.status}"]
     if item.shape:
-        lines.append(f"  video: {item.shape[0]} frames x {item.shape[1]}x{item.shape[2]} pixels (uint8 F,H,W,3)")
+        lines.append(f"  video: {item.shape[0]} frames x {item.shape[1]}x{item.shape[2]} pixels, stored as "
+                     f"{itemfile.describe_form(item.attrs)}")
     if item.link:
         lines.append(f"  file: {item.link}")
     if item.error:

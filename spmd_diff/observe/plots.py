@@ -16,7 +16,8 @@ from spmd_diff.observe.analysis import RunData, busy_by_rank, completion_times, 
 __all__ = ["STAGE_COLORS", "ROLE_COLORS", "time_unit", "plot_timeline", "plot_utilisation", "plot_throughput",
            "plot_waits", "TimeAxis"]
 
-STAGE_COLORS = {"encode": "#4C72B0", "denoise": "#DD8452", "decode": "#55A868", "write": "#8172B3"}
+STAGE_COLORS = {"encode": "#4C72B0", "denoise": "#DD8452", "decode": "#55A868", "write": "#8172B3",
+                "encode_video": "#937860"}
 ROLE_COLORS = {"encoder": "#4C72B0", "dit": "#DD8452", "decoder": "#55A868", "all": "#555555"}
 _EXTRA = ["#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 _WAIT_COLORS = {"data": "#B0B0B0", "credit": "#E377C2"}

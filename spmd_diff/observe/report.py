@@ -12,6 +12,7 @@ import base64
 import html
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,7 +99,18 @@ def summarise(run: RunData) -> dict[str, Any]:
         "videos_per_hour": num_done * 3600.0 / elapsed if elapsed > 0 else 0.0,
         "roles": role_busy(run),
         "verdict": verdict(run),
+        "video_encoding": _encoding(run),
     }
+
+
+def _encoding(run: RunData) -> dict[str, float] | None:
+    """Medians per video of the ``encode_video`` stages (h264/hevc output): CPU and wall seconds; None if none."""
+    spans = [sp for sp in run.spans if sp.stage == "encode_video" and sp.ok]
+    if not spans:
+        return None
+    cpu = [sp.cpu_s for sp in spans if sp.cpu_s is not None]
+    return {"videos": len(spans), "wall_s": statistics.median(sp.t1 - sp.t0 for sp in spans),
+            "cpu_s": statistics.median(cpu) if cpu else float("nan")}
 
 
 def _summary_html(run: RunData, s: dict[str, Any]) -> str:
@@ -113,6 +125,10 @@ def _summary_html(run: RunData, s: dict[str, Any]) -> str:
          + (" …" if len(s["hosts"]) > 8 else "")),
         ("version", s["version"]),
     ]
+    if s.get("video_encoding"):
+        e = s["video_encoding"]
+        rows.append(("video encoding", f"{e['videos']} videos on the writer threads, median {e['cpu_s']:.2f} CPU s, "
+                                       f"{e['wall_s']:.2f} s wall per video"))
     out = _table(("", ""), rows, "kv")
     role_rows = [(role_title(role), e["ranks"], f"{e['busy']:.0%}",
                   ", ".join(f"{stage} {frac:.0%}" for stage, frac in e["stages"].items()) or "-")

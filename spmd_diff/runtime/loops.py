@@ -28,10 +28,11 @@ import torch
 from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout, StoreFull
+from spmd_diff.io.frames import is_encoded, stored_form
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.store import VideoStore
 from spmd_diff.runtime.signals import StopFlag
-from spmd_diff.runtime.worker import Worker
+from spmd_diff.runtime.worker import CpuMeter, Worker
 
 
 @dataclass
@@ -77,10 +78,11 @@ class RankContext:
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
-    def span(self, stage: str, item: Item | None, gpu: bool = False):
+    def span(self, stage: str, item: Item | None, gpu: bool = False, cpu: bool = False):
         """Time a stage: a ``stage`` event with wall ``t0``/``t1`` and, with ``gpu`` on a CUDA rank, ``gpu_s``
-        (CUDA events around the stage on the thread's current stream; the span ends once that work is done)."""
-        return _Span(self, stage, item, gpu)
+        (CUDA events around the stage on the thread's current stream; the span ends once that work is done);
+        with ``cpu``, ``cpu_s`` (worker.CpuMeter: this thread's and the threads it starts, e.g. the encoder's)."""
+        return _Span(self, stage, item, gpu, cpu)
 
     @property
     def cuda_device(self) -> torch.device | None:
@@ -92,12 +94,15 @@ class RankContext:
 
 
 class _Span:
-    def __init__(self, ctx: RankContext, stage: str, item: Item | None, gpu: bool) -> None:
+    def __init__(self, ctx: RankContext, stage: str, item: Item | None, gpu: bool, cpu: bool = False) -> None:
         self.ctx, self.stage, self.item = ctx, stage, item
         self.device = ctx.cuda_device if gpu else None
         self.start = None
+        self.meter = CpuMeter() if cpu else None
 
     def __enter__(self):
+        if self.meter is not None:
+            self.meter.__enter__()
         self.t0 = time.time()
         if self.device is not None:
             self.start = torch.cuda.Event(enable_timing=True)
@@ -118,11 +123,15 @@ class _Span:
                 if exc[0] is None:
                     raise
         t1 = time.time()
+        if self.meter is not None:
+            self.meter.__exit__(*exc)
         with self.ctx.lock:
             self.ctx.busy_s += t1 - self.t0
             self.ctx.stage_s[self.stage] = self.ctx.stage_s.get(self.stage, 0.0) + (t1 - self.t0)
             self.ctx.stage_items[self.stage] = self.ctx.stage_items.get(self.stage, 0) + 1
         extra = {} if gpu_s is None else {"gpu_s": gpu_s}
+        if self.meter is not None:
+            extra["cpu_s"] = round(self.meter.cpu_s, 4)
         self.ctx.events.emit("stage", stage=self.stage, item=self.item.id if self.item is not None else None,
                              t0=self.t0, t1=t1, ok=exc[0] is None, **extra)
         if threading.current_thread() is threading.main_thread():  # the board is the rank thread's (MPI)
@@ -180,8 +189,9 @@ class Finisher:
     """Decode and write a rank's items: :meth:`submit` each item (or its failure record), :meth:`close` at the end.
 
     Decode runs on a second thread with its own CUDA stream when ``ctx.overlap_decode`` (else in the caller's
-    thread); the uint8 video is copied to pinned host memory on that stream, and the write (HDF5 image, fsync,
-    rename) runs on a background thread when ``ctx.write_queue > 0``. Outcomes (done / failed) come back to the
+    thread); the uint8 video is copied to pinned host memory on that stream, and the write (for h264/hevc output
+    first the mp4 encode, an ``encode_video`` stage with its CPU seconds; then HDF5 image, fsync, rename) runs on
+    a background thread when ``ctx.write_queue > 0``. Outcomes (done / failed) come back to the
     rank's thread, which updates the counters and the progress board. A full disk in either thread stops the rank
     with :class:`StoreFull` at its next ``submit`` or at ``close``; the item being written is never half visible
     (the store writes aside and renames), and nothing queued after it is written.
@@ -195,6 +205,7 @@ class Finisher:
         self.writer = Worker(f"rank {ctx.rank} writer", ctx.write_queue, on_start)
         self.decoder = Worker(f"rank {ctx.rank} decoder", 1 if ctx.overlap_decode else 0, on_start)
         self._outcomes: collections.deque = collections.deque()
+        self.encode_threads = torch.get_num_threads()  # run.threads: the rank's CPU threads
 
     def submit(self, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Hand over an item from denoise (or a channel): ``tensors["latents"]`` ``[1, C, F, H, W]`` on any device,
@@ -242,16 +253,24 @@ class Finisher:
     def _write(self, item: Item, video: np.ndarray | None, failed: dict | None) -> None:
         ctx = self.ctx
         if failed is None:
+            stage = "write"
             try:
-                with ctx.span("write", item):
-                    ctx.store.write_item(item.id, np.ascontiguousarray(video), ctx.attrs(item))
+                attrs = ctx.attrs(item)
+                stored, extra = video, {}
+                if is_encoded(attrs):  # on this (writer) thread: the GPU never waits for the encoder
+                    stage = "encode_video"
+                    with ctx.span(stage, item, cpu=True):
+                        stored, extra = stored_form(video, attrs, threads=self.encode_threads, metadata=attrs)
+                    stage = "write"
+                with ctx.span(stage, item, cpu=True):
+                    ctx.store.write_item(item.id, np.ascontiguousarray(stored), {**attrs, **extra})
                 self._outcomes.append((item, None))
                 return
             except OSError as exc:
                 _raise_if_disk_full(ctx, item, exc)
-                failed = _failure("write", exc)
+                failed = _failure(stage, exc)
             except Exception as exc:  # noqa: BLE001
-                failed = _failure("write", exc)
+                failed = _failure(stage, exc)
         try:
             ctx.store.write_failure(item.id, failed["stage"], failed["error"], item.prompt)
         except OSError as exc:

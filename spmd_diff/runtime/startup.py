@@ -117,11 +117,13 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
     """item -> the attributes of its video. All but ``model`` (the path), ``spmd_diff_version`` and the ones the
     store adds are the item's content identity (:mod:`spmd_diff.io.identity`): a finished file of other
     attributes is changed work, not finished work. The model is identified by its fingerprint (configs, weight
-    names, sizes and samples), computed once per process; the speed tier and its options change pixels too."""
+    names, sizes and samples), computed once per process; the speed tier and its options change pixels too, and
+    the output form (``output.*``) what is stored and, for h264/hevc, the pixels read back."""
     v = job.video
     fingerprint = model_fingerprint(model_dir) if model_dir else ""
     compiled = bool(job.dit.compile and sp_degree > 1)  # compiled blocks change bf16 rounding
     speed = json.dumps(job.speed.resolved(), sort_keys=True)
+    output = job.output.attrs()  # how the video is stored: part of its identity (OutputConfig says why)
 
     def attrs(item: Item) -> dict:
         negative = item.negative_prompt if item.negative_prompt is not None else v.negative_prompt
@@ -129,7 +131,7 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
                 "num_inference_steps": v.num_inference_steps, "guidance_scale": v.guidance_scale,
                 "model": job.model.path, "height": v.height, "width": v.width, "num_frames": v.num_frames,
                 "max_sequence_length": v.max_sequence_length, "dtype": dtype, "model_fingerprint": fingerprint,
-                "dit_compile": compiled, "tier": job.speed.tier, "speed": speed,
+                "dit_compile": compiled, "tier": job.speed.tier, "speed": speed, **output,
                 "spmd_diff_version": spmd_diff.__version__}
 
     return attrs

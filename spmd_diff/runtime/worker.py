@@ -6,10 +6,14 @@ deadline); ``join()`` waits until every job ran and stops the thread. The first 
 later jobs are dropped, and the exception is raised again, in the caller's thread, by the next ``submit`` or by
 ``join`` (a full disk in the writer thus stops the rank like a full disk in the rank's own thread). With
 ``capacity == 0`` there is no thread: ``submit`` runs the job at once in the caller's thread.
+
+:class:`CpuMeter` measures the CPU time of a job: its thread's and that of the threads it starts (FFmpeg's encoder
+threads), not that of the rank's other threads.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -83,3 +87,47 @@ class Worker:
                 raise StageTimeout(f"{self.name}: jobs still running after {timeout_s:.0f} s")
             self._thread = None
         self.raise_error()
+
+
+def _other_threads_cpu_s(own_tid: int) -> dict[int, float] | None:
+    """CPU seconds (user + system) of each thread of this process but ``own_tid``, from /proc; None without it."""
+    try:
+        tids = os.listdir("/proc/self/task")
+        tick = float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError):
+        return None
+    times = {}
+    for tid in tids:
+        if int(tid) == own_tid:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+            times[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return times
+
+
+class CpuMeter:
+    """``with CpuMeter() as meter: ...`` then ``meter.cpu_s``: CPU seconds spent by the calling thread and by the
+    threads that started (and, typically, ended) inside the block, i.e. the process's CPU time over the block
+    minus what the threads that were already running used. Resolution: the kernel's clock tick (10 ms) per
+    thread running meanwhile. Without /proc: the calling thread's own CPU time."""
+
+    def __enter__(self) -> "CpuMeter":
+        self._tid = threading.get_native_id()
+        self._others = _other_threads_cpu_s(self._tid)
+        self._process0, self._thread0 = time.process_time(), time.thread_time()
+        self.cpu_s = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        process1, thread1 = time.process_time(), time.thread_time()
+        own = thread1 - self._thread0
+        others = _other_threads_cpu_s(self._tid) if self._others is not None else None
+        if others is None:
+            self.cpu_s = own
+            return
+        busy_elsewhere = sum(others[t] - self._others[t] for t in others.keys() & self._others.keys())
+        self.cpu_s = max(own, process1 - self._process0 - busy_elsewhere)

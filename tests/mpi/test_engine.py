@@ -130,7 +130,8 @@ def test_items_flow_through_stages_concurrently(four_rank_out):
     assert all(e["bytes"] > 0 for e in handoffs)
 
 
-@pytest.mark.parametrize("case", ["missing_model", "bad_job", "bad_prompts", "roles_do_not_fit", "duplicate_ids"])
+@pytest.mark.parametrize("case", ["missing_model", "bad_job", "bad_prompts", "roles_do_not_fit", "duplicate_ids",
+                                  "bad_codec"])
 def test_bad_input_fails_on_every_rank(case, engine_env, prompts_file, tmp_path):
     out = tmp_path / "out"
     job = REPO / "jobs/demo.toml"
@@ -142,11 +143,14 @@ def test_bad_input_fails_on_every_rank(case, engine_env, prompts_file, tmp_path)
         "bad_prompts": "prompts.jsonl:2: not valid JSON",
         "roles_do_not_fit": "roles do not fit the allocation: 4 ranks = 2 encoder(s) + 2 decoder(s) + 0 DiT",
         "duplicate_ids": "prompts.jsonl:2: duplicate id 'a' (first on line 1)",
+        "bad_codec": "output.video must be one of raw, h264, hevc, got 'vp9'",
     }[case]
     if case == "missing_model":
         extra = ["--model", "/nonexistent/wan"]
     elif case == "bad_job":
         extra = ["--set", "video.hieght=64"]
+    elif case == "bad_codec":
+        extra = ["--set", "output.video=vp9"]
     elif case == "roles_do_not_fit":
         extra = ["--set", "roles.encoders=2", "--set", "roles.decoders=2"]
     elif case in ("bad_prompts", "duplicate_ids"):

@@ -21,6 +21,8 @@ import h5py
 import numpy as np
 import pytest
 
+from spmd_diff.io.codec import psnr
+from spmd_diff.io.frames import read_frames
 from spmd_diff.io.store import item_key
 from tests.mpi._mpirun import MPIRUN_FLAGS, _kill_group, _session_members, mpirun, mpirun_available
 
@@ -126,18 +128,39 @@ def start_and_kill(cmd: list[str], env: dict, out: Path, victim: str, seed: int)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize("victim,seed", [("rank", 1), ("rank", 2), ("launcher", 3)])
-def test_kill_then_rerun_exactly_once(victim, seed, env, prompts, reference, tmp_path):
+def assert_exactly_once_encoded(out: Path, reference: dict[str, np.ndarray]) -> None:
+    """One final file per item, each an mp4 that decodes to its item's video (9 frames of 64x64): closer to that
+    item's raw frames from the uninterrupted run than to any other item's."""
+    files = sorted(p.name for p in (out / "items").glob("*/*"))
+    assert all(name.endswith(".h5") and ".tmp." not in name for name in files), f"leftovers: {files}"
+    assert sorted(name.split(".")[0] for name in files) == sorted(item_key(k) for k in reference)
+    for key, video in reference.items():
+        frames = read_frames(out, key)
+        assert frames.shape == (9, 64, 64, 3), (key, frames.shape)
+        own = psnr(video, frames)
+        assert own > 20 and all(own > psnr(other, frames) + 5 for k, other in reference.items() if k != key), key
+
+
+@pytest.mark.parametrize("victim,seed,output", [("rank", 1, "raw"), ("rank", 2, "h264"), ("launcher", 3, "raw")])
+def test_kill_then_rerun_exactly_once(victim, seed, output, env, prompts, reference, tmp_path):
     out = tmp_path / "out"
-    killed = start_and_kill(command(4, prompts, out), full_env(env), out, victim, seed)
+    form = ["--set", f"output.video={output}"]
+    killed = start_and_kill(command(4, prompts, out, *form), full_env(env), out, victim, seed)
     assert killed.returncode != 0
     partial = len(list((out / "items").glob("*/*.h5")))
     assert 0 < partial < NUM_ITEMS
-    rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(command(4, prompts, out, *form), cwd=REPO, env=full_env(env), capture_output=True,
+                           text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{NUM_ITEMS - partial} to render" in rerun.stderr
-    assert_exactly_once_and_equal(out, reference)
+    if output == "raw":
+        assert_exactly_once_and_equal(out, reference)
+    else:
+        assert_exactly_once_encoded(out, reference)
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        encodes = [e for e in events if e.get("ev") == "stage" and e.get("stage") == "encode_video" and e["ok"]]
+        assert len({e["item"] for e in encodes}) >= NUM_ITEMS - partial  # the rerun's, each with its CPU time
+        assert all(e["cpu_s"] > 0 for e in encodes)
 
 
 def _kill_launch_tree(proc: subprocess.Popen) -> None:
@@ -232,27 +255,33 @@ def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
             assert f["video"].shape == (9, 64, 64, 3)
 
 
-def test_full_disk_stops_cleanly_and_the_store_stays_readable(env, prompts, tmp_path):
+@pytest.mark.parametrize("output", ["raw", "hevc"])
+def test_full_disk_stops_cleanly_and_the_store_stays_readable(output, env, prompts, tmp_path):
     out = tmp_path / "out"
     first = tmp_path / "first.jsonl"
     first.write_text("".join(prompts.read_text().splitlines(keepends=True)[:2]))
-    base = [sys.executable, "-m", "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--out", str(out), *FAST]
+    base = [sys.executable, "-m", "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--out", str(out), *FAST,
+            "--set", f"output.video={output}"]
     ok = subprocess.run(base + ["--prompts", str(first)], cwd=REPO, env=full_env(env), capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
-    # Now the file system "fills up": once writing starts, no file may grow past 40 KB (an item file is ~120 KB).
-    hooks = json.dumps([{"action": "limit_file_size", "stage": "write", "item": "*", "bytes": 40_000}])
+    # Now the file system "fills up": once writing (raw) or encoding (hevc) starts, no file may grow past 40 KB
+    # (raw) or 8 KB (hevc); an item file is ~120 KB raw, ~20 KB as an mp4 of the demo's noise.
+    stage, limit = ("write", 40_000) if output == "raw" else ("encode_video", 8_000)
+    hooks = json.dumps([{"action": "limit_file_size", "stage": stage, "item": "*", "bytes": limit}])
     full = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env, SPMD_DIFF_TEST_HOOKS=hooks),
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 4, full.stderr[-3000:]
     assert "cannot write item" in full.stderr and "rerun the same command" in full.stderr
     got = videos(out)  # the view of the first run is intact and readable
     assert sorted(got) == ["item-00", "item-01"]
+    assert all(read_frames(out, k).shape == (9, 64, 64, 3) for k in got)
     assert len(list((out / "items").glob("*/*.h5"))) == 2
     again = subprocess.run(base + ["--prompts", str(prompts)], cwd=REPO, env=full_env(env), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert len(videos(out)) == NUM_ITEMS
+    assert all(read_frames(out, k).shape == (9, 64, 64, 3) for k in videos(out))
 
 
 def test_failed_items_are_listed_then_retried(env, prompts, tmp_path):
