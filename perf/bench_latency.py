@@ -393,7 +393,10 @@ def write_report(args, rec: Recorder, out: Path, world: int, device: torch.devic
     import diffusers
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+                            text=True).stdout.strip()
+    if not commit and (ROOT / ".bench_commit").is_file():  # a copy without .git (wt-sync.sh writes this file)
+        commit = " ".join((ROOT / ".bench_commit").read_text().split())
+    commit = commit or "unknown"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "gpus": world, "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": commit,
