@@ -321,10 +321,13 @@ def part_latency(args, stages, device: torch.device, rec: Recorder, world: int, 
     except Exception as exc:  # noqa: BLE001 - the baseline's failure is a result
         rec.add(part="latency", method="diffusers", plan=note, gpus=world, error=repr(exc)[:300])
     try:
+        import importlib.metadata
+
         import xfuser  # noqa: F401
 
-        rec.add(part="latency", method="xDiT", gpus=world, note=f"xfuser {xfuser.__version__} imports; its Wan "
-                "pipeline is not driven by this script (on one GPU its best setting is the plain pipeline)")
+        version = importlib.metadata.version("xfuser")
+        rec.add(part="latency", method="xDiT", gpus=world, note=f"xfuser {version} imports; its Wan pipeline is "
+                "not driven by this script (on one GPU its best setting is the plain pipeline)")
     except Exception as exc:  # noqa: BLE001
         rec.add(part="latency", method="xDiT", gpus=world, note=f"xfuser does not import here: {exc!r}"[:300])
 
@@ -392,11 +395,11 @@ def main(argv: list[str] | None = None) -> int:
 def write_report(args, rec: Recorder, out: Path, world: int, device: torch.device) -> None:
     import diffusers
 
-    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    if not commit and (ROOT / ".bench_commit").is_file():  # a copy without .git (wt-sync.sh writes this file)
+    if (ROOT / ".bench_commit").is_file():  # a synced copy without its own .git (wt-sync.sh writes this file)
         commit = " ".join((ROOT / ".bench_commit").read_text().split())
-    commit = commit or "unknown"
+    else:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "unknown"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "gpus": world, "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": commit,
