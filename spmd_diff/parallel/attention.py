@@ -278,8 +278,10 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inner: Se
                     received = outer.all_to_all(send, shapes)
                 for k_block, v_block in landed(received):
                     worker.submit(lambda k_block=k_block, v_block=v_block: attend(k_block, v_block))
-        finally:
-            worker.join()
+        except BaseException:
+            worker.join(raise_error=False)  # the exchange's failure is the one to report
+            raise
+        worker.join()
     else:  # every piece in flight at once; attention queued behind each
         pending = [outer.start_all_to_all(send, shapes) for send, shapes in exchanges]
         if probe is not None:

@@ -120,8 +120,8 @@ class ComputeWorker:
     def submit(self, task: Callable[[], None]) -> None:
         self._tasks.put(task)
 
-    def join(self) -> None:
+    def join(self, raise_error: bool = True) -> None:
         self._tasks.put(None)
         self._thread.join()
-        if self._error is not None:
+        if self._error is not None and raise_error:
             raise self._error
