@@ -1,8 +1,7 @@
 """Sequence-parallel DiT groups in the engine: for each layout and S in {2, 4} (torus as 2 x 2 on a virtual
-two-node topology), the videos equal the S = 1 videos within 1 uint8 level. The layout cases run without CFG
-parallel (groups of 4 that decode their own items decode together); one with the planner's "auto" CFG parallel
-on a 2 x 2 torus-shaped group (halves of 2 inside a node), decoding together (more CFG cases:
-tests/unit/test_cfg_parallel.py)."""
+two-node topology), the videos equal the S = 1 videos within 1 uint8 level. Groups of 4 that decode their own
+items decode together; the Ulysses group of 4 runs the planner's "auto" CFG parallel (halves of 2), the others
+none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py)."""
 
 from __future__ import annotations
 
@@ -47,14 +46,12 @@ CASES = {
     # name: (--set options, what the plan must say)
     "ulysses-2": (["dit.sp_degree=2", "dit.sp_layout=ulysses", NO_CFG], "1 group(s) of 2 (ulysses)\n"),
     "ring-2": (["dit.sp_degree=2", "dit.sp_layout=ring", NO_CFG], "1 group(s) of 2 (ring)\n"),
-    "ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0", NO_CFG],
-                  "1 group(s) of 4 (ulysses), groups decode together"),
+    "cfg-ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0"],
+                      "1 group(s) of 4 (ulysses), CFG parallel: halves of 2, groups decode together"),
     "ring-4": (["dit.sp_degree=4", "dit.sp_layout=ring", "roles.encoders=0", "roles.decoders=0", NO_CFG],
                "1 group(s) of 4 (ring), groups decode together"),
     "torus-2x2": (["dit.sp_degree=4", "roles.encoders=0", "roles.decoders=0", "world.ranks_per_node=2", NO_CFG],
                   "1 group(s) of 4 (torus 2x2), groups decode together"),
-    "cfg-auto-torus": (["dit.sp_degree=4", "roles.encoders=0", "roles.decoders=0", "world.ranks_per_node=2"],
-                       "1 group(s) of 4 (torus 2x2), CFG parallel: halves of 2, groups decode together"),
 }
 
 
