@@ -209,7 +209,7 @@ def part_decode(args, stages, device: torch.device, rec: Recorder) -> None:
             _, seconds = _timed(lambda: decode_split(copies[r], replay, latents), device)
             rec.add(part="decode", method=f"split, band {r} of {bands} alone (halos replayed)", bands=bands,
                     band=r, seconds=seconds, peak_bytes=_peak_since(device, base))
-        del copies, comms, videos
+        copies = comms = videos = []  # free the bands before the next count
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

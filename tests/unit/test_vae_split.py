@@ -9,7 +9,7 @@ import pathlib
 import pytest
 import torch
 
-from spmd_diff.models.wan import VideoSpec, WanStages
+from spmd_diff.models.wan import WanStages
 from spmd_diff.parallel.comm import GroupSeqComm
 from spmd_diff.parallel.vae_decode import band_rows, decode_split, split_decoder
 from tests.unit._sp_threads import run_ranks
