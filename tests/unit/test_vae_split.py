@@ -76,3 +76,38 @@ def test_unknown_decoder_layers_are_refused(stages: WanStages) -> None:
 class _OneRank:
     ranks = (0,)
     rank_in_group = 0
+
+
+class _VaeOnly:
+    """What ``decode_split`` needs of ``WanStages``, over a bare VAE (no un-normalisation)."""
+
+    def __init__(self, vae) -> None:
+        self.vae = vae
+
+    @torch.no_grad()
+    def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
+        from spmd_diff.models.speed import frames_to_uint8
+
+        return frames_to_uint8(self.vae.decode(latents, return_dict=False)[0])
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_wan22_style_decoder_splits_too(ranks: int) -> None:
+    """Residual up blocks (DupUp3D shortcuts) and a patch-2 unpatchify, as in the Wan2.2 VAE (tiny, random)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=16, decoder_base_dim=16, z_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], is_residual=True, patch_size=2, in_channels=12,
+                           out_channels=12, scale_factor_spatial=16, latents_mean=[0.0] * 8,
+                           latents_std=[1.0] * 8).eval()
+    latents = torch.randn(1, 8, 3, 5, 4, generator=torch.Generator().manual_seed(1))
+    reference = _VaeOnly(vae).decode_uint8(latents)
+    copies = [_VaeOnly(copy.deepcopy(vae)) for _ in range(ranks)]
+
+    def rank_fn(rank, world):
+        return decode_split(copies[rank], GroupSeqComm(world.collectives(rank).group(list(range(ranks)))), latents)
+
+    video = run_ranks(ranks, rank_fn)[0]
+    assert video.shape == reference.shape == (9, 80, 64, 3)
+    assert int((video.to(torch.int16) - reference.to(torch.int16)).abs().max()) <= 1
