@@ -186,6 +186,7 @@ class NullComm(SeqComm):
 
     def __init__(self, like: SeqComm) -> None:
         self.rank, self.size = like.rank, like.size
+        self.blocking_start = like.blocking_start  # the torus takes the same path as over ``like``
 
     def all_to_all(self, send, recv_shapes):
         template = next(t for t in send if t is not None)
@@ -202,6 +203,7 @@ class RecordingComm(SeqComm):
 
     def __init__(self, comm: SeqComm) -> None:
         self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        self.blocking_start = comm.blocking_start
         self.calls: list = []
         self.recording = True
 

@@ -80,10 +80,9 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from spmd_diff.config import load_job
-    from spmd_diff.plan.for_job import job_planning
+    from spmd_diff.plan.for_job import job_planning, static_plan
     from spmd_diff.plan.memory import GIB
     from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
-    from spmd_diff.plan.roles import plan_roles
     from spmd_diff.plan.topology import Topology
 
     job = load_job(args.job, args.overrides)
@@ -121,7 +120,7 @@ def _plan(args) -> int:
     def make_plan(memory):
         if job.roles.policy == "auto":
             return plan_auto(PlanInputs(topology, memory, gpu_bytes, settings), workload, cost)
-        return plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+        return static_plan(job, topology)
 
     def heap_bytes(plan) -> tuple[int, int]:
         """Largest per-rank channel heap of the plan's channels (``RolePlan.channel_edges``), and its rank."""

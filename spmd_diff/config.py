@@ -89,6 +89,16 @@ class DitConfig:
     """"auto", "ulysses", "ring" or "torus"."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
+    cfg_parallel: bool | str = "auto"
+    """DiT groups of an even number of ranks, with classifier-free guidance (video.guidance_scale > 1): run the
+    conditional branch on one half of the group and the unconditional one on the other (each half sequence-
+    parallel over its ranks), swapping noise predictions once per step. true / false / "auto" (the planner: on
+    whenever the group is even and guidance is on). Same videos within floating-point reassociation."""
+    group_decode: bool | str = "auto"
+    """DiT groups (dit.sp_degree > 1) that decode their own items (no decoder ranks): every rank of the group
+    decodes a band of rows of each video, right after denoising it, and the leader writes it (instead of the
+    leader decoding alone). true / false / "auto" (on wherever it applies). Same videos (halos exchanged per
+    layer; the one-rank decode within floating-point reassociation)."""
     compile: bool = False
     """GPU DiT groups (dit.sp_degree > 1; no effect on single-rank DiT): compile each transformer block with
     torch.compile (fuses the blocks' elementwise passes; the first step of each video shape pays the
@@ -260,6 +270,10 @@ def _coerce(where: str, value: Any, annotation: str) -> Any:
     elif kind == "str":
         if isinstance(value, str):
             return value
+    elif kind == "bool | str":  # true, false or "auto"
+        if isinstance(value, bool) or value == "auto":
+            return value
+        kind = 'true, false or "auto"'
     else:  # pragma: no cover - a field type this loader does not know is a bug
         raise AssertionError(f"unsupported config field type {annotation!r}")
     raise UserError(f"{where} must be {kind}, got {type(value).__name__} {value!r}")
@@ -337,6 +351,12 @@ def validate_job(job: JobConfig, source: str) -> None:
     layouts = ("auto", "ulysses", "ring", "torus")
     if job.dit.sp_layout not in layouts:
         raise UserError(f"{source}: dit.sp_layout must be one of {', '.join(layouts)}, got {job.dit.sp_layout!r}")
+    for name in ("cfg_parallel", "group_decode"):
+        if getattr(job.dit, name) not in (True, False, "auto"):
+            raise UserError(f'{source}: dit.{name} must be true, false or "auto", got {getattr(job.dit, name)!r}')
+    if job.dit.cfg_parallel is True and job.roles.policy == "static" and job.dit.sp_degree % 2:
+        raise UserError(f"{source}: dit.cfg_parallel=true needs an even dit.sp_degree (two halves), got "
+                        f"{job.dit.sp_degree}")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
     dtypes = ("auto", "float32", "bfloat16", "float16")

@@ -406,12 +406,15 @@ class WanStages:
 
     @torch.no_grad()
     def denoise(self, embeds: dict[str, torch.Tensor], seed: int, spec: VideoSpec, *,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                callback: Callable[[int, int], None] | None = None, cfg_split: Any = None) -> torch.Tensor:
         """The denoising loop of ``WanPipeline.__call__`` for one item.
 
         ``embeds``: :meth:`encode`'s dict (``[1, L, D]`` tensors, any device and float dtype; cast to the
         transformer's dtype as the pipeline does). ``seed`` drives the CPU generator of the initial latents.
-        ``callback(step_index, num_steps)`` runs after each step. Returns the final latents ``[1, C, F, H, W]``
+        ``callback(step_index, num_steps)`` runs after each step. ``cfg_split`` (CFG parallel, with guidance):
+        this rank runs only the branch ``cfg_split.branch`` (``"cond"`` or ``"uncond"``) and
+        ``cfg_split.combine(noise) -> (noise_cond, noise_uncond)`` exchanges it with the other branch's ranks
+        (:class:`spmd_diff.parallel.group_denoise.CfgSplit`). Returns the final latents ``[1, C, F, H, W]``
         float32 on ``self.device``.
         """
         self._require("denoise")
@@ -462,11 +465,20 @@ class WanStages:
                 timestep = t.expand(latents.shape[0])
             cache_context_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
                                     "num_inference_steps": num_timesteps}
-            with current_model.cache_context("cond", **cache_context_kwargs):
-                noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                           encoder_hidden_states=prompt_embeds, attention_kwargs=None,
-                                           return_dict=False)[0]
-            if do_cfg:
+            if do_cfg and cfg_split is not None:  # CFG parallel: one branch here, the other on the paired ranks
+                branch = cfg_split.branch
+                with current_model.cache_context(branch, **cache_context_kwargs):
+                    mine = current_model(hidden_states=latent_model_input, timestep=timestep,
+                                         encoder_hidden_states=prompt_embeds if branch == "cond"
+                                         else negative_prompt_embeds, attention_kwargs=None, return_dict=False)[0]
+                noise_pred, noise_uncond = cfg_split.combine(mine)
+                noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
+            else:
+                with current_model.cache_context("cond", **cache_context_kwargs):
+                    noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
+                                               encoder_hidden_states=prompt_embeds, attention_kwargs=None,
+                                               return_dict=False)[0]
+            if do_cfg and cfg_split is None:
                 with current_model.cache_context("uncond", **cache_context_kwargs):
                     noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
                                                  encoder_hidden_states=negative_prompt_embeds, attention_kwargs=None,

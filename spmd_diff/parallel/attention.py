@@ -10,12 +10,17 @@ degree (uneven head splits; a rank with no heads just forwards). Rotary embeddin
 - Ulysses: all-to-all from sequence shards to head shards, full-sequence attention on ``H / S`` heads, back.
 - Ring: K/V blocks passed to the next rank while attention runs on the current one; log-sum-exp merge.
 - Torus ``A x B``: Ulysses over the ``B`` ranks of a row; along the ``A`` ranks of a column each rank's K/V (for
-  its heads, its row's tokens) is cut into ``num_chunks`` pieces all sent at once (non-blocking), attention runs
-  on the local K/V while they travel, then on each piece as it lands, merged by log-sum-exp.
+  its heads, its row's tokens) is cut into ``num_chunks`` pieces, attention runs on the local K/V while they
+  travel, then on each piece as it lands, merged by log-sum-exp. On a comm whose exchanges run asynchronously
+  (device heaps, NCCL) all pieces are started at once and attention is queued behind each; on a host heap, where
+  an exchange occupies the calling thread (MPI from the main thread only), this thread exchanges the pieces one
+  after another while a :class:`~spmd_diff.parallel.overlap.ComputeWorker` thread attends to what has landed.
+  Either way an :class:`~spmd_diff.parallel.overlap.OverlapProbe` can record how much of the transfer was hidden.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from spmd_diff.parallel._kernels import apply_rotary_reference, lse_merge_, rope_pack
 from spmd_diff.parallel.comm import SeqComm, offsets, split_sizes
 from spmd_diff.parallel.layout import SPLayout
+from spmd_diff.parallel.overlap import ComputeWorker, OverlapProbe
 
 Rotary = tuple[torch.Tensor, torch.Tensor]
 
@@ -222,9 +228,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: SeqC
 
 def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inner: SeqComm, outer: SeqComm,
                     seq_sizes: list[int], rotary: Rotary | None = None, local: LocalAttention = LocalAttention(),
-                    num_chunks: int = 2, pack_impl: str = "auto", merge_impl: str = "auto") -> torch.Tensor:
+                    num_chunks: int = 2, pack_impl: str = "auto", merge_impl: str = "auto",
+                    probe: OverlapProbe | None = None) -> torch.Tensor:
     """Torus attention (module docstring) on an ``outer.size x inner.size`` grid; this rank is
-    ``outer.rank * inner.size + inner.rank`` and ``seq_sizes`` lists all ``A * B`` shards in that order."""
+    ``outer.rank * inner.size + inner.rank`` and ``seq_sizes`` lists all ``A * B`` shards in that order.
+    ``probe``: records the K/V exchange's transfers and the attention blocks (the inner all-to-alls are not
+    counted)."""
     rows, cols = outer.size, inner.size
     if len(seq_sizes) != rows * cols:
         raise ValueError(f"torus {rows} x {cols} needs {rows * cols} shard sizes, got {len(seq_sizes)}")
@@ -237,24 +246,52 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inner: Se
     _, batch, num_q, heads, head_dim = qkv.shape
 
     pieces = [split_sizes(length, num_chunks) for length in row_lens]
-    pending = []
+    exchanges = []  # (send, receive shapes) per chunk
     for chunk, start in enumerate(offsets(pieces[row])):
         size = pieces[row][chunk]
         piece = qkv[1:3, :, start:start + size].contiguous()  # [2, B, n, h, D]
         send = [piece if peer != row else None for peer in range(rows)]
         shapes = [(2, batch, pieces[peer][chunk], heads, head_dim) if peer != row else None for peer in range(rows)]
-        pending.append(outer.start_all_to_all(send, shapes))
+        exchanges.append((send, shapes))
 
     merged = _Merged(merge_impl)
     q_t = qkv[0].transpose(1, 2)
-    if heads and num_q:
-        merged.add(*local.with_lse(q_t, qkv[1].transpose(1, 2), qkv[2].transpose(1, 2)))
-    for exchange in pending:
-        received = exchange.wait()
-        for step in range(1, rows):
-            kv = received[(row + step) % rows]
-            if heads and num_q and kv.shape[2]:
-                merged.add(*local.with_lse(q_t, kv[0].transpose(1, 2), kv[1].transpose(1, 2)))
+    device = qkv.device
+
+    def attend(k_block: torch.Tensor, v_block: torch.Tensor) -> None:  # [B, n, h, D] each
+        if heads and num_q and k_block.shape[1]:
+            with probe.span("compute", device) if probe is not None else contextlib.nullcontext():
+                k_block, v_block = k_block.to(device), v_block.to(device)
+                merged.add(*local.with_lse(q_t, k_block.transpose(1, 2), v_block.transpose(1, 2)))
+
+    def landed(received: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(received[(row + step) % rows][0], received[(row + step) % rows][1]) for step in range(1, rows)]
+
+    if outer.blocking_start:  # this thread exchanges; a worker attends to what has landed
+        staging = getattr(outer, "device", device)  # staged first: a copy later would wait for queued attention
+        exchanges = [([t if t is None else t.to(staging) for t in send], shapes) for send, shapes in exchanges]
+        worker = ComputeWorker(device)
+        try:
+            worker.submit(lambda: attend(qkv[1], qkv[2]))
+            for send, shapes in exchanges:
+                with probe.span("transfer") if probe is not None else contextlib.nullcontext():
+                    received = outer.all_to_all(send, shapes)
+                for k_block, v_block in landed(received):
+                    worker.submit(lambda k_block=k_block, v_block=v_block: attend(k_block, v_block))
+        except BaseException:
+            worker.join(raise_error=False)  # the exchange's failure is the one to report
+            raise
+        worker.join()
+    else:  # every piece in flight at once; attention queued behind each
+        pending = [outer.start_all_to_all(send, shapes) for send, shapes in exchanges]
+        if probe is not None:
+            for exchange in pending:
+                if exchange.events is not None:
+                    probe.add_events("transfer", *exchange.events)
+        attend(qkv[1], qkv[2])
+        for exchange in pending:
+            for k_block, v_block in landed(exchange.wait()):
+                attend(k_block, v_block)
     out = merged.result(qkv, (batch, heads, num_q, head_dim)).transpose(1, 2)  # [B, N_row, h, D]
     return _heads_to_seq(out, inner, row_sizes[row], head_sizes)
 
@@ -282,6 +319,8 @@ class SeqParallelAttention:
         self.layout, self.comm, self.inner, self.outer = layout, comm, inner, outer
         self.local, self.pack_impl, self.merge_impl = local, pack_impl, merge_impl
         self.head_chunks = head_chunks
+        self.probe: OverlapProbe | None = None
+        """Set to an :class:`OverlapProbe` to record the torus K/V exchange's overlap with attention."""
 
     @property
     def rank(self) -> int:
@@ -302,7 +341,7 @@ class SeqParallelAttention:
             return ring_attention(q, k, v, self.comm, seq_sizes, rotary, self.local, self.merge_impl, self.pack_impl)
         if name == "torus":
             return torus_attention(q, k, v, self.inner, self.outer, seq_sizes, rotary, self.local,
-                                   self.layout.num_chunks, self.pack_impl, self.merge_impl)
+                                   self.layout.num_chunks, self.pack_impl, self.merge_impl, self.probe)
         if rotary is not None:
             q, k = apply_rotary_reference(q, *rotary), apply_rotary_reference(k, *rotary)
         return self.local(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)

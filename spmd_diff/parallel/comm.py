@@ -50,12 +50,14 @@ def offsets(sizes: Sequence[int]) -> list[int]:
 
 class Pending:
     """A started exchange; :meth:`wait` returns the received tensors (in rank order; ``None`` where nothing
-    was expected). Completed ones just hold the result."""
+    was expected). Completed ones just hold the result. ``events``: on a device heap, CUDA events (timing
+    enabled) recorded on the exchange's stream before and after it, for overlap measurements; else ``None``."""
 
     def __init__(self, result: list[torch.Tensor | None] | None = None,
-                 finish: Callable[[], list[torch.Tensor | None]] | None = None) -> None:
+                 finish: Callable[[], list[torch.Tensor | None]] | None = None, events: Any = None) -> None:
         self._result = result
         self._finish = finish
+        self.events = events
 
     def wait(self) -> list[torch.Tensor | None]:
         if self._result is None:
@@ -70,6 +72,9 @@ class SeqComm(abc.ABC):
 
     rank: int
     size: int
+    blocking_start = True
+    """:meth:`start_all_to_all` completes the exchange before it returns (a host heap): to overlap, the caller
+    computes on another thread while this one exchanges (torus attention does)."""
 
     @abc.abstractmethod
     def all_to_all(self, send: list[torch.Tensor | None], recv_shapes: list[Shape | None]
@@ -151,6 +156,7 @@ class GroupSeqComm(SeqComm):
         self.device = torch.device(device)
         self._subgroup = subgroup
         self._side_stream = None
+        self.blocking_start = self.device.type != "cuda"
 
     def start_all_to_all(self, send, recv_shapes) -> Pending:
         """On a device heap: the exchange is enqueued on a side stream (the collectives make the stream they are
@@ -165,7 +171,11 @@ class GroupSeqComm(SeqComm):
         side = self._side_stream
         side.wait_stream(current)
         with torch.cuda.stream(side):
+            began = torch.cuda.Event(enable_timing=True)
+            began.record(side)
             received = self.all_to_all(send, recv_shapes)
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record(side)
         for tensor in received:
             if tensor is not None and tensor.is_cuda:
                 tensor.record_stream(current)
@@ -176,7 +186,7 @@ class GroupSeqComm(SeqComm):
             keep.clear()
             return received
 
-        return Pending(finish=finish)
+        return Pending(finish=finish, events=(began, ended))
 
     def all_to_all(self, send, recv_shapes):
         _check_lengths(self, send, recv_shapes)

@@ -8,6 +8,12 @@ group and all-gathers its output, so every member sees the same full noise predi
 scheduler steps). The leader returns the final latents; the others return ``None``. The result equals the
 one-rank :meth:`WanStages.denoise` up to floating-point reassociation in the attention.
 
+CFG parallel (``cfg_parallel=True``, a group of ``2k`` ranks, with guidance): the first ``k`` ranks run the
+conditional branch and the last ``k`` the unconditional one, each half sequence-parallel over its ``k`` ranks
+(any layout); once per step rank ``i`` and rank ``i + k`` swap their noise predictions (:class:`CfgSplit`) and
+both combine them as the pipeline does, so every rank takes the same scheduler step. Half the forwards per rank,
+and the attention's exchanges span ``k`` ranks instead of ``2k``.
+
 No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.comm.SeqComm`.
 """
 
@@ -33,6 +39,45 @@ def build_attention(comm: SeqComm, layout: SPLayout, local: LocalAttention = Loc
     return SeqParallelAttention(layout, comm, inner, outer, local, pack_impl, merge_impl, head_chunks)
 
 
+def cfg_half_torus(torus_shape: tuple[int, int] | None, degree: int) -> tuple[int, int] | None:
+    """The grid of one CFG half (ranks ``[0, k)`` or ``[k, 2k)`` of a node-major group of ``2k``): whole nodes
+    when the group spans an even number of nodes, half of each node's ranks inside one node, else no grid."""
+    if torus_shape is None:
+        return None
+    nodes, per_node = (int(x) for x in torus_shape)
+    if nodes * per_node != degree:
+        return None
+    if nodes % 2 == 0:
+        return (nodes // 2, per_node)
+    if nodes == 1:
+        return (1, per_node // 2)
+    return None
+
+
+class CfgSplit:
+    """One rank's side of CFG parallel: its branch and the exchange with its partner in the other half.
+
+    Args:
+        pair: the two ranks ``i`` (cond half, pair rank 0) and ``i + k`` (uncond half, pair rank 1).
+    """
+
+    def __init__(self, pair: SeqComm) -> None:
+        if pair.size != 2:
+            raise ValueError(f"a CFG pair has 2 ranks, got {pair.size}")
+        self.pair = pair
+        self.branch = "cond" if pair.rank == 0 else "uncond"
+
+    def combine(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise_cond, noise_uncond)`` from this rank's branch prediction and the partner's (collective)."""
+        me, other = self.pair.rank, 1 - self.pair.rank
+        send: list[torch.Tensor | None] = [None, None]
+        send[other] = noise.contiguous()
+        shapes: list[tuple[int, ...] | None] = [None, None]
+        shapes[other] = tuple(noise.shape)
+        theirs = self.pair.all_to_all(send, shapes)[other].to(noise.device)
+        return (noise, theirs) if me == 0 else (theirs, noise)
+
+
 class SPDenoiser:
     """Sequence-parallel denoising for one DiT group; built once per group (hooks installed), used per item.
 
@@ -42,16 +87,29 @@ class SPDenoiser:
         layout: the resolved layout (:func:`resolve_layout`); ``layout.degree == comm.size``.
         local: the kernel for local attention blocks.
         compile_blocks: compile the transformer blocks (``parallelize_transformer``).
+        cfg_parallel: split the two CFG branches over the group's halves (module docstring); ``layout`` is then
+            the layout of one half (``layout.degree == comm.size // 2``). Items without guidance run both halves
+            on the conditional branch alone, each half sequence-parallel.
     """
 
     def __init__(self, stages: Any, comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
-                 compile_blocks: bool = False) -> None:
-        if layout.degree != comm.size:
-            raise ValueError(f"{layout.describe()} needs {layout.degree} ranks, the group has {comm.size}")
+                 compile_blocks: bool = False, cfg_parallel: bool = False) -> None:
+        self.cfg: CfgSplit | None = None
+        sp_comm = comm
+        if cfg_parallel:
+            if comm.size % 2:
+                raise ValueError(f"CFG parallel needs an even group, got {comm.size} ranks")
+            half, pair = comm.split(2, comm.size // 2)
+            self.cfg = CfgSplit(pair)
+            sp_comm = half
+        if layout.degree != sp_comm.size:
+            raise ValueError(f"{layout.describe()} needs {layout.degree} ranks, the group has {sp_comm.size}"
+                             + (" per CFG half" if cfg_parallel else ""))
         self.stages = stages
         self.comm = comm
+        self.sp_comm = sp_comm
         self.layout = layout
-        self.attention = build_attention(comm, layout, local) if layout.name != "none" else None
+        self.attention = build_attention(sp_comm, layout, local) if layout.name != "none" else None
         self._handles: list[SPHandle] = []
         if self.attention is not None:
             for model in (stages.transformer, getattr(stages, "transformer_2", None)):
@@ -61,22 +119,31 @@ class SPDenoiser:
     @classmethod
     def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
                    torus_shape: tuple[int, int] | None = None, device: torch.device | str | None = None,
-                   local: LocalAttention = LocalAttention(), compile_blocks: bool = False) -> "SPDenoiser":
+                   local: LocalAttention = LocalAttention(), compile_blocks: bool = False,
+                   cfg_parallel: bool = False) -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
-        ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns), ``sp_layout``/``torus_shape`` as
-        the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``). ``device``: the
+        ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns and CFG halves), ``sp_layout``/
+        ``torus_shape`` as the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``: of the
+        whole group; with ``cfg_parallel`` each half gets :func:`cfg_half_torus` of it). ``device``: the
         collectives' transport device; leave it ``None`` to take it from the group (a GPU job on the MPI transport
         moves host tensors, an NVSHMEM one device tensors)."""
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
-        layout = resolve_layout(sp_layout, len(group.ranks), int(model.config.num_attention_heads), torus_shape)
-        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks)
+        degree = len(group.ranks)
+        if cfg_parallel:
+            degree //= 2
+            torus_shape = cfg_half_torus(torus_shape, 2 * degree)
+            if sp_layout == "torus" and (torus_shape is None or 1 in torus_shape):
+                sp_layout = "auto"  # a half that is no grid (or one row/column of it): the layout its shape allows
+        layout = resolve_layout(sp_layout, degree, int(model.config.num_attention_heads), torus_shape)
+        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks, cfg_parallel)
 
     @property
     def is_leader(self) -> bool:
         return self.comm.rank == 0
 
     def denoise(self, embeds: dict[str, torch.Tensor] | None, seed: int | None, spec: Any, *,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor | None:
+                callback: Callable[[int, int], None] | None = None,
+                every_rank: bool = False) -> torch.Tensor | None:
         """Denoise one item on every member of the group (collective).
 
         Args:
@@ -84,10 +151,11 @@ class SPDenoiser:
             seed: leader: the item's seed; others: ignored (broadcast from the leader).
             spec: the job's ``VideoSpec`` (the same on every member).
             callback: ``callback(step_index, num_steps)`` after each step, on every member.
+            every_rank: return the latents on every member (they all hold the same ones), e.g. to decode together.
 
         Returns:
-            Leader: the final latents ``[1, C, F, H, W]`` float32 on the CPU, equal to the one-rank
-            ``stages.denoise(embeds, seed, spec)`` up to reassociation; others: ``None``.
+            Leader (every member with ``every_rank``): the final latents ``[1, C, F, H, W]`` float32 on the CPU,
+            equal to the one-rank ``stages.denoise(embeds, seed, spec)`` up to reassociation; others: ``None``.
 
         Raises:
             ValueError: on every member, if the leader's embeddings or seed are unusable.
@@ -113,8 +181,9 @@ class SPDenoiser:
             else:
                 tensor = torch.empty(shapes.embeds_shape, dtype=dtype)
             shared[key] = self.comm.broadcast(tensor, 0)
-        latents = stages.denoise(shared, seed, spec, callback=callback)
-        return latents if self.is_leader else None
+        cfg = self.cfg if spec.do_classifier_free_guidance else None
+        latents = stages.denoise(shared, seed, spec, callback=callback, cfg_split=cfg)
+        return latents if self.is_leader or every_rank else None
 
     def remove(self) -> None:
         """Take the hooks out of the transformer(s) (they run unparallelized again). Not collective."""

@@ -29,6 +29,8 @@ class TorchSeqComm(SeqComm):
             ``ranks`` in order).
     """
 
+    blocking_start = False  # asynchronous on the backend's own stream / threads
+
     def __init__(self, ranks: Sequence[int], group: dist.ProcessGroup | None = None) -> None:
         self.ranks = [int(r) for r in ranks]
         self.group = group

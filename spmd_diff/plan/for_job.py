@@ -13,6 +13,7 @@ from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
 from spmd_diff.plan.memory import MemoryModel, capacity_bytes
 from spmd_diff.plan.model_sizes import ModelSizes
 from spmd_diff.plan.planner import PlanInputs, PlannerSettings, candidate_degrees
+from spmd_diff.plan.roles import RolePlan, plan_roles, with_group_options
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass, Workload
 
@@ -44,11 +45,25 @@ def job_planning(job: JobConfig, topology: Topology, configs: tuple[Mapping[str,
     degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
     if separate_aux:
         degrees = (job.dit.sp_degree,)  # the engine keeps one SP degree for the job (per-item degrees: later)
+    cfg_parallel, group_decode = group_options(job)
     settings = PlannerSettings(sp_degrees=degrees, sp_layout=job.dit.sp_layout, colocate=job.roles.colocate,
-                               separate_aux=separate_aux)
+                               separate_aux=separate_aux, cfg_parallel=cfg_parallel, group_decode=group_decode)
     inputs = PlanInputs(topology, MemoryModel.for_model(sizes), capacity_bytes(job.world.gpu_memory_gib,
                                                                                  device_bytes), settings)
     return JobPlanning(inputs, work_class, cost, sizes)
+
+
+def group_options(job: JobConfig) -> tuple[bool | str, bool | str]:
+    """``(cfg_parallel, group_decode)`` requests of the job's DiT groups: ``dit.cfg_parallel`` (False without
+    guidance: there is one branch) and ``dit.group_decode``, for :func:`spmd_diff.plan.roles.with_group_options`."""
+    return (job.dit.cfg_parallel if job.video.guidance_scale > 1.0 else False), job.dit.group_decode
+
+
+def static_plan(job: JobConfig, topology: Topology) -> RolePlan:
+    """The role plan of ``roles.policy = "static"``: the counts of ``[roles]`` and ``[dit]``, group options
+    resolved (true where they cannot apply is a UserError)."""
+    plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+    return with_group_options(plan, *group_options(job), strict=True)
 
 
 def read_model_configs(model_dir: str | Path) -> tuple[dict, dict, dict]:

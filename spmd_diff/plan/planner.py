@@ -22,7 +22,7 @@ from typing import Sequence
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.memory import GIB, MemoryModel
-from spmd_diff.plan.roles import RolePlan, place_ranks, resolve_layout
+from spmd_diff.plan.roles import RolePlan, place_ranks, resolve_layout, with_group_options
 from spmd_diff.plan.throughput import (ALL_STAGES, DECODE, DENOISE, ENCODE, Prediction, StageWork, mask_of,
                                        predict_pools, stages_of_mask)
 from spmd_diff.plan.topology import Topology
@@ -35,6 +35,10 @@ class PlannerSettings:
     """DiT group sizes the planner may use. Throughput is best at the smallest that fits; larger ones win only
     when memory requires them or few items are left for many ranks."""
     sp_layout: str = "auto"
+    cfg_parallel: bool | str = False
+    """``dit.cfg_parallel`` (False for work without guidance); see :func:`roles.with_group_options`."""
+    group_decode: bool | str = False
+    """``dit.group_decode``."""
     colocate: bool = True
     """Let a rank hold several stages where memory allows (False: one stage per rank)."""
     separate_aux: bool = False
@@ -226,7 +230,8 @@ def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None 
     encoders = tuple(sorted(r for r in chosen if "encode" in stages[r]))
     decoders = tuple(sorted(r for r in chosen if "decode" in stages[r]))
     layout, torus = resolve_layout(topology, groups, inputs.settings.sp_layout)
-    return RolePlan(topology.num_ranks, encoders, tuple(groups), decoders, layout, torus, tuple(stages), "auto")
+    plan = RolePlan(topology.num_ranks, encoders, tuple(groups), decoders, layout, torus, tuple(stages), "auto")
+    return with_group_options(plan, inputs.settings.cfg_parallel, inputs.settings.group_decode)
 
 
 def _best_counts(num_ranks: int, sp: int, dit_mask: int, aux_masks: list[int], work: StageWork,

@@ -13,7 +13,7 @@ A plan of ``roles.policy = "auto"`` (``spmd_diff.plan.planner``) also says which
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any, Sequence
 
@@ -58,6 +58,11 @@ class RolePlan:
     """"static" (fixed counts, :func:`plan_roles`) or "auto" (chosen by ``spmd_diff.plan.planner``)."""
     predicted_videos_per_hour: float = 0.0
     """What the planner predicted for the workload it planned for (0: not predicted)."""
+    cfg_parallel: bool = False
+    """Each DiT group runs the two CFG branches on its two halves (``dit.cfg_parallel``; :func:`with_group_options`)."""
+    group_decode: bool = False
+    """Each DiT group decodes its own items together, every member a band of rows (``dit.group_decode``); its
+    members then hold the decode stage too."""
 
     @property
     def dit_ranks(self) -> tuple[int, ...]:
@@ -94,7 +99,7 @@ class RolePlan:
             leader_extra = (("encode",) if self.encode_on_dit else ()) + (("decode",) if self.decode_on_dit else ())
             table[group[0]] = tuple(s for s in STAGE_ORDER if s == "denoise" or s in leader_extra)
             for rank in group[1:]:
-                table[rank] = ("denoise",)
+                table[rank] = ("denoise", "decode") if self.group_decode else ("denoise",)
         return tuple(table)
 
     @cached_property
@@ -169,7 +174,19 @@ class RolePlan:
             out["roles"] = {name: rank_ranges(ranks) for name, ranks in sorted(by_role.items())}
         if self.predicted_videos_per_hour:
             out["predicted_videos_per_hour"] = round(self.predicted_videos_per_hour, 1)
+        if self.cfg_parallel:
+            out["cfg_parallel"] = True
+        if self.group_decode:
+            out["group_decode"] = True
         return out
+
+    def _group_extras(self) -> str:
+        extras = []
+        if self.cfg_parallel:
+            extras.append(f"CFG parallel: halves of {self.sp_degree // 2}")
+        if self.group_decode:
+            extras.append("groups decode together")
+        return "".join(f", {e}" for e in extras)
 
     def describe(self, topology: Topology | None = None) -> str:
         def where(ranks) -> str:
@@ -191,7 +208,7 @@ class RolePlan:
                      + ("  (DiT ranks encode their own items)" if self.encode_on_dit else ""))
         layout = self.sp_layout if self.sp_layout != "torus" else f"torus {self.torus_shape[0]}x{self.torus_shape[1]}"
         lines.append(f"  DiT      : {len(self.dit_ranks):5d} ranks in {len(self.dit_groups)} group(s) of "
-                     f"{self.sp_degree} ({layout})")
+                     f"{self.sp_degree} ({layout}){self._group_extras()}")
         for index, group in enumerate(self.dit_groups[:8]):
             lines.append(f"    group {index}: {list(group)}{where(group)}")
         if len(self.dit_groups) > 8:
@@ -205,7 +222,7 @@ class RolePlan:
     def _describe_auto(self, where, short) -> str:
         layout = self.sp_layout if self.sp_layout != "torus" else f"torus {self.torus_shape[0]}x{self.torus_shape[1]}"
         lines = [f"role plan for {self.num_ranks} rank(s) (policy {self.policy}): {len(self.dit_groups)} DiT "
-                 f"group(s) of {self.sp_degree} ({layout})"]
+                 f"group(s) of {self.sp_degree} ({layout}){self._group_extras()}"]
         by_role: dict[str, list[int]] = {}
         for rank in range(self.num_ranks):
             by_role.setdefault(self.role_of(rank), []).append(rank)
@@ -245,6 +262,28 @@ def rank_ranges(ranks) -> str:
             start = rank
         prev = rank
     return ",".join(parts)
+
+
+def with_group_options(plan: RolePlan, cfg_parallel: bool | str = False, group_decode: bool | str = False,
+                       strict: bool = False) -> RolePlan:
+    """``plan`` with :attr:`RolePlan.cfg_parallel` and :attr:`RolePlan.group_decode` resolved from the job's
+    ``dit.cfg_parallel`` / ``dit.group_decode`` (true, false or "auto"; pass ``cfg_parallel=False`` for items
+    without guidance). "auto" and true both turn an option on wherever it applies (CFG parallel: groups of an
+    even size; group decode: groups of more than one rank that decode their own items, all members holding the
+    decode stage in auto plans); with ``strict`` (static plans) true where it cannot apply is a UserError."""
+    even = plan.sp_degree % 2 == 0
+    cfg = cfg_parallel in (True, "auto") and even
+    members_decode = plan.decode_on_dit and (not plan.rank_stages or all(
+        "decode" in plan.rank_stages[r] for group in plan.dit_groups for r in group))
+    decode = group_decode in (True, "auto") and plan.sp_degree > 1 and members_decode
+    if strict and cfg_parallel is True and not cfg:
+        raise UserError(f"dit.cfg_parallel=true needs DiT groups of an even size, got {plan.sp_degree}")
+    if strict and group_decode is True and not decode:
+        raise UserError("dit.group_decode=true needs DiT groups of more than one rank that decode their own items "
+                        "(dit.sp_degree > 1, roles.decoders=0)")
+    if (cfg, decode) == (plan.cfg_parallel, plan.group_decode):
+        return plan
+    return replace(plan, cfg_parallel=cfg, group_decode=decode)
 
 
 def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degree: int = 1,

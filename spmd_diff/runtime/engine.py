@@ -289,7 +289,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                    v.guidance_scale > 1.0).key
         batches = split_batches(pending, policy.batch_items(plan, len(pending)))
         num_done_before = 0
-        sp_for: tuple = (None, None)  # (DiT group, components) the SP hooks are attached for
+        sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         for number, batch in enumerate(batches):
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
@@ -305,7 +305,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
             in_group = coll is not None and plan.sp_degree > 1 and "denoise" in plan.stages_of(world.rank)
             group_ranks = plan.dit_groups[plan.group_of(world.rank)] if in_group else None
-            if (group_ranks, stages) != sp_for:  # a DiT group (new, or on newly loaded components): attach SP
+            # a DiT group (new, or on newly loaded components, or with CFG parallel switched): attach SP
+            if (group_ranks, stages, plan.cfg_parallel) != sp_for:
                 if sp_for[0] is not None and sp_for[1] is stages:
                     # The transformer carries the old group's hooks: load the components afresh.
                     stages.free()
@@ -316,8 +317,10 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
                     compile_fast = speed.tier == "fast" and speed.fast_compile_dit
                     ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
-                                                   compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast))
-                sp_for = (group_ranks, stages)
+                                                   compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast),
+                                                   cfg_parallel=plan.cfg_parallel)
+                sp_for = (group_ranks, stages, plan.cfg_parallel)
+            ctx.group_decode = ctx.sp is not None and plan.group_decode
             if ctx.hooks:
                 ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()

@@ -66,6 +66,9 @@ class RankContext:
     """``spmd_diff.parallel.group_denoise.SPDenoiser`` when this rank is in a DiT group of more than one rank."""
     group: Any = None
     """The DiT group (``spmd_diff.comm.collectives.Group``; position 0 is the leader) when ``sp`` is set."""
+    group_decode: bool = False
+    """With ``sp``: the group decodes each item together right after denoising it (:func:`decode_in_group`;
+    ``RolePlan.group_decode``), and the leader's finisher only writes."""
     overlap_decode: bool = False
     """Decode on a second thread (and CUDA stream) while this rank's thread goes on (``speed.overlap_decode``)."""
     write_queue: int = 0
@@ -167,7 +170,7 @@ def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) 
         with ctx.span("denoise", item, gpu=True) as span:
             if ctx.sp is not None:  # the group leader: tell the members which item, then denoise together
                 ctx.group.broadcast(_control(ctx, _GO, item.index), 0, ctx.deadline())
-                latents = ctx.sp.denoise(embeds, item.seed, ctx.spec)
+                latents = ctx.sp.denoise(embeds, item.seed, ctx.spec, every_rank=ctx.group_decode)
             else:
                 latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
             if span.action == "nan":
@@ -180,9 +183,25 @@ def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) 
         if ctx.sp is not None:
             raise  # members may be inside a collective: abort the job rather than let the group fall out of step
         return {"failed": _failure("denoise", exc)}, {}
+    video = decode_in_group(ctx, item, latents) if ctx.group_decode else None  # the members decode with us
     if not torch.isfinite(latents).all():
         return {"failed": _failure("denoise", FloatingPointError("non-finite values in the final latents"))}, {}
+    if video is not None:
+        return {}, {"video": video}
     return {}, {"latents": latents}  # on the rank's device: a channel moves it, a local decode uses it there
+
+
+def decode_in_group(ctx: RankContext, item: Item, latents: torch.Tensor) -> torch.Tensor | None:
+    """The DiT group decodes ``item`` together, every member a band of rows (collective: each member calls it
+    right after the group denoised the item; ``spmd_diff.parallel.vae_decode``). The leader gets the uint8 video
+    ``[F, H, W, 3]`` on its device, the others ``None``; every member gets ``None`` when the latents have fewer
+    rows than the group has ranks (the leader's finisher then decodes alone)."""
+    from spmd_diff.parallel.vae_decode import decode_split
+
+    if latents.shape[3] < ctx.sp.comm.size:
+        return None
+    with ctx.span("decode", item, gpu=True):
+        return decode_split(ctx.stages, ctx.sp.comm, latents)
 
 
 class Finisher:
@@ -209,14 +228,16 @@ class Finisher:
 
     def submit(self, item: Item, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Hand over an item from denoise (or a channel): ``tensors["latents"]`` ``[1, C, F, H, W]`` on any device,
-        or ``meta["failed"]``."""
+        or the video its DiT group decoded, ``tensors["video"]`` (then only written), or ``meta["failed"]``."""
         ready = None
         latents = tensors.get("latents")
-        if self.stream is not None and latents is not None and latents.is_cuda:
+        video = tensors.get("video")
+        source = latents if latents is not None else video
+        if self.stream is not None and source is not None and source.is_cuda:
             ready = torch.cuda.Event()
             ready.record()  # the latents are complete on the producing stream at this point
-            latents.record_stream(self.stream)
-        self.decoder.submit(lambda: self._decode(item, meta, latents, ready), self.ctx.timeout_s)
+            source.record_stream(self.stream)
+        self.decoder.submit(lambda: self._decode(item, meta, latents, ready, video), self.ctx.timeout_s)
         self._drain()
 
     def close(self) -> None:
@@ -227,22 +248,25 @@ class Finisher:
             self.writer.join(self.ctx.timeout_s)
             self._drain()
 
-    def _decode(self, item: Item, meta: dict, latents: torch.Tensor | None, ready: Any) -> None:
+    def _decode(self, item: Item, meta: dict, latents: torch.Tensor | None, ready: Any,
+                video: torch.Tensor | None = None) -> None:
         failed, host = meta.get("failed"), None
         if failed is None:
             try:
-                host = self._decode_to_host(item, latents, ready)
+                host = self._decode_to_host(item, latents, ready, video)
             except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
                 failed = _failure("decode", exc)
         self.writer.submit(lambda: self._write(item, host, failed), self.ctx.timeout_s)
 
-    def _decode_to_host(self, item: Item, latents: torch.Tensor, ready: Any) -> np.ndarray:
+    def _decode_to_host(self, item: Item, latents: torch.Tensor, ready: Any,
+                        video: torch.Tensor | None = None) -> np.ndarray:
         ctx = self.ctx
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             if ready is not None:
                 self.stream.wait_event(ready)
-            with ctx.span("decode", item, gpu=True):
-                video = ctx.stages.decode_uint8(latents)  # [F, H, W, 3] uint8 on the rank's device
+            with ctx.span("decode", item, gpu=True) if video is None else contextlib.nullcontext():
+                if video is None:
+                    video = ctx.stages.decode_uint8(latents)  # [F, H, W, 3] uint8 on the rank's device
                 if video.is_cuda:  # pinned, on this stream: the span ends when the copy is done
                     host = torch.empty(video.shape, dtype=video.dtype, pin_memory=True)
                     host.copy_(video, non_blocking=True)
@@ -423,9 +447,11 @@ def dit_member_loop(ctx: RankContext) -> None:
         item = ctx.items[int(control[1])]
         try:
             with ctx.span("denoise", item, gpu=True):
-                ctx.sp.denoise(None, None, ctx.spec)
+                latents = ctx.sp.denoise(None, None, ctx.spec, every_rank=ctx.group_decode)
         except ValueError:
-            pass  # the leader's inputs were unusable: every member raised, the leader records the failure
+            continue  # the leader's inputs were unusable: every member raised, the leader records the failure
+        if ctx.group_decode:
+            decode_in_group(ctx, item, latents)
 
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:

@@ -27,8 +27,8 @@ from spmd_diff.io.identity import model_fingerprint
 from spmd_diff.io.runplan import plan_run
 from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
-from spmd_diff.plan.for_job import job_planning, read_model_configs
-from spmd_diff.plan.roles import RolePlan, plan_roles
+from spmd_diff.plan.for_job import job_planning, read_model_configs, static_plan
+from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime.faults import TestHooks
 from spmd_diff.runtime.rebalance import AutoPolicy
@@ -85,7 +85,7 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
         topology = topology.regrouped(job.world.ranks_per_node)
     plan = None
     if job.roles.policy == "static":
-        plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
+        plan = static_plan(job, topology)
     TestHooks.from_env(world.rank)  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
     return job, tuple(items), plan, topology
 

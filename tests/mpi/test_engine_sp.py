@@ -1,5 +1,7 @@
 """Sequence-parallel DiT groups in the engine: for each layout and S in {2, 4} (torus as 2 x 2 on a virtual
-two-node topology), the videos equal the S = 1 videos within 1 uint8 level."""
+two-node topology), the videos equal the S = 1 videos within 1 uint8 level. Groups of 4 that decode their own
+items decode together; the Ulysses group of 4 runs the planner's "auto" CFG parallel (halves of 2), the others
+none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py)."""
 
 from __future__ import annotations
 
@@ -39,16 +41,17 @@ def run(num_ranks, prompts, out, env, *extra):
         return {k: f["videos"][k][...] for k in f["videos"]}, result.stderr
 
 
+NO_CFG = "dit.cfg_parallel=false"
 CASES = {
     # name: (--set options, what the plan must say)
-    "ulysses-2": (["dit.sp_degree=2", "dit.sp_layout=ulysses"], "1 group(s) of 2 (ulysses)"),
-    "ring-2": (["dit.sp_degree=2", "dit.sp_layout=ring"], "1 group(s) of 2 (ring)"),
-    "ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0"],
-                  "1 group(s) of 4 (ulysses)"),
-    "ring-4": (["dit.sp_degree=4", "dit.sp_layout=ring", "roles.encoders=0", "roles.decoders=0"],
-               "1 group(s) of 4 (ring)"),
-    "torus-2x2": (["dit.sp_degree=4", "roles.encoders=0", "roles.decoders=0", "world.ranks_per_node=2"],
-                  "1 group(s) of 4 (torus 2x2)"),
+    "ulysses-2": (["dit.sp_degree=2", "dit.sp_layout=ulysses", NO_CFG], "1 group(s) of 2 (ulysses)\n"),
+    "ring-2": (["dit.sp_degree=2", "dit.sp_layout=ring", NO_CFG], "1 group(s) of 2 (ring)\n"),
+    "cfg-ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0"],
+                      "1 group(s) of 4 (ulysses), CFG parallel: halves of 2, groups decode together"),
+    "ring-4": (["dit.sp_degree=4", "dit.sp_layout=ring", "roles.encoders=0", "roles.decoders=0", NO_CFG],
+               "1 group(s) of 4 (ring), groups decode together"),
+    "torus-2x2": (["dit.sp_degree=4", "roles.encoders=0", "roles.decoders=0", "world.ranks_per_node=2", NO_CFG],
+                  "1 group(s) of 4 (torus 2x2), groups decode together"),
 }
 
 
@@ -58,7 +61,7 @@ def test_sp_layout_equals_one_rank(name, setup):
     options, plan_line = CASES[name]
     extra = [x for opt in options for x in ("--set", opt)]
     got, stderr = run(4, prompts, base / name, env, *extra)
-    assert plan_line in stderr
+    assert plan_line in stderr, stderr[-3000:]
     assert sorted(got) == sorted(reference)
     for key in reference:
         diff = np.abs(got[key].astype(np.int16) - reference[key].astype(np.int16))
