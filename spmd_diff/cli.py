@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="write the built-in tiny Wan2.1-architecture demo model")
     demo.add_argument("dir", help="output directory (a diffusers pipeline directory)")
+    demo.add_argument("--task", choices=("t2v", "i2v"), default="t2v",
+                      help="t2v: WanPipeline (text-to-video, default); i2v: WanImageToVideoPipeline (image-to-video)")
 
     run = sub.add_parser("run", help="render every pending item of a prompts file (launch under mpirun/srun)")
     run.add_argument("job", help="job file (TOML), e.g. jobs/demo.toml")
@@ -98,10 +100,11 @@ def _plan(args) -> int:
 
         arch = ARCHITECTURES[architecture_name(path)]
         configs = (arch["transformer"], arch["text_encoder"], arch["vae"])
-    elif path == "demo":
+    elif path in ("demo", "demo-i2v"):
         from spmd_diff.models import demo
 
-        configs = (demo.TRANSFORMER_CONFIG, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
+        transformer = demo.I2V_TRANSFORMER_CONFIG if path == "demo-i2v" else demo.TRANSFORMER_CONFIG
+        configs = (transformer, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
     else:
         def read(component: str) -> dict:
             config = Path(path) / component / "config.json"
@@ -228,7 +231,7 @@ def _dispatch(args) -> int:
     if args.command == "demo-model":
         from spmd_diff.models.demo import build_demo_model
 
-        print(build_demo_model(args.dir))
+        print(build_demo_model(args.dir, task=args.task))
         return 0
     if args.command == "run":
         return _run(args)

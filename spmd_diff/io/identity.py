@@ -2,7 +2,8 @@
 
 An item's **identity** is a digest of every attribute of its video except the purely informational ones
 (``INFORMATIONAL``): id, prompt, negative prompt (when guidance is on), seed, size, frames, steps, guidance, text
-length, dtype, the model's fingerprint, and any per-item setting added later (it joins the identity by being an
+length, dtype, the model's fingerprint, an image-to-video item's image content (``image_sha256``), and any
+per-item setting added later (it joins the identity by being an
 attribute). Two items with the same identity make the same video, so a finished file whose identity differs from
 what the prompts ask for is changed work, never finished work.
 
@@ -20,8 +21,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-INFORMATIONAL = ("model", "identity", "video_sha256", "written", "spmd_diff_version")
-"""Item attributes that describe a video without deciding how it looks (``model`` is the path the job named)."""
+INFORMATIONAL = ("model", "identity", "video_sha256", "written", "spmd_diff_version", "image")
+"""Item attributes that describe a video without deciding how it looks (``model`` is the path the job named,
+``image`` the path of an image-to-video item's image: its content, ``image_sha256``, is what counts)."""
 
 WHOLE_FILE_BYTES = 1 << 20
 """Files up to this size are hashed whole; larger ones by ``SAMPLE_COUNT`` samples of ``SAMPLE_BYTES``."""

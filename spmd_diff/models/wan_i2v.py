@@ -29,7 +29,9 @@ class WanI2VStages(WanStages):
     """The components one rank needs for its stages of Wan image-to-video, and the stage functions.
 
     As :class:`WanStages`, plus: ``encode`` also loads the image processor and CLIP image encoder (in ``dtype``,
-    when the model directory has them) and the VAE (``options.vae_dtype``, shared with ``decode`` on one rank).
+    when the model directory has them) and a VAE of its own (``encode_vae``, ``options.vae_dtype``): the Wan VAE
+    keeps per-call feature caches in the module, and a rank that decodes does so on another thread, so encode and
+    decode may run at the same time and must not share one.
     """
 
     pipeline_class = I2V_PIPELINE_CLASS
@@ -38,16 +40,17 @@ class WanI2VStages(WanStages):
                  dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> None:
         self.image_processor: Any = None
         self.image_encoder: Any = None
+        self.encode_vae: Any = None
+        self.encode_video_processor: Any = None
         super().__init__(model_dir, stages, device=device, dtype=dtype, options=options)
         if "encode" in self.stages:
             if _has_component(self._index, "image_encoder"):
                 self.image_processor = self._load("image_processor")
                 self.image_encoder = self._load("image_encoder", dtype=dtype)
-            if self.vae is None:
-                from diffusers.video_processor import VideoProcessor
+            from diffusers.video_processor import VideoProcessor
 
-                self.vae = self._load("vae", dtype=options.vae_dtype)
-                self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
+            self.encode_vae = self._load("vae", dtype=options.vae_dtype)
+            self.encode_video_processor = VideoProcessor(vae_scale_factor=self.encode_vae.config.scale_factor_spatial)
 
     # ---- encode -------------------------------------------------------------------------------------------------
 
@@ -79,12 +82,12 @@ class WanI2VStages(WanStages):
     def encode_condition(self, image: Any, spec: VideoSpec) -> torch.Tensor:
         """``WanImageToVideoPipeline.prepare_latents``' condition (no last frame): ``[1, 4 + z, F, H, W]`` float32."""
         self._require("encode")
-        vae, device = self.vae, self.device
+        vae, device = self.encode_vae, self.device
         shapes = self.shapes(spec)
         scale_temporal = shapes.vae_scale_factor_temporal
         height, width, num_frames = spec.height, spec.width, spec.num_frames
         latent_height, latent_width = shapes.latent_height, shapes.latent_width
-        pixels = self.video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
+        pixels = self.encode_video_processor.preprocess(image, height=height, width=width).to(device, dtype=torch.float32)
         pixels = pixels.unsqueeze(2)  # [1, 3, 1, H, W]
         video_condition = torch.cat([pixels, pixels.new_zeros(1, 3, num_frames - 1, height, width)], dim=2)
         video_condition = video_condition.to(device=device, dtype=vae.dtype)
@@ -199,7 +202,7 @@ class WanI2VStages(WanStages):
             torch.cuda.synchronize(self.device)
 
     def free(self) -> None:
-        self.image_processor = self.image_encoder = None
+        self.image_processor = self.image_encoder = self.encode_vae = self.encode_video_processor = None
         super().free()
 
 
