@@ -79,7 +79,7 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from spmd_diff.config import load_job
-    from spmd_diff.plan.for_job import job_planning
+    from spmd_diff.plan.for_job import job_planning, read_image_encoder_config
     from spmd_diff.plan.memory import GIB
     from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
     from spmd_diff.plan.roles import plan_roles
@@ -100,11 +100,13 @@ def _plan(args) -> int:
 
         arch = ARCHITECTURES[architecture_name(path)]
         configs = (arch["transformer"], arch["text_encoder"], arch["vae"])
+        image_encoder = arch.get("image_encoder")
     elif path in ("demo", "demo-i2v"):
         from spmd_diff.models import demo
 
         transformer = demo.I2V_TRANSFORMER_CONFIG if path == "demo-i2v" else demo.TRANSFORMER_CONFIG
         configs = (transformer, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
+        image_encoder = demo.IMAGE_ENCODER_CONFIG if path == "demo-i2v" else None
     else:
         def read(component: str) -> dict:
             config = Path(path) / component / "config.json"
@@ -113,7 +115,8 @@ def _plan(args) -> int:
         if not Path(path).is_dir():
             raise UserError(f"model directory {path} does not exist (model.path in the job)")
         configs = (read("transformer"), read("text_encoder"), read("vae"))
-    planning = job_planning(job, topology, configs, on_gpu=bool(args.gpus_per_node))
+        image_encoder = read_image_encoder_config(path)
+    planning = job_planning(job, topology, configs, on_gpu=bool(args.gpus_per_node), image_encoder=image_encoder)
     v, sizes, work_class, cost = job.video, planning.sizes, planning.work_class, planning.cost
     workload = planning.workload(100 * topology.num_ranks)  # steady state: many items per rank
     gpu_bytes, memory, settings = planning.inputs.gpu_bytes, planning.inputs.memory, planning.inputs.settings

@@ -29,7 +29,7 @@ from spmd_diff.io.runplan import plan_run
 from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.models.tasks import check_items_fit_task, model_task
-from spmd_diff.plan.for_job import job_planning, read_model_configs
+from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, read_model_configs
 from spmd_diff.plan.roles import RolePlan, plan_roles
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime.faults import TestHooks
@@ -186,7 +186,7 @@ def auto_policy(job: JobConfig, topology: Topology, model_dir: str, num_items: i
         raise UserError(f"dit.sp_degree={job.dit.sp_degree} needs at least {job.dit.sp_degree} ranks; the job has "
                         f"{topology.num_ranks}")
     planning = job_planning(job, topology, read_model_configs(model_dir), on_gpu=topology.gpus_per_node > 0,
-                            separate_aux=True)
+                            separate_aux=True, image_encoder=read_image_encoder_config(model_dir))
     return AutoPolicy(planning, num_items, job.roles.batch_s)
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not mpirun_available(), reason="mpirun or mpi4py
 REPO = Path(__file__).resolve().parents[2]
 JOB = REPO / "jobs/demo-i2v.toml"
 DEMO_IMAGES = ["sunset.png", "checker.jpg", "circles.webp"]
-NUM_GOOD = 16
+NUM_GOOD = 8
 BASE_SEED = 1234  # jobs/demo-i2v.toml run.seed
 BAD = ["missing", "empty", "truncated", "not-an-image", "one-pixel", "cmyk", "animated"]
 
@@ -58,7 +58,7 @@ def i2v_env(demo_model_dir):
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
-    """16 good items (the demo images, relative paths) then the bad-image cases."""
+    """8 good items (the demo images, relative paths) then the bad-image cases."""
     folder = tmp_path_factory.mktemp("i2v")
     (folder / "images").mkdir()
     for name in DEMO_IMAGES:
@@ -144,9 +144,14 @@ def test_bad_images_fail_their_items_and_the_job_goes_on(four_rank_out):
         assert record["stage"] == "encode" and words in record["error"], record
 
 
-def test_one_rank_matches_and_a_rerun_renders_nothing(i2v_env, prompts, references, four_rank_out, tmp_path):
+def test_one_rank_matches_a_rerun_renders_nothing_and_a_changed_image_is_refused(i2v_env, prompts, references,
+                                                                                   four_rank_out, tmp_path):
+    folder = tmp_path / "job"
+    shutil.copytree(prompts.parent, folder)
+    lines = (folder / "prompts.jsonl").read_text().splitlines()[:4]
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out1"
-    first = run(1, prompts, out, i2v_env)
+    first = run(1, folder / "prompts.jsonl", out, i2v_env)
     assert first.returncode == 0, first.stderr[-3000:]
     got = videos(out)
     _assert_matches(got, references)
@@ -154,29 +159,21 @@ def test_one_rank_matches_and_a_rerun_renders_nothing(i2v_env, prompts, referenc
     for key in got:  # SP changes only the attention's reassociation: within one level of the 1-rank video
         assert np.abs(got[key].astype(np.int16) - four[key].astype(np.int16)).max() <= 1, key
     before = sorted(p.name for p in (out / "items").rglob("*.h5"))
-    again = run(1, prompts, out, i2v_env)
+    again = run(1, folder / "prompts.jsonl", out, i2v_env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 to render" in again.stderr or "nothing to render" in again.stderr, again.stderr[-2000:]
+    assert "nothing to render" in again.stderr, again.stderr[-2000:]
     assert sorted(p.name for p in (out / "items").rglob("*.h5")) == before
-
-
-def test_a_changed_image_is_changed_work(i2v_env, prompts, tmp_path):
-    folder = tmp_path / "changed"
-    shutil.copytree(prompts.parent, folder)
-    lines = (folder / "prompts.jsonl").read_text().splitlines()[:2]
-    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
-    out = tmp_path / "out"
-    assert run(1, folder / "prompts.jsonl", out, i2v_env).returncode == 0
     shutil.copy(folder / "images" / "checker.jpg", folder / "images" / "sunset.png")  # good-00's image changes
     refused = run(1, folder / "prompts.jsonl", out, i2v_env)
     assert refused.returncode == 2 and "image_sha256" in refused.stderr, refused.stderr[-2000:]
+    assert sorted(p.name for p in (out / "items").rglob("*.h5")) == before
 
 
 def test_kill_then_rerun_exactly_once(i2v_env, prompts, four_rank_out, tmp_path):
     out = tmp_path / "out"
     cmd = ["mpirun", *MPIRUN_FLAGS, "-n", "4", sys.executable, "-m", "spmd_diff", "run", str(JOB), "--prompts",
            str(prompts), "--out", str(out), "--set", "dit.sp_degree=2"]
-    killed = start_and_kill(cmd, full_env(i2v_env), out, "rank", seed=5)
+    killed = start_and_kill(cmd, full_env(i2v_env), out, "rank", seed=2)  # after the first item
     assert killed.returncode != 0
     partial = len(list((out / "items").glob("*/*.h5")))
     assert 0 < partial < NUM_GOOD
