@@ -4,10 +4,14 @@ on the same GPUs in the same run. One case per call:
     python3 perf/bench_throughput.py --case 4cfg   --out DIR   # 4 steps, CFG 5.0, 12 videos per variant
     python3 perf/bench_throughput.py --case 4nocfg --out DIR   # 4 steps, no CFG
     python3 perf/bench_throughput.py --case 50cfg  --out DIR   # 50 steps, CFG 5.0, 2 videos per variant
+    python3 perf/bench_throughput.py --case i2v4cfg --out DIR  # image-to-video (random Wan2.1-I2V-14B 480P),
+                                                                # 4 steps, CFG 5.0, 3 videos per variant
 
 - baseline A: one process per GPU (``CUDA_VISIBLE_DEVICES``), each one ``WanPipeline`` (text encoder and DiT bf16,
   VAE float32, ``output_type="np"``) over its share of the items, timed call by call (synchronised), after an
   untimed one-step warm-up call; the random weights are the engine's (same seeds), so videos can be compared.
+  Image-to-video cases run ``WanImageToVideoPipeline`` (CLIP image encoder bf16 too) on generated first-frame
+  images (one PNG per item, written beside the items), as the engine reads them.
 - exact / fast: the real engine, ``mpirun -n G python -m spmd_diff run`` with one rank per GPU (each encodes,
   denoises, decodes and writes its items), ``speed.tier`` exact or fast; steady state from its ``events.jsonl``
   (intervals between a rank's completed writes), so model load, warm-up and compilation are out.
@@ -45,9 +49,12 @@ import throughput_lib as lib  # noqa: E402
 
 CASES = {"4cfg": dict(steps=4, guidance=5.0, videos=12, warmup=2),
          "4nocfg": dict(steps=4, guidance=1.0, videos=12, warmup=2),
-         "50cfg": dict(steps=50, guidance=5.0, videos=2, warmup=0)}
+         "50cfg": dict(steps=50, guidance=5.0, videos=2, warmup=0),
+         "i2v4cfg": dict(steps=4, guidance=5.0, videos=3, warmup=1, task="i2v")}
 TARGETS = {"4cfg": {"exact": 1.05, "fast": 1.3}, "4nocfg": {"exact": 1.05, "fast": 1.35},
-           "50cfg": {"exact": 1.02, "fast": 1.15}}
+           "50cfg": {"exact": 1.02, "fast": 1.15}, "i2v4cfg": {"exact": 1.05}}
+DEFAULT_MODELS = {"t2v": ("random:wan2.1-t2v-1.3b", "demo"), "i2v": ("random:wan2.1-i2v-14b-480p", "demo-i2v")}
+"""Per task: the model of a GPU run and of a ``--tiny`` CPU run."""
 NEGATIVE = "blurry, low quality"
 SUBJECTS = ["a red fox running through fresh snow", "waves breaking on black volcanic rocks", "a busy night market",
             "a hot air balloon over green hills", "a cat chasing a paper ball", "rain on a city street at dusk",
@@ -57,9 +64,24 @@ SUBJECTS = ["a red fox running through fresh snow", "waves breaking on black vol
             "a horse galloping along a beach"]
 
 
-def make_items(num: int, seed: int) -> list[dict]:
-    return [{"id": f"v{k:03d}", "prompt": f"Cinematic shot of {SUBJECTS[k % len(SUBJECTS)]}, detailed, take {k}.",
-             "seed": seed + k} for k in range(num)]
+def make_items(num: int, seed: int, image_dir: Path | None = None, size: tuple[int, int] = (480, 832)) -> list[dict]:
+    """``num`` items; with ``image_dir`` (image-to-video) each gets a generated first frame of ``size`` (h, w)."""
+    items = [{"id": f"v{k:03d}", "prompt": f"Cinematic shot of {SUBJECTS[k % len(SUBJECTS)]}, detailed, take {k}.",
+              "seed": seed + k} for k in range(num)]
+    if image_dir is not None:
+        import numpy as np
+        import PIL.Image
+
+        image_dir.mkdir(parents=True, exist_ok=True)
+        height, width = size
+        y, x = np.mgrid[0:height, 0:width]
+        for k, item in enumerate(items):
+            phase = k * 0.7
+            pixels = np.stack([127 + 120 * np.sin(x / 37 + phase), 127 + 120 * np.cos(y / 23 - phase),
+                               127 + 120 * np.sin((x + y) / 51 + 2 * phase)], -1).astype(np.uint8)
+            item["image"] = str(image_dir / f"{item['id']}.png")
+            PIL.Image.fromarray(pixels).save(item["image"])
+    return items
 
 
 # ---- baseline A: one WanPipeline per GPU (a worker process) --------------------------------------------------------
@@ -68,9 +90,10 @@ def make_items(num: int, seed: int) -> list[dict]:
 def baseline_worker(args: argparse.Namespace) -> None:
     import numpy as np
     import torch
-    from diffusers import WanPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
-    from spmd_diff.models.random_wan import RandomWanStages, build_random_module, random_model_dir
+    from spmd_diff.io.images import load_image
+    from spmd_diff.models.random_wan import make_stages
     from spmd_diff.models.wan import _frames_to_uint8
 
     cfg = json.loads(args.worker_config)
@@ -78,10 +101,16 @@ def baseline_worker(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t_load = time.time()
     model_dir = _model_dir(cfg["model"])
-    stages = RandomWanStages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype) \
-        if cfg["model"].startswith("random:") else _plain_stages(model_dir, device, dtype)
-    pipe = WanPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
-                       scheduler=stages._scheduler, transformer=stages.transformer)
+    stages = make_stages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype)
+    i2v = cfg.get("task") == "i2v"
+    if i2v:
+        pipe = WanImageToVideoPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
+                                       scheduler=stages._scheduler, transformer=stages.transformer,
+                                       image_encoder=stages.image_encoder, image_processor=stages.image_processor)
+        stages.encode_vae = None  # the pipeline encodes and decodes with its one VAE
+    else:
+        pipe = WanPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
+                           scheduler=stages._scheduler, transformer=stages.transformer)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.time() - t_load
     if device == "cuda":  # the rendering peak (weights included), as the engine's rank_end reports it
@@ -93,7 +122,8 @@ def baseline_worker(args: argparse.Namespace) -> None:
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        frames = pipe(prompt=item["prompt"], negative_prompt=NEGATIVE, height=cfg["height"], width=cfg["width"],
+        image = {"image": load_image(item["image"])} if i2v else {}  # the engine's encode stage reads it too
+        frames = pipe(**image, prompt=item["prompt"], negative_prompt=NEGATIVE, height=cfg["height"], width=cfg["width"],
                       num_frames=cfg["num_frames"], num_inference_steps=steps or cfg["steps"],
                       guidance_scale=cfg["guidance"], generator=torch.Generator("cpu").manual_seed(item["seed"]),
                       output_type="np", max_sequence_length=512).frames
@@ -119,12 +149,6 @@ def _model_dir(model: str) -> Path:
     from spmd_diff.runtime.startup import resolve_model
 
     return Path(resolve_model(model))
-
-
-def _plain_stages(model_dir: Path, device: str, dtype):
-    from spmd_diff.models.wan import WanStages
-
-    return WanStages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype)
 
 
 def _options(pipe, stages, model_dir, items, item_id, render, save_dir) -> dict:
@@ -328,7 +352,7 @@ def main() -> int:
     parser.add_argument("--videos", type=int, help="videos per variant (default: the case's)")
     parser.add_argument("--warmup", type=int, help="videos dropped from the steady state (default: the case's)")
     parser.add_argument("--gpus", type=int, help="GPUs to use (default: all visible)")
-    parser.add_argument("--model", default="random:wan2.1-t2v-1.3b")
+    parser.add_argument("--model", help="default: random:wan2.1-t2v-1.3b, for i2v cases random:wan2.1-i2v-14b-480p")
     parser.add_argument("--size", default="480x832x81", help="HEIGHTxWIDTHxFRAMES")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: demo model, 64x64x9")
     parser.add_argument("--options", action="store_true", help="also time each fast option alone (GPU)")
@@ -356,17 +380,21 @@ def main() -> int:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     num_gpus = (args.gpus or torch.cuda.device_count()) if args.device == "cuda" else 1
     case = CASES[args.case]
+    task = case.get("task", "t2v")
     if args.tiny:
-        args.model, args.size = "demo", "64x64x9"
+        args.model, args.size = DEFAULT_MODELS[task][1], "64x64x9"
+    elif args.model is None:
+        args.model = DEFAULT_MODELS[task][0]
     height, width, frames = (int(x) for x in args.size.split("x"))
-    cfg = dict(case=args.case, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
+    cfg = dict(case=args.case, task=task, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
                guidance=case["guidance"], videos=args.videos or case["videos"],
                warmup=case["warmup"] if args.warmup is None else args.warmup, num_gpus=num_gpus)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(os.environ.get("BENCH_WORK", "/tmp/bench_throughput")) / args.case
     work.mkdir(parents=True, exist_ok=True)
-    items = make_items(cfg["videos"] * max(1, num_gpus), seed=1000)
+    items = make_items(cfg["videos"] * max(1, num_gpus), seed=1000,
+                       image_dir=work / "images" if task == "i2v" else None, size=(height, width))
     items_path = work / "items.json"
     items_path.write_text(json.dumps(items))
     result = {"benchmark": "throughput", "date": datetime.date.today().isoformat(), "config": cfg,

@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo-model", help="write the built-in tiny Wan2.1-architecture demo model")
     demo.add_argument("dir", help="output directory (a diffusers pipeline directory)")
+    demo.add_argument("--task", choices=("t2v", "i2v"), default="t2v",
+                      help="t2v: WanPipeline (text-to-video, default); i2v: WanImageToVideoPipeline (image-to-video)")
 
     run = sub.add_parser("run", help="render every pending item of a prompts file (launch under mpirun/srun)")
     run.add_argument("job", help="job file (TOML), e.g. jobs/demo.toml")
@@ -80,7 +82,7 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from spmd_diff.config import load_job
-    from spmd_diff.plan.for_job import job_planning, static_plan
+    from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, static_plan
     from spmd_diff.plan.memory import GIB
     from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
     from spmd_diff.plan.topology import Topology
@@ -100,10 +102,13 @@ def _plan(args) -> int:
 
         arch = ARCHITECTURES[architecture_name(path)]
         configs = (arch["transformer"], arch["text_encoder"], arch["vae"])
-    elif path == "demo":
+        image_encoder = arch.get("image_encoder")
+    elif path in ("demo", "demo-i2v"):
         from spmd_diff.models import demo
 
-        configs = (demo.TRANSFORMER_CONFIG, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
+        transformer = demo.I2V_TRANSFORMER_CONFIG if path == "demo-i2v" else demo.TRANSFORMER_CONFIG
+        configs = (transformer, demo.TEXT_ENCODER_CONFIG, demo.VAE_CONFIG)
+        image_encoder = demo.IMAGE_ENCODER_CONFIG if path == "demo-i2v" else None
     else:
         def read(component: str) -> dict:
             config = Path(path) / component / "config.json"
@@ -112,7 +117,8 @@ def _plan(args) -> int:
         if not Path(path).is_dir():
             raise UserError(f"model directory {path} does not exist (model.path in the job)")
         configs = (read("transformer"), read("text_encoder"), read("vae"))
-    planning = job_planning(job, topology, configs, on_gpu=bool(args.gpus_per_node))
+        image_encoder = read_image_encoder_config(path)
+    planning = job_planning(job, topology, configs, on_gpu=bool(args.gpus_per_node), image_encoder=image_encoder)
     v, sizes, work_class, cost = job.video, planning.sizes, planning.work_class, planning.cost
     workload = planning.workload(100 * topology.num_ranks)  # steady state: many items per rank
     gpu_bytes, memory, settings = planning.inputs.gpu_bytes, planning.inputs.memory, planning.inputs.settings
@@ -225,7 +231,7 @@ def _dispatch(args) -> int:
     if args.command == "demo-model":
         from spmd_diff.models.demo import build_demo_model
 
-        print(build_demo_model(args.dir))
+        print(build_demo_model(args.dir, task=args.task))
         return 0
     if args.command == "run":
         return _run(args)

@@ -20,7 +20,8 @@ from spmd_diff.io.codec import DEFAULT_FPS, DEFAULT_PRESET, DEFAULT_QUALITY
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = "demo"
-    """A local diffusers directory (Wan2.1 text-to-video), or "demo" for the built-in demo model."""
+    """A local diffusers directory (Wan2.1 text-to-video or image-to-video: its ``model_index.json`` says which),
+    "demo" / "demo-i2v" for the built-in demo models, or "random:<architecture>"."""
     dtype: str = "auto"
     """Transformer and text-encoder dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"."""
 

@@ -4,7 +4,8 @@ An item's **identity** is a digest of every attribute of its video except the pu
 (``INFORMATIONAL``): id, prompt, negative prompt (when guidance is on), seed, size, frames, steps, guidance, text
 length, dtype, the model's fingerprint, the output form (``codec`` raw/h264/hevc and its ``compression`` or
 ``quality``, ``preset``, ``fps``: what is stored, and for lossy codecs the pixels read back, depend on it; a
-rerun with another form is refused unless ``--force``, which re-renders), and any per-item setting added later (it joins the identity by being an
+rerun with another form is refused unless ``--force``, which re-renders), an image-to-video item's image content
+(``image_sha256``), and any per-item setting added later (it joins the identity by being an
 attribute). Two items with the same identity make the same video, so a finished file whose identity differs from
 what the prompts ask for is changed work, never finished work.
 
@@ -22,9 +23,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-INFORMATIONAL = ("model", "identity", "video_sha256", "written", "spmd_diff_version", "frames")
+INFORMATIONAL = ("model", "identity", "video_sha256", "written", "spmd_diff_version", "frames", "image")
 """Item attributes that describe a video without deciding how it looks (``model`` is the path the job named;
-``frames``, on encoded videos, repeats ``num_frames`` for readers of the mp4)."""
+``frames``, on encoded videos, repeats ``num_frames`` for readers of the mp4; ``image`` is the path of an
+image-to-video item's image: its content, ``image_sha256``, is what counts)."""
 
 WHOLE_FILE_BYTES = 1 << 20
 """Files up to this size are hashed whole; larger ones by ``SAMPLE_COUNT`` samples of ``SAMPLE_BYTES``."""

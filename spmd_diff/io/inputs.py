@@ -11,6 +11,10 @@ Ids and seeds:
   repetition of the same line (k >= 2) ``<that>.<k>``. The seed comes from the id the same way
   (``run.seed`` + a number drawn from the id's SHA-1), so a prompt keeps its video wherever its line moves.
 
+Images (image-to-video models): JSONL ``image`` is the path of the item's first frame, relative to the prompts
+file's folder or absolute; it is resolved here, read only when the item is rendered (a missing or bad file fails
+that item, not the job).
+
 Text HDF5 cannot store (NUL characters, lone UTF-16 surrogates such as the JSON escape ``"\\ud83c"``) is refused
 here, naming the file, the line and the field, before anything is rendered.
 """
@@ -19,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from spmd_diff.errors import UserError, did_you_mean
 
 MAX_ID_LENGTH = 256
-_KEYS = ("id", "prompt", "negative_prompt", "seed")
+_KEYS = ("id", "prompt", "negative_prompt", "seed", "image")
 _TEXT_ID_DIGITS = 16
 BOM = "\ufeff"
 
@@ -39,6 +44,8 @@ class Item:
     prompt: str
     negative_prompt: str | None
     seed: int
+    image: str | None = None
+    """Image-to-video: the absolute path of the conditioning image (JSONL ``image``); None for text-to-video."""
 
 
 def unstorable_text(text: str) -> str | None:
@@ -91,7 +98,7 @@ def _object_without_duplicate_keys(where: str):
     return hook
 
 
-def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
+def _parse_json_line(line: str, index: int, base_seed: int, where: str, folder: str) -> Item:
     try:
         obj = json.loads(line, object_pairs_hook=_object_without_duplicate_keys(where))
     except json.JSONDecodeError as exc:
@@ -117,7 +124,13 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str) -> Item:
             raise UserError(f"{where}: negative_prompt must be a string, got {type(negative).__name__}")
         _check_text(negative, "negative_prompt", where)
     seed = _check_seed(obj["seed"], where) if "seed" in obj else base_seed + index
-    return Item(index, item_id, prompt, negative, seed)
+    image = obj.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image.strip():
+            raise UserError(f"{where}: image must be a non-empty string (a file path), got {image!r}")
+        _check_text(image, "image", where)
+        image = os.path.abspath(os.path.join(folder, os.path.expanduser(image)))
+    return Item(index, item_id, prompt, negative, seed, image)
 
 
 def text_item_id(text: str, occurrence: int) -> str:
@@ -158,7 +171,7 @@ def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> 
             raise UserError(f"{where}: empty line (remove it; every line is one item)")
         index = len(items)
         if is_jsonl:
-            item = _parse_json_line(line, index, base_seed, where)
+            item = _parse_json_line(line, index, base_seed, where, os.path.dirname(os.path.abspath(source)))
         else:
             prompt = line.strip()
             _check_text(prompt, "the prompt", where)

@@ -1,10 +1,14 @@
-"""The built-in demo model: a tiny Wan2.1-architecture text-to-video pipeline in diffusers format.
+"""The built-in demo models: tiny Wan2.1-architecture text-to-video and image-to-video pipelines in diffusers format.
 
 Random weights from fixed seeds and a tokenizer trained offline on a built-in corpus, so it needs no download and
 renders a 64x64, 9-frame, 4-step CFG video in well under a second on one CPU core. Every component has the real
 Wan2.1 T2V classes and layout (``model_index.json``, ``tokenizer/``, ``text_encoder/``, ``transformer/``, ``vae/``,
 ``scheduler/``), so ``diffusers.WanPipeline.from_pretrained(dir)`` loads it and the engine runs it through exactly
 the code paths it uses for Wan2.1-T2V-1.3B/14B. The videos are noise-like patterns, not pictures.
+
+The image-to-video demo (``task="i2v"``, ``model.path = "demo-i2v"``) adds a small CLIP vision model and image
+processor (made offline, no download) and a transformer taking 36 input channels and image embeddings, as
+Wan2.1-I2V-14B; ``diffusers.WanImageToVideoPipeline.from_pretrained(dir)`` loads it.
 
 Building is deterministic: two builds give byte-identical safetensors and tokenizer files. Directories are written
 atomically (a temp dir next to the target, then ``os.rename``), so several processes may build at once.
@@ -80,7 +84,23 @@ VAE_CONFIG = dict(
 SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 """UniPCMultistepScheduler settings Wan2.1 ships (flow_shift 3.0 is its 480p setting)."""
 
-SEEDS = {"text_encoder": 1, "transformer": 2, "vae": 3}
+I2V_TRANSFORMER_CONFIG = dict(TRANSFORMER_CONFIG, in_channels=36, image_dim=16, added_kv_proj_dim=24)
+"""The image-to-video transformer: 16 noise + 4 mask + 16 condition channels in, CLIP width ``image_dim``, image
+keys/values projected from the model width (``added_kv_proj_dim`` = heads x head dim, as Wan2.1-I2V)."""
+
+IMAGE_ENCODER_CONFIG = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=32, patch_size=8, projection_dim=16)
+"""CLIPVisionConfig: 17 tokens (4 x 4 patches + class) of width 16. Wan2.1 uses ViT-H/14: 257 tokens of 1280."""
+
+IMAGE_PROCESSOR_CONFIG = dict(do_resize=True, size={"shortest_edge": 32}, resample=3, do_center_crop=True,
+                              crop_size={"height": 32, "width": 32}, do_rescale=True, rescale_factor=1 / 255,
+                              do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                              image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
+"""CLIPImageProcessor: Wan2.1-I2V's settings (bicubic resize, centre crop, CLIP mean/std) at 32 pixels."""
+
+TASKS = ("t2v", "i2v")
+
+SEEDS = {"text_encoder": 1, "transformer": 2, "vae": 3, "image_encoder": 4}
 """``torch.manual_seed`` value set right before each component is constructed."""
 
 CROSS_ATTENTION_GAIN = 4.0
@@ -180,8 +200,8 @@ def _condition_weights(transformer, vae) -> None:
                 parameter.zero_()
 
 
-def _build_components() -> dict:
-    """Construct the five pipeline components with fixed seeds (float32, CPU)."""
+def _build_components(task: str = "t2v") -> dict:
+    """Construct the pipeline components with fixed seeds (float32, CPU): five for "t2v", seven for "i2v"."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
     from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
@@ -193,22 +213,46 @@ def _build_components() -> dict:
     text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **TEXT_ENCODER_CONFIG)).eval()
 
     torch.manual_seed(SEEDS["transformer"])
-    transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+    transformer = WanTransformer3DModel(**(I2V_TRANSFORMER_CONFIG if task == "i2v" else TRANSFORMER_CONFIG)).eval()
 
     torch.manual_seed(SEEDS["vae"])
     vae = AutoencoderKLWan(**VAE_CONFIG).eval()
 
     _condition_weights(transformer, vae)
     scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
-    return dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler)
+    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                      scheduler=scheduler)
+    if task == "i2v":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        torch.manual_seed(SEEDS["image_encoder"])
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(**IMAGE_ENCODER_CONFIG)).eval()
+        components["image_processor"] = _image_processor()
+    return components
 
 
-def recipe_fingerprint() -> str:
+def _image_processor():
+    """A ``CLIPImageProcessor`` (the PIL implementation where torchvision is missing: same resize and crop)."""
+    import warnings
+
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.CLIPImageProcessor(**IMAGE_PROCESSOR_CONFIG)
+
+
+def recipe_fingerprint(task: str = "t2v") -> str:
     """Hash of everything this module's constants put into the demo model: a cached build made from another recipe
     (an older checkout) is stale even if :data:`DEMO_VERSION` was not bumped. Code changes still need the bump."""
     recipe = dict(version=DEMO_VERSION, text_encoder=TEXT_ENCODER_CONFIG, transformer=TRANSFORMER_CONFIG,
                   vae=VAE_CONFIG, scheduler=SCHEDULER_CONFIG, seeds=SEEDS, gain=CROSS_ATTENTION_GAIN,
                   vocab_size=TOKENIZER_VOCAB_SIZE, corpus=CORPUS)
+    if task == "i2v":
+        recipe.update(task=task, transformer=I2V_TRANSFORMER_CONFIG, image_encoder=IMAGE_ENCODER_CONFIG,
+                      image_processor=IMAGE_PROCESSOR_CONFIG)
+    else:
+        recipe["seeds"] = {k: v for k, v in SEEDS.items() if k != "image_encoder"}  # t2v builds stay valid
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -220,18 +264,19 @@ def _read_marker(model_dir: pathlib.Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def is_complete(model_dir: str | os.PathLike) -> bool:
-    """True if ``model_dir`` holds a complete demo model of this version and recipe (its marker file says so)."""
+def is_complete(model_dir: str | os.PathLike, task: str = "t2v") -> bool:
+    """True if ``model_dir`` holds a complete demo model of this version, task and recipe (its marker says so)."""
     info = _read_marker(pathlib.Path(model_dir))
-    return info is not None and info.get("version") == DEMO_VERSION and info.get("recipe") == recipe_fingerprint()
+    return info is not None and info.get("version") == DEMO_VERSION and info.get("recipe") == recipe_fingerprint(task)
 
 
-def _write_demo_model(tmp_dir: pathlib.Path) -> None:
+def _write_demo_model(tmp_dir: pathlib.Path, task: str = "t2v") -> None:
     """Write all components, then the marker, into the (private) directory ``tmp_dir``."""
-    from diffusers import WanPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline
     from transformers.utils import logging as transformers_logging
 
-    pipeline = WanPipeline(**_build_components())
+    pipeline_class = WanImageToVideoPipeline if task == "i2v" else WanPipeline
+    pipeline = pipeline_class(**_build_components(task))
     bars_were_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # its "Writing model shards" bar is noise here
     try:
@@ -243,24 +288,31 @@ def _write_demo_model(tmp_dir: pathlib.Path) -> None:
     os.umask(umask)
     for path in [tmp_dir, *tmp_dir.rglob("*")]:  # mkdtemp makes 0700; the cache may be shared: use the umask
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    marker = {"name": "spmd_diff-demo", "version": DEMO_VERSION, "recipe": recipe_fingerprint()}
+    if task == "i2v":  # name the class real Wan2.1-I2V directories name (not the PIL fallback's own name)
+        index_path = tmp_dir / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["image_processor"] = ["transformers", "CLIPImageProcessor"]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    marker = {"name": "spmd_diff-demo", "version": DEMO_VERSION, "recipe": recipe_fingerprint(task), "task": task}
     (tmp_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
-def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write the demo model into ``out_dir`` (atomically) and return its path.
+def build_demo_model(out_dir: str | os.PathLike, task: str = "t2v") -> pathlib.Path:
+    """Write the demo model of ``task`` ("t2v" or "i2v") into ``out_dir`` (atomically) and return its path.
 
     If ``out_dir`` already holds a complete demo model of this version and recipe it is returned as is. The model is
     built in a temp dir next to ``out_dir`` and renamed into place; if another process renamed its own copy first,
     ours is dropped and theirs returned. A stale demo model (another version or recipe) is replaced. Raises
     :class:`UserError` if ``out_dir`` exists and holds something else.
     """
+    if task not in TASKS:
+        raise UserError(f"demo model task {task!r}: expected one of {', '.join(TASKS)}")
     out_dir = pathlib.Path(out_dir).expanduser().absolute()
-    if is_complete(out_dir):
+    if is_complete(out_dir, task):
         return out_dir
     stale = _read_marker(out_dir) is not None
     if not stale and out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        if is_complete(out_dir):  # another process renamed its build into place since the first check
+        if is_complete(out_dir, task):  # another process renamed its build into place since the first check
             return out_dir
         raise UserError(f"{out_dir} exists but is not a spmd_diff demo model; remove it or choose another directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -268,7 +320,7 @@ def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
     tomb_dir = tmp_dir.with_name(tmp_dir.name.replace(".tmp-", ".stale-"))
     try:
         logger.info("building the demo model in %s", tmp_dir)
-        _write_demo_model(tmp_dir)
+        _write_demo_model(tmp_dir, task)
         if stale:
             logger.warning("replacing the stale demo model in %s (another version or recipe)", out_dir)
             try:
@@ -278,14 +330,14 @@ def build_demo_model(out_dir: str | os.PathLike) -> pathlib.Path:
         try:
             os.rename(tmp_dir, out_dir)  # atomic; replaces out_dir only if it is an empty directory
         except OSError:
-            if not is_complete(out_dir):  # not a lost race with another builder: a real error
+            if not is_complete(out_dir, task):  # not a lost race with another builder: a real error
                 raise
             logger.info("another process built %s first; using it", out_dir)
     finally:
         for leftover in (tmp_dir, tomb_dir):
             if leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
-    assert is_complete(out_dir), out_dir
+    assert is_complete(out_dir, task), out_dir
     return out_dir
 
 
@@ -294,10 +346,12 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get(CACHE_ENV) or "~/.cache/spmd_diff").expanduser()
 
 
-def demo_model_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """Path of the demo model under ``cache_dir`` (default :func:`default_cache_dir`), built there if missing.
+def demo_model_dir(cache_dir: str | os.PathLike | None = None, task: str = "t2v") -> pathlib.Path:
+    """Path of the demo model of ``task`` under ``cache_dir`` (default :func:`default_cache_dir`), built there if
+    missing.
 
     Safe to call from several processes at once: each builds privately and the first rename wins.
     """
     root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return build_demo_model(root / f"demo-v{DEMO_VERSION}")
+    name = f"demo-v{DEMO_VERSION}" if task == "t2v" else f"demo-{task}-v{DEMO_VERSION}"
+    return build_demo_model(root / name, task)

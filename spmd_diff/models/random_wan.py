@@ -16,6 +16,11 @@ Published values (Wan-AI/Wan2.1-T2V-1.3B-Diffusers and -14B-Diffusers, ``config.
 | DiT ffn_dim / layers | 8960 / 30 | 13824 / 40 |
 | both | text_dim 4096, freq_dim 256, patch (1, 2, 2), in/out 16 channels, qk_norm rms_norm_across_heads, cross_attn_norm, eps 1e-6, rope_max_seq_len 1024 | |
 
+Image-to-video (Wan-AI/Wan2.1-I2V-14B-480P-Diffusers and -720P-Diffusers): the 14B DiT with ``in_channels`` 36
+(16 noise + 4 mask + 16 condition), ``image_dim`` 1280 and ``added_kv_proj_dim`` 5120; the CLIP ViT-H/14 vision
+model (hidden 1280, 32 layers, 16 heads, MLP 5120, 224 px, patch 14: 257 tokens) and its image processor
+(bicubic resize to 224, centre crop, CLIP mean/std); scheduler flow_shift 3.0 (480P) or 5.0 (720P).
+
 UMT5-XXL encoder: d_model 4096, 24 layers, 64 heads (d_kv 64), d_ff 10240, gated-gelu, vocab 256384. VAE: the
 ``AutoencoderKLWan`` defaults (base_dim 96, dim_mult 1/2/4/4, 2 res blocks, z_dim 16, Wan2.1 latents mean/std).
 Tokenizer: the demo model's (about 300 pieces): its token ids are valid rows of the 256384-row embedding, and
@@ -35,7 +40,8 @@ import torch
 
 from spmd_diff.errors import UserError
 from spmd_diff.models.speed import EXACT, StageOptions
-from spmd_diff.models.wan import WanStages
+from spmd_diff.models.wan import I2V_PIPELINE_CLASS, WanStages, _model_index
+from spmd_diff.models.wan_i2v import WanI2VStages
 
 PREFIX = "random:"
 MARKER_FILE = "spmd_diff_random.json"
@@ -50,6 +56,10 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 is_gated_act=True, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
                 decoder_start_token_id=0, initializer_factor=1.0)
 
+_I2V_DIT = dict(_DIT_COMMON, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+CLIP_VIT_H_14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                     image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5)
+
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "wan2.1-t2v-1.3b": dict(
         transformer=dict(_DIT_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30),
@@ -57,6 +67,20 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "wan2.1-t2v-14b": dict(
         transformer=dict(_DIT_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40),
         text_encoder=UMT5_XXL, vae={}),
+    "wan2.1-i2v-14b-480p": dict(
+        transformer=dict(_I2V_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        text_encoder=UMT5_XXL, vae={}, image_encoder=CLIP_VIT_H_14, flow_shift=3.0),
+    "wan2.1-i2v-14b-720p": dict(
+        transformer=dict(_I2V_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+        text_encoder=UMT5_XXL, vae={}, image_encoder=CLIP_VIT_H_14, flow_shift=5.0),
+    "wan2.1-i2v-tiny": dict(  # the I2V demo model's sizes, for CPU tests of this module
+        transformer=dict(_I2V_DIT, attention_head_dim=12, num_attention_heads=2, ffn_dim=32, num_layers=2,
+                         text_dim=32, image_dim=16, added_kv_proj_dim=24),
+        text_encoder=dict(UMT5_XXL, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2,
+                          dropout_rate=0.0),
+        vae=dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+        image_encoder=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16)),
     "wan2.1-t2v-tiny": dict(  # the demo model's sizes, for CPU tests of this module
         transformer=dict(_DIT_COMMON, attention_head_dim=12, num_attention_heads=2, ffn_dim=32, num_layers=2,
                          text_dim=32),
@@ -64,9 +88,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                           dropout_rate=0.0),
         vae=dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1)),
 }
-"""Per name: keyword overrides of each component's config (the VAE's are over the AutoencoderKLWan defaults)."""
+"""Per name: keyword overrides of each component's config (the VAE's are over the AutoencoderKLWan defaults); an
+``image_encoder`` (CLIPVisionConfig) makes it image-to-video; ``flow_shift`` overrides the scheduler's."""
 
-SEED_OFFSETS = {"text_encoder": 1, "transformer": 2, "transformer_2": 3, "vae": 4}
+SEED_OFFSETS = {"text_encoder": 1, "transformer": 2, "transformer_2": 3, "vae": 4, "image_encoder": 5}
 """Each component is built right after ``torch.manual_seed(seed + offset)``."""
 
 _CLASSES = {"text_encoder": ("transformers", "UMT5EncoderModel"), "tokenizer": ("transformers", "T5Tokenizer"),
@@ -124,9 +149,25 @@ def _write_configs(root: pathlib.Path, name: str, demo: pathlib.Path) -> None:
     from spmd_diff.models.demo import SCHEDULER_CONFIG
 
     arch = ARCHITECTURES[name]
-    index = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__, "boundary_ratio": None,
+    i2v = "image_encoder" in arch
+    index = {"_class_name": "WanImageToVideoPipeline" if i2v else "WanPipeline",
+             "_diffusers_version": diffusers.__version__, "boundary_ratio": None,
              "expand_timesteps": False, "transformer_2": [None, None]}
     index.update({component: list(cls) for component, cls in _CLASSES.items()})
+    if i2v:
+        from transformers import CLIPVisionConfig
+
+        from spmd_diff.models.demo import IMAGE_PROCESSOR_CONFIG
+
+        index.update(image_encoder=["transformers", "CLIPVisionModel"],
+                     image_processor=["transformers", "CLIPImageProcessor"])
+        CLIPVisionConfig(architectures=["CLIPVisionModel"], **arch["image_encoder"]).save_pretrained(
+            root / "image_encoder")
+        side = arch["image_encoder"]["image_size"]
+        processor = dict(IMAGE_PROCESSOR_CONFIG, size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                         image_processor_type="CLIPImageProcessor")
+        (root / "image_processor").mkdir()
+        (root / "image_processor" / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     (root / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for component in ("transformer", "vae"):
         (root / component).mkdir()
@@ -134,7 +175,8 @@ def _write_configs(root: pathlib.Path, name: str, demo: pathlib.Path) -> None:
                   **arch[component]}
         (root / component / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     UMT5Config(architectures=["UMT5EncoderModel"], **arch["text_encoder"]).save_pretrained(root / "text_encoder")
-    UniPCMultistepScheduler(**SCHEDULER_CONFIG).save_config(root / "scheduler")
+    UniPCMultistepScheduler(**dict(SCHEDULER_CONFIG, flow_shift=arch.get("flow_shift", SCHEDULER_CONFIG["flow_shift"]))
+                            ).save_config(root / "scheduler")
     shutil.copytree(demo / "tokenizer", root / "tokenizer")
     marker = {"name": f"spmd_diff-random-{name}", "version": VERSION, "weights": "random, built on the device"}
     (root / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
@@ -145,7 +187,7 @@ def build_random_module(component: str, model_dir: str | os.PathLike, device: st
     """Construct ``component`` of a random model directory on ``device`` with seeded random weights.
 
     Args:
-        component: "text_encoder", "transformer" or "vae".
+        component: "text_encoder", "image_encoder", "transformer" or "vae".
         model_dir: a ``random_model_dir``.
         device: where the parameters are allocated and initialised (no host copy for a CUDA device).
         dtype: the dtype ``from_pretrained(torch_dtype=dtype)`` would give (diffusers' fp32-kept modules stay fp32).
@@ -162,6 +204,11 @@ def build_random_module(component: str, model_dir: str | os.PathLike, device: st
 
             module = UMT5EncoderModel(UMT5Config.from_pretrained(path))
             keep: Iterable[str] = ("wo",) if dtype == torch.float16 else ()
+        elif component == "image_encoder":
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            module = CLIPVisionModel(CLIPVisionConfig.from_pretrained(path))
+            keep = ()
         else:
             import diffusers
 
@@ -205,8 +252,18 @@ class RandomWanStages(WanStages):
         return super()._load(name, dtype)
 
 
+class RandomWanI2VStages(RandomWanStages, WanI2VStages):
+    """``WanI2VStages`` over a random image-to-video model directory (the image encoder built on ``device`` too)."""
+
+
 def make_stages(model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> WanStages:
-    """``RandomWanStages`` for a random model directory, else ``WanStages`` (what the engine calls)."""
-    cls = RandomWanStages if is_random_model_dir(model_dir) else WanStages
+    """The stages class for ``model_dir`` (what the engine calls): image-to-video (``WanI2VStages``) or
+    text-to-video (``WanStages``) as its ``model_index.json`` says, with random weights for a random model
+    directory."""
+    i2v = _model_index(model_dir)[1].get("_class_name") == I2V_PIPELINE_CLASS
+    if is_random_model_dir(model_dir):
+        cls: type[WanStages] = RandomWanI2VStages if i2v else RandomWanStages
+    else:
+        cls = WanI2VStages if i2v else WanStages
     return cls(model_dir, stages, device=device, dtype=dtype, options=options)

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = frozenset({"encode", "denoise", "decode"})
 PIPELINE_CLASS = "WanPipeline"
+I2V_PIPELINE_CLASS = "WanImageToVideoPipeline"
 _LOADABLE_LIBRARIES = ("diffusers", "transformers")
 
 
@@ -99,6 +100,38 @@ class WanShapes:
     attention_head_dim: int
     num_embeds: int = 1
     """Text embedding tensors per item: 2 (prompt, negative prompt) with CFG, else 1."""
+    condition_channels: int = 0
+    """Image-to-video: channels of the conditioning tensor (mask ``vae_scale_factor_temporal`` + VAE ``z_dim``: 20
+    for Wan2.1 I2V, whose transformer takes ``C + 20 = 36`` ``in_channels``); 0 for text-to-video."""
+    image_embeds_shape: tuple[int, int, int] | None = None
+    """Image-to-video with a CLIP image encoder (Wan2.1): ``[1, tokens, width]`` of the image embeddings
+    (``[1, 257, 1280]`` for Wan2.1's ViT-H/14); None otherwise."""
+
+    @property
+    def condition_shape(self) -> tuple[int, int, int, int, int]:
+        """Image-to-video: ``[1, condition_channels, F, H, W]`` (float32): the first-frame mask, then the VAE
+        latents of the conditioning video, as ``WanImageToVideoPipeline.prepare_latents`` returns them."""
+        return (1, self.condition_channels, self.latent_frames, self.latent_height, self.latent_width)
+
+    def encoded_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every tensor the encode stage hands to denoise, by name (the message between them)."""
+        shapes: dict[str, tuple[int, ...]] = {"prompt_embeds": self.embeds_shape}
+        if self.num_embeds == 2:
+            shapes["negative_prompt_embeds"] = self.embeds_shape
+        if self.image_embeds_shape is not None:
+            shapes["image_embeds"] = self.image_embeds_shape
+        if self.condition_channels:
+            shapes["condition"] = self.condition_shape
+        return shapes
+
+    def encoded_nbytes(self, embeds_dtype: torch.dtype, align: int = 1) -> int:
+        """Bytes of one item's encode results (each tensor rounded up to ``align``): embeddings in
+        ``embeds_dtype`` (the encoders' dtype), the condition in float32."""
+        total = 0
+        for name, shape in self.encoded_shapes().items():
+            itemsize = 4 if name == "condition" else embeds_dtype.itemsize
+            total += -(-math.prod(shape) * itemsize // align) * align
+        return total
 
     @property
     def embeds_shape(self) -> tuple[int, int, int]:
@@ -159,9 +192,9 @@ def _model_index(model_dir: str | pathlib.Path) -> tuple[pathlib.Path, dict[str,
     if not root.is_dir():
         raise UserError(f"model directory {root} does not exist (or is not a directory)")
     index = _read_json(root / "model_index.json", f"model directory {root} is not a diffusers pipeline directory")
-    if index.get("_class_name") != PIPELINE_CLASS:
-        raise UserError(f"model directory {root} holds a {index.get('_class_name')!r} pipeline; "
-                        f"only {PIPELINE_CLASS} (Wan text-to-video) is supported")
+    if index.get("_class_name") not in (PIPELINE_CLASS, I2V_PIPELINE_CLASS):
+        raise UserError(f"model directory {root} holds a {index.get('_class_name')!r} pipeline; only "
+                        f"{PIPELINE_CLASS} (Wan text-to-video) and {I2V_PIPELINE_CLASS} (image-to-video) are supported")
     return root, index
 
 
@@ -241,10 +274,28 @@ def read_shapes(model_dir: str | pathlib.Path, spec: VideoSpec) -> WanShapes:
     if spec.guidance_scale_2 is not None and index.get("boundary_ratio") is None:
         raise UserError(f"guidance_scale_2 is only supported by two-expert (Wan2.2) model directories; "
                         f"{root} has no boundary_ratio")
+    latent_channels, condition_channels, image_embeds_shape = int(transformer["in_channels"]), 0, None
+    if index.get("_class_name") == I2V_PIPELINE_CLASS:
+        latent_channels = int(vae["z_dim"])  # the pipeline draws z_dim noise channels; in_channels adds the condition
+        condition_channels = scale_temporal + latent_channels
+        if index.get("expand_timesteps", False):
+            raise UserError(f"model directory {root}: image-to-video with expand_timesteps (Wan2.2 TI2V) is not "
+                            "supported")
+        if int(transformer["in_channels"]) != latent_channels + condition_channels:
+            raise UserError(f"model directory {root}: transformer in_channels {transformer['in_channels']} != "
+                            f"{latent_channels} noise + {condition_channels} condition channels")
+        if transformer.get("image_dim") is not None:
+            clip = _read_json(root / "image_encoder" / "config.json", f"model directory {root}: image_encoder")
+            clip = clip.get("vision_config", clip)
+            num_tokens = (int(clip.get("image_size", 224)) // int(clip.get("patch_size", 32))) ** 2 + 1
+            if int(clip.get("hidden_size", 768)) != int(transformer["image_dim"]):
+                raise UserError(f"model directory {root}: image_encoder hidden_size {clip.get('hidden_size')} != "
+                                f"transformer image_dim {transformer['image_dim']}")
+            image_embeds_shape = (1, num_tokens, int(transformer["image_dim"]))
     return WanShapes(
         text_seq_len=spec.max_sequence_length,
         text_dim=text_dim,
-        latent_channels=int(transformer["in_channels"]),
+        latent_channels=latent_channels,
         latent_frames=latent_frames,
         latent_height=spec.height // scale_spatial,
         latent_width=spec.width // scale_spatial,
@@ -254,6 +305,8 @@ def read_shapes(model_dir: str | pathlib.Path, spec: VideoSpec) -> WanShapes:
         num_attention_heads=int(transformer["num_attention_heads"]),
         attention_head_dim=int(transformer["attention_head_dim"]),
         num_embeds=2 if spec.do_classifier_free_guidance else 1,
+        condition_channels=condition_channels,
+        image_embeds_shape=image_embeds_shape,
     )
 
 
@@ -277,6 +330,9 @@ class WanStages:
     (default: the exact tier). Call :meth:`free` to release the components.
     """
 
+    pipeline_class = PIPELINE_CLASS
+    """The diffusers pipeline whose math these stages are (``model_index.json``'s ``_class_name``)."""
+
     def __init__(self, model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> None:
         self.stages = frozenset(stages)
@@ -284,6 +340,9 @@ class WanStages:
         if unknown or not self.stages:
             raise ValueError(f"stages must be a non-empty subset of {sorted(STAGES)}, got {sorted(self.stages)}")
         self.model_dir, self._index = _model_index(model_dir)
+        if self._index.get("_class_name") != self.pipeline_class:
+            raise UserError(f"model directory {self.model_dir} holds a {self._index.get('_class_name')} pipeline; "
+                            f"{type(self).__name__} runs {self.pipeline_class} (use models.random_wan.make_stages)")
         self.device = torch.device(device)
         self.dtype = dtype
         self.options = options

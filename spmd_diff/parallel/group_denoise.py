@@ -147,7 +147,7 @@ class SPDenoiser:
         """Denoise one item on every member of the group (collective).
 
         Args:
-            embeds: leader: :meth:`WanStages.encode`'s dict (``[1, L, D]`` tensors); others: ``None`` (ignored).
+            embeds: leader: :meth:`WanStages.encode`'s dict (``WanShapes.encoded_shapes``); others: ``None``.
             seed: leader: the item's seed; others: ignored (broadcast from the leader).
             spec: the job's ``VideoSpec`` (the same on every member).
             callback: ``callback(step_index, num_steps)`` after each step, on every member.
@@ -161,13 +161,12 @@ class SPDenoiser:
             ValueError: on every member, if the leader's embeddings or seed are unusable.
         """
         stages = self.stages
-        shapes = stages.shapes(spec)
-        keys = ["prompt_embeds", "negative_prompt_embeds"] if spec.do_classifier_free_guidance else ["prompt_embeds"]
+        encoded_shapes = stages.shapes(spec).encoded_shapes()  # text (and image-to-video's image, condition)
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         dtype = model.dtype
         problem = ""
         if self.is_leader:
-            problem = _check_leader_inputs(embeds, seed, keys, shapes.embeds_shape)
+            problem = _check_leader_inputs(embeds, seed, encoded_shapes)
         header = torch.tensor([int(seed) if self.is_leader and not problem else 0, 1 if problem else 0],
                               dtype=torch.int64)
         header = self.comm.broadcast(header, 0)
@@ -175,11 +174,12 @@ class SPDenoiser:
             raise ValueError(f"DiT group leader's inputs are unusable: {problem or 'see the leader rank'}")
         seed = int(header[0])
         shared: dict[str, torch.Tensor] = {}
-        for key in keys:
+        for key, shape in encoded_shapes.items():
+            # denoise casts to the transformer's dtype anyway (the float32 condition too, after concatenation)
             if self.is_leader:
-                tensor = embeds[key].detach().to("cpu", dtype).contiguous()  # denoise casts to this anyway
+                tensor = embeds[key].detach().to("cpu", dtype).contiguous()
             else:
-                tensor = torch.empty(shapes.embeds_shape, dtype=dtype)
+                tensor = torch.empty(shape, dtype=dtype)
             shared[key] = self.comm.broadcast(tensor, 0)
         cfg = self.cfg if spec.do_classifier_free_guidance else None
         latents = stages.denoise(shared, seed, spec, callback=callback, cfg_split=cfg)
@@ -192,12 +192,12 @@ class SPDenoiser:
         self._handles = []
 
 
-def _check_leader_inputs(embeds: Any, seed: Any, keys: list[str], shape: tuple[int, ...]) -> str:
+def _check_leader_inputs(embeds: Any, seed: Any, shapes: dict[str, tuple[int, ...]]) -> str:
     if isinstance(seed, bool) or not isinstance(seed, int):
         return f"seed must be an integer, got {seed!r}"
     if not isinstance(embeds, dict):
         return f"embeds must be a dict of tensors, got {type(embeds).__name__}"
-    for key in keys:
+    for key, shape in shapes.items():
         tensor = embeds.get(key)
         if not isinstance(tensor, torch.Tensor):
             return f"embeds[{key!r}] is missing"

@@ -25,6 +25,13 @@ class DitDims:
     """Parameters of the text encoder's layers (UMT5-XXL: about 5.7e9)."""
     vae_base_dim: int = 96
     """The VAE's base width (Wan2.1: 96); decode cost scales with its square."""
+    image_encoder_params: float = 0.0
+    """Image-to-video: parameters of the CLIP image encoder's layers (ViT-H/14: about 6.3e8); 0 for text-to-video."""
+    image_tokens: int = 0
+    """Image-to-video: tokens the image encoder runs over (ViT-H/14 at 224 px: 257)."""
+    vae_encode: bool = False
+    """Image-to-video: encode also runs the VAE's encoder over the whole conditioning video (first frame, then
+    zeros: all ``num_frames``), which costs about what a decode does."""
 
 
 def dit_forward_flops(num_tokens: int, dims: DitDims) -> float:
@@ -55,10 +62,20 @@ def predict_item_cost(num_tokens: int, dims: DitDims, num_steps: int, cfg: bool,
     forwards = num_steps * (2 if cfg else 1)
     denoise = forwards * dit_forward_flops(num_tokens, dims) / rate / sp_degree
     encode = 2 * dims.text_encoder_params * dims.text_len * (2 if cfg else 1) / rate
+    encode += 2 * dims.image_encoder_params * dims.image_tokens / rate + vae_encode_seconds(dims, num_pixels, device)
     # Wan VAE decode, calibrated: 1.8 s for 480p x 81 (32.3 Mpx) on one H200 = ~1.7e7 FLOP-equivalents per
     # output pixel at the model's rate (convolutions run far below matmul peak); scales with base width squared.
     decode = 1.7e7 * (dims.vae_base_dim / 96) ** 2 * num_pixels / rate
     return ItemCost(encode, denoise, decode)
+
+
+def vae_encode_seconds(dims: DitDims, num_pixels: int, device: str) -> float:
+    """The image-to-video encoder's VAE encode of the conditioning video (0 for text-to-video), in the same
+    FLOP-equivalents as the decode (bf16 calibration): the encoder mirrors the decoder's convolutions."""
+    if not dims.vae_encode:
+        return 0.0
+    rate = RATE_FLOPS["cuda" if device.startswith("cuda") else "cpu"]
+    return 1.7e7 * (dims.vae_base_dim / 96) ** 2 * num_pixels / rate
 
 
 def wait_deadline_s(cost: ItemCost, setting_s: float, fan_in: int = 1) -> float:

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from spmd_diff.plan.cost import predict_item_cost
+from spmd_diff.plan.cost import predict_item_cost, vae_encode_seconds
 from spmd_diff.plan.model_sizes import ModelSizes
 from spmd_diff.plan.timings import TIMED_STAGES, RankTimings
 from spmd_diff.plan.workload import WorkClass
@@ -42,7 +42,7 @@ class AnalyticPrior:
     (its deadlines must not fire on a slow node); a plan wants the expected time, so on GPUs: denoise x 0.65 (a
     2.8e14-FLOP forward took 612 ms), encode x 2.66 (UMT5-XXL took 42 ms per 512-token prompt, memory-bound).
     Decode = VAE (``predict_item_cost`` is the bf16 VAE; the pipeline's float32 VAE is 2.77 / 1.83 = 1.51x) + CPU
-    postprocess (0.73 s for 32.3 Mpx); write = raw uint8 bytes at 0.29 GB/s (97 MB in 0.34 s).
+    postprocess (0.73 s for 32.3 Mpx); image-to-video's VAE encode is priced as the VAE part of a decode; write = raw uint8 bytes at 0.29 GB/s (97 MB in 0.34 s).
     """
 
     sizes: ModelSizes
@@ -56,8 +56,9 @@ class AnalyticPrior:
         cost = predict_item_cost(work_class.num_tokens, self.sizes.dims, work_class.num_steps, work_class.cfg,
                                  work_class.num_pixels, self.device, 1)
         factor = dict(self.gpu_calibration).get(stage, 1.0) if self.device.startswith("cuda") else 1.0
-        if stage == "encode":
-            return cost.encode_s * factor
+        if stage == "encode":  # text (and image) encoders, calibrated; image-to-video's VAE encode like a decode
+            vae = vae_encode_seconds(self.sizes.dims, work_class.num_pixels, self.device)
+            return (cost.encode_s - vae) * factor + vae * (2.77 / 1.83 if self.vae_float32 else 1.0)
         if stage == "denoise":
             return cost.denoise_s * factor / (sp_degree * sp_efficiency(sp_degree))
         if stage == "decode":

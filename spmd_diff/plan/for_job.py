@@ -33,13 +33,15 @@ class JobPlanning:
 
 def job_planning(job: JobConfig, topology: Topology, configs: tuple[Mapping[str, Any], Mapping[str, Any],
                  Mapping[str, Any]], on_gpu: bool, *, separate_aux: bool = False,
-                 device_bytes: int | None = None) -> JobPlanning:
-    """``configs``: the transformer's, text encoder's and VAE's ``config.json`` contents. ``separate_aux``: only the
+                 device_bytes: int | None = None, image_encoder: Mapping[str, Any] | None = None) -> JobPlanning:
+    """``configs``: the transformer's, text encoder's and VAE's ``config.json`` contents; ``image_encoder``: for an
+    image-to-video model its CLIP config ({} without one; :func:`read_image_encoder_config`), else None. ``separate_aux``: only the
     plan shapes the engine's role loops run (see :class:`PlannerSettings`). ``device_bytes``: the GPU's memory
     as measured (None: an H200)."""
     dtype = job.model.dtype if job.model.dtype != "auto" else ("bfloat16" if on_gpu else "float32")
     v = job.video
-    sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=job.model.path)
+    sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=job.model.path,
+                                    image_encoder=image_encoder)
     work_class = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0)
     cost = CostModel(AnalyticPrior(sizes, "cuda" if on_gpu else "cpu"))
     degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
@@ -77,3 +79,19 @@ def read_model_configs(model_dir: str | Path) -> tuple[dict, dict, dict]:
             return {}  # the model's own loading reports a broken config, naming the file
 
     return read("transformer"), read("text_encoder"), read("vae")
+
+
+def read_image_encoder_config(model_dir: str | Path) -> dict | None:
+    """None for a text-to-video directory; for an image-to-video one (``WanImageToVideoPipeline``) its image
+    encoder's ``config.json`` ({} if it has none, or it cannot be read)."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict) or index.get("_class_name") != "WanImageToVideoPipeline":
+        return None
+    try:
+        config = json.loads((Path(model_dir) / "image_encoder" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config.get("vision_config", config) if isinstance(config, dict) else {}

@@ -36,6 +36,8 @@ class MemoryModel:
     vae_bytes_per_pixel: float
     """VAE decode peak per output pixel."""
     encode_activation_bytes: int = GIB // 4
+    encode_vae: bool = False
+    """Image-to-video: encode also runs the VAE encoder over the whole video (peak taken as a decode's)."""
     overhead_bytes: int = GIB
     """CUDA context, cuBLAS/cuDNN workspaces, the torch allocator's own slack."""
     heap_bytes: int = 0
@@ -50,7 +52,8 @@ class MemoryModel:
         dims = sizes.dims
         per_token = (16 * dims.dim + 4 * dims.ffn_dim) * sizes.dit_dtype_bytes / 2
         per_pixel = VAE_PEAK_BYTES_PER_PIXEL_BF16 * sizes.vae_dtype_bytes / 2 * dims.vae_base_dim / 96
-        return MemoryModel(tuple(sizes.weight_bytes.items()), per_token, per_pixel, heap_bytes=heap_bytes)
+        return MemoryModel(tuple(sizes.weight_bytes.items()), per_token, per_pixel, heap_bytes=heap_bytes,
+                           encode_vae=sizes.dims.vae_encode)
 
     def component_bytes(self, stage: str) -> int:
         return dict(self.weight_bytes).get(stage, 0)
@@ -66,7 +69,10 @@ class MemoryModel:
         if stage == "decode":
             return int(work_class.num_pixels * self.vae_bytes_per_pixel * self.fragmentation)
         if stage == "encode":
-            return int(self.encode_activation_bytes * (2 if work_class.cfg else 1))
+            text = int(self.encode_activation_bytes * (2 if work_class.cfg else 1))
+            if self.encode_vae:
+                return max(text, int(work_class.num_pixels * self.vae_bytes_per_pixel * self.fragmentation))
+            return text
         return 0
 
     def rank_bytes(self, stages: Iterable[str], classes: Iterable[WorkClass], sp_degree: int = 1) -> int:

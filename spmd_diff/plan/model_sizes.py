@@ -31,11 +31,16 @@ class ModelSizes:
     vae_dtype_bytes: int = 4
     """The VAE runs in float32, as diffusers' WanPipeline loads it."""
     name: str = ""
+    image_encoder_params: float = 0.0
+    """Image-to-video: all of the CLIP image encoder's parameters (0 for text-to-video)."""
 
     @property
     def weight_bytes(self) -> dict[str, int]:
-        """Bytes of the component each stage loads: encode -> text encoder, denoise -> DiT, decode -> VAE."""
-        return {"encode": int(self.text_encoder_params * self.text_dtype_bytes),
+        """Bytes of the components each stage loads: encode -> text encoder (image-to-video: and the image encoder
+        and a VAE of its own), denoise -> DiT, decode -> VAE."""
+        image_to_video = self.image_encoder_params * self.text_dtype_bytes + \
+            (self.vae_params * self.vae_dtype_bytes if self.dims.vae_encode else 0)
+        return {"encode": int(self.text_encoder_params * self.text_dtype_bytes + image_to_video),
                 "denoise": int(self.dit_params * self.dit_dtype_bytes),
                 "decode": int(self.vae_params * self.vae_dtype_bytes)}
 
@@ -47,8 +52,11 @@ class ModelSizes:
 
     @staticmethod
     def from_configs(transformer: Mapping[str, Any], text_encoder: Mapping[str, Any], vae: Mapping[str, Any],
-                     dtype: str = "bfloat16", text_len: int = 512, name: str = "") -> "ModelSizes":
-        """From the diffusers ``config.json`` of each component (missing keys take Wan2.1's defaults)."""
+                     dtype: str = "bfloat16", text_len: int = 512, name: str = "",
+                     image_encoder: Mapping[str, Any] | None = None) -> "ModelSizes":
+        """From the diffusers ``config.json`` of each component (missing keys take Wan2.1's defaults).
+        ``image_encoder``: None for text-to-video; for image-to-video the CLIP vision config ({} for a model
+        without an image encoder: then only the VAE encode is added to the encode stage)."""
         heads = int(transformer.get("num_attention_heads", 12))
         dim = heads * int(transformer.get("attention_head_dim", 128))
         ffn = int(transformer.get("ffn_dim", 8960))
@@ -60,6 +68,19 @@ class ModelSizes:
         # Per block: self- and cross-attention q, k, v, o; the FFN. Then text, time and patch embeddings, head.
         dit_params = (layers * (8 * dim * dim + 2 * dim * ffn) + text_dim * dim + dim * dim
                       + freq_dim * dim + dim * dim + 6 * dim * dim + 2 * channels * dim)
+        if transformer.get("added_kv_proj_dim"):  # image-to-video: image keys/values in every cross-attention
+            dit_params += layers * 2 * int(transformer["added_kv_proj_dim"]) * dim
+        if transformer.get("image_dim"):
+            dit_params += int(transformer["image_dim"]) * dim + dim * dim
+        clip_layer_params = clip_params = 0.0
+        clip_tokens = 0
+        if image_encoder:
+            width = int(image_encoder.get("hidden_size", 1280))
+            clip_layer_params = float(int(image_encoder.get("num_hidden_layers", 32))
+                                      * (4 * width * width + 2 * width * int(image_encoder.get("intermediate_size",
+                                                                                            4 * width))))
+            clip_tokens = (int(image_encoder.get("image_size", 224)) // int(image_encoder.get("patch_size", 14))) ** 2 + 1
+            clip_params = clip_layer_params + clip_tokens * width + 3 * int(image_encoder.get("patch_size", 14)) ** 2 * width
         d_model = int(text_encoder.get("d_model", 4096))
         inner = int(text_encoder.get("num_heads", 64)) * int(text_encoder.get("d_kv", 64))
         d_ff = int(text_encoder.get("d_ff", 10240))
@@ -68,10 +89,11 @@ class ModelSizes:
         text_layer_params = text_layers * (4 * d_model * inner + gated * d_model * d_ff)
         text_params = text_layer_params + int(text_encoder.get("vocab_size", 256384)) * d_model
         base_dim = int(vae.get("base_dim", 96))
-        dims = DitDims(layers, dim, ffn, text_len, float(text_layer_params), base_dim)
+        dims = DitDims(layers, dim, ffn, text_len, float(text_layer_params), base_dim, clip_layer_params, clip_tokens,
+                       image_encoder is not None)
         dtype_bytes = DTYPE_BYTES.get(dtype, 2)
         return ModelSizes(dims, float(dit_params), float(text_params), VAE_PARAMS_AT_BASE_96 * (base_dim / 96) ** 2,
-                          dtype_bytes, dtype_bytes, 4, name)
+                          dtype_bytes, dtype_bytes, 4, name, clip_params)
 
 
 _WAN_DIT = dict(attention_head_dim=128, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), in_channels=16)
@@ -79,3 +101,8 @@ WAN21_T2V_1_3B = ModelSizes.from_configs(dict(_WAN_DIT, num_attention_heads=12, 
                                          name="Wan2.1-T2V-1.3B")
 WAN21_T2V_14B = ModelSizes.from_configs(dict(_WAN_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40), {}, {},
                                         name="Wan2.1-T2V-14B")
+WAN21_I2V_14B = ModelSizes.from_configs(dict(_WAN_DIT, num_attention_heads=40, ffn_dim=13824, num_layers=40,
+                                             in_channels=36, image_dim=1280, added_kv_proj_dim=5120), {}, {},
+                                        name="Wan2.1-I2V-14B",
+                                        image_encoder=dict(hidden_size=1280, num_hidden_layers=32,
+                                                           intermediate_size=5120, image_size=224, patch_size=14))

@@ -83,11 +83,10 @@ def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
-    """Slot sizes from the model's shapes: text embeddings (x2 with CFG) and final latents (float32)."""
+    """Slot sizes from the model's shapes: what encode hands on (text embeddings, x2 with CFG; for image-to-video
+    also the image embeddings and the float32 condition) and the final latents (float32)."""
     s = setup.shapes
-    itemsize = torch.tensor([], dtype=getattr(torch, setup.dtype)).element_size()
-    num_embeds = 2 if setup.spec.guidance_scale > 1.0 else 1
-    embeds = num_embeds * round_up(s.text_seq_len * s.text_dim * itemsize, 64)
+    embeds = s.encoded_nbytes(getattr(torch, setup.dtype), 64)
     latents = round_up(s.latent_channels * s.latent_frames * s.latent_height * s.latent_width * 4, 64)
     slots = setup.job.run.ring_slots
     return RingSpec(slots, embeds), RingSpec(slots, latents)

@@ -29,6 +29,7 @@ from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout, StoreFull
 from spmd_diff.io.frames import is_encoded, stored_form
+from spmd_diff.io.images import load_image
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.store import VideoStore
 from spmd_diff.runtime.signals import StopFlag
@@ -152,7 +153,10 @@ def _failure(stage: str, exc: BaseException) -> dict:
 def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with ctx.span("encode", item, gpu=True):
-            return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec)
+            if item.image is None:
+                return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec)
+            image = load_image(item.image, ctx.attrs(item)["image_sha256"])  # the bytes its identity names
+            return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec, image=image)
     except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
         return {"failed": _failure("encode", exc)}, {}
 

@@ -24,10 +24,12 @@ from spmd_diff.errors import UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io import jobrecord
 from spmd_diff.io.identity import model_fingerprint
+from spmd_diff.io.images import image_sha256
 from spmd_diff.io.runplan import plan_run
 from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
-from spmd_diff.plan.for_job import job_planning, read_model_configs, static_plan
+from spmd_diff.models.tasks import check_items_fit_task, model_task
+from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, read_model_configs, static_plan
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime.faults import TestHooks
@@ -91,12 +93,12 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
 
 
 def resolve_model(path: str) -> str:
-    """"demo" -> the demo model in the cache; "random:<arch>" -> its config-only directory (each built there if
-    missing); else a local directory."""
-    if path == "demo":
+    """"demo" ("demo-i2v") -> the text-to-video (image-to-video) demo model in the cache; "random:<arch>" -> its
+    config-only directory (each built there if missing); else a local directory."""
+    if path in ("demo", "demo-i2v"):
         from spmd_diff.models.demo import demo_model_dir
 
-        return str(demo_model_dir())
+        return str(demo_model_dir(task="i2v" if path == "demo-i2v" else "t2v"))
     if path.startswith("random:"):
         from spmd_diff.models.random_wan import random_model_dir
 
@@ -127,7 +129,8 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
 
     def attrs(item: Item) -> dict:
         negative = item.negative_prompt if item.negative_prompt is not None else v.negative_prompt
-        return {"id": item.id, "prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
+        image = {} if item.image is None else {"image": item.image, "image_sha256": image_sha256(item.image)}
+        return {**image, "id": item.id, "prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
                 "num_inference_steps": v.num_inference_steps, "guidance_scale": v.guidance_scale,
                 "model": job.model.path, "height": v.height, "width": v.width, "num_frames": v.num_frames,
                 "max_sequence_length": v.max_sequence_length, "dtype": dtype, "model_fingerprint": fingerprint,
@@ -160,6 +163,7 @@ def start(request: RunRequest) -> Started:
     # Node-local rank 0 first: it builds a missing demo or random: directory once per node (errors gathered).
     world.run_checked(lambda: resolve_model(job.model.path) if world.local_rank == 0 else None)
     model_dir = world.run_checked(lambda: resolve_model(job.model.path))
+    world.run_checked(lambda: check_items_fit_task(model_task(model_dir), items, job.model.path))
     if plan is None:  # policy "auto": the planner's first plan (the engine re-plans for the pending items)
         plan = world.run_checked(lambda: auto_policy(job, topology, model_dir, len(items)).plan)
     store = VideoStore(request.out_dir)
@@ -184,7 +188,7 @@ def auto_policy(job: JobConfig, topology: Topology, model_dir: str, num_items: i
         raise UserError(f"dit.sp_degree={job.dit.sp_degree} needs at least {job.dit.sp_degree} ranks; the job has "
                         f"{topology.num_ranks}")
     planning = job_planning(job, topology, read_model_configs(model_dir), on_gpu=topology.gpus_per_node > 0,
-                            separate_aux=True)
+                            separate_aux=True, image_encoder=read_image_encoder_config(model_dir))
     return AutoPolicy(planning, num_items, job.roles.batch_s)
 
 

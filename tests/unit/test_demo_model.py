@@ -125,8 +125,8 @@ def test_losing_the_rename_race_returns_the_winner(demo_model_dir: pathlib.Path,
     out_dir = tmp_path / "demo-v1"
     write = demo._write_demo_model
 
-    def write_then_lose(tmp_dir: pathlib.Path) -> None:
-        write(tmp_dir)
+    def write_then_lose(tmp_dir: pathlib.Path, task: str = "t2v") -> None:
+        write(tmp_dir, task)
         shutil.copytree(demo_model_dir, out_dir)  # another process renames its copy into place first
 
     monkeypatch.setattr(demo, "_write_demo_model", write_then_lose)
