@@ -217,7 +217,9 @@ def test_cpu_meter_counts_threads_started_inside_not_those_running_beside():
     finally:
         stop.set()
         beside.join()
-    assert 0.45 <= meter.cpu_s <= 0.8, meter.cpu_s
+    # 0.5 s inside; the thread beside (~0.5 s more, were it counted) is subtracted by /proc's per-thread times,
+    # which the kernel samples by tick: allow some of that error either way.
+    assert 0.35 <= meter.cpu_s <= 0.8, meter.cpu_s
 
 
 def test_a_rerun_in_another_form_is_refused_unless_forced(tmp_path):
