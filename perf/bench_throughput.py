@@ -250,6 +250,8 @@ timeout_s = 900
 policy = "auto"
 [speed]
 tier = "{tier}"
+[output]
+video = "{cfg.get('output', 'raw')}"
 """)
     command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", str(max(1, num_gpus)),
                sys.executable, "-m", "spmd_diff", "run", str(job), "--prompts", str(prompts), "--out", str(out)]
@@ -356,6 +358,8 @@ def main() -> int:
     parser.add_argument("--size", default="480x832x81", help="HEIGHTxWIDTHxFRAMES")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: demo model, 64x64x9")
     parser.add_argument("--options", action="store_true", help="also time each fast option alone (GPU)")
+    parser.add_argument("--output", default="raw", choices=("raw", "h264", "hevc"),
+                        help="the engine's [output] video form (the baseline returns frames either way)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--step-timeout-s", type=float, default=580)
     parser.add_argument("--rerender", metavar="JSON", help="recompute the steady state from a results JSON's "
@@ -386,7 +390,7 @@ def main() -> int:
     elif args.model is None:
         args.model = DEFAULT_MODELS[task][0]
     height, width, frames = (int(x) for x in args.size.split("x"))
-    cfg = dict(case=args.case, task=task, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
+    cfg = dict(case=args.case, task=task, output=args.output, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
                guidance=case["guidance"], videos=args.videos or case["videos"],
                warmup=case["warmup"] if args.warmup is None else args.warmup, num_gpus=num_gpus)
     out = Path(args.out)
