@@ -110,8 +110,9 @@ class WanI2VStages(WanStages):
 
     @torch.no_grad()
     def denoise(self, embeds: dict[str, torch.Tensor], seed: int, spec: VideoSpec, *,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The denoising loop of ``WanImageToVideoPipeline.__call__`` for one item.
+                callback: Callable[[int, int], None] | None = None, cfg_split: Any = None) -> torch.Tensor:
+        """The denoising loop of ``WanImageToVideoPipeline.__call__`` for one item. ``cfg_split``: CFG parallel,
+        as in :meth:`WanStages.denoise` (this rank runs one branch; both use the same image embeddings).
 
         ``embeds``: :meth:`encode`'s dict (any device; float dtypes cast as the pipeline does). Returns the final
         latents ``[1, z, F, H, W]`` float32 on ``self.device``.
@@ -157,18 +158,29 @@ class WanI2VStages(WanStages):
                 current_model, current_guidance_scale = self.transformer_2, guidance_scale_2
             latent_model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)
             timestep = t.expand(latents.shape[0])
-            with current_model.cache_context("cond"):
-                noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                           encoder_hidden_states=prompt_embeds,
-                                           encoder_hidden_states_image=image_embeds, attention_kwargs=None,
-                                           return_dict=False)[0]
-            if do_cfg:
-                with current_model.cache_context("uncond"):
-                    noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                                 encoder_hidden_states=negative_prompt_embeds,
-                                                 encoder_hidden_states_image=image_embeds, attention_kwargs=None,
-                                                 return_dict=False)[0]
-                    noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
+            if do_cfg and cfg_split is not None:  # CFG parallel: one branch here, the other on the paired ranks
+                branch = cfg_split.branch
+                with current_model.cache_context(branch):
+                    mine = current_model(hidden_states=latent_model_input, timestep=timestep,
+                                         encoder_hidden_states=prompt_embeds if branch == "cond"
+                                         else negative_prompt_embeds,
+                                         encoder_hidden_states_image=image_embeds, attention_kwargs=None,
+                                         return_dict=False)[0]
+                noise_pred, noise_uncond = cfg_split.combine(mine)
+                noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
+            else:
+                with current_model.cache_context("cond"):
+                    noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
+                                               encoder_hidden_states=prompt_embeds,
+                                               encoder_hidden_states_image=image_embeds, attention_kwargs=None,
+                                               return_dict=False)[0]
+                if do_cfg:
+                    with current_model.cache_context("uncond"):
+                        noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
+                                                     encoder_hidden_states=negative_prompt_embeds,
+                                                     encoder_hidden_states_image=image_embeds,
+                                                     attention_kwargs=None, return_dict=False)[0]
+                        noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(i, num_timesteps)
