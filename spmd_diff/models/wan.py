@@ -466,27 +466,28 @@ class WanStages:
     @torch.no_grad()
     def denoise(self, embeds: dict[str, torch.Tensor], seed: int, spec: VideoSpec, *,
                 callback: Callable[[int, int], None] | None = None, cfg_split: Any = None) -> torch.Tensor:
-        """The denoising loop of ``WanPipeline.__call__`` for one item.
+        """The denoising loop of the pipeline's ``__call__`` (:attr:`pipeline_class`) for one item.
 
-        ``embeds``: :meth:`encode`'s dict (``[1, L, D]`` tensors, any device and float dtype; cast to the
-        transformer's dtype as the pipeline does). ``seed`` drives the CPU generator of the initial latents.
-        ``callback(step_index, num_steps)`` runs after each step. ``cfg_split`` (CFG parallel, with guidance):
-        this rank runs only the branch ``cfg_split.branch`` (``"cond"`` or ``"uncond"``) and
-        ``cfg_split.combine(noise) -> (noise_cond, noise_uncond)`` exchanges it with the other branch's ranks
+        ``embeds``: :meth:`encode`'s dict (any device and float dtype; embeddings cast to the transformer's dtype
+        as the pipeline does). ``seed`` drives the CPU generator of the initial latents. ``callback(step_index,
+        num_steps)`` runs after each step. ``cfg_split`` (CFG parallel, with guidance): this rank runs only the
+        branch ``cfg_split.branch`` (``"cond"`` or ``"uncond"``) and ``cfg_split.combine(noise) -> (noise_cond,
+        noise_uncond)`` exchanges it with the other branch's ranks
         (:class:`spmd_diff.parallel.group_denoise.CfgSplit`). Returns the final latents ``[1, C, F, H, W]``
         float32 on ``self.device``.
+
+        One loop for every task: a subclass adds what its transformer takes beside the text embeddings
+        (:meth:`_transformer_inputs`) and what is concatenated to the latents on the channel axis
+        (:meth:`_latents_condition`).
         """
         self._require("denoise")
-        shapes = self.shapes(spec)
-        do_cfg = spec.do_classifier_free_guidance
-        expected = ["prompt_embeds", "negative_prompt_embeds"] if do_cfg else ["prompt_embeds"]
-        for key in expected:
+        for key, shape in self.shapes(spec).encoded_shapes().items():
             if key not in embeds:
                 raise ValueError(f"denoise needs embeds[{key!r}] (guidance_scale {spec.guidance_scale})")
-            if tuple(embeds[key].shape) != shapes.embeds_shape:
-                raise ValueError(f"embeds[{key!r}] has shape {tuple(embeds[key].shape)}, "
-                                 f"expected {shapes.embeds_shape}")
+            if tuple(embeds[key].shape) != shape:
+                raise ValueError(f"embeds[{key!r}] has shape {tuple(embeds[key].shape)}, expected {shape}")
         device = self.device
+        do_cfg = spec.do_classifier_free_guidance
         boundary_ratio = self._index.get("boundary_ratio")
         guidance_scale = spec.guidance_scale
         guidance_scale_2 = spec.guidance_scale_2
@@ -498,6 +499,8 @@ class WanStages:
         negative_prompt_embeds = None
         if do_cfg:
             negative_prompt_embeds = embeds["negative_prompt_embeds"].to(device=device, dtype=transformer_dtype)
+        extra_inputs = self._transformer_inputs(embeds, transformer_dtype)
+        condition = self._latents_condition(embeds)
 
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(spec.num_inference_steps, device=device)
@@ -511,44 +514,54 @@ class WanStages:
         if boundary_ratio is not None:
             boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps
 
+        def forward(model: Any, branch: str, context_kwargs: dict[str, Any]) -> torch.Tensor:
+            with model.cache_context(branch, **context_kwargs):
+                return model(hidden_states=latent_model_input, timestep=timestep,
+                             encoder_hidden_states=prompt_embeds if branch == "cond" else negative_prompt_embeds,
+                             attention_kwargs=None, return_dict=False, **extra_inputs)[0]
+
         for i, t in enumerate(timesteps):
             if boundary_timestep is None or t >= boundary_timestep:
                 current_model, current_guidance_scale = self.transformer, guidance_scale  # Wan2.1 / high noise
             else:
                 current_model, current_guidance_scale = self.transformer_2, guidance_scale_2  # Wan2.2 low noise
-            latent_model_input = latents.to(transformer_dtype)
+            if condition is None:
+                latent_model_input = latents.to(transformer_dtype)
+            else:
+                latent_model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)
             if self._index.get("expand_timesteps", False):
                 temp_ts = (mask[0][0][:, ::2, ::2] * t).flatten()
                 timestep = temp_ts.unsqueeze(0).expand(latents.shape[0], -1)  # [1, num_tokens] (Wan2.2 TI2V)
             else:
                 timestep = t.expand(latents.shape[0])
-            cache_context_kwargs = {"step_index": i, "sigma": float(scheduler.sigmas[i]),
-                                    "num_inference_steps": num_timesteps}
+            context_kwargs = self._cache_context_kwargs(i, float(scheduler.sigmas[i]), num_timesteps)
             if do_cfg and cfg_split is not None:  # CFG parallel: one branch here, the other on the paired ranks
-                branch = cfg_split.branch
-                with current_model.cache_context(branch, **cache_context_kwargs):
-                    mine = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                         encoder_hidden_states=prompt_embeds if branch == "cond"
-                                         else negative_prompt_embeds, attention_kwargs=None, return_dict=False)[0]
-                noise_pred, noise_uncond = cfg_split.combine(mine)
+                noise_pred, noise_uncond = cfg_split.combine(forward(current_model, cfg_split.branch,
+                                                                     context_kwargs))
                 noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
             else:
-                with current_model.cache_context("cond", **cache_context_kwargs):
-                    noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                               encoder_hidden_states=prompt_embeds, attention_kwargs=None,
-                                               return_dict=False)[0]
-            if do_cfg and cfg_split is None:
-                with current_model.cache_context("uncond", **cache_context_kwargs):
-                    noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                                 encoder_hidden_states=negative_prompt_embeds, attention_kwargs=None,
-                                                 return_dict=False)[0]
-                noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
+                noise_pred = forward(current_model, "cond", context_kwargs)
+                if do_cfg:
+                    noise_uncond = forward(current_model, "uncond", context_kwargs)
+                    noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
             if callback is not None:
                 callback(i, num_timesteps)
 
         assert latents.dtype == torch.float32, latents.dtype
         return latents
+
+    def _transformer_inputs(self, embeds: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Keyword inputs of every transformer call besides the text embeddings: none for text-to-video."""
+        return {}
+
+    def _latents_condition(self, embeds: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A tensor concatenated to the latents on the channel axis at every step: none for text-to-video."""
+        return None
+
+    def _cache_context_kwargs(self, step_index: int, sigma: float, num_steps: int) -> dict[str, Any]:
+        """What the pipeline passes to ``cache_context`` besides the branch name (``WanPipeline``: the step)."""
+        return {"step_index": step_index, "sigma": sigma, "num_inference_steps": num_steps}
 
     # ---- decode -------------------------------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ the conditioning latents (``prepare_latents``: the image resized to the video's 
 followed by ``num_frames - 1`` zero frames, VAE-encoded (the distribution's mode), normalised by the VAE's
 latents mean and std, behind the first-frame mask). Denoise: the pipeline's loop, with the condition
 concatenated to the noise on the channel axis at every step and the image embeddings passed to the transformer;
-the initial noise has the VAE's ``z_dim`` channels (16), not the transformer's ``in_channels`` (36). Decode: as
-text-to-video.
+the initial noise has the VAE's ``z_dim`` channels (16), not the transformer's ``in_channels`` (36). The loop is
+:meth:`WanStages.denoise` with this class's inputs (it also calls ``scheduler.set_begin_index(0)``, which the I2V
+pipeline does not: the same first step index, as the schedule's timesteps are distinct). Decode: as text-to-video.
 
 Supported: Wan2.1 I2V (a CLIP image encoder) and image-to-video dirs without one (Wan2.2 A14B: two experts);
 not Wan2.2 TI2V (``expand_timesteps``) nor a last frame. No MPI here.
@@ -16,7 +17,7 @@ not Wan2.2 TI2V (``expand_timesteps``) nor a last frame. No MPI here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -106,87 +107,23 @@ class WanI2VStages(WanStages):
         mask = mask.to(latent_condition.device)
         return torch.concat([mask, latent_condition], dim=1)
 
-    # ---- denoise ------------------------------------------------------------------------------------------------
+    # ---- denoise: WanStages.denoise, with the image's inputs ------------------------------------------------------
 
-    @torch.no_grad()
-    def denoise(self, embeds: dict[str, torch.Tensor], seed: int, spec: VideoSpec, *,
-                callback: Callable[[int, int], None] | None = None, cfg_split: Any = None) -> torch.Tensor:
-        """The denoising loop of ``WanImageToVideoPipeline.__call__`` for one item. ``cfg_split``: CFG parallel,
-        as in :meth:`WanStages.denoise` (this rank runs one branch; both use the same image embeddings).
-
-        ``embeds``: :meth:`encode`'s dict (any device; float dtypes cast as the pipeline does). Returns the final
-        latents ``[1, z, F, H, W]`` float32 on ``self.device``.
-        """
-        self._require("denoise")
-        shapes = self.shapes(spec)
-        for key, shape in shapes.encoded_shapes().items():
-            if key not in embeds:
-                raise ValueError(f"denoise needs embeds[{key!r}] (image-to-video, guidance_scale "
-                                 f"{spec.guidance_scale})")
-            if tuple(embeds[key].shape) != shape:
-                raise ValueError(f"embeds[{key!r}] has shape {tuple(embeds[key].shape)}, expected {shape}")
-        device = self.device
-        do_cfg = spec.do_classifier_free_guidance
-        boundary_ratio = self._index.get("boundary_ratio")
-        guidance_scale, guidance_scale_2 = spec.guidance_scale, spec.guidance_scale_2
-        if boundary_ratio is not None and guidance_scale_2 is None:
-            guidance_scale_2 = guidance_scale
-
-        transformer_dtype = self.transformer.dtype if self.transformer is not None else self.transformer_2.dtype
-        prompt_embeds = embeds["prompt_embeds"].to(device=device, dtype=transformer_dtype)
-        negative_prompt_embeds = None
-        if do_cfg:
-            negative_prompt_embeds = embeds["negative_prompt_embeds"].to(device=device, dtype=transformer_dtype)
+    def _transformer_inputs(self, embeds: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The CLIP image embeddings (``encoder_hidden_states_image``, in the transformer's dtype; None when the
+        model has no image encoder, as the pipeline passes them)."""
         image_embeds = None
         if self.transformer is not None and self.transformer.config.image_dim is not None:
-            image_embeds = embeds["image_embeds"].to(device=device, dtype=transformer_dtype)
-        condition = embeds["condition"].to(device=device, dtype=torch.float32)  # exact: it left as float32
+            image_embeds = embeds["image_embeds"].to(device=self.device, dtype=dtype)
+        return {"encoder_hidden_states_image": image_embeds}
 
-        scheduler = self.new_scheduler()
-        scheduler.set_timesteps(spec.num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        latents = self.initial_latents(seed, spec).to(device)
-        num_timesteps = len(timesteps)
-        boundary_timestep = None
-        if boundary_ratio is not None:
-            boundary_timestep = boundary_ratio * scheduler.config.num_train_timesteps
+    def _latents_condition(self, embeds: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The first-frame mask and conditioning latents, float32 as the pipeline leaves them."""
+        return embeds["condition"].to(device=self.device, dtype=torch.float32)
 
-        for i, t in enumerate(timesteps):
-            if boundary_timestep is None or t >= boundary_timestep:
-                current_model, current_guidance_scale = self.transformer, guidance_scale
-            else:
-                current_model, current_guidance_scale = self.transformer_2, guidance_scale_2
-            latent_model_input = torch.cat([latents, condition], dim=1).to(transformer_dtype)
-            timestep = t.expand(latents.shape[0])
-            if do_cfg and cfg_split is not None:  # CFG parallel: one branch here, the other on the paired ranks
-                branch = cfg_split.branch
-                with current_model.cache_context(branch):
-                    mine = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                         encoder_hidden_states=prompt_embeds if branch == "cond"
-                                         else negative_prompt_embeds,
-                                         encoder_hidden_states_image=image_embeds, attention_kwargs=None,
-                                         return_dict=False)[0]
-                noise_pred, noise_uncond = cfg_split.combine(mine)
-                noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
-            else:
-                with current_model.cache_context("cond"):
-                    noise_pred = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                               encoder_hidden_states=prompt_embeds,
-                                               encoder_hidden_states_image=image_embeds, attention_kwargs=None,
-                                               return_dict=False)[0]
-                if do_cfg:
-                    with current_model.cache_context("uncond"):
-                        noise_uncond = current_model(hidden_states=latent_model_input, timestep=timestep,
-                                                     encoder_hidden_states=negative_prompt_embeds,
-                                                     encoder_hidden_states_image=image_embeds,
-                                                     attention_kwargs=None, return_dict=False)[0]
-                        noise_pred = noise_uncond + current_guidance_scale * (noise_pred - noise_uncond)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-            if callback is not None:
-                callback(i, num_timesteps)
-
-        assert latents.dtype == torch.float32, latents.dtype
-        return latents
+    def _cache_context_kwargs(self, step_index: int, sigma: float, num_steps: int) -> dict[str, Any]:
+        """``WanImageToVideoPipeline`` names only the branch."""
+        return {}
 
     # ---- the rest -----------------------------------------------------------------------------------------------
 
