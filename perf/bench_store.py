@@ -26,31 +26,19 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import h5py
+import numpy as np
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-
-import spmd_diff  # noqa: E402
-from spmd_diff.io import itemfile, jobrecord  # noqa: E402
-from spmd_diff.io.identity import model_fingerprint  # noqa: E402
-from spmd_diff.io.runplan import plan_run  # noqa: E402
-from spmd_diff.io.store import VideoStore  # noqa: E402
-from spmd_diff.io.view import build_view, verify  # noqa: E402
+import spmd_diff
+from bench_common import REPO, commit, cpu_name
+from spmd_diff.io import itemfile, jobrecord
+from spmd_diff.io.identity import model_fingerprint
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore
+from spmd_diff.io.view import build_view, verify
 
 DEMO = (9, 64, 64, 3)
 WAN_480P = (81, 480, 832, 3)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _attrs(item_id: str) -> dict:
@@ -205,7 +193,8 @@ def main() -> None:
     root = Path(args.dir)
     results = {
         "date": dt.date.today().isoformat(),
-        "host": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "commit": commit(),
+        "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": {"spmd_diff": spmd_diff.__version__, "h5py": h5py.__version__,
                      "hdf5": h5py.version.hdf5_version, "numpy": np.__version__, "python": platform.python_version()},
         "write": write_costs(),
