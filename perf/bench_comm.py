@@ -1,4 +1,4 @@
-"""Issue-4 measurements in one run, one rank per GPU: ``mpirun -n 4 python perf/bench_comm.py --out DIR``.
+"""The data plane's costs on GPUs, one rank per GPU: ``mpirun -n 4 python perf/bench_comm.py --out DIR``.
 
 1. all-to-all, bf16, 256 KiB .. 256 MiB per rank (split equally): ours (group-free, one-sided, ``all_to_all_into``:
    the one-kernel path, and the host-driven path on P2P copies and on NVSHMEM puts) vs NCCL

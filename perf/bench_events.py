@@ -1,4 +1,4 @@
-"""Cost of the event log against the work it describes (issue 7: "< 1% overhead, measured").
+"""Cost of the event log against the work it describes (the target: under 1% of the work's time).
 
 1. Per-call cost: ``EventLog.emit`` for the record kinds a job writes (stage, handoff, wait) and the ``span``
    context manager, writing to a real file; medians over repeats after warm-up.

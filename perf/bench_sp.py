@@ -722,7 +722,8 @@ def load_rows(out: Path) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """``{case: {method: {degree: row}}}`` plus the derived figures of the issue's targets, per case."""
+    """``{case: {method: {degree: row}}}`` plus, per case, the figures the targets are stated in (ratio to the
+    best peer, scaling efficiency, torus against Ulysses, hidden exchange)."""
     table: dict = {}
     for row in rows:
         if row.get("case") in CASES and "median_s" in row:

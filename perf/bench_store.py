@@ -1,4 +1,4 @@
-"""What the store's guarantees cost (issue 12): content identity, verification, the view.
+"""What the store's guarantees cost: content identity, verification, the view.
 
 1. Writing one item: the item file with header and SHA-256 against a plain HDF5 image of the same video, for the
    demo size (9x64x64) and a Wan2.1 480p x 81 video (97 MB); medians after warm-up.
