@@ -9,7 +9,7 @@
 
 Writes ``perf/results/store-<date>.json`` and ``.md``.
 
-    python perf/bench_store.py [--items 20000] [--dir /tmp/store-bench]
+    python perf/bench_store.py [--items 20000] [--dir /tmp/store-bench] [--results DIR]
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--dir", default="/tmp/spmd-diff-store-bench")
+    parser.add_argument("--results", type=Path, default=REPO / "perf" / "results", help="where the .json/.md go")
     args = parser.parse_args()
     root = Path(args.dir)
     results = {
@@ -200,7 +201,8 @@ def main() -> None:
         "store": store_costs(root, args.items),
         "fingerprint": fingerprint_costs(root),
     }
-    out = REPO / "perf" / "results" / f"store-{results['date']}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"store-{results['date']}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(_markdown(results))
     print(_markdown(results))
