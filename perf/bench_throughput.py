@@ -22,6 +22,10 @@ a stored result with the current rule). Deviations: engine exact
 against baseline A (should be bit-identical), engine fast against engine exact, and with ``--options`` each fast
 option alone inside the pipeline. Writes ``DIR/throughput-<case>-<date>.md`` and ``.json`` (hardware, versions,
 commit, config, date). Runs on CPU too (``--tiny``: the demo model at 64x64x9, for a smoke test).
+
+One file (~660 lines, over the project's ~500) so that the benchmark stands alone: the baseline workers it
+launches are this same file. Sections: the baseline; the engine; the engine's steady state from its
+events, video comparisons and the report; the driver.
 """
 
 from __future__ import annotations
@@ -314,7 +318,7 @@ def deviations(result: dict, items: list[dict], max_videos: int = 4) -> dict:
     return dev
 
 
-# ---- the engine's steady state from its events, video comparisons, the report ------------------------------
+# ---- the engine's steady state from its events, video comparisons, the report -------------------------------
 #
 # Helpers of perf/bench_throughput.py: the engine's steady state from its events, video comparisons, the report.
 #
