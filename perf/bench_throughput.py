@@ -320,8 +320,6 @@ def deviations(result: dict, items: list[dict], max_videos: int = 4) -> dict:
 
 # ---- the engine's steady state from its events, video comparisons, the report -------------------------------
 #
-# Helpers of perf/bench_throughput.py: the engine's steady state from its events, video comparisons, the report.
-#
 # Steady state of a rank = the intervals between its consecutive item completions (``write`` stage ends), the first
 # item counted from the end of the rank's warm-up (or of its first stage start); the first ``warmup`` intervals and
 # the last ``DRAIN`` are dropped (at the end the finisher empties with no denoise beside it: one decode running and
