@@ -1,4 +1,4 @@
-"""Issue-4 measurements in one run, one rank per GPU: ``mpirun -n 4 python perf/bench_comm.py --out DIR``.
+"""The data plane's costs on GPUs, one rank per GPU: ``mpirun -n 4 python perf/bench_comm.py --out DIR``.
 
 1. all-to-all, bf16, 256 KiB .. 256 MiB per rank (split equally): ours (group-free, one-sided, ``all_to_all_into``:
    the one-kernel path, and the host-driven path on P2P copies and on NVSHMEM puts) vs NCCL
@@ -35,8 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from bench_common import results_header  # noqa: E402
 from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, Message, RingSpec  # noqa: E402
 from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
 from spmd_diff.comm.nvshmem import NvshmemTransport  # noqa: E402
@@ -343,19 +342,17 @@ class Bench:
         print(f"rank {self.rank}: {text}\n{traceback.format_exc()[-1500:]}", file=sys.stderr, flush=True)
 
     def environment(self) -> dict:
-        import mpi4py
         import nvshmem.core as nvshmem
 
         smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
         version = nvshmem.get_version()
+        header = results_header("spmd-diff", "torch", "mpi4py")
+        header["versions"].update(cuda=torch.version.cuda, nccl=".".join(map(str, torch.cuda.nccl.version())),
+                                  mpi=MPI.Get_library_version().splitlines()[0],
+                                  nvshmem4py=version.nvshmem4py_version, libnvshmem=version.libnvshmem_version)
         return dict(
-            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            host=socket.gethostname(), ranks=self.size,
+            **header, ranks=self.size,
             gpus=[line.strip() for line in smi.splitlines() if line.strip()], topology=_run(["nvidia-smi", "topo", "-m"]),
-            versions=dict(python=sys.version.split()[0], torch=torch.__version__, cuda=torch.version.cuda,
-                          nccl=".".join(map(str, torch.cuda.nccl.version())), mpi4py=mpi4py.__version__,
-                          mpi=MPI.Get_library_version().splitlines()[0], nvshmem4py=version.nvshmem4py_version,
-                          libnvshmem=version.libnvshmem_version),
             config=dict(env={k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "NVSHMEM_DISABLE_NVLS",
                                                             "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                             "NVSHMEM_SYMMETRIC_SIZE")},

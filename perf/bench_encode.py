@@ -23,13 +23,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench_common import commit, cpu_name
+from bench_common import versions as package_versions
 from spmd_diff.io import codec, itemfile
 from spmd_diff.io.frames import frames_of, stored_form
 from spmd_diff.runtime.worker import CpuMeter
@@ -94,10 +95,8 @@ def demo_video(spec: str) -> np.ndarray:
 def versions() -> dict:
     import av
     import h5py
-    import hdf5plugin
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__,
-            "hdf5": h5py.version.hdf5_version, "hdf5plugin": hdf5plugin.version, "av": av.__version__,
+    return {**package_versions("numpy", "h5py", "hdf5plugin", "av"), "hdf5": h5py.version.hdf5_version,
             "ffmpeg_libavcodec": ".".join(map(str, av.library_versions["libavcodec"]))}
 
 
@@ -127,32 +126,15 @@ def main() -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
             Path(args.out + ".partial.json").write_text(json.dumps(results, indent=1) + "\n")
-    synced = Path(__file__).resolve().parents[1] / ".bench_commit"  # a worktree copied for the GPU machine
-    try:
-        commit = synced.read_text().split()[0] if synced.exists() else subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        commit = ""
     record = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": args.machine,
-              "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "repeats": args.repeats,
-              "commit": commit, "versions": versions(), "results": results,
+              "cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "repeats": args.repeats,
+              "commit": commit(), "versions": versions(), "results": results,
               "config": {"quality": codec.DEFAULT_QUALITY, "preset": codec.DEFAULT_PRESET, "fps": codec.DEFAULT_FPS,
                          "pix_fmt": "yuv420p", "gzip_level": 4, "zstd_level": "hdf5plugin default (3)"}}
     Path(args.out + ".json").write_text(json.dumps(record, indent=2) + "\n")
     Path(args.out + ".md").write_text(markdown(record))
     Path(args.out + ".partial.json").unlink(missing_ok=True)
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown(record: dict) -> str:

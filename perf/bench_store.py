@@ -1,4 +1,4 @@
-"""What the store's guarantees cost (issue 12): content identity, verification, the view.
+"""What the store's guarantees cost: content identity, verification, the view.
 
 1. Writing one item: the item file with header and SHA-256 against a plain HDF5 image of the same video, for the
    demo size (9x64x64) and a Wan2.1 480p x 81 video (97 MB); medians after warm-up.
@@ -9,7 +9,7 @@
 
 Writes ``perf/results/store-<date>.json`` and ``.md``.
 
-    python perf/bench_store.py [--items 20000] [--dir /tmp/store-bench]
+    python perf/bench_store.py [--items 20000] [--dir /tmp/store-bench] [--results DIR]
 """
 
 from __future__ import annotations
@@ -22,35 +22,22 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import h5py
+import numpy as np
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-
-import spmd_diff  # noqa: E402
-from spmd_diff.io import itemfile, jobrecord  # noqa: E402
-from spmd_diff.io.identity import model_fingerprint  # noqa: E402
-from spmd_diff.io.runplan import plan_run  # noqa: E402
-from spmd_diff.io.store import VideoStore  # noqa: E402
-from spmd_diff.io.view import build_view, verify  # noqa: E402
+import spmd_diff
+from bench_common import REPO, commit, cpu_name
+from spmd_diff.io import itemfile, jobrecord
+from spmd_diff.io.identity import model_fingerprint
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore
+from spmd_diff.io.view import build_view, verify
 
 DEMO = (9, 64, 64, 3)
 WAN_480P = (81, 480, 832, 3)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _attrs(item_id: str) -> dict:
@@ -201,18 +188,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20000)
     parser.add_argument("--dir", default="/tmp/spmd-diff-store-bench")
+    parser.add_argument("--results", type=Path, default=REPO / "perf" / "results", help="where the .json/.md go")
     args = parser.parse_args()
     root = Path(args.dir)
     results = {
         "date": dt.date.today().isoformat(),
-        "host": {"cpu": _cpu_model(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "commit": commit(),
+        "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
         "versions": {"spmd_diff": spmd_diff.__version__, "h5py": h5py.__version__,
                      "hdf5": h5py.version.hdf5_version, "numpy": np.__version__, "python": platform.python_version()},
         "write": write_costs(),
         "store": store_costs(root, args.items),
         "fingerprint": fingerprint_costs(root),
     }
-    out = REPO / "perf" / "results" / f"store-{results['date']}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"store-{results['date']}"
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(_markdown(results))
     print(_markdown(results))

@@ -7,7 +7,7 @@ error of the final latents < 1e-2; tests/gpu/sp_gpu_worker.py under torchrun).
 
 from __future__ import annotations
 
-import re
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -135,14 +135,22 @@ def test_local_attention_backends_match_math(backend: str) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 or 4 GPUs")
-def test_sp_denoise_matches_one_gpu() -> None:
+def test_sp_denoise_matches_one_gpu(tmp_path: Path) -> None:
     gpus = 4 if torch.cuda.device_count() >= 4 else 2
+    result_file = tmp_path / "sp_gpu.json"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             f"--nproc_per_node={gpus}", str(WORKER)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=480)
+                             f"--nproc_per_node={gpus}", str(WORKER), str(result_file)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=480)
     print(result.stdout)
-    assert result.returncode == 0 and "WORKER DONE failures=0" in result.stdout, \
-        result.stdout[-6000:] + result.stderr[-6000:]
-    results = re.findall(r"^RESULT (\S+) S=(\d) (\S+) rel_err=(\S+) ok$", result.stdout, flags=re.M)
-    expected = (3 * 2 * 2 + 5 * 2) if gpus == 4 else 3 * 2  # pairs: 3 layouts x 2 cases x 2 pairs; S=4: 5 x 2
-    assert len(results) == expected, result.stdout
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-6000:]
+    report = json.loads(result_file.read_text())
+    assert report["num_ranks"] == gpus and report["failures"] == 0, report
+    bad = [row for row in report["rows"] if not (row["ok"] and row["rel_err"] < 1e-2)]
+    assert not bad, bad
+    layouts = {2: ["ring", "ulysses", "ulysses-pipe"],
+               4: ["ring", "torus-2x2", "torus-2x2-4-pieces", "ulysses", "ulysses-pipe"]}
+    expected = [(degree, method, case) for degree in ((2, 4) if gpus == 4 else (2,))
+                for _pair in range(2 if degree == 2 and gpus == 4 else 1)
+                for method in layouts[degree] for case in ("4263-tokens", "7800-tokens")]
+    got = sorted((row["degree"], row["method"], row["case"]) for row in report["rows"])
+    assert got == sorted(expected), got  # pairs: 3 layouts x 2 cases x 2 pairs; S=4: 5 x 2

@@ -9,6 +9,7 @@ MPI_THREAD_FUNNELED; Open MPI 5 has no pt2pt, and then the deadline test runs on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -47,22 +48,29 @@ if os.environ.get("SPMD_DIFF_MPI_EXTRA_OSC") == "1":
 
 
 @pytest.mark.parametrize("mca, env", OSC_CASES)
-def test_many_to_many_with_wraparound_and_slow_consumer(mca, env):
+def test_many_to_many_with_wraparound_and_slow_consumer(mca, env, tmp_path):
+    result_file = tmp_path / "traffic.json"
     result = mpirun(4, str(SCRIPTS / "channel_traffic.py"), "--items", "60", "--heap-mib", "64",
-                    timeout=TIMEOUT_S, mca=mca, env=env)
+                    "--result", str(result_file), timeout=TIMEOUT_S, mca=mca, env=env)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    counts = re.search(r"items per consumer \[(\d+), (\d+)\]", result.stdout)
-    assert counts, result.stdout
-    assert int(counts[1]) + int(counts[2]) == 120 and "errors 0" in result.stdout
+    report = json.loads(result_file.read_text())
+    assert report["errors"] == [], report["errors"]
+    assert len(report["items_per_consumer"]) == 2 and sum(report["items_per_consumer"]) == 120, report
+    assert report["num_received"] == 120, report
 
 
-def test_dead_producer_times_out_and_job_exits_nonzero():
+def test_dead_producer_times_out_and_job_exits_nonzero(tmp_path):
     mca, env = TCP_PT2PT if has_osc_pt2pt() else ({}, {})
+    result_file = tmp_path / "deadline.json"
     started = time.monotonic()
-    result = mpirun(4, str(SCRIPTS / "channel_deadline.py"), "--deadline", "2", timeout=TIMEOUT_S, mca=mca, env=env)
+    result = mpirun(4, str(SCRIPTS / "channel_deadline.py"), "--deadline", "2", "--result", str(result_file),
+                    timeout=TIMEOUT_S, mca=mca, env=env)
     elapsed = time.monotonic() - started
     assert result.returncode != 0, result.stdout
     assert "StageTimeout" in result.stderr, result.stderr
     assert "'enc0->dit2'" in result.stderr and "from producer rank 0" in result.stderr, result.stderr
-    assert "rank 2: took 10 items, then waited 2.0" in result.stdout, result.stdout  # rank 1's items were not blocked
+    timed_out = json.loads(result_file.read_text())  # written by rank 2 as it timed out
+    assert timed_out["rank"] == 2 and timed_out["items_taken"] == 10, timed_out  # rank 1's items were not blocked
+    assert f"{timed_out['waited_s']:.2f}".startswith("2.0"), timed_out
+    assert "'enc0->dit2'" in timed_out["error"] and "from producer rank 0" in timed_out["error"], timed_out
     assert elapsed < TIMEOUT_S - 30, elapsed  # ended by the abort, not by the hung rank's 120 s sleep

@@ -6,7 +6,7 @@ from spmd_diff.cli import main
 from spmd_diff.config import build_job
 from spmd_diff.errors import UserError
 
-JOB = "perf/jobs/random-1.3b-480p.toml"
+JOB = "jobs/random-1.3b-480p.toml"
 
 
 def test_policy_and_gpu_memory_are_typed_and_validated():

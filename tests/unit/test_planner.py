@@ -191,8 +191,8 @@ def test_one_rank_per_gpu():
                   table_cost())
 
 
-def test_predict_plan_of_a_static_plan_matches_the_issue():
-    # ISSUE 13: 1 encoder, 2 DiT, 1 decoder on 4 GPUs is decoder-bound at about 1,000 videos/h; all stages on
+def test_predict_plan_of_a_static_plan_matches_the_arithmetic():
+    # The static split of the demo job, 1 encoder, 2 DiT, 1 decoder on 4 GPUs, is decoder-bound at about 1,000 videos/h; all stages on
     # every GPU ~ 4 x 3600 / 8.96 = 1,600.
     workload = Workload.uniform(C480, 4000)
     static = predict_plan(plan_roles(Topology.uniform(1, 4, 4), 1, 1), workload, table_cost())

@@ -6,12 +6,16 @@
 3. The double-ring channel under back-pressure: ranks 0, 1 produce GPU tensors for 2, 3 through 2-slot rings,
    rank 3 is slow; every item arrives exactly once, bit-exact, on the GPU, never through host memory.
 
-    mpirun -n 4 python tests/gpu/scripts/nvshmem_checks.py
+Rank 0 writes RESULT_JSON after the last check passed: ``{"num_ranks", "p2p_peers_of_rank0", "collectives":
+{"schedule_ops": {path: n}, "all_to_all_into_cases": [...]}, "channels": {"items_sent", "items_per_consumer"}}``.
+
+    mpirun -n 4 python tests/gpu/scripts/nvshmem_checks.py RESULT_JSON
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -39,7 +43,10 @@ def log(rank: int, text: str) -> None:
         print(text, flush=True)
 
 
-def check_collectives(transport, rank: int, size: int) -> None:
+def check_collectives(transport, rank: int, size: int) -> dict:
+    """Returns ``{"schedule_ops": {path: operations run on rank 0}, "all_to_all_into_cases": [label, ...]}``."""
+    ops: dict = {}
+    cases: list = []
     roomy = GroupCollectives(transport, 0, REGION, max_ranks=4, chunk_bytes=16 << 20, timeout_s=60)
     for path in ("p2p", "nvshmem"):
         transport.set_data_path(path)
@@ -47,6 +54,7 @@ def check_collectives(transport, rank: int, size: int) -> None:
         t0 = time.perf_counter()
         ran = run_schedule(roomy, 21, schedule(size, 21, 50, max_count=20000), device="cuda")
         roomy.synchronize()
+        ops[path] = ran
         log(rank, f"schedule on {path}: {ran} ops on rank 0 in {time.perf_counter() - t0:.2f} s")
     transport.set_data_path("p2p")
     roomy.set_fused(True)
@@ -83,9 +91,11 @@ def check_collectives(transport, rank: int, size: int) -> None:
         for path, out in outs.items():
             for i in range(size):
                 assert torch.equal(out[i], reference[i]), (label, path, rank, i)
+        cases.append(label)
         log(rank, f"{label}: all_to_all_into by the CUDA kernel == Triton kernel == host path == header path, "
                   f"first and replayed (kernel: {type(roomy.fused_kernel()).__name__})")
     group.barrier()
+    return {"schedule_ops": ops, "all_to_all_into_cases": cases}
 
 
 def use_kernel(coll: GroupCollectives, path: str) -> None:
@@ -95,10 +105,11 @@ def use_kernel(coll: GroupCollectives, path: str) -> None:
     coll.set_fused(path != "host path")
 
 
-def check_channels(transport, rank: int, size: int, num_items: int = 40) -> None:
+def check_channels(transport, rank: int, size: int, num_items: int = 40) -> dict:
+    """Returns ``{"items_sent", "items_per_consumer": [...]}`` (every item checked on arrival and counted once)."""
     if size < 2:
         log(rank, "channels under back-pressure: skipped (needs 2 ranks)")
-        return
+        return {"skipped": "needs 2 ranks"}
     producers, consumers = ((0, 1), (2, 3)) if size >= 4 else ((0,), (1,))
     slot_bytes = 16 * 21 * 60 * 104 * 2 + 4096
     edges = [(p, c, RingSpec(2, slot_bytes), f"p{p}->c{c}") for p in producers for c in consumers]
@@ -141,6 +152,7 @@ def check_channels(transport, rank: int, size: int, num_items: int = 40) -> None
     assert everything == sorted(r * 1000 + k for r in producers for k in range(num_items)), everything
     counts = MPI.COMM_WORLD.allgather(len(got))
     log(rank, f"channels under back-pressure ok: items per consumer {[counts[c] for c in consumers]}")
+    return {"items_sent": len(producers) * num_items, "items_per_consumer": [counts[c] for c in consumers]}
 
 
 def check_kernel_timeout(transport, rank: int, size: int, base: int) -> None:
@@ -177,17 +189,21 @@ def main() -> int:
     torch.cuda.set_device(rank % torch.cuda.device_count())
     timeout_base = 2 * REGION + (1 << 20) + (64 << 20)
     transport = NvshmemTransport(comm, timeout_base + TIMEOUT_REGION)
+    result: dict = {"num_ranks": size, "p2p_peers_of_rank0": transport.p2p_peers}
     try:
         log(rank, f"nvshmem transport up: {size} ranks, P2P peers of rank 0: {transport.p2p_peers}")
-        check_collectives(transport, rank, size)
-        check_channels(transport, rank, size)
+        result["collectives"] = check_collectives(transport, rank, size)
+        result["channels"] = check_channels(transport, rank, size)
         # Opt-in until it has run on GPUs: on two H200s (2026-11-22) an earlier form, waiting in coll.synchronize,
         # hung. Probable cause, fixed since: synchronize recorded its event on ExternalStream(0), a fresh stream,
         # so it returned at once; the check then failed while the kernel still ran, and rank 0 met rank 1 at
         # different barriers. The kernel deadline itself works on one GPU (kernel_timeout_probe.py).
         if size >= 2 and HAS_CUDA_KERNELS and os.environ.get("NVSHMEM_CHECKS_TIMEOUT") == "1":
             check_kernel_timeout(transport, rank, size, timeout_base)
+            result["kernel_timeout"] = "ok"
         log(rank, "gpu checks ok")
+        if rank == 0:
+            Path(sys.argv[1]).write_text(json.dumps(result, indent=1, default=str) + "\n")
     finally:
         transport.free()
     return 0

@@ -2,14 +2,16 @@
 
 Channels 0->2, 1->2 and 1->3. Rank 0 hangs outside MPI (as a stuck GPU kernel would). Rank 1's items still
 reach ranks 2 and 3 (no head-of-line blocking); rank 2 then times out waiting on rank 0, prints the error and
-calls ``MPI_Abort`` with ``StageTimeout.exit_code``, so mpirun exits non-zero instead of hanging.
+calls ``MPI_Abort`` with ``StageTimeout.exit_code``, so mpirun exits non-zero instead of hanging. With ``--result
+PATH`` rank 2 writes there, before it raises: ``{"rank", "items_taken", "waited_s", "error"}``.
 
-    mpirun -n 4 python tests/mpi/scripts/channel_deadline.py --deadline 2
+    mpirun -n 4 python tests/mpi/scripts/channel_deadline.py --deadline 2 [--result PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -25,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--deadline", type=float, default=2.0, help="seconds a consumer waits for a message")
     parser.add_argument("--items", type=int, default=10)
+    parser.add_argument("--result", help="JSON file the consumer that times out writes to")
     options = parser.parse_args()
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -49,9 +52,13 @@ def main() -> int:
                 started = time.monotonic()
                 try:
                     receiver = poller.wait(started + options.deadline, f"consumer rank {rank}")
-                except StageTimeout:
-                    print(f"rank {rank}: took {taken} items, then waited {time.monotonic() - started:.2f} s",
-                          flush=True)
+                except StageTimeout as error:
+                    waited = time.monotonic() - started
+                    print(f"rank {rank}: took {taken} items, then waited {waited:.2f} s", flush=True)
+                    if options.result:
+                        with open(options.result, "w") as f:
+                            f.write(json.dumps({"rank": rank, "items_taken": taken, "waited_s": waited,
+                                                "error": f"{type(error).__name__}: {error}"}) + "\n")
                     raise
                 if receiver is None:
                     break

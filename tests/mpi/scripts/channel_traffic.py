@@ -4,14 +4,16 @@ Ranks ``[0, num_producers)`` produce, the rest consume; one channel per producer
 2 or 3 slots (so they wrap many times). Producers route each item to the channel with the most free slots;
 consumer rank ``size - 1`` is slow, so back-pressure and re-routing happen. Every item's tensors are a pure
 function of the item id, so consumers check them bit-exactly; at the end all ranks check that every item
-arrived exactly once.
+arrived exactly once. With ``--result PATH`` rank 0 writes ``{"num_ranks", "num_producers", "items_per_producer",
+"items_per_consumer": [...], "num_received", "errors": [...], "elapsed_s"}`` there.
 
-    mpirun -n 4 python tests/mpi/scripts/channel_traffic.py --items 60
+    mpirun -n 4 python tests/mpi/scripts/channel_traffic.py --items 60 [--result PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -45,6 +47,7 @@ def main() -> int:
     parser.add_argument("--heap-mib", type=int, default=0, help="heap size; 0: what the layout needs")
     parser.add_argument("--slow-ms", type=float, default=3.0, help="per-take delay of the last consumer")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline of each wait")
+    parser.add_argument("--result", help="JSON file rank 0 writes the outcome to")
     options = parser.parse_args()
 
     comm = MPI.COMM_WORLD
@@ -102,6 +105,12 @@ def main() -> int:
             missing = sorted(set(expected_items) - set(everything))
             all_errors.append(f"items lost or duplicated: {len(everything)} received, missing {missing[:10]}")
         print(f"items per consumer {counts[len(producers):]}, {elapsed:.2f} s, errors {len(all_errors)}", flush=True)
+        if options.result:
+            result = {"num_ranks": size, "num_producers": len(producers), "items_per_producer": options.items,
+                      "items_per_consumer": counts[len(producers):], "num_received": len(everything),
+                      "errors": all_errors, "elapsed_s": elapsed}
+            with open(options.result, "w") as f:
+                f.write(json.dumps(result, indent=1) + "\n")
         for error in all_errors[:20]:
             print(error, file=sys.stderr, flush=True)
     return 1 if all_errors else 0

@@ -3,12 +3,15 @@
 Several schedules in one run (torch imports dominate a run's time): groups of 2-4 ranks in random order,
 overlapping groups one after another, uneven and empty splits, five dtypes; one schedule with 256-byte chunk
 buffers so long messages cross many chunks; then a timing of group formation against ``MPI.Comm.Split``.
+Rank 0 writes RESULT_JSON once every check passed: ``{"num_ranks", "rank_operations_checked", "schedule_s": {seed:
+seconds}, "group_formation_us", "mpi_comm_split_us"}``.
 
-    mpirun -n 4 python tests/mpi/scripts/collectives_traffic.py
+    mpirun -n 4 python tests/mpi/scripts/collectives_traffic.py RESULT_JSON
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -31,11 +34,11 @@ def main() -> int:
         tiny = GroupCollectives(transport, 0, small, max_ranks=4, chunk_bytes=256, timeout_s=60)
         roomy = GroupCollectives(transport, (small + 255) // 256 * 256, 4 << 20, max_ranks=4, timeout_s=60)
         ran = 0
+        schedule_s = {}
         for seed, coll, num_ops, max_count in ((11, roomy, 60, 4000), (12, tiny, 25, 700), (13, roomy, 60, 20000)):
             t0 = time.perf_counter()
             ran += run_schedule(coll, seed, schedule(size, seed, num_ops, max_count=max_count))
-            if rank == 0:
-                print(f"seed {seed}: {time.perf_counter() - t0:.2f} s", flush=True)
+            schedule_s[seed] = time.perf_counter() - t0
         total = comm.allreduce(ran)
         t0 = time.perf_counter()
         for k in range(1000):
@@ -47,8 +50,10 @@ def main() -> int:
             comm.Split(rank % 2, rank).Free()
         split_us = (time.perf_counter() - t0) / 20 * 1e6
         if rank == 0:
-            print(f"collectives ok: {total} rank-operations checked; group formation {ours_us:.2f} us, "
-                  f"MPI.Comm.Split {split_us:.1f} us", flush=True)
+            result = {"num_ranks": size, "rank_operations_checked": total, "schedule_s": schedule_s,
+                      "group_formation_us": ours_us, "mpi_comm_split_us": split_us}
+            Path(sys.argv[1]).write_text(json.dumps(result, indent=1) + "\n")
+            print(json.dumps(result), flush=True)
     finally:
         transport.free()
     return 0

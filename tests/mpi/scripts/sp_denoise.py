@@ -6,11 +6,15 @@ virtual topology of 2 nodes x 2 ranks (``Topology.uniform(2, 2)`` -> ``plan_role
 ``world.ranks_per_node=2``). Rank 0 compares every leader's latents and decoded video with the one-rank result of
 the same item. Then the same attention over torch.distributed (gloo) through ``TorchSeqComm``, the GPU code path.
 
-    mpirun -n 4 python tests/mpi/scripts/sp_denoise.py MODEL_DIR
+Rank 0 writes RESULT_JSON: ``{"failures", "groups": [...], "torch_comm_attention": [...],
+"torch_comm_denoise": [...]}``, one row per checked output (its layout, error and ``ok``).
+
+    mpirun -n 4 python tests/mpi/scripts/sp_denoise.py MODEL_DIR RESULT_JSON
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -47,6 +51,7 @@ def main() -> int:
     transport = MpiRmaTransport(world, 8 << 20)
     coll = GroupCollectives(transport, 0, 8 << 20, max_ranks=4, timeout_s=120)
     failures = 0
+    report: dict = {"groups": [], "torch_comm_attention": [], "torch_comm_denoise": []}
     try:
         items = [(PROMPTS[i], 100 + i) for i in range(len(PROMPTS))]
         embeds = [stages.encode(prompt, "blurry, static", SPEC) for prompt, _ in items]
@@ -86,22 +91,26 @@ def main() -> int:
                     levels = int(np.abs(video.astype(np.int16) - ref_video.astype(np.int16)).max())
                     ok = rel < 1e-5 and levels <= 1
                     failures += not ok
+                    report["groups"].append(dict(case=case_index, layout=described, ranks=ranks, item=item,
+                                                 latents_rel_err=rel, video_max_levels=levels, ok=ok))
                     print(f"case {case_index} {described:52s} group {ranks}: latents rel err {rel:.2e}, "
                           f"video max diff {levels} level(s), {elapsed:.2f} s {'ok' if ok else 'FAIL'}", flush=True)
         world.Barrier()
-        failures += torch_comm_check(world, heads)
-        failures += torch_comm_denoise(world, stages, embeds, items, reference)
+        failures += torch_comm_check(world, heads, report["torch_comm_attention"])
+        failures += torch_comm_denoise(world, stages, embeds, items, reference, report["torch_comm_denoise"])
     finally:
         coll.free()
         transport.free()
     failures = world.allreduce(failures)
     if rank == 0:
         print(f"sp_denoise: {'all ok' if failures == 0 else f'{failures} failure(s)'}", flush=True)
+        Path(sys.argv[2]).write_text(json.dumps(dict(failures=failures, **report), indent=1) + "\n")
     return 1 if failures else 0
 
 
-def torch_comm_check(world, heads: int) -> int:
-    """Ulysses/ring/torus attention over TorchSeqComm (gloo): the GPU code path, checked on the CPU."""
+def torch_comm_check(world, heads: int, rows: list) -> int:
+    """Ulysses/ring/torus attention over TorchSeqComm (gloo): the GPU code path, checked on the CPU. Rank 0
+    appends a row per layout to ``rows``."""
     import torch.distributed as dist
 
     from spmd_diff.parallel.attention import math_attention
@@ -138,7 +147,9 @@ def torch_comm_check(world, heads: int) -> int:
             ok = err < 1e-12
             failures += not ok
             errs = world.gather(err, root=0)
+            oks = world.gather(ok, root=0)
             if rank == 0:
+                rows.append(dict(layout=layout.describe(), head_chunks=chunks, max_abs_err=max(errs), ok=all(oks)))
                 print(f"TorchSeqComm (gloo) {layout.describe():36s} head chunks {chunks}: max abs err {max(errs):.1e} "
                       f"{'ok' if ok else 'FAIL'}", flush=True)
     except BaseException:
@@ -147,8 +158,9 @@ def torch_comm_check(world, heads: int) -> int:
     return failures
 
 
-def torch_comm_denoise(world, stages, embeds, items, reference) -> int:
-    """SPDenoiser over TorchSeqComm (gloo; the engine's GPU path runs NCCL): S=4 ring and S=2 Ulysses pairs."""
+def torch_comm_denoise(world, stages, embeds, items, reference, rows: list) -> int:
+    """SPDenoiser over TorchSeqComm (gloo; the engine's GPU path runs NCCL): S=4 ring and S=2 Ulysses pairs. Rank
+    0 appends a row per group leader's item to ``rows``."""
     import torch.distributed as dist
 
     from spmd_diff.parallel.layout import resolve_layout
@@ -172,6 +184,7 @@ def torch_comm_denoise(world, stages, embeds, items, reference) -> int:
                     rel = float((latents - reference[item][0]).norm() / reference[item][0].norm())
                     ok = rel < 1e-5
                     failures += not ok
+                    rows.append(dict(layout=layout.describe(), item=item, latents_rel_err=rel, ok=ok))
                     print(f"SPDenoiser over TorchSeqComm (gloo) {layout.describe():24s} item {item}: latents rel err "
                           f"{rel:.2e} {'ok' if ok else 'FAIL'}", flush=True)
     finally:
