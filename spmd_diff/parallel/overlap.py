@@ -1,8 +1,11 @@
 """How much of a K/V exchange attention hides: transfer and compute intervals, and a worker thread for host heaps.
 
 :class:`OverlapProbe` collects the intervals torus attention reports while it runs: wall-clock spans
-(``time.perf_counter``) on CPU ranks and host heaps, CUDA event pairs (resolved at :meth:`OverlapProbe.summary`)
-on device heaps. The hidden fraction is the time the union of transfer intervals overlaps the union of compute
+(``time.perf_counter``) on CPU ranks and for host heaps' exchanges, CUDA event pairs (resolved at
+:meth:`OverlapProbe.summary`) for work queued on a GPU and device heaps' exchanges. Both kinds can meet in one
+probe (a host heap's exchange, timed on the wall clock, against attention queued on the GPU), so CUDA times are
+placed on the wall clock through one anchor: an event recorded, with the stream idle, at the first CUDA span,
+and the ``perf_counter`` reading taken when it completed. The hidden fraction is the time the union of transfer intervals overlaps the union of compute
 intervals, over the transfer time: 1.0 when every transfer ran entirely under attention, 0.0 when none did.
 
 :class:`ComputeWorker` runs attention blocks, in order, on one background thread, so that a rank whose exchange
@@ -27,13 +30,29 @@ class OverlapProbe:
     def __init__(self) -> None:
         self.wall: dict[str, list[tuple[float, float]]] = {"transfer": [], "compute": []}
         self.events: dict[str, list[tuple[Any, Any]]] = {"transfer": [], "compute": []}
+        self._anchor: tuple[Any, float] | None = None  # (CUDA event, perf_counter seconds at its completion)
         self._lock = threading.Lock()
+
+    def _anchor_cuda(self, device: torch.device | None = None) -> None:
+        """Fix the CUDA clock against the wall clock once (waits for the current stream to drain)."""
+        if self._anchor is not None:
+            return
+        stream = torch.cuda.current_stream(device)
+        stream.synchronize()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        event.synchronize()
+        wall = time.perf_counter()
+        with self._lock:
+            if self._anchor is None:
+                self._anchor = (event, wall)
 
     @contextlib.contextmanager
     def span(self, kind: str, device: torch.device | None = None) -> Iterator[None]:
         """Time the enclosed work as ``kind`` ("transfer" or "compute"): CUDA events on the current stream of
         ``device`` when it is a GPU, else the wall clock."""
         if device is not None and device.type == "cuda":
+            self._anchor_cuda(device)
             began = torch.cuda.Event(enable_timing=True)
             began.record()
             yield
@@ -47,18 +66,20 @@ class OverlapProbe:
             self.wall[kind].append((began_s, time.perf_counter()))
 
     def add_events(self, kind: str, began: Any, ended: Any) -> None:
+        """Record a CUDA event pair (timing enabled) recorded elsewhere, e.g. on an exchange's stream."""
+        self._anchor_cuda()
         with self._lock:
             self.events[kind].append((began, ended))
 
     def intervals(self, kind: str) -> list[tuple[float, float]]:
-        """Seconds; CUDA intervals are relative to the first recorded event (waits for them)."""
+        """``perf_counter`` seconds; CUDA intervals are placed through the anchor (waits for their events)."""
         out = list(self.wall[kind])
-        pairs = [pair for name in ("transfer", "compute") for pair in self.events[name]]
-        if pairs:
-            for began, ended in pairs:
+        if self.events[kind]:
+            assert self._anchor is not None
+            anchor, wall = self._anchor
+            for began, ended in self.events[kind]:
                 ended.synchronize()
-            ref = min((pair[0] for pair in pairs), key=lambda e: pairs[0][0].elapsed_time(e))
-            out += [(ref.elapsed_time(b) / 1e3, ref.elapsed_time(e) / 1e3) for b, e in self.events[kind]]
+                out.append((wall + anchor.elapsed_time(began) / 1e3, wall + anchor.elapsed_time(ended) / 1e3))
         return out
 
     def summary(self) -> dict[str, float]:
