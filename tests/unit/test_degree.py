@@ -84,3 +84,25 @@ def test_bad_requests_are_refused():
         DegreeRequest(SMALL, (1,), 8, queued_s=-1.0)
     with pytest.raises(ValueError):
         pick_degree(COST, DegreeRequest(SMALL, (1,), 8), ())
+
+
+def test_a_long_item_at_the_end_waits_briefly_for_a_wider_group():
+    """One rank free now, three more on the node within 2 s: the last large item starts on 4 ranks in 2 s
+    (ends at ~71 s) rather than on 1 rank now (245 s)."""
+    request = DegreeRequest(LARGE, (1,), 4, running_s=6.0, busy_until=((2.0, 1.0, 0.5),))
+    choice = pick_degree(COST, request, (1, 2, 4))
+    assert choice.waits and (choice.degree, choice.node) == (4, 0)
+    assert choice.wait_s == pytest.approx(2.0)
+    assert choice.seconds == pytest.approx(245 / (4 * sp_efficiency(4)))
+    # The same with much work left: degree 1 ends within the pool's finish, so it starts now.
+    busy = DegreeRequest(LARGE, (1,), 4, queued_s=4000.0, busy_until=((2.0, 1.0, 0.5),))
+    choice = pick_degree(COST, busy, (1, 2, 4))
+    assert (choice.degree, choice.waits) == (1, False)
+
+
+def test_an_overdue_rank_still_counts_as_busy():
+    request = DegreeRequest(LARGE, (0,), 1, busy_until=((0.0,),))
+    choice = pick_degree(COST, request, (1,))
+    assert choice.waits and choice.degree == 1 and choice.wait_s > 0
+    with pytest.raises(ValueError):
+        DegreeRequest(LARGE, (0, 1), 4, busy_until=((1.0,),))
