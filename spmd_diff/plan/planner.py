@@ -25,7 +25,7 @@ from typing import Sequence
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.memory import GIB, MemoryModel
-from spmd_diff.plan.roles import RolePlan, place_ranks, resolve_layout, with_group_options
+from spmd_diff.plan.roles import RolePlan, place_ranks, summarize_layouts, with_group_options
 from spmd_diff.plan.throughput import (ALL_STAGES, DECODE, DENOISE, ENCODE, Prediction, StageWork, mask_of,
                                        predict_pools, stages_of_mask)
 from spmd_diff.plan.topology import Topology
@@ -246,7 +246,7 @@ def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None 
                 stages[rank] = ()
     encoders = tuple(sorted(r for r in chosen if "encode" in stages[r]))
     decoders = tuple(sorted(r for r in chosen if "decode" in stages[r]))
-    layout, torus = resolve_layout(topology, groups, inputs.settings.sp_layout)
+    layout, torus = summarize_layouts(topology, groups, inputs.settings.sp_layout)
     plan = RolePlan(topology.num_ranks, encoders, tuple(groups), decoders, layout, torus, tuple(stages), "auto")
     return with_group_options(plan, inputs.settings.cfg_parallel, inputs.settings.group_decode)
 
