@@ -382,7 +382,8 @@ class DegreeSimulation:
     def __init__(self, items: list[WorkClass], topology, seed: int = 0, noise: float = 0.03):
         self.items, self.topology, self.seed, self.noise = items, topology, seed, noise
 
-    def run(self, policy) -> dict:
+    def run(self, policy, min_degree: int = 1) -> dict:
+        """``min_degree``: the smallest degree ``policy`` allows."""
         rng = random.Random(self.seed)
         work = {c: sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in set(self.items)}
         queued = sum(work[c] for c in self.items)
@@ -408,11 +409,17 @@ class DegreeSimulation:
             while next_item < len(self.items) and any(free):
                 work_class = self.items[next_item]
                 queued_after = max(0.0, queued - work[work_class])
-                busy_until = [[] for _ in free]
-                for rank, end in free_at.items():
-                    busy_until[self.topology.node_of_rank[rank]].append(max(0.0, end - t))
-                choice = policy(work_class, tuple(len(f) for f in free), queued_after, running_left(),
-                                tuple(tuple(b) for b in busy_until))
+                free_counts = tuple(len(f) for f in free)
+                running_s = running_left()
+                # The busy ranks' ends matter only when the item would not start now at the smallest degree
+                # (a choice that does is the same with them): ask without them first.
+                choice = policy(work_class, free_counts, queued_after, running_s, ())
+                if choice.waits or choice.degree != min_degree or choice.seconds > choice.finish_s:
+                    busy_until = [[] for _ in free]
+                    for rank, end in free_at.items():
+                        busy_until[self.topology.node_of_rank[rank]].append(max(0.0, end - t))
+                    choice = policy(work_class, free_counts, queued_after, running_s,
+                                    tuple(tuple(b) for b in busy_until))
                 if choice.waits:
                     break
                 ranks = tuple(free[choice.node][: choice.degree])

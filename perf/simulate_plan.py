@@ -122,10 +122,10 @@ def run_degree_scenario(name: str, num_gpus: int, seed: int = 0) -> dict:
         true_seconds("encode", c) + true_seconds("denoise", c, widest) + true_seconds("decode", c)
         + true_seconds("write", c) for c in items))
     started = time.perf_counter()
-    per_item = sim.run(policy(allowed))
+    per_item = sim.run(policy(allowed), min(allowed))
     row["per_item_s"] = per_item["makespan_s"]
     row["per_item_degrees"] = {str(k): v for k, v in per_item["degrees"].items()}
-    row["fixed_s"] = {str(d): sim.run(policy((d,)))["makespan_s"] for d in allowed}
+    row["fixed_s"] = {str(d): sim.run(policy((d,)), d)["makespan_s"] for d in allowed}
     best = min(row["fixed_s"], key=lambda d: row["fixed_s"][d])
     row["best_fixed_degree"] = int(best)
     row["best_fixed_over_per_item"] = row["fixed_s"][best] / row["per_item_s"]
