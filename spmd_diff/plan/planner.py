@@ -134,7 +134,7 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
     tries = [(shape, speeds) for shape, _ in candidates[: 4 if uneven else 1]]
     if uneven:  # also the best shape for even speeds, placed ignoring them (spread, or the current ranks kept)
         even = search_shapes(inputs, workload, cost, None, primed)
-        tries += [(shape, None) for shape, _ in candidates[:4] + even[:1]]
+        tries += [(shape, None) for shape, _ in candidates[:1] + even[:1]]
     for shape, placed_speeds in tries:  # the exact prediction of each placement decides
         plan = build_plan(inputs, shape, placed_speeds, current)
         prediction = predict_plan(plan, workload, cost, primed)
