@@ -12,10 +12,16 @@ For each scenario and allocation (8 to 4,096 GPUs) the same items are rendered i
   switch;
 - lower bound: total work (seconds of every stage of every item on one GPU) / total GPU speed.
 
-Every policy pulls work (an idle unit takes the next item), so the comparison isolates the role plan.
+Every policy pulls work (an idle unit takes the next item), so the comparison isolates the role plan. Where
+stages cannot share a GPU, a dedicated-roles bound (``dedicated_bound``) is reported beside the work bound.
+
+Then the mixed jobs of per-item SP degree (``DEGREE_SCENARIOS``, 16 to 512 GPUs): the same items under
+``spmd_diff.plan.degree.pick_degree`` (each item's group formed from one node's free ranks when it starts;
+``plan_sim.DegreeSimulation``) and under each fixed degree.
 
     python perf/simulate_plan.py                      # all scenarios, 8..4096 GPUs; writes perf/results/
     python perf/simulate_plan.py --scales 8 64 --scenarios uniform-4step --out /tmp/sim
+    python perf/simulate_plan.py --scenarios --degree-scales 16 --degree-scenarios all4-1   # per-item degree only
 """
 
 from __future__ import annotations
@@ -454,6 +460,7 @@ def _plot_degree(rows, path: Path):
                0.4, label="fixed degree 1 / per-item")
         ax.axhline(1.2, color="grey", lw=0.8, ls="--")
         ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_ylim(0.9, 1.35)
         ax.set_xticks(list(xs))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_title(f"{gpus} GPUs: makespan ratio (>1: per-item faster)")
@@ -501,7 +508,7 @@ def _plot(rows, args, path: Path):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scales", type=int, nargs="+", default=list(SCALES))
-    parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=list(SCENARIOS))
+    parser.add_argument("--scenarios", nargs="*", default=list(SCENARIOS), choices=list(SCENARIOS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
