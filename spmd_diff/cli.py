@@ -151,6 +151,11 @@ def _plan(args) -> int:
     print(sizes.describe())
     print(memory.describe([work_class], gpu_bytes, plan.sp_degree))
     print(plan.describe(topology))
+    if plan.sp_degree > 1:  # what each DiT group runs (the engine attaches the same)
+        from spmd_diff.plan.parallel_layout import resolve_parallel_layout
+
+        heads = int(configs[0].get("num_attention_heads", 12))
+        print(resolve_parallel_layout(plan, topology, job.dit.sp_layout, heads).describe())
     nodes = range(topology.num_nodes)
     for node in list(nodes)[:16]:
         roles = ", ".join(f"{r}:{plan.role_of(r)}" for r in topology.ranks_on_node(node))

@@ -27,7 +27,7 @@ import torch
 from spmd_diff.parallel.attention import LocalAttention, SeqParallelAttention
 from spmd_diff.parallel.comm import GroupSeqComm, SeqComm
 from spmd_diff.parallel.hooks import SPHandle, parallelize_transformer
-from spmd_diff.parallel.layout import SPLayout, resolve_layout
+from spmd_diff.parallel.layout import SPLayout, cfg_half_torus, resolve_layout
 
 
 def build_attention(comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
@@ -37,21 +37,6 @@ def build_attention(comm: SeqComm, layout: SPLayout, local: LocalAttention = Loc
     if layout.name == "torus":
         inner, outer = comm.split(layout.outer, layout.inner)
     return SeqParallelAttention(layout, comm, inner, outer, local, pack_impl, merge_impl, head_chunks)
-
-
-def cfg_half_torus(torus_shape: tuple[int, int] | None, degree: int) -> tuple[int, int] | None:
-    """The grid of one CFG half (ranks ``[0, k)`` or ``[k, 2k)`` of a node-major group of ``2k``): whole nodes
-    when the group spans an even number of nodes, half of each node's ranks inside one node, else no grid."""
-    if torus_shape is None:
-        return None
-    nodes, per_node = (int(x) for x in torus_shape)
-    if nodes * per_node != degree:
-        return None
-    if nodes % 2 == 0:
-        return (nodes // 2, per_node)
-    if nodes == 1:
-        return (1, per_node // 2)
-    return None
 
 
 class CfgSplit:
@@ -120,13 +105,17 @@ class SPDenoiser:
     def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
                    torus_shape: tuple[int, int] | None = None, device: torch.device | str | None = None,
                    local: LocalAttention = LocalAttention(), compile_blocks: bool = False,
-                   cfg_parallel: bool = False) -> "SPDenoiser":
+                   cfg_parallel: bool = False, layout: SPLayout | None = None) -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
         ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns and CFG halves), ``sp_layout``/
         ``torus_shape`` as the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``: of the
         whole group; with ``cfg_parallel`` each half gets :func:`cfg_half_torus` of it). ``device``: the
         collectives' transport device; leave it ``None`` to take it from the group (a GPU job on the MPI transport
-        moves host tensors, an NVSHMEM one device tensors)."""
+        moves host tensors, an NVSHMEM one device tensors). ``layout``: the group's layout as already resolved
+        (``spmd_diff.plan.parallel_layout``, for the CFG half with ``cfg_parallel``); it replaces ``sp_layout`` and
+        ``torus_shape``."""
+        if layout is not None:
+            return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks, cfg_parallel)
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         degree = len(group.ranks)
         if cfg_parallel:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 from spmd_diff.errors import UserError
 
@@ -101,6 +102,64 @@ def resolve_layout(requested: str, sp_degree: int, num_heads: int,
     # auto: Ulysses over the in-node ranks, as far as the heads divide; the rest joins the exchange axis.
     inner = max(d for d in _divisors(b) if num_heads % d == 0)
     return _grid(a * (b // inner), inner, num_chunks)
+
+
+def group_grid(node_of_rank: Sequence[int], group: Sequence[int]) -> tuple[int, int] | None:
+    """``(A, B)``: the nodes a group's ranks sit on and its ranks on each, when every such node holds equally
+    many of them (``(1, S)`` inside one node); ``None`` for an uneven spread (no grid)."""
+    counts: dict[int, int] = {}
+    for rank in group:
+        node = node_of_rank[rank]
+        counts[node] = counts.get(node, 0) + 1
+    if len(set(counts.values())) != 1:
+        return None
+    return len(counts), next(iter(counts.values()))
+
+
+def cfg_half_torus(torus_shape: tuple[int, int] | None, degree: int) -> tuple[int, int] | None:
+    """The grid of one CFG half (ranks ``[0, k)`` or ``[k, 2k)`` of a node-major group of ``2k``): whole nodes
+    when the group spans an even number of nodes, half of each node's ranks inside one node, else no grid."""
+    if torus_shape is None:
+        return None
+    nodes, per_node = (int(x) for x in torus_shape)
+    if nodes * per_node != degree:
+        return None
+    if nodes % 2 == 0:
+        return (nodes // 2, per_node)
+    if nodes == 1:
+        return (1, per_node // 2)
+    return None
+
+
+def resolve_group_layout(requested: str, node_of_rank: Sequence[int], group: Sequence[int],
+                         num_heads: int | None, cfg_parallel: bool = False, num_chunks: int = 2) -> SPLayout:
+    """The layout one DiT group uses, from where its own ranks landed (``node_of_rank``: the topology's).
+
+    The ranks that split the sequence are the group's, or with ``cfg_parallel`` each half of it (the halves'
+    grid: :func:`cfg_half_torus`). ``"auto"``: Ulysses inside a node, the torus on a grid across nodes, ring
+    across nodes without a grid -- each group by itself, so one group that spans nodes unevenly puts only
+    itself on ring; with ``num_heads`` the head count is balanced as :func:`resolve_layout` does (``None``:
+    the grid as it is, for summaries that do not know the model). Explicit layouts as asked; ``"torus"`` on a
+    group (or CFG half) that is no grid is a :class:`UserError`.
+    """
+    degree = len(group)
+    grid = group_grid(node_of_rank, group)
+    if cfg_parallel:
+        if degree % 2:
+            raise UserError(f"CFG parallel needs DiT groups of an even size, got {degree}")
+        grid = cfg_half_torus(grid, degree)
+        degree //= 2
+    if degree == 1 or requested == "none":
+        return SPLayout("none", 1, 1, num_chunks)
+    if requested == "torus" and grid is None:
+        raise UserError("dit.sp_layout='torus' needs every DiT group to be an A x B grid (A nodes with B ranks "
+                        "each); this allocation gives uneven groups. Use 'ring' or 'ulysses', or change the "
+                        "ranks per node.")
+    if requested == "auto" and grid is None:
+        return SPLayout("ring", degree, 1, num_chunks)
+    if requested == "auto" and num_heads is None:
+        return _grid(grid[0], grid[1], num_chunks)
+    return resolve_layout(requested, degree, num_heads or degree, grid, num_chunks)
 
 
 def _grid(outer: int, inner: int, num_chunks: int) -> SPLayout:

@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import Any, Sequence
 
 from spmd_diff.errors import UserError
+from spmd_diff.parallel.layout import resolve_group_layout
 from spmd_diff.plan.topology import Topology
 
 
@@ -48,9 +49,11 @@ class RolePlan:
     dit_groups: tuple[tuple[int, ...], ...]
     decoders: tuple[int, ...]
     sp_layout: str
-    """"none" (groups of one rank), "ulysses", "ring" or "torus"."""
+    """A summary of the groups' layouts (:func:`summarize_layouts`): "none" (groups of one rank), "ulysses",
+    "ring", "torus", or "mixed" when groups resolve differently. Each group runs its own layout:
+    ``spmd_diff.plan.parallel_layout.resolve_parallel_layout``."""
     torus_shape: tuple[int, int] = (1, 1)
-    """(A inter-node, B intra-node) ranks of a torus group; (1, S) otherwise."""
+    """(A inter-node, B intra-node) ranks of the torus groups when every group is that torus; (1, S) otherwise."""
     rank_stages: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
     """Per rank, the stages it holds ("encode", "denoise", "decode"), set by the auto planner. Empty: derived
     from the counts (static plans: DiT group leaders encode/decode when there are no encoders/decoders)."""
@@ -314,7 +317,7 @@ def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degr
     decoders = tuple(sorted(chosen[num_encoders:]))
     assert all(len(g) == sp_degree for g in groups) and len(groups) * sp_degree == num_dit
 
-    layout, shape = resolve_layout(topology, groups, sp_layout)
+    layout, shape = summarize_layouts(topology, groups, sp_layout)
     return RolePlan(n, encoders, tuple(groups), decoders, layout, shape)
 
 
@@ -353,32 +356,18 @@ def place_ranks(topology: Topology, num_non_dit: int, sp_degree: int,
     return chosen, groups
 
 
-def resolve_layout(topology: Topology, groups: list[tuple[int, ...]], requested: str) -> tuple[str, tuple[int, int]]:
-    """Sequence-parallel layout from where the groups actually landed."""
+def summarize_layouts(topology: Topology, groups: Sequence[tuple[int, ...]],
+                      requested: str) -> tuple[str, tuple[int, int]]:
+    """The plan-level summary of its groups' sequence-parallel layouts, for printing and the plan's record:
+    ``(name, (A, B))`` when every group resolves alike (from where its own ranks landed, the head count aside:
+    ``parallel.layout.resolve_group_layout``), else ``("mixed", (1, S))``. What a group runs is its own layout
+    (``spmd_diff.plan.parallel_layout``), never this summary. Raises :class:`UserError` as the per-group
+    resolution does (``"torus"`` asked of a group that is no grid)."""
     sp = len(groups[0])
     if sp == 1:
         return "none", (1, 1)
-    spans_nodes = any(len({topology.node_of_rank[r] for r in g}) > 1 for g in groups)
-    shapes = {_grid_shape(topology, g) for g in groups}
-    uniform_grid = len(shapes) == 1 and None not in shapes
-    if requested == "auto":
-        if not spans_nodes:
-            return "ulysses", (1, sp)
-        return ("torus", shapes.pop()) if uniform_grid else ("ring", (1, sp))
-    if requested == "torus":
-        if not uniform_grid:
-            raise UserError("dit.sp_layout='torus' needs every DiT group to be an A x B grid (A nodes with B ranks "
-                            "each); this allocation gives uneven groups. Use 'ring' or 'ulysses', or change the "
-                            "ranks per node.")
-        return "torus", shapes.pop()
-    return requested, (1, sp)
-
-
-def _grid_shape(topology: Topology, group: tuple[int, ...]) -> tuple[int, int] | None:
-    counts: dict[int, int] = {}
-    for rank in group:
-        node = topology.node_of_rank[rank]
-        counts[node] = counts.get(node, 0) + 1
-    if len(set(counts.values())) != 1:
-        return None
-    return len(counts), next(iter(counts.values()))
+    layouts = {resolve_group_layout(requested, topology.node_of_rank, g, None) for g in groups}
+    if len(layouts) > 1:
+        return "mixed", (1, sp)
+    layout = layouts.pop()
+    return layout.name, (layout.torus_shape if layout.name == "torus" else (1, sp))

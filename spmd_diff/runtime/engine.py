@@ -42,6 +42,7 @@ from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
+from spmd_diff.plan.parallel_layout import resolve_parallel_layout
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.workload import WorkClass
 from spmd_diff.plan.topology import Topology
@@ -315,9 +316,12 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     ctx.group = coll.group(group_ranks)
                     # The device comes from the collectives' transport (host memory on MPI RMA, GPU on NVSHMEM).
                     compile_fast = speed.tier == "fast" and speed.fast_compile_dit
+                    model = stages.transformer if stages.transformer is not None else stages.transformer_2
+                    mine = resolve_parallel_layout(plan, setup.topology, setup.job.dit.sp_layout,
+                                                   int(model.config.num_attention_heads)).group_of_rank(world.rank)
                     ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
                                                    compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast),
-                                                   cfg_parallel=plan.cfg_parallel)
+                                                   cfg_parallel=plan.cfg_parallel, layout=mine.sp)
                 sp_for = (group_ranks, stages, plan.cfg_parallel)
             ctx.group_decode = ctx.sp is not None and plan.group_decode
             if ctx.hooks:
