@@ -43,14 +43,12 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import bench_common  # perf/, the script's own folder
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -575,14 +573,9 @@ def start_processes(on_gpu: bool) -> tuple[int, int, int]:
 def write_report(args, rec: Recorder, out: Path, world: int, device: torch.device) -> None:
     import diffusers
 
-    if (ROOT / ".bench_commit").is_file():  # a synced copy without its own .git (wt-sync.sh writes this file)
-        commit = " ".join((ROOT / ".bench_commit").read_text().split())
-    else:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "unknown"
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-            "gpus": world, "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": commit,
+            "gpus": world, "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": bench_common.commit(),
             "model": args.model, "video": f"{args.height}x{args.width}x{args.frames}", "steps": args.steps,
             "guidance": args.guidance, "dtype": "bfloat16 DiT/text encoder, float32 VAE" if device.type == "cuda"
             else "float32"}

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Replay workloads through the role planner and compare makespans (ISSUE 13's simulator).
+"""Replay workloads through the role planner and compare makespans (the elastic engine's simulator).
 
 For each scenario and allocation (8 to 4,096 GPUs) the same items are rendered in a discrete-event simulation
 (perf/plan_sim.py) under four policies:
@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import platform
 import random
 import subprocess
@@ -38,9 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from plan_sim import (C480_4, C480_4_NOCFG, C480_50, C720_4, C720_50, DegreeSimulation, Simulation,  # noqa: E402
+from plan_sim import (C480_4, C480_4_NOCFG, C480_50, C720_4, C720_50, DegreeSimulation, Simulation,  # its own folder
                       TrueCost, true_seconds)
 
 from spmd_diff.plan.cost_model import AnalyticPrior, CostModel, TablePrior  # noqa: E402
@@ -68,7 +65,7 @@ SCENARIOS = {
     "memcap-4step": dict(items=[(C480_4, 24)], gib=MEMCAP_GIB,
                          note=f"480p 4-step CFG, 24 items/GPU, GPUs capped at {MEMCAP_GIB:g} GiB (no co-location)"),
     "slow-node": dict(items=[(C480_4, 24)], gib=MEMCAP_GIB, slow=True,
-                      note=f"as memcap-4step, and node 0 runs at half speed"),
+                      note="as memcap-4step, and node 0 runs at half speed"),
     "4step-then-50step": dict(items=[(C480_4_NOCFG, 12), (C480_50, 12)], gib=MEMCAP_GIB,
                               note=f"a 4-step no-CFG draft pass, then a 50-step CFG pass over the same prompts, "
                                    f"12 items/GPU each, GPUs capped at {MEMCAP_GIB:g} GiB (no co-location)"),
