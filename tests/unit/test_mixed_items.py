@@ -1,0 +1,131 @@
+"""Per-item video settings: parsing and checking them (file and line), what a rerun does when they change."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from spmd_diff.config import PER_ITEM_VIDEO_KEYS, build_job
+from spmd_diff.errors import UserError
+from spmd_diff.io.inputs import parse_prompts
+from spmd_diff.io.runplan import plan_run
+from spmd_diff.io.store import VideoStore
+from spmd_diff.runtime.startup import item_attrs, job_settings, planning_job
+
+FIRST = '{"id": "a", "prompt": "a cat"}\n'
+
+
+def _items(*lines: str):
+    return parse_prompts(FIRST + "".join(line + "\n" for line in lines), "dir/p.jsonl", 0)
+
+
+def test_an_item_overrides_the_job_defaults_it_names_and_keeps_the_others():
+    job = build_job({"video": {"height": 64, "width": 64, "num_frames": 9}}, "job.toml")
+    a, b = _items('{"id": "b", "prompt": "x", "height": 32, "num_frames": 5, "guidance_scale": 1}')
+    assert job.video.for_item(a) == job.video
+    own = job.video.for_item(b)
+    assert (own.height, own.width, own.num_frames, own.num_inference_steps) == (32, 64, 5, 4)
+    assert own.guidance_scale == 1.0 and isinstance(own.guidance_scale, float)
+    assert b.where == "dir/p.jsonl:2"
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("height", 0, "height must be >= 1, got 0"),
+    ("width", 48.0, "width must be an integer, got float 48.0"),
+    ("width", True, "width must be an integer, got bool True"),
+    ("num_frames", 10, "num_frames must be 4k+1 for Wan (e.g. 9, 17, 81), got 10"),
+    ("num_inference_steps", "4", "num_inference_steps must be an integer, got str '4'"),
+    ("guidance_scale", -1, "guidance_scale must be >= 0, got -1"),
+    ("guidance_scale", None, "guidance_scale must be a finite number, got NoneType None"),
+])
+def test_a_bad_item_value_names_the_file_and_the_line(key, value, message):
+    with pytest.raises(UserError) as info:
+        _items(json.dumps({"id": "b", "prompt": "x", key: value}))
+    assert str(info.value) == f"dir/p.jsonl:2: {message}"
+
+
+def test_the_job_and_an_item_are_checked_alike():
+    """The same rule, the same words: video.<key> in the job file, <file>:<line>: <key> in the prompts file."""
+    for key, bad in (("num_frames", 6), ("height", -16), ("guidance_scale", -0.5)):
+        with pytest.raises(UserError) as job_error:
+            build_job({"video": {key: bad}}, "job.toml")
+        with pytest.raises(UserError) as item_error:
+            _items(json.dumps({"prompt": "x", key: bad}))
+        assert str(job_error.value).removeprefix("job.toml: video.") == \
+            str(item_error.value).removeprefix("dir/p.jsonl:2: ")
+
+
+def test_an_unknown_item_key_suggests_a_per_item_setting():
+    with pytest.raises(UserError, match=r"dir/p.jsonl:2: unknown key 'num_frame' \(did you mean 'num_frames'\?\)"):
+        _items('{"prompt": "x", "num_frame": 9}')
+    assert set(PER_ITEM_VIDEO_KEYS) == {"height", "width", "num_frames", "num_inference_steps", "guidance_scale"}
+
+
+def test_an_item_size_the_model_cannot_take_names_its_line(demo_model_dir):
+    from spmd_diff.runtime.engine import build_setup
+    from spmd_diff.runtime.startup import JobInputs
+
+    job = build_job({"video": {"height": 64, "width": 64}}, "job.toml")
+    items = tuple(_items('{"id": "b", "prompt": "x", "height": 32, "width": 40}'))
+    inputs = JobInputs(job, items, None, None, str(demo_model_dir), items)
+    with pytest.raises(UserError) as info:
+        build_setup(inputs, None, "cpu")
+    assert str(info.value).startswith("dir/p.jsonl:2: width 40 is not a multiple of 16")
+    fine = tuple(_items('{"id": "b", "prompt": "x", "height": 32, "width": 48, "num_frames": 5}'))
+    setup = build_setup(JobInputs(job, fine, None, None, str(demo_model_dir), fine), None, "cpu")
+    assert len(setup.shapes) == 2 and setup.spec_of(fine[1]).width == 48
+    assert setup.shapes[setup.spec_of(fine[1])].latents_shape == (1, 16, 2, 4, 6)
+
+
+def _store_run(tmp_path, job, items, **options):
+    """Plan a run on OUT (tmp_path) as rank 0 does, and write every pending item (a dummy video)."""
+    attrs_of = item_attrs(job, "", "float32", 1)
+    expected = {item.id: attrs_of(item) for item in items}
+    store = VideoStore(tmp_path)
+    plan = plan_run(store, expected, job_settings(job, attrs_of, items), apply=True, model_path="demo", job={},
+                    **options)
+    for item_id in plan.pending:
+        a = expected[item_id]
+        store.write_item(item_id, np.zeros((a["num_frames"], a["height"], a["width"], 3), np.uint8), a)
+    return plan
+
+
+def test_a_rerun_with_an_items_settings_changed_is_refused_unless_forced_which_rerenders_exactly_it(tmp_path):
+    job = build_job({"video": {"height": 64, "width": 64}}, "job.toml")
+    items = _items('{"id": "b", "prompt": "x", "height": 32}', '{"id": "c", "prompt": "y", "num_inference_steps": 2}')
+    assert _store_run(tmp_path, job, items).pending == ["a", "b", "c"]
+    assert _store_run(tmp_path, job, items).pending == []  # the same items: done
+
+    changed = _items('{"id": "b", "prompt": "x", "height": 48}', '{"id": "c", "prompt": "y", "num_inference_steps": 2}')
+    with pytest.raises(UserError) as info:
+        _store_run(tmp_path, job, changed)
+    message = str(info.value)
+    assert "holds other versions of 1 item(s)" in message and "'b' (height: 32 there, 48 now)" in message
+    assert "--force to re-render exactly those 1 item(s)" in message
+    forced = _store_run(tmp_path, job, changed, force=True)
+    assert forced.pending == ["b"] and forced.rerendered == ["b"]
+    assert _store_run(tmp_path, job, changed).pending == []
+
+
+def test_job_json_records_the_jobs_defaults_not_the_first_items_own(tmp_path):
+    job = build_job({"video": {"height": 64, "width": 64}}, "job.toml")
+    first_own = parse_prompts('{"id": "z", "prompt": "x", "height": 32, "num_frames": 5}\n', "p.jsonl", 0)
+    attrs_of = item_attrs(job, "", "float32", 1)
+    settings = job_settings(job, attrs_of, first_own)
+    assert settings["video.height"] == 64 and settings["video.num_frames"] == 9
+    _store_run(tmp_path, job, first_own)
+    # Another prompts file for the same job (its first item of the defaults) is no other job configuration.
+    assert _store_run(tmp_path, job, _items()).pending == ["a"]
+    # The job's defaults changing is: refused as another configuration (and the default item as changed).
+    other = build_job({"video": {"height": 48, "width": 64}}, "job.toml")
+    with pytest.raises(UserError, match=r"different job configuration \(video.height: 64 there, 48 now\)"):
+        _store_run(tmp_path, other, first_own)
+
+
+def test_the_planner_plans_for_the_heaviest_item():
+    job = build_job({"video": {"height": 64, "width": 64, "num_inference_steps": 4}}, "job.toml")
+    assert planning_job(job, _items('{"prompt": "x", "height": 32}')) is job
+    heavy = planning_job(job, _items('{"prompt": "x", "height": 32}', '{"prompt": "y", "num_inference_steps": 50}'))
+    assert heavy.video.num_inference_steps == 50 and heavy.video.height == 64
