@@ -362,3 +362,102 @@ class Simulation:
         new_plan = self.policy.on_batch(timings, unfinished)
         if new_plan is not None:
             self._switch(new_plan)
+
+
+C720_50 = WorkClass(720, 1280, 81, 50, True)
+
+
+class DegreeSimulation:
+    """Items whose DiT group is formed when the item starts, at the degree a policy picks (per-item degree).
+
+    Every rank holds every stage (memory allows). An item's group -- ``degree`` free ranks of one node -- encodes
+    on its first rank, denoises together, then its first rank decodes and writes while the others are free again.
+    Whenever ranks are free the next item in rendering order asks ``policy(work_class, free_per_node, queued_s,
+    running_s, busy_until)`` for a ``DegreeChoice`` (``spmd_diff.plan.degree.pick_degree`` with its allowed
+    degrees; predictions from the true costs without noise); an item that waits holds the queue (items start in
+    order) and asks again whenever ranks free up. Times: :func:`true_seconds` with log-normal noise
+    (degrees outside ``SP_FACTOR``: the table's efficiency per doubling).
+    """
+
+    def __init__(self, items: list[WorkClass], topology, seed: int = 0, noise: float = 0.03):
+        self.items, self.topology, self.seed, self.noise = items, topology, seed, noise
+
+    def run(self, policy) -> dict:
+        rng = random.Random(self.seed)
+        work = {c: sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in set(self.items)}
+        queued = sum(work[c] for c in self.items)
+        free = [list(ranks) for ranks in self.topology.node_ranks]
+        pool = self.topology.num_ranks
+        events: list = []
+        predicted: dict[int, tuple[float, int, float]] = {}
+        """item -> (predicted end of its current stage, ranks it holds, predicted decode+write seconds after)."""
+        t, seq, next_item, done = 0.0, 0, 0, 0
+        degrees: dict[int, int] = {}
+        busy_s = 0.0
+
+        def duration(stage, work_class, degree):
+            return _sp_seconds(stage, work_class, degree) * math.exp(rng.gauss(0.0, self.noise))
+
+        def running_left():
+            return sum(max(0.0, end - t) * num + after for end, num, after in predicted.values())
+
+        free_at: dict[int, float] = {}
+        """Busy rank -> predicted time it is free."""
+
+        while True:
+            while next_item < len(self.items) and any(free):
+                work_class = self.items[next_item]
+                queued_after = max(0.0, queued - work[work_class])
+                busy_until = [[] for _ in free]
+                for rank, end in free_at.items():
+                    busy_until[self.topology.node_of_rank[rank]].append(max(0.0, end - t))
+                choice = policy(work_class, tuple(len(f) for f in free), queued_after, running_left(),
+                                tuple(tuple(b) for b in busy_until))
+                if choice.waits:
+                    break
+                ranks = tuple(free[choice.node][: choice.degree])
+                del free[choice.node][: choice.degree]
+                queued = queued_after
+                degrees[choice.degree] = degrees.get(choice.degree, 0) + 1
+                denoise = duration("encode", work_class, 1) + duration("denoise", work_class, choice.degree)
+                decode = duration("decode", work_class, 1) + duration("write", work_class, 1)
+                busy_s += denoise * len(ranks) + decode
+                after = true_seconds("decode", work_class) + true_seconds("write", work_class)
+                predicted[next_item] = (t + true_seconds("encode", work_class) +
+                                        _sp_seconds("denoise", work_class, len(ranks)), len(ranks), after)
+                for rank in ranks:
+                    free_at[rank] = predicted[next_item][0] + (after if rank == ranks[0] else 0.0)
+                seq += 1
+                heapq.heappush(events, (t + denoise, seq, "denoised", (next_item, ranks, decode)))
+                next_item += 1
+            if not events:
+                break
+            t, _, kind, (item, ranks, decode) = heapq.heappop(events)
+            node = self.topology.node_of_rank[ranks[0]]
+            if kind == "denoised":
+                free[node].extend(ranks[1:])
+                free[node].sort()
+                for rank in ranks[1:]:
+                    free_at.pop(rank)
+                free_at[ranks[0]] = t + predicted[item][2]
+                seq += 1
+                heapq.heappush(events, (t + decode, seq, "written", (item, ranks[:1], 0.0)))
+                predicted[item] = (t + predicted[item][2], 1, 0.0)
+            else:
+                free[node].append(ranks[0])
+                free[node].sort()
+                free_at.pop(ranks[0])
+                predicted.pop(item)
+                done += 1
+        assert done == len(self.items), (done, len(self.items))
+        return {"makespan_s": t, "degrees": dict(sorted(degrees.items())), "busy_fraction": busy_s / (t * pool)}
+
+
+def _sp_seconds(stage: str, work_class: WorkClass, degree: int) -> float:
+    """:func:`true_seconds`, and for degrees the measured table lacks, its 8-rank efficiency per doubling."""
+    if stage != "denoise" or degree in SP_FACTOR[work_class.height]:
+        return true_seconds(stage, work_class, degree)
+    res = work_class.height
+    per_doubling = (SP_FACTOR[res][8] * 8) ** (1 / 3)
+    forwards = work_class.num_steps * (2 if work_class.cfg else 1)
+    return forwards * FORWARD_S[res] * per_doubling ** math.log2(degree) / degree + 0.03

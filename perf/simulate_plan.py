@@ -34,9 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from plan_sim import C480_4, C480_4_NOCFG, C480_50, C720_4, Simulation, TrueCost, true_seconds  # noqa: E402
+from plan_sim import (C480_4, C480_4_NOCFG, C480_50, C720_4, C720_50, DegreeSimulation, Simulation,  # noqa: E402
+                      TrueCost, true_seconds)
 
-from spmd_diff.plan.cost_model import AnalyticPrior, CostModel  # noqa: E402
+from spmd_diff.plan.cost_model import AnalyticPrior, CostModel, TablePrior  # noqa: E402
+from spmd_diff.plan.degree import DegreeRequest, allowed_degrees, pick_degree  # noqa: E402
 from spmd_diff.plan.memory import MemoryModel, capacity_bytes  # noqa: E402
 from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B  # noqa: E402
 from spmd_diff.plan.planner import PlanInputs, PlannerSettings  # noqa: E402
@@ -73,6 +75,66 @@ SCENARIOS = {
 GLOBAL_SWITCH_SCENARIOS = ("memcap-4step", "slow-node", "4step-then-50step", "drafts-then-finals")
 """Scenarios also simulated with every switch a global drain and barrier (the heap re-targeting HeapLayout
 documents today), to show what a rolling switch is worth."""
+
+
+DEGREE_SCALES = (16, 64, 512)
+DEGREE_SCENARIOS = {
+    "all4-1": dict(items=[(C480_4, 1), (C480_50, 1), (C720_4, 1), (C720_50, 1)],
+                   note="480p/720p x 4/50-step CFG, one item of each per GPU, interleaved at random"),
+    "all4-2": dict(items=[(C480_4, 2), (C480_50, 2), (C720_4, 2), (C720_50, 2)],
+                   note="the same, two of each per GPU"),
+    "all4-6": dict(items=[(C480_4, 6), (C480_50, 6), (C720_4, 6), (C720_50, 6)],
+                   note="the same, six of each per GPU"),
+    "480-720-2": dict(items=[(C480_4, 2), (C720_4, 2)], note="4-step CFG, 480p and 720p, 2 + 2 items per GPU"),
+    "480-720-12": dict(items=[(C480_4, 12), (C720_4, 12)], note="4-step CFG, 480p and 720p, 12 + 12 items per GPU"),
+    "4-50-2": dict(items=[(C480_4, 2), (C480_50, 2)], note="480p CFG, 4- and 50-step, 2 + 2 items per GPU"),
+    "4-50-12": dict(items=[(C480_4, 12), (C480_50, 12)], note="480p CFG, 4- and 50-step, 12 + 12 items per GPU"),
+}
+"""Mixed jobs for the per-item degree policy (every GPU holds every stage: H200 memory)."""
+WAN21_HEADS = 12
+"""Wan2.1-1.3B's attention heads: per-item groups of 1, 2 or 4 ranks (8 would split 12 heads unevenly)."""
+
+
+def run_degree_scenario(name: str, num_gpus: int, seed: int = 0) -> dict:
+    """Per-item degree (``spmd_diff.plan.degree.pick_degree``) against every fixed degree, same items."""
+    spec = DEGREE_SCENARIOS[name]
+    rng = random.Random(seed)
+    topology = Topology.uniform(num_gpus // 8, 8, 8)
+    items = [c for c, per_gpu in spec["items"] for _ in range(per_gpu * num_gpus)]
+    rng.shuffle(items)
+    classes = sorted(set(items))
+    # The policy's cost model: the measured degree-1 seconds, wider groups at the model's 0.94 per doubling.
+    cost = CostModel(TablePrior(tuple(sorted(((s, c.key, 1), true_seconds(s, c)) for c in classes
+                                             for s in ("encode", "denoise", "decode", "write")))))
+    allowed = allowed_degrees(WAN21_HEADS, 8, num_gpus)
+
+    def policy(degrees):
+        def choose(work_class, free, queued_s, running_s, busy_until):
+            return pick_degree(cost, DegreeRequest(work_class, free, num_gpus, queued_s, running_s, busy_until),
+                               degrees)
+        return choose
+
+    sim = DegreeSimulation(items, topology, seed=seed)
+    row = {"scenario": name, "gpus": num_gpus, "items": len(items), "allowed_degrees": list(allowed)}
+    work = sum(sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in items)
+    widest = max(allowed)
+    row["lower_bound_s"] = max(work / num_gpus, max(
+        true_seconds("encode", c) + true_seconds("denoise", c, widest) + true_seconds("decode", c)
+        + true_seconds("write", c) for c in items))
+    started = time.perf_counter()
+    per_item = sim.run(policy(allowed))
+    row["per_item_s"] = per_item["makespan_s"]
+    row["per_item_degrees"] = {str(k): v for k, v in per_item["degrees"].items()}
+    row["fixed_s"] = {str(d): sim.run(policy((d,)))["makespan_s"] for d in allowed}
+    best = min(row["fixed_s"], key=lambda d: row["fixed_s"][d])
+    row["best_fixed_degree"] = int(best)
+    row["best_fixed_over_per_item"] = row["fixed_s"][best] / row["per_item_s"]
+    row["degree1_over_per_item"] = row["fixed_s"]["1"] / row["per_item_s"]
+    row["per_item_over_bound"] = row["per_item_s"] / row["lower_bound_s"]
+    row["sim_wall_s"] = round(time.perf_counter() - started, 2)
+    row["targets"] = {"per_item_1.2x_best_fixed": row["best_fixed_over_per_item"] >= 1.2,
+                      "per_item_1.2x_degree_1": row["degree1_over_per_item"] >= 1.2}
+    return row
 
 
 def topology_for(num_gpus: int) -> Topology:
@@ -180,6 +242,37 @@ def static_candidates(topology, phases, memory, gpu_bytes, speeds, keep=5):
     return scored[:keep]
 
 
+def dedicated_bound(phases, memory, gpu_bytes, speeds, max_ranks=64):
+    """A lower bound for schedules in which every GPU holds one stage for the whole job (no co-location, no
+    role switch): each pool must do its stage's work, so the makespan is at least max over stages of work /
+    the pool's summed speed, minimised over every integer assignment of ranks to pools (counts per distinct
+    speed). None where stages co-locate (the bound does not apply), for several phases (a switch between them
+    is allowed) or above ``max_ranks`` (the enumeration; the integer rounding is then small anyway)."""
+    classes = [c for w in phases for c in w.classes]
+    if len(phases) != 1 or len(speeds) > max_ranks or any(
+            memory.fits(stages_of_mask(m), classes, gpu_bytes, 1) for m in (ENCODE | DENOISE, DENOISE | DECODE,
+                                                                              ENCODE | DECODE)):
+        return None
+    work = StageWork.of(phases[0], TrueCost(), 1)
+    kinds = sorted({v: sum(1 for x in speeds if x == v) for v in speeds}.items())
+    best = math.inf
+
+    def assign(index, left, caps):
+        nonlocal best
+        if index == len(kinds):
+            if all(caps):
+                best = min(best, max(w / c for w, c in zip((work.encode_s, work.denoise_s, work.decode_s), caps)))
+            return
+        speed, count = kinds[index]
+        for e in range(count + 1):
+            for d in range(count - e + 1):
+                x = count - e - d
+                assign(index + 1, left, (caps[0] + e * speed, caps[1] + x * speed, caps[2] + d * speed))
+
+    assign(0, len(speeds), (0.0, 0.0, 0.0))
+    return best
+
+
 def phase_bound(topology, phases, memory, gpu_bytes, speeds):
     """Per phase, the best static split's fluid time (what re-planning between phases could reach at best)."""
     return sum(static_candidates(topology, [w], memory, gpu_bytes, speeds, 1)[0][0] for w in phases)
@@ -195,6 +288,7 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
     row["lower_bound_s"] = max(work / sum(speeds), max(
         sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in items))
     row["phase_split_bound_s"] = phase_bound(topology, phases, memory, gpu_bytes, speeds)
+    row["dedicated_bound_s"] = dedicated_bound(phases, memory, gpu_bytes, speeds)
 
     best = None
     for _, encoders, decoders in static_candidates(topology, phases, memory, gpu_bytes, speeds):
@@ -229,6 +323,8 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
     row["planner_ms_median"] = round(sorted(auto.plan_ms)[len(auto.plan_ms) // 2], 2)
     lower = row["lower_bound_s"]
     row["auto_over_bound"] = row["auto_s"] / lower
+    row["auto_over_dedicated_bound"] = (row["auto_s"] / row["dedicated_bound_s"] if row["dedicated_bound_s"]
+                                        else None)
     row["static_over_auto"] = row["static_s"] / row["auto_s"]
     row["one_pipeline_over_auto"] = row["one_pipeline_s"] / row["auto_s"] if row["one_pipeline_s"] else None
     return row
@@ -238,6 +334,8 @@ def targets(row: dict) -> dict:
     out = {"auto_within_10pct_of_bound": row["auto_over_bound"] <= 1.10,
            "auto_not_worse_than_one_pipeline": (row["one_pipeline_s"] is None
                                                 or row["auto_s"] <= row["one_pipeline_s"] * 1.001)}
+    if row.get("auto_over_dedicated_bound"):
+        out["auto_within_10pct_of_dedicated_bound"] = row["auto_over_dedicated_bound"] <= 1.10
     if row["scenario"] in ("4step-then-50step", "drafts-then-finals"):
         out["auto_1.3x_static"] = row["static_over_auto"] >= 1.3
     return out
@@ -251,7 +349,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def write_results(rows: list[dict], out_dir: Path, date: str, args) -> list[Path]:
+def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows: list[dict] = ()) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"simulate-plan-{date}"
     config = {"date": date, "commit": _commit(), "python": platform.python_version(), "host": platform.node(),
@@ -261,7 +359,10 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args) -> list[Path
               "model": WAN21_T2V_1_3B.describe()}
     for row in rows:
         row["targets"] = targets(row)
-    Path(f"{stem}.json").write_text(json.dumps({"config": config, "rows": rows}, indent=1) + "\n")
+    config["degree_scenarios"] = {k: v["note"] for k, v in DEGREE_SCENARIOS.items() if k in args.degree_scenarios}
+    config["degree_scales"] = args.degree_scales
+    Path(f"{stem}.json").write_text(json.dumps({"config": config, "rows": rows, "degree_rows": list(degree_rows)},
+                                               indent=1) + "\n")
     lines = [f"# Role planner simulation ({date})", "",
              f"Written by perf/simulate_plan.py at commit {config['commit']} (Python {config['python']}, "
              f"host {config['host']}); seed {args.seed}; {config['model']}.", "",
@@ -270,32 +371,96 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args) -> list[Path
              "re-planned per batch (a rolling switch: only ranks that change stop, to load what they newly hold); "
              "auto, global switch = the same with every switch a global drain + barrier + slowest load (switches "
              "in brackets); bound = total work / total GPU speed; "
-             "phase-split = the best split per sequential phase in the fluid model (not a lower bound: context).", ""]
+             "phase-split = the best split per sequential phase in the fluid model (not a lower bound: context); "
+             "dedicated = a lower bound for schedules in which every GPU holds one stage for the whole job "
+             "(single-phase jobs whose stages cannot co-locate, up to 64 GPUs; see dedicated_bound).", ""]
     for name in args.scenarios:
         lines.append(f"- **{name}**: {SCENARIOS[name]['note']}")
-    lines += ["", "| scenario | GPUs | items | bound | phase-split | static (E/D/X) | one-pipe | auto | auto/bound "
-                  "| static/auto | switches | auto, global switch | planner ms (max) | targets |",
-              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| scenario | GPUs | items | bound | phase-split | dedicated | static (E/D/X) | one-pipe | auto "
+                  "| auto/bound | auto/dedicated | static/auto | switches | auto, global switch | planner ms (max) "
+                  "| targets |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         split = row["static_split"]
         one = f"{row['one_pipeline_s']:,.0f}" if row["one_pipeline_s"] else "n/a (memory)"
         marks = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in row["targets"].items())
         glob = (f"{row['auto_global_s']:,.0f} ({row['auto_global_switches']})" if "auto_global_s" in row else "")
+        dedicated = f"{row['dedicated_bound_s']:,.0f}" if row.get("dedicated_bound_s") else ""
+        over_dedicated = f"{row['auto_over_dedicated_bound']:.3f}" if row.get("auto_over_dedicated_bound") else ""
         lines.append(f"| {row['scenario']} | {row['gpus']} | {row['items']:,} | {row['lower_bound_s']:,.0f} "
-                     f"| {row['phase_split_bound_s']:,.0f} | {row['static_s']:,.0f} ({split['encoders']}/"
+                     f"| {row['phase_split_bound_s']:,.0f} | {dedicated} | {row['static_s']:,.0f} ({split['encoders']}/"
                      f"{split['dit']}/{split['decoders']}) | {one} | {row['auto_s']:,.0f} "
-                     f"| {row['auto_over_bound']:.3f} | {row['static_over_auto']:.2f} | {row['auto_switches']} "
+                     f"| {row['auto_over_bound']:.3f} | {over_dedicated} | {row['static_over_auto']:.2f} "
+                     f"| {row['auto_switches']} "
                      f"| {glob} | {row['planner_ms_max']:.1f} | {marks} |")
     lines += ["", "Auto's plans over time (time s: role counts):", ""]
     for row in rows:
         plans = "; ".join(f"{t:,.0f}: {counts}" for t, counts in row["auto_plans"])
         lines.append(f"- {row['scenario']} @ {row['gpus']}: {plans}")
+    if degree_rows:
+        lines += _degree_lines(degree_rows, args)
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     written = [Path(f"{stem}.md"), Path(f"{stem}.json")]
-    png = _plot(rows, args, Path(f"{stem}.png"))
+    png = _plot(rows, args, Path(f"{stem}.png")) if rows else None
+    if png:
+        written.append(png)
+    png = _plot_degree(degree_rows, Path(f"{stem}-degree.png")) if degree_rows else None
     if png:
         written.append(png)
     return written
+
+
+def _degree_lines(rows, args) -> list[str]:
+    lines = ["", "## Per-item SP degree (mixed jobs)", "",
+             "Every GPU holds every stage (H200 memory); nodes of 8 GPUs; an item's DiT group is formed from one "
+             "node's free ranks when it starts (perf/plan_sim.DegreeSimulation). per-item = "
+             "spmd_diff.plan.degree.pick_degree over the degrees Wan2.1-1.3B's 12 heads allow (1, 2, 4), its cost "
+             "model the measured degree-1 seconds with 0.94 efficiency per doubling (the simulation runs the "
+             "measured SP factors); fixed d = the same simulation with only degree d (groups formed as freely, "
+             "which flatters a fixed degree: the engine's fixed groups are static). bound = max(total work at "
+             "degree 1 / GPUs, the longest item at degree 4).", ""]
+    for name in args.degree_scenarios:
+        lines.append(f"- **{name}**: {DEGREE_SCENARIOS[name]['note']}")
+    lines += ["", "| scenario | GPUs | items | bound | per-item | degrees used (d: items) | fixed 1 | fixed 2 | fixed 4 "
+                  "| best fixed / per-item | fixed 1 / per-item | per-item / bound |",
+              "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        fixed = row["fixed_s"]
+        used = ", ".join(f"{d}: {n}" for d, n in row["per_item_degrees"].items())
+        lines.append(f"| {row['scenario']} | {row['gpus']} | {row['items']:,} | {row['lower_bound_s']:,.0f} "
+                     f"| {row['per_item_s']:,.0f} | {used} | " + " | ".join(
+                         f"{fixed[d]:,.0f}" if d in fixed else "" for d in ("1", "2", "4")) +
+                     f" | {row['best_fixed_over_per_item']:.3f} (d={row['best_fixed_degree']}) "
+                     f"| {row['degree1_over_per_item']:.3f} | {row['per_item_over_bound']:.3f} |")
+    return lines
+
+
+def _plot_degree(rows, path: Path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(dict.fromkeys(r["scenario"] for r in rows))
+    scales = sorted({r["gpus"] for r in rows})
+    fig, axes = plt.subplots(1, len(scales), figsize=(5 * len(scales), 4), squeeze=False)
+    for ax, gpus in zip(axes.flat, scales):
+        mine = {r["scenario"]: r for r in rows if r["gpus"] == gpus}
+        xs = range(len(names))
+        ax.bar([x - 0.2 for x in xs], [mine[n]["best_fixed_over_per_item"] if n in mine else 0 for n in names],
+               0.4, label="best fixed degree / per-item")
+        ax.bar([x + 0.2 for x in xs], [mine[n]["degree1_over_per_item"] if n in mine else 0 for n in names],
+               0.4, label="fixed degree 1 / per-item")
+        ax.axhline(1.2, color="grey", lw=0.8, ls="--")
+        ax.axhline(1.0, color="black", lw=0.5)
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{gpus} GPUs: makespan ratio (>1: per-item faster)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def _plot(rows, args, path: Path):
@@ -341,6 +506,10 @@ def main(argv=None) -> int:
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--jobs", type=int, default=1, help="scenario x scale runs in parallel processes")
+    parser.add_argument("--degree-scales", type=int, nargs="*", default=list(DEGREE_SCALES),
+                        help="GPU counts (multiples of 8) for the per-item degree scenarios")
+    parser.add_argument("--degree-scenarios", nargs="*", default=list(DEGREE_SCENARIOS),
+                        choices=list(DEGREE_SCENARIOS))
     args = parser.parse_args(argv)
     tasks = [(name, gpus, args.seed, name in GLOBAL_SWITCH_SCENARIOS) for name in args.scenarios
              for gpus in args.scales]
@@ -351,7 +520,15 @@ def main(argv=None) -> int:
             rows = pool.starmap(_timed, tasks)
     else:
         rows = [_timed(*task) for task in tasks]
-    for path in write_results(rows, Path(args.out), args.date, args):
+    degree_rows = []
+    for name in args.degree_scenarios:
+        for gpus in args.degree_scales:
+            row = run_degree_scenario(name, gpus, args.seed)
+            print(f"{name} @ {gpus}: per-item {row['per_item_s']:.0f} fixed {row['fixed_s']} "
+                  f"({row['best_fixed_over_per_item']:.3f}x best fixed) in {row['sim_wall_s']} s",
+                  file=sys.stderr, flush=True)
+            degree_rows.append(row)
+    for path in write_results(rows, Path(args.out), args.date, args, degree_rows):
         print(path)
     return 0
 

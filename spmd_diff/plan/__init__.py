@@ -7,5 +7,6 @@
 - ``cost`` (the analytic model, deadlines), ``cost_model`` (seconds per stage fitted online), ``timings``
   (the per-rank record of one batch, allgathered).
 - ``throughput``: predicted time of a plan; ``planner``: ``plan_auto``; ``replan``: hysteresis and the
-  :class:`Rebalancer` the runtime calls between batches.
+  :class:`Rebalancer` the runtime calls between batches; ``degree``: ``pick_degree``, each item's SP degree
+  when it starts (per-item groups).
 """

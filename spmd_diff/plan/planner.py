@@ -10,7 +10,10 @@ Pure Python; fast enough to run between batches (a few ms at 4,096 ranks). The s
 3. ranks are placed as ``roles.place_ranks`` does (groups inside nodes; non-DiT ranks first from the ranks that
    cannot complete a group, then whole node blocks in a node order); with uneven fitted speeds, counts are
    searched for two node orders (slowest nodes first, and the default) with each pool's exact summed speed
-   (prefix sums over the placement order), and the best shapes are placed and predicted exactly.
+   (prefix sums over the placement order), and the best shapes are placed and predicted exactly -- each also
+   placed as if speeds were even, and the best shape for even speeds too (a spread of slow ranks over the
+   pools can beat putting them all in one); a first plan of groups of one (speeds unknown) spreads its non-DiT
+   ranks over the nodes, so every stage runs on several nodes and one batch tells a slow node from a slow stage.
 
 Where every stage fits on every GPU the answer is one plan of all-stage ranks (no GPU reserved for a small stage).
 """
@@ -127,8 +130,13 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
     if not candidates:
         raise UserError(_no_fit_message(inputs, workload))
     best_plan, best = None, None
-    for shape, _ in candidates[: 4 if _uneven(speeds) else 1]:
-        plan = build_plan(inputs, shape, speeds, current)
+    uneven = _uneven(speeds)
+    tries = [(shape, speeds) for shape, _ in candidates[: 4 if uneven else 1]]
+    if uneven:  # also the best shape for even speeds, placed ignoring them (spread, or the current ranks kept)
+        even = search_shapes(inputs, workload, cost, None, primed)
+        tries += [(shape, None) for shape, _ in candidates[:4] + even[:1]]
+    for shape, placed_speeds in tries:  # the exact prediction of each placement decides
+        plan = build_plan(inputs, shape, placed_speeds, current)
         prediction = predict_plan(plan, workload, cost, primed)
         if best is None or prediction.seconds < best.seconds * (1 - 1e-9):
             best_plan, best = plan, prediction
@@ -206,14 +214,23 @@ def search_shapes(inputs: PlanInputs, workload: Workload, cost, speeds: Sequence
 def build_plan(inputs: PlanInputs, shape: Shape, speeds: Sequence[float] | None = None,
                current: RolePlan | None = None) -> RolePlan:
     """Place ``shape`` on the topology (``roles.place_ranks``; the slowest nodes give non-DiT ranks first when
-    ``shape.slow_first``). With groups of one rank and a ``current`` plan of groups of one, non-DiT ranks stay
-    non-DiT (and keep their stages) where the counts allow."""
+    ``shape.slow_first``). With groups of one rank: a first plan (no ``current``, speeds even) spreads its
+    non-DiT ranks over the nodes (:func:`_spread`), so every stage runs on several nodes and the first batch's
+    timings tell a slow node from a slow stage; re-planning from a ``current`` plan of groups of one keeps
+    non-DiT ranks non-DiT (and their stages) where the counts allow, unless the fitted speeds are uneven (then
+    ranks go where their speed was counted: ``search_shapes`` predicted the shape for that placement)."""
     topology = inputs.topology
     num_aux = topology.num_ranks - shape.num_groups * shape.sp_degree
     node_order = _slow_first_order(topology, speeds) if shape.slow_first and speeds is not None else None
-    chosen, groups = place_ranks(topology, num_aux, shape.sp_degree, node_order)
+    uneven = speeds is not None and _uneven(speeds)
+    if shape.sp_degree == 1 and not uneven and current is None:
+        chosen = _spread(topology, num_aux)
+        picked = set(chosen)
+        groups = [(r,) for r in range(topology.num_ranks) if r not in picked]
+    else:
+        chosen, groups = place_ranks(topology, num_aux, shape.sp_degree, node_order)
     stages: list[tuple[str, ...]] = [stages_of_mask(shape.dit_mask)] * topology.num_ranks
-    if current is not None and shape.sp_degree == 1 and current.sp_degree == 1 \
+    if current is not None and shape.sp_degree == 1 and current.sp_degree == 1 and not uneven \
             and current.num_ranks == topology.num_ranks:
         chosen, masks = _sticky_aux(shape, current, chosen)
         groups = [(r,) for r in sorted(set(range(topology.num_ranks)) - set(chosen))]
@@ -337,6 +354,19 @@ def _sticky_aux(shape: Shape, current: RolePlan, default: list[int]) -> tuple[li
         chosen.append(rank)
         masks.append(mask)
     return chosen, masks
+
+
+def _spread(topology: Topology, num_aux: int) -> list[int]:
+    """``num_aux`` ranks taken round-robin over the nodes (last node first, each node's ranks front first)."""
+    per_node = [list(ranks) for ranks in reversed(topology.node_ranks)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < num_aux:
+        for ranks in per_node:
+            if depth < len(ranks) and len(chosen) < num_aux:
+                chosen.append(ranks[depth])
+        depth += 1
+    return chosen
 
 
 def _uneven(speeds: Sequence[float]) -> bool:

@@ -10,6 +10,7 @@ from spmd_diff.plan.memory import GIB, H200_USABLE_BYTES, MemoryModel
 from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B
 from spmd_diff.plan.planner import PlanInputs, PlannerSettings, plan_auto
 from spmd_diff.plan.replan import Rebalancer, SwitchCostModel, replan
+from spmd_diff.plan.roles import RolePlan, place_ranks
 from spmd_diff.plan.timings import RankTimings, StageSample, summarize
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass, Workload, horizon, runs_of
@@ -57,7 +58,7 @@ def test_slow_node_is_told_from_a_slow_stage_once_a_rank_links_them():
     inputs = memcap_inputs(2, 4)
     cost = table(truth, (C480,))
     speeds = [0.5] * 4 + [1.0] * 4
-    plan = plan_auto(inputs, Workload.uniform(C480, 80), cost)
+    plan = _node_blocks(plan_auto(inputs, Workload.uniform(C480, 80), cost), inputs.topology)
     assert {r for g in plan.dit_groups for r in g} <= set(range(4))
     balancer = Rebalancer(inputs, cost, plan)
     for batch in range(6):
@@ -65,6 +66,38 @@ def test_slow_node_is_told_from_a_slow_stage_once_a_rank_links_them():
         balancer, _ = balancer.after_batch(timings, Workload.uniform(C480, 400))
     ratio = balancer.cost.speed(0) / balancer.cost.speed(7)
     assert ratio == pytest.approx(0.5, rel=0.1)
+
+
+def _node_blocks(plan, topology):
+    """``plan``'s role counts with non-DiT ranks taken in whole node blocks from the last node (what
+    ``roles.place_ranks`` does), not spread over the nodes as a first auto plan is."""
+    aux = [r for r in range(plan.num_ranks) if "denoise" not in plan.stages_of(r)]
+    chosen, groups = place_ranks(topology, len(aux), 1)
+    stages = [plan.stages_of(plan.dit_groups[0][0])] * plan.num_ranks
+    for rank, old in zip(chosen, aux):
+        stages[rank] = plan.stages_of(old)
+    return RolePlan(plan.num_ranks, tuple(sorted(r for r in chosen if "encode" in stages[r])), tuple(groups),
+                    tuple(sorted(r for r in chosen if "decode" in stages[r])), "none", (1, 1), tuple(stages), "auto")
+
+
+def test_first_plan_spreads_stages_over_nodes_so_one_batch_finds_a_slow_node():
+    """Every stage runs on both nodes from the first plan, so after one batch the slow node's ranks are fitted
+    at half the speed of the fast node's ranks of the same stage (comparing speeds across stages needs a rank
+    that held both: the test above)."""
+    inputs = memcap_inputs(2, 4)
+    cost = table(truth, (C480,))
+    speeds = [0.5] * 4 + [1.0] * 4
+    plan = plan_auto(inputs, Workload.uniform(C480, 80), cost)
+    node = inputs.topology.node_of_rank
+    for stage in ("denoise", "decode"):
+        assert {node[r] for r in plan.ranks_with(stage)} == {0, 1}, stage
+    timings = synthetic_timings(plan, truth, Workload.uniform(C480, 32), speeds, 0.03, 0)
+    balancer, _ = Rebalancer(inputs, cost, plan).after_batch(timings, Workload.uniform(C480, 400))
+    for stage in ("denoise", "decode"):
+        slow = [balancer.cost.speed(r) for r in plan.ranks_with(stage) if node[r] == 0]
+        fast = [balancer.cost.speed(r) for r in plan.ranks_with(stage) if node[r] == 1]
+        assert max(slow) / min(fast) == pytest.approx(0.5, rel=0.1), stage
+        assert min(slow) / max(fast) == pytest.approx(0.5, rel=0.1), stage
 
 
 def test_planner_given_measured_timings_converges_to_the_right_split():
