@@ -118,6 +118,12 @@ class DitConfig:
     """Ranks per DiT group (sequence-parallel degree)."""
     sp_layout: str = "auto"
     """"auto", "ulysses", "ring" or "torus"."""
+    per_item_degree: bool = False
+    """Give each item the SP degree that suits it: dit.sp_degree and its doublings up to the ranks of one node
+    (those that split the heads evenly), picked per item by ``plan.degree.pick_degree`` from the cost model and
+    the DiT ranks free when the item starts, its group formed then by the group-free collectives (no
+    communicators). Needs roles.policy = "static" with roles.encoders = roles.decoders = 0 (every rank encodes,
+    denoises and decodes; a group's leader encodes and decodes its item). Same videos as any fixed degree."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
     cfg_parallel: bool | str = "auto"
@@ -384,6 +390,10 @@ def validate_job(job: JobConfig, source: str) -> None:
     if job.dit.cfg_parallel is True and job.roles.policy == "static" and job.dit.sp_degree % 2:
         raise UserError(f"{source}: dit.cfg_parallel=true needs an even dit.sp_degree (two halves), got "
                         f"{job.dit.sp_degree}")
+    if job.dit.per_item_degree and (job.roles.policy != "static" or job.roles.encoders or job.roles.decoders):
+        raise UserError(f'{source}: dit.per_item_degree = true needs roles.policy = "static" with roles.encoders = 0 '
+                        f"and roles.decoders = 0 (every rank holds every stage), got policy {job.roles.policy!r}, "
+                        f"{job.roles.encoders} encoder(s), {job.roles.decoders} decoder(s)")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
     dtypes = ("auto", "float32", "bfloat16", "float16")

@@ -165,7 +165,7 @@ def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Ten
         return {"failed": _failure("encode", exc)}, {}
 
 
-_GO, _END = 1, 0
+_GO, _END, _SKIP = 1, 0, 2
 _CONTROL_WORDS = 7
 
 
@@ -474,14 +474,53 @@ def dit_member_loop(ctx: RankContext) -> None:
         control = ctx.group.broadcast(_control(ctx, _END), 0, deadline).cpu()
         if int(control[0]) == _END:
             return
-        item, spec = _announced(ctx, control)
-        try:
-            with ctx.span("denoise", item, gpu=True):
-                latents = ctx.sp.denoise(None, None, spec, every_rank=ctx.group_decode)
-        except ValueError:
-            continue  # the leader's inputs were unusable: every member raised, the leader records the failure
-        if ctx.group_decode:
-            decode_in_group(ctx, item, latents)
+        _member_item(ctx, control)
+
+
+def _member_item(ctx: RankContext, control: torch.Tensor) -> None:
+    """A member's part in the item the leader announced with ``control`` (GO)."""
+    item, spec = _announced(ctx, control)
+    try:
+        with ctx.span("denoise", item, gpu=True):
+            latents = ctx.sp.denoise(None, None, spec, every_rank=ctx.group_decode)
+    except ValueError:
+        return  # the leader's inputs were unusable: every member raised, the leader records the failure
+    if ctx.group_decode:
+        decode_in_group(ctx, item, latents)
+
+
+def item_group_loop(ctx: RankContext, assignments: Iterable[Any], join: Callable[[tuple[int, ...]], None]) -> None:
+    """``dit.per_item_degree``: this rank's share of the job's item groups (``item_groups.ItemGroup``), in the
+    schedule's order. ``join(ranks)`` sets ``ctx.group`` / ``ctx.sp`` for a group (None for one rank). The
+    leader of each item encodes it, announces it to its group (GO with its spec, or SKIP when it failed to encode
+    or a stop was requested: the members then go on to their next item), denoises it with the group and decodes
+    and writes it on its own :class:`Finisher`; the other members denoise with it."""
+    warm_up(ctx)
+    finisher = Finisher(ctx)
+    for assignment in assignments:
+        join(assignment.ranks)
+        item = ctx.items[assignment.item]
+        leader = assignment.ranks[0] == ctx.rank
+        if not leader:
+            deadline = time.monotonic() + 3 * ctx.timeout_s  # the leader may still finish an earlier item
+            control = ctx.group.broadcast(_control(ctx, _SKIP), 0, deadline).cpu()
+            if int(control[0]) == _GO:
+                _member_item(ctx, control)
+            continue
+        if ctx.stop.requested:
+            if ctx.group is not None:
+                ctx.group.broadcast(_control(ctx, _SKIP), 0, ctx.deadline())
+            continue  # the item stays pending
+        ctx.events.emit("item_group", item=item.id, degree=len(assignment.ranks), ranks=list(assignment.ranks),
+                        predicted_start_s=round(assignment.start_s, 3))
+        meta, tensors = encode_item(ctx, item)
+        if "failed" in meta:
+            if ctx.group is not None:
+                ctx.group.broadcast(_control(ctx, _SKIP), 0, ctx.deadline())
+        else:
+            meta, tensors = denoise_item(ctx, item, tensors)  # announces GO to the group
+        finisher.submit(item, meta, tensors)
+    finisher.close()
 
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
