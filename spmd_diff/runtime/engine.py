@@ -39,7 +39,6 @@ from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
-from spmd_diff.plan.degree import allowed_degrees
 from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
@@ -49,7 +48,7 @@ from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
-from spmd_diff.runtime.item_groups import ItemGroup, assignments_of, schedule_item_groups
+from spmd_diff.runtime.item_groups import ItemGroup, assignments_of, job_item_groups
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
@@ -403,21 +402,12 @@ def _item_group_schedule(setup: Setup, plan: RolePlan, pending: list[Item], devi
     """``dit.per_item_degree``: every item's group (``item_groups.schedule_item_groups``), the same on every rank:
     degrees ``dit.sp_degree`` and its doublings within a node (``plan.degree.allowed_degrees``), the cost model of
     the planner for this job."""
-    job, topology = setup.job, setup.topology
-    configs = read_model_configs(setup.model_dir)
-    cost = job_planning(planning_job(job, pending), topology, configs, on_gpu=str(device).startswith("cuda"),
-                        separate_aux=True, image_encoder=read_image_encoder_config(setup.model_dir)).cost
-    dit_ranks = set(plan.dit_ranks)
-    ranks_by_node = [[r for r in topology.ranks_on_node(n) if r in dit_ranks] for n in range(topology.num_nodes)]
+    job = setup.job
+    cost = job_planning(planning_job(job, pending), setup.topology, read_model_configs(setup.model_dir),
+                        on_gpu=str(device).startswith("cuda"), separate_aux=True,
+                        image_encoder=read_image_encoder_config(setup.model_dir)).cost
     num_heads = next(iter(setup.shapes.values())).num_attention_heads
-    degrees = allowed_degrees(num_heads, max(len(r) for r in ranks_by_node), len(dit_ranks), job.dit.sp_degree)
-    work = [(item.index, _work_class(setup.spec_of(item))) for item in pending]
-    return schedule_item_groups(work, ranks_by_node, cost, degrees)
-
-
-def _work_class(spec: VideoSpec) -> WorkClass:
-    return WorkClass(spec.height, spec.width, spec.num_frames, spec.num_inference_steps,
-                     spec.do_classifier_free_guidance)
+    return job_item_groups(job, pending, plan.dit_ranks, setup.topology, cost, num_heads)
 
 
 def _run_item_groups(ctx: loops.RankContext, setup: Setup, coll, schedule: list[ItemGroup], on_gpu: bool) -> None:

@@ -21,7 +21,8 @@ import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
-from spmd_diff.plan.degree import DegreeRequest, pick_degree, queued_rank_seconds
+from spmd_diff.plan.degree import DegreeRequest, allowed_degrees, pick_degree, queued_rank_seconds
+from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass
 
 
@@ -91,3 +92,37 @@ def schedule_item_groups(items: Sequence[tuple[int, WorkClass]], ranks_by_node: 
 def assignments_of(schedule: Sequence[ItemGroup], rank: int) -> list[ItemGroup]:
     """``rank``'s share of ``schedule``, in schedule order."""
     return [group for group in schedule if rank in group.ranks]
+
+
+def job_item_groups(job, items: Sequence, dit_ranks: Sequence[int], topology: Topology, cost,
+                    num_heads: int) -> list[ItemGroup]:
+    """The schedule of ``items`` (``io.inputs.Item``, in start order) for ``job`` (a ``JobConfig``): degrees
+    ``dit.sp_degree`` and its doublings within a node that split ``num_heads`` evenly
+    (``plan.degree.allowed_degrees``), on the DiT ranks ``dit_ranks`` of ``topology``. What the engine runs and
+    ``spmd-diff plan --prompts`` prints."""
+    ranks = set(dit_ranks)
+    ranks_by_node = [[r for r in topology.ranks_on_node(n) if r in ranks] for n in range(topology.num_nodes)]
+    degrees = allowed_degrees(num_heads, max(len(r) for r in ranks_by_node), len(ranks), job.dit.sp_degree)
+    work = []
+    for item in items:
+        v = job.video.for_item(item)
+        work.append((item.index, WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps,
+                                           v.guidance_scale > 1.0)))
+    return schedule_item_groups(work, ranks_by_node, cost, degrees)
+
+
+def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) -> str:
+    """Lines for ``spmd-diff plan --prompts``: items per degree for each work class, and the predicted end."""
+    by_index = {item.index: item for item in items}
+    rows: dict[str, dict[int, int]] = {}
+    for group in schedule:
+        v = job.video.for_item(by_index[group.item])
+        key = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0).key
+        rows.setdefault(key, {})
+        rows[key][group.degree] = rows[key].get(group.degree, 0) + 1
+    end = max((g.start_s + g.seconds for g in schedule), default=0.0)
+    lines = [f"per-item SP degree: {len(schedule)} item(s), predicted denoise makespan {end:,.1f} s"]
+    for key in sorted(rows):
+        shown = ", ".join(f"{n} at degree {d}" for d, n in sorted(rows[key].items()))
+        lines.append(f"  {key}: {shown}")
+    return "\n".join(lines)

@@ -182,3 +182,25 @@ def test_per_item_degree_needs_every_rank_to_hold_every_stage():
     job = build_job({"dit": {"per_item_degree": True}, "roles": {"policy": "static", "encoders": 0,
                                                                  "decoders": 0}}, "job.toml")
     assert job.dit.per_item_degree
+
+
+def test_plan_prints_the_degree_each_item_would_run_at(tmp_path, capsys):
+    from spmd_diff.cli import main
+
+    prompts = tmp_path / "mixed.jsonl"
+    lines = [{"prompt": f"p{k}", "height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 4}
+             for k in range(30)]
+    lines += [{"prompt": f"q{k}", "height": 720, "width": 1280, "num_frames": 81, "num_inference_steps": 50}
+              for k in range(2)]
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    per_item = ["--set", "dit.per_item_degree=true", "--set", "roles.policy='static'", "--set", "roles.encoders=0",
+                "--set", "roles.decoders=0"]
+    job = "perf/jobs/random-1.3b-480p.toml"
+    assert main(["plan", job, "--gpus-per-node", "8", *per_item, "--prompts", str(prompts)]) == 0
+    out = capsys.readouterr().out
+    assert "per-item SP degree: 32 item(s), predicted denoise makespan" in out
+    assert "480x832x81/4s/cfg: 30 at degree 1" in out
+    wide = next(line for line in out.splitlines() if line.strip().startswith("720x1280x81/50s/cfg:"))
+    assert "degree 1" not in wide, wide  # the long items at the end run wider
+    assert main(["plan", job, "--gpus-per-node", "8", "--prompts", str(prompts)]) == 0
+    assert "per-item SP degree: off (dit.per_item_degree); every item of" in capsys.readouterr().out
