@@ -282,7 +282,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             torch.cuda.reset_peak_memory_stats(world.device)
         board_bytes = ProgressBoard.bytes_needed(world.size)
         per_item = setup.job.dit.per_item_degree
-        schedule = _item_group_schedule(setup, plan, pending, world.device) if per_item else None
+        schedule = _item_group_schedule(setup, plan, pending) if per_item else None
         max_sp = max(p.sp_degree for p in candidates)
         if schedule is not None:
             max_sp = max([max_sp, *(group.degree for group in schedule)])
@@ -398,13 +398,13 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         return exc
 
 
-def _item_group_schedule(setup: Setup, plan: RolePlan, pending: list[Item], device: str) -> list[ItemGroup]:
+def _item_group_schedule(setup: Setup, plan: RolePlan, pending: list[Item]) -> list[ItemGroup]:
     """``dit.per_item_degree``: every item's group (``item_groups.schedule_item_groups``), the same on every rank:
     degrees ``dit.sp_degree`` and its doublings within a node (``plan.degree.allowed_degrees``), the cost model of
-    the planner for this job."""
+    the planner for this job (from what every rank sees alike: the topology, not its own device)."""
     job = setup.job
     cost = job_planning(planning_job(job, pending), setup.topology, read_model_configs(setup.model_dir),
-                        on_gpu=str(device).startswith("cuda"), separate_aux=True,
+                        on_gpu=setup.topology.gpus_per_node > 0, separate_aux=True,
                         image_encoder=read_image_encoder_config(setup.model_dir)).cost
     num_heads = next(iter(setup.shapes.values())).num_attention_heads
     return job_item_groups(job, pending, plan.dit_ranks, setup.topology, cost, num_heads)
