@@ -77,9 +77,10 @@ def schedule_item_groups(items: Sequence[tuple[int, WorkClass]], ranks_by_node: 
                 break
             if not busy:  # all ranks free and still no seat: allowed_degrees let a degree no node has through
                 raise ValueError(f"no group of the degrees {tuple(degrees)} fits the nodes {[len(r) for r in nodes]}")
-            end, _, node, ranks = heapq.heappop(busy)  # the next group to finish frees its ranks
-            now = max(now, end)
-            free[node] = sorted(free[node] + list(ranks))
+            now = max(now, busy[0][0])  # on to the next group's end: it, and any ending with it, free their ranks
+            while busy and busy[0][0] <= now:
+                _, _, node, ranks = heapq.heappop(busy)
+                free[node] = sorted(free[node] + list(ranks))
         ranks = tuple(free[choice.node][:choice.degree])
         free[choice.node] = free[choice.node][choice.degree:]
         seconds = cost.seconds("encode", work_class, 1) + choice.seconds
