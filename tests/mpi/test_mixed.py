@@ -75,6 +75,8 @@ def killed_then_rerun(prompts, env, tmp_path_factory):
 
 def test_killed_then_rerun_at_per_item_degrees_renders_every_item_once_equal_to_the_pipeline(killed_then_rerun,
                                                                                            demo_model_dir):
+    from diffusers import WanPipeline
+
     from spmd_diff.models.wan import VideoSpec, reference_video
 
     out, killed, partial, rerun = killed_then_rerun
@@ -86,6 +88,7 @@ def test_killed_then_rerun_at_per_item_degrees_renders_every_item_once_equal_to_
     files = sorted(p.name for p in (out / "items").glob("*/*"))
     assert all(name.endswith(".h5") and ".tmp." not in name for name in files), files
     assert sorted(name.split(".")[0] for name in files) == sorted(item_key(p["id"]) for p in PROMPTS)
+    pipeline = WanPipeline.from_pretrained(demo_model_dir)  # one load for every item's reference
     with h5py.File(out / "videos.h5", "r") as f:
         for index, p in enumerate(PROMPTS):
             dataset = f["videos"][p["id"]]
@@ -93,7 +96,7 @@ def test_killed_then_rerun_at_per_item_degrees_renders_every_item_once_equal_to_
             assert {key: dataset.attrs[key] for key in settings} == settings, p["id"]
             spec = VideoSpec(**settings)
             expected = reference_video(demo_model_dir, p["prompt"], "blurry, low quality",
-                                       p.get("seed", BASE_SEED + index), spec)
+                                       p.get("seed", BASE_SEED + index), spec, pipeline)
             video = dataset[...]
             assert video.shape == expected.shape == (spec.num_frames, spec.height, spec.width, 3), p["id"]
             diff = np.abs(video.astype(np.int16) - expected.astype(np.int16))
