@@ -39,7 +39,7 @@ from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
-from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, read_model_configs
+from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.roles import RolePlan
@@ -48,12 +48,12 @@ from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
-from spmd_diff.runtime.item_groups import ItemGroup, assignments_of, job_item_groups
+from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import (JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs,
-                                      job_settings, planning_job)
+                                      job_settings)
 
 log = logging.getLogger("spmd_diff")
 
@@ -282,7 +282,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             torch.cuda.reset_peak_memory_stats(world.device)
         board_bytes = ProgressBoard.bytes_needed(world.size)
         per_item = setup.job.dit.per_item_degree
-        schedule = _item_group_schedule(setup, plan, pending) if per_item else None
+        schedule = item_group_schedule(setup, plan, pending) if per_item else None
         max_sp = max(p.sp_degree for p in candidates)
         if schedule is not None:
             max_sp = max([max_sp, *(group.degree for group in schedule)])
@@ -339,7 +339,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
                 receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
             in_group = coll is not None and plan.sp_degree > 1 and "denoise" in plan.stages_of(world.rank) \
-                and schedule is None  # per-item groups are joined item by item (_run_item_groups)
+                and schedule is None  # per-item groups are joined item by item (run_item_groups)
             group_ranks = plan.dit_groups[plan.group_of(world.rank)] if in_group else None
             # a DiT group (new, or on newly loaded components, or with CFG parallel switched): attach SP
             if (group_ranks, stages, plan.cfg_parallel) != sp_for:
@@ -362,7 +362,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             counters.mark()
             queue = WorkQueue(world.comm, len(batch))
             if schedule is not None:
-                _run_item_groups(ctx, setup, coll, schedule, on_gpu)
+                run_item_groups(ctx, setup, coll, schedule, on_gpu)
             else:
                 _run_role(ctx, plan, queue, batch, senders, receivers)
             queue.free()
@@ -396,50 +396,6 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if not isinstance(exc, (StageTimeout, StoreFull, UserError)):
             traceback.print_exc()
         return exc
-
-
-def _item_group_schedule(setup: Setup, plan: RolePlan, pending: list[Item]) -> list[ItemGroup]:
-    """``dit.per_item_degree``: every item's group (``item_groups.schedule_item_groups``), the same on every rank:
-    degrees ``dit.sp_degree`` and its doublings within a node (``plan.degree.allowed_degrees``), the cost model of
-    the planner for this job (from what every rank sees alike: the topology, not its own device)."""
-    job = setup.job
-    cost = job_planning(planning_job(job, pending), setup.topology, read_model_configs(setup.model_dir),
-                        on_gpu=setup.topology.gpus_per_node > 0, separate_aux=True,
-                        image_encoder=read_image_encoder_config(setup.model_dir)).cost
-    num_heads = next(iter(setup.shapes.values())).num_attention_heads
-    return job_item_groups(job, pending, plan.dit_ranks, setup.topology, cost, num_heads)
-
-
-def _run_item_groups(ctx: loops.RankContext, setup: Setup, coll, schedule: list[ItemGroup], on_gpu: bool) -> None:
-    """This rank's share of the per-item groups: form each group as its item starts (``coll.group``: local,
-    no communicator) and attach sequence parallelism to the transformer for it (the previous group's hooks
-    taken out first; a group of one runs the plain model)."""
-    job = setup.job
-    speed = job.speed
-    layout = "auto" if job.dit.sp_layout == "torus" else job.dit.sp_layout  # a per-item group is inside one node
-    current: list = [None]
-
-    def join(ranks: tuple[int, ...]) -> None:
-        if current[0] == ranks:
-            return
-        if ctx.sp is not None:
-            ctx.sp.remove()
-        ctx.group = ctx.sp = None
-        if len(ranks) > 1:
-            ctx.group = coll.group(list(ranks))
-            cfg = job.dit.cfg_parallel in (True, "auto") and len(ranks) % 2 == 0
-            compile_blocks = on_gpu and (job.dit.compile or (speed.tier == "fast" and speed.fast_compile_dit))
-            ctx.sp = SPDenoiser.from_group(ctx.stages, ctx.group, coll.group, layout, None,
-                                           compile_blocks=compile_blocks, cfg_parallel=cfg)
-        current[0] = ranks
-
-    mine = assignments_of(schedule, ctx.rank)
-    try:
-        loops.item_group_loop(ctx, mine, join)
-    finally:
-        if ctx.sp is not None:
-            ctx.sp.remove()
-        ctx.group = ctx.sp = None
 
 
 def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec, base: int) -> HeapLayout:
