@@ -123,7 +123,8 @@ class DitConfig:
     (those that split the heads evenly), picked per item by ``plan.degree.pick_degree`` from the cost model and
     the DiT ranks free when the item starts, its group formed then by the group-free collectives (no
     communicators). Needs roles.policy = "static" with roles.encoders = roles.decoders = 0 (every rank encodes,
-    denoises and decodes; a group's leader encodes and decodes its item). Same videos as any fixed degree."""
+    denoises and decodes; a group's leader encodes and decodes its item), and no compiled blocks (dit.compile,
+    speed.fast_compile_dit) for now. Same videos as any fixed degree."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
     cfg_parallel: bool | str = "auto"
@@ -394,6 +395,11 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f'{source}: dit.per_item_degree = true needs roles.policy = "static" with roles.encoders = 0 '
                         f"and roles.decoders = 0 (every rank holds every stage), got policy {job.roles.policy!r}, "
                         f"{job.roles.encoders} encoder(s), {job.roles.decoders} decoder(s)")
+    if job.dit.per_item_degree and (job.dit.compile or (job.speed.tier == "fast" and job.speed.fast_compile_dit)):
+        raise UserError(f"{source}: dit.per_item_degree = true does not support compiled transformer blocks yet "
+                        "(a group formed per item would re-attach them, and a block compiled for one group is "
+                        "not one for the next): set dit.compile = false and, with speed.tier = \"fast\", "
+                        "speed.fast_compile_dit = false")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
     dtypes = ("auto", "float32", "bfloat16", "float16")
