@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--gpus-per-node", type=int, default=0)
     plan.add_argument("--ranks-per-node", type=int, default=0, help="default: one rank per GPU")
     plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    plan.add_argument("--prompts", help="with dit.per_item_degree = true: also print the SP degree each item of "
+                                        "this prompts file would run at (the engine's schedule)")
 
     merge = sub.add_parser("merge", help="rebuild OUT/videos.h5 over every finished item (e.g. after job arrays)")
     merge.add_argument("out")
@@ -175,6 +177,18 @@ def _plan(args) -> int:
     where = "GPU memory (NVSHMEM)" if job.world.transport == "nvshmem" else "symmetric heap (GPU with NVSHMEM)"
     print(f"channel heap: up to {heap / 2**20:,.1f} MiB per rank (rank {heap_rank}, {plan.role_of(heap_rank)}) "
           f"in the {where}; a consumer serves at most {plan.fan_in()} producer(s)")
+    if args.prompts:
+        from spmd_diff.io.inputs import load_prompts
+        from spmd_diff.runtime.item_groups import describe_item_groups, job_item_groups
+
+        items = load_prompts(args.prompts, job.run.seed)
+        if job.dit.per_item_degree:
+            schedule = job_item_groups(job, items, plan.dit_ranks, topology, cost,
+                                       int(configs[0].get("num_attention_heads", 12)))
+            print(describe_item_groups(schedule, items, job))
+        else:
+            print(f"per-item SP degree: off (dit.per_item_degree); every item of {args.prompts} at degree "
+                  f"{plan.sp_degree}")
     return 0
 
 

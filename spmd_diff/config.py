@@ -43,6 +43,36 @@ class VideoConfig:
     max_sequence_length: int = 512
     """Text tokens per prompt (longer prompts are truncated with a warning, as diffusers does)."""
 
+    def for_item(self, item: Any) -> "VideoConfig":
+        """These settings with ``item``'s own (a prompts-file item's ``height``, ``width``, ``num_frames``,
+        ``num_inference_steps``, ``guidance_scale``, where it gives them) in place of the job's defaults."""
+        own = {name: getattr(item, name) for name in PER_ITEM_VIDEO_KEYS if getattr(item, name, None) is not None}
+        return dataclasses.replace(self, **own) if own else self
+
+
+PER_ITEM_VIDEO_KEYS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
+"""[video] settings an item of the prompts file may give for itself (the job's values are the defaults)."""
+
+
+def video_value_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a valid ``[video]`` ``name`` (the job's and every item's settings are checked alike:
+    integers >= 1, ``num_frames`` 4k+1, ``guidance_scale`` a finite number >= 0), or None if it is valid. The
+    multiples the model needs are checked against its configs once it is known (``models.wan.read_shapes``)."""
+    if name == "guidance_scale":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or value in (float("inf"), float("-inf")):
+            return f"must be a finite number, got {type(value).__name__} {value!r}"
+        if value < 0:
+            return f"must be >= 0, got {value}"
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"must be an integer, got {type(value).__name__} {value!r}"
+    if value < 1:
+        return f"must be >= 1, got {value}"
+    if name == "num_frames" and (value - 1) % 4 != 0:
+        return f"must be 4k+1 for Wan (e.g. 9, 17, 81), got {value}"
+    return None
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -88,6 +118,13 @@ class DitConfig:
     """Ranks per DiT group (sequence-parallel degree)."""
     sp_layout: str = "auto"
     """"auto", "ulysses", "ring" or "torus"."""
+    per_item_degree: bool = False
+    """Give each item the SP degree that suits it: dit.sp_degree and its doublings up to the ranks of one node
+    (those that split the heads evenly), picked per item by ``plan.degree.pick_degree`` from the cost model and
+    the DiT ranks free when the item starts, its group formed then by the group-free collectives (no
+    communicators). Needs roles.policy = "static" with roles.encoders = roles.decoders = 0 (every rank encodes,
+    denoises and decodes; a group's leader encodes and decodes its item), and no compiled blocks (dit.compile,
+    speed.fast_compile_dit) for now. Same videos as any fixed degree."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
     cfg_parallel: bool | str = "auto"
@@ -324,14 +361,10 @@ def build_job(data: dict[str, Any], source: str, overrides: list[str] = ()) -> J
 
 def validate_job(job: JobConfig, source: str) -> None:
     """Checks that need no model and no world: sizes, counts, names."""
-    v = job.video
-    for name in ("height", "width", "num_frames", "num_inference_steps", "max_sequence_length"):
-        if getattr(v, name) < 1:
-            raise UserError(f"{source}: video.{name} must be >= 1, got {getattr(v, name)}")
-    if (v.num_frames - 1) % 4 != 0:
-        raise UserError(f"{source}: video.num_frames must be 4k+1 for Wan (e.g. 9, 17, 81), got {v.num_frames}")
-    if v.guidance_scale < 0:
-        raise UserError(f"{source}: video.guidance_scale must be >= 0, got {v.guidance_scale}")
+    for name in (*PER_ITEM_VIDEO_KEYS, "max_sequence_length"):
+        problem = video_value_problem(name, getattr(job.video, name))
+        if problem:
+            raise UserError(f"{source}: video.{name} {problem}")
     if job.run.ring_slots < 1:
         raise UserError(f"{source}: run.ring_slots must be >= 1, got {job.run.ring_slots}")
     if job.run.timeout_s < 0:
@@ -358,6 +391,15 @@ def validate_job(job: JobConfig, source: str) -> None:
     if job.dit.cfg_parallel is True and job.roles.policy == "static" and job.dit.sp_degree % 2:
         raise UserError(f"{source}: dit.cfg_parallel=true needs an even dit.sp_degree (two halves), got "
                         f"{job.dit.sp_degree}")
+    if job.dit.per_item_degree and (job.roles.policy != "static" or job.roles.encoders or job.roles.decoders):
+        raise UserError(f'{source}: dit.per_item_degree = true needs roles.policy = "static" with roles.encoders = 0 '
+                        f"and roles.decoders = 0 (every rank holds every stage), got policy {job.roles.policy!r}, "
+                        f"{job.roles.encoders} encoder(s), {job.roles.decoders} decoder(s)")
+    if job.dit.per_item_degree and (job.dit.compile or (job.speed.tier == "fast" and job.speed.fast_compile_dit)):
+        raise UserError(f"{source}: dit.per_item_degree = true does not support compiled transformer blocks yet "
+                        "(a group formed per item would re-attach them, and a block compiled for one group is "
+                        "not one for the next): set dit.compile = false and, with speed.tier = \"fast\", "
+                        "speed.fast_compile_dit = false")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
     dtypes = ("auto", "float32", "bfloat16", "float16")

@@ -15,6 +15,11 @@ Images (image-to-video models): JSONL ``image`` is the path of the item's first 
 file's folder or absolute; it is resolved here, read only when the item is rendered (a missing or bad file fails
 that item, not the job).
 
+Per-item settings (JSONL): ``height``, ``width``, ``num_frames``, ``num_inference_steps`` and ``guidance_scale``
+override the job's ``[video]`` values for that item (``VideoConfig.for_item``); each is checked here as the job's
+are (``config.video_value_problem``), naming the file and the line, and the multiples the model needs are
+checked against the model's configs before anything is rendered (``Item.where`` names the line there too).
+
 Text HDF5 cannot store (NUL characters, lone UTF-16 surrogates such as the JSON escape ``"\\ud83c"``) is refused
 here, naming the file, the line and the field, before anything is rendered.
 """
@@ -27,10 +32,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from spmd_diff.config import PER_ITEM_VIDEO_KEYS, video_value_problem
 from spmd_diff.errors import UserError, did_you_mean
 
 MAX_ID_LENGTH = 256
-_KEYS = ("id", "prompt", "negative_prompt", "seed", "image")
+_KEYS = ("id", "prompt", "negative_prompt", "seed", "image", *PER_ITEM_VIDEO_KEYS)
 _TEXT_ID_DIGITS = 16
 BOM = "\ufeff"
 
@@ -46,6 +52,14 @@ class Item:
     seed: int
     image: str | None = None
     """Image-to-video: the absolute path of the conditioning image (JSONL ``image``); None for text-to-video."""
+    height: int | None = None
+    """The item's own ``video.height`` (JSONL ``height``); None: the job's. Likewise the four below."""
+    width: int | None = None
+    num_frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    where: str = ""
+    """``<prompts file>:<line>`` the item comes from: what an error about its settings names."""
 
 
 def unstorable_text(text: str) -> str | None:
@@ -130,7 +144,14 @@ def _parse_json_line(line: str, index: int, base_seed: int, where: str, folder: 
             raise UserError(f"{where}: image must be a non-empty string (a file path), got {image!r}")
         _check_text(image, "image", where)
         image = os.path.abspath(os.path.join(folder, os.path.expanduser(image)))
-    return Item(index, item_id, prompt, negative, seed, image)
+    own = {}
+    for name in PER_ITEM_VIDEO_KEYS:
+        if name in obj:
+            problem = video_value_problem(name, obj[name])
+            if problem:
+                raise UserError(f"{where}: {name} {problem}")
+            own[name] = float(obj[name]) if name == "guidance_scale" else obj[name]
+    return Item(index, item_id, prompt, negative, seed, image, **own, where=where)
 
 
 def text_item_id(text: str, occurrence: int) -> str:
@@ -177,7 +198,7 @@ def parse_prompts(text: str, source: str, base_seed: int, fmt: str = "auto") -> 
             _check_text(prompt, "the prompt", where)
             occurrences[prompt] = occurrences.get(prompt, 0) + 1
             item_id = text_item_id(prompt, occurrences[prompt])
-            item = Item(index, item_id, prompt, None, text_item_seed(item_id, base_seed))
+            item = Item(index, item_id, prompt, None, text_item_seed(item_id, base_seed), where=where)
         if item.id in seen:
             raise UserError(f"{where}: duplicate id {item.id!r} (first on line {seen[item.id]})")
         seen[item.id] = number

@@ -2,7 +2,8 @@
 
 The *settings* of a video are the job-wide part of its identity (size, frames, steps, guidance, text length, dtype,
 model fingerprint, compiled blocks, output form), named as in the job file (``video.height``, ``model.fingerprint``, ...), plus
-the job's default negative prompt. job.json holds::
+the job's default negative prompt. A run records its job's settings (``[video]``'s defaults); an item of a mixed
+job with settings of its own has other settings, and its video is counted under them. job.json holds::
 
     {"settings": {...}, "model": <model.path of the newest run>, "num_videos": <videos with these settings>,
      "other_settings": [{"settings": {...}, "num_videos": n}, ...], "job": <the newest run's whole job config>}
@@ -125,6 +126,7 @@ def with_counts(record: Mapping[str, Any], counts: Mapping[str, int]) -> dict[st
     for digest, count in sorted(counts.items()):
         if digest not in known and count:
             others.append({"settings": None, "settings_digest": digest, "num_videos": count,
-                           "note": "settings not recorded in job.json"})
+                           "note": "settings not recorded in job.json (items' own settings of a mixed job, "
+                                   "or an older run's)"})
     record["other_settings"] = others
     return record

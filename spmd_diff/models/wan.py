@@ -632,16 +632,18 @@ class WanStages:
 
 
 def reference_video(model_dir: str | pathlib.Path, prompt: str, negative_prompt: str | None, seed: int,
-                    spec: VideoSpec) -> np.ndarray:
+                    spec: VideoSpec, pipeline: Any = None) -> np.ndarray:
     """The video diffusers' own ``WanPipeline`` renders (CPU, float32): uint8 ``[frames, height, width, 3]``.
 
-    The independent reference the stage functions are tested against; slow for real models.
+    The independent reference the stage functions are tested against; slow for real models. ``pipeline``: a
+    ``WanPipeline.from_pretrained(model_dir)`` to reuse for several references (None: loaded here).
     """
     from diffusers import WanPipeline
 
     root, _ = _model_index(model_dir)
     read_shapes(root, spec)  # the pipeline would round bad sizes with a warning; reject them the same way
-    pipeline = WanPipeline.from_pretrained(root)
+    if pipeline is None:
+        pipeline = WanPipeline.from_pretrained(root)
     pipeline.set_progress_bar_config(disable=True)
     kwargs: dict[str, Any] = {}
     if spec.guidance_scale_2 is not None:

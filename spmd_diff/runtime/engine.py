@@ -9,6 +9,7 @@ OUT/videos.h5; every rank exits with the same code.
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import socket
@@ -29,7 +30,6 @@ from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
 from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
-from spmd_diff.io import jobrecord
 from spmd_diff.io.identity import identity_of, model_fingerprint
 from spmd_diff.io.inputs import Item
 from spmd_diff.io.runplan import plan_run
@@ -49,10 +49,12 @@ from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
+from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
-from spmd_diff.runtime.startup import JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs
+from spmd_diff.runtime.startup import (JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs,
+                                      job_settings)
 
 log = logging.getLogger("spmd_diff")
 
@@ -64,31 +66,48 @@ class Setup:
     job: JobConfig
     model_dir: str
     items: tuple[Item, ...]
-    shapes: WanShapes
+    shapes: dict[VideoSpec, WanShapes]
+    """Every distinct item spec of the job (the job's ``[video]`` defaults included) -> its checked shapes."""
     spec: VideoSpec
+    """The job's ``[video]`` defaults (an item that gives no settings of its own is rendered with it)."""
     plan: RolePlan
     dtype: str
     topology: Topology
     """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
 
+    def spec_of(self, item: Item) -> VideoSpec:
+        """The item's own :class:`VideoSpec`: the job's defaults with the item's settings in their place."""
+        return item_spec(self.job, item)
+
+
+def item_spec(job: JobConfig, item: Item | None) -> VideoSpec:
+    """``VideoSpec`` of ``item`` (``VideoConfig.for_item``); of the job's defaults for ``None``."""
+    v = job.video if item is None else job.video.for_item(item)
+    return VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale, v.max_sequence_length)
+
 
 def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
-    """The model-dependent half of the setup: the video spec checked against the model's configs; ``plan``: the
-    plan of the first batch."""
-    v = inputs.job.video
-    spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale,
-                     v.max_sequence_length)
-    shapes = read_shapes(inputs.model_dir, spec)
+    """The model-dependent half of the setup: the job's video spec and every item's own checked against the
+    model's configs (an item's error names its prompts-file line); ``plan``: the plan of the first batch."""
+    spec = item_spec(inputs.job, None)
+    shapes = {spec: read_shapes(inputs.model_dir, spec)}
+    for item in inputs.items:
+        item_own = item_spec(inputs.job, item)
+        if item_own not in shapes:
+            try:
+                shapes[item_own] = read_shapes(inputs.model_dir, item_own)
+            except UserError as exc:
+                raise UserError(f"{item.where or f'item {item.id!r}'}: {exc} (the item's own settings)") from None
     return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, plan,
                  dtype_name(inputs.job, device.startswith("cuda")), inputs.topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
-    """Slot sizes from the model's shapes: what encode hands on (text embeddings, x2 with CFG; for image-to-video
-    also the image embeddings and the float32 condition) and the final latents (float32)."""
-    s = setup.shapes
-    embeds = s.encoded_nbytes(getattr(torch, setup.dtype), 64)
-    latents = round_up(s.latent_channels * s.latent_frames * s.latent_height * s.latent_width * 4, 64)
+    """Slot sizes for the largest item of the job (a message holds one item's tensors, whatever its size): what
+    encode hands on (text embeddings, x2 with CFG; for image-to-video also the image embeddings and the float32
+    condition) and the final latents (float32)."""
+    embeds = max(s.encoded_nbytes(getattr(torch, setup.dtype), 64) for s in setup.shapes.values())
+    latents = max(round_up(s.latents_nbytes(), 64) for s in setup.shapes.values())
     slots = setup.job.run.ring_slots
     return RingSpec(slots, embeds), RingSpec(slots, latents)
 
@@ -112,7 +131,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     policy: Policy = FixedPolicy()
     if inputs.job.roles.policy == "auto":
         policy = world.run_checked(lambda: auto_policy(inputs.job, inputs.topology, inputs.model_dir,
-                                                       len(inputs.pending)))
+                                                       inputs.pending))
     plan = policy.plan if isinstance(policy, AutoPolicy) else inputs.plan
     setup = world.run_checked(lambda: build_setup(inputs, plan, world.device))
     set_threads(world.local_size, setup.job.run.threads)
@@ -144,8 +163,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
         store.expect(lambda item_id: attrs_of(by_id[item_id]))
         if world.rank == 0:
             expected = {item.id: attrs_of(item) for item in setup.items}
-            first = next(iter(expected.values()), None)
-            settings = None if first is None else jobrecord.job_settings(first, setup.job.video.negative_prompt)
+            settings = job_settings(setup.job, attrs_of, setup.items)
             options = dict(force=request.force, retry_failed=request.retry_failed, model_path=setup.job.model.path,
                            job=setup.job.to_dict())
             plan_run(store, expected, settings, **options)  # refusals first: a refused job leaves OUT untouched
@@ -167,7 +185,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
     pending = [items_by_index[i] for i in pending_indices]
-    cost = _item_cost(setup, world.device)
+    cost = _slowest_item_cost(setup, pending, world.device)
 
     def deadline_for(plan: RolePlan) -> float:
         return wait_deadline_s(cost, setup.job.run.timeout_s, plan.fan_in())
@@ -213,18 +231,23 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     return world.comm.bcast(code, root=0)
 
 
-def _item_cost(setup: Setup, device: str) -> ItemCost:
-    s = setup.shapes
-
+def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
+    """The cost model's prediction for one item rendered with ``spec`` (one of ``setup.shapes``)."""
+    s = setup.shapes[spec]
     dit, text, vae = read_model_configs(setup.model_dir)
     dim = s.num_attention_heads * s.attention_head_dim
     d_model = text.get("d_model", 4096)
     text_params = text.get("num_layers", 24) * (4 * d_model * d_model + 3 * d_model * text.get("d_ff", 10240))
     dims = DitDims(dit.get("num_layers", 30), dim, dit.get("ffn_dim", 4 * dim), s.text_seq_len, text_params,
                    vae.get("base_dim", 96))
-    spec = setup.spec
     return predict_item_cost(s.num_video_tokens, dims, spec.num_inference_steps, spec.guidance_scale > 1.0,
                              spec.num_frames * spec.height * spec.width, device, setup.plan.sp_degree)
+
+
+def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost:
+    """The cost of the job's slowest item (by its slowest stage): what a wait's deadline must allow for."""
+    specs = {setup.spec_of(item) for item in items} or {setup.spec}
+    return max((_item_cost(setup, spec, device) for spec in specs), key=lambda cost: cost.slowest_s)
 
 
 def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item], out_dir: str,
@@ -259,7 +282,17 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if on_gpu:  # rank_end's peak is the rendering peak (weights included), not that of building them
             torch.cuda.reset_peak_memory_stats(world.device)
         board_bytes = ProgressBoard.bytes_needed(world.size)
+        per_item = setup.job.dit.per_item_degree
+        schedule = item_group_schedule(setup, plan, pending) if per_item else None
         max_sp = max(p.sp_degree for p in candidates)
+        if schedule is not None:
+            max_sp = max([max_sp, *(group.degree for group in schedule)])
+            if world.rank == 0:
+                by_degree = collections.Counter(group.degree for group in schedule)
+                shown = ", ".join(f"{by_degree[d]} item(s) at degree {d}" for d in sorted(by_degree))
+                print(f"spmd-diff: per-item SP degree: {shown or 'no items'}", file=sys.stderr)
+                events.emit("item_groups", degrees={str(d): n for d, n in sorted(by_degree.items())},
+                            predicted_makespan_s=round(max((g.start_s + g.seconds for g in schedule), default=0), 3))
         coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0
         channels_base = round_up(board_bytes, 256) + coll_bytes
         enc_spec, dec_spec = _ring_specs(setup)
@@ -277,14 +310,17 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
                                         timeout_s=max(deadline_for(p) for p in candidates))
         board = ProgressBoard(transport, world.rank, world.size)
-        ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec, setup.job.video.negative_prompt,
+        ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_for(plan), setup_attrs(setup), board.publish,
                                 hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
-                                write_queue=speed.write_queue, warmup=speed.warmup)
+                                write_queue=speed.write_queue, warmup=speed.warmup,
+                                warmup_spec=setup.spec_of(pending[0]) if pending else setup.spec)
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
-        v = setup.job.video
+        # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
+        common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
+        v = common[0][0] if common else setup.spec
         work_class_key = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps,
                                    v.guidance_scale > 1.0).key
         batches = split_batches(pending, policy.batch_items(plan, len(pending)))
@@ -303,7 +339,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     transport.barrier()
                 senders = [ChannelSender(transport, e) for e in layout.outbound(world.rank)]
                 receivers = [ChannelReceiver(transport, e) for e in layout.inbound(world.rank)]
-            in_group = coll is not None and plan.sp_degree > 1 and "denoise" in plan.stages_of(world.rank)
+            in_group = coll is not None and plan.sp_degree > 1 and "denoise" in plan.stages_of(world.rank) \
+                and schedule is None  # per-item groups are joined item by item (run_item_groups)
             group_ranks = plan.dit_groups[plan.group_of(world.rank)] if in_group else None
             # a DiT group (new, or on newly loaded components, or with CFG parallel switched): attach SP
             if (group_ranks, stages, plan.cfg_parallel) != sp_for:
@@ -328,7 +365,10 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()
             queue = WorkQueue(world.comm, len(batch))
-            _run_role(ctx, plan, queue, batch, senders, receivers)
+            if schedule is not None:
+                run_item_groups(ctx, setup, coll, schedule, on_gpu)
+            else:
+                _run_role(ctx, plan, queue, batch, senders, receivers)
             queue.free()
             num_done_before += len(batch)
             if number == len(batches) - 1 or world.comm.allreduce(1 if stop.requested else 0):

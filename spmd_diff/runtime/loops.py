@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import errno
 import threading
 import time
@@ -43,7 +44,8 @@ class RankContext:
     rank: int
     items: dict[int, Item]
     stages: Any  # spmd_diff.models.wan.WanStages (only the stages this role needs are loaded)
-    spec: Any  # spmd_diff.models.wan.VideoSpec
+    spec_of: Callable[[Item], Any]
+    """item -> its ``spmd_diff.models.wan.VideoSpec`` (the job's ``[video]`` with the item's own settings)."""
     default_negative: str
     store: VideoStore
     events: Any  # spmd_diff.observe.events.EventLog
@@ -76,6 +78,8 @@ class RankContext:
     """Videos the background writer may hold (``speed.write_queue``); 0 = write in the rank's thread."""
     warmup: bool = False
     """Run :meth:`WanStages.warmup` before the first item (``speed.warmup``)."""
+    warmup_spec: Any = None
+    """The ``VideoSpec`` the warm-up runs (the first pending item's)."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Guards ``busy_s`` (spans end on the finisher's threads too)."""
 
@@ -154,29 +158,51 @@ def encode_item(ctx: RankContext, item: Item) -> tuple[dict, dict[str, torch.Ten
     try:
         with ctx.span("encode", item, gpu=True):
             if item.image is None:
-                return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec)
+                return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec_of(item))
             image = load_image(item.image, ctx.attrs(item)["image_sha256"])  # the bytes its identity names
-            return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec, image=image)
+            return {}, ctx.stages.encode(item.prompt, ctx.negative_of(item), ctx.spec_of(item), image=image)
     except Exception as exc:  # noqa: BLE001 - one bad item must not stop the job
         return {"failed": _failure("encode", exc)}, {}
 
 
-_GO, _END = 1, 0
+_GO, _END, _SKIP = 1, 0, 2
+_CONTROL_WORDS = 7
 
 
-def _control(ctx: RankContext, word: int, item_index: int) -> torch.Tensor:
-    """The leader's per-item announcement [GO|END, item index], on the device of the group's heap."""
-    return torch.tensor([word, item_index], dtype=torch.int64, device=ctx.group.coll.transport.device)
+def _control(ctx: RankContext, word: int, item: Item | None = None) -> torch.Tensor:
+    """The leader's per-item announcement, on the device of the group's heap: ``[GO|END, item index, height,
+    width, num_frames, num_inference_steps, guidance_scale (float64 bits)]`` of the item's own spec (zeros after
+    END), so every member renders the item at the shape the leader renders it."""
+    words = [word, -1, 0, 0, 0, 0, 0]
+    if item is not None:
+        spec = ctx.spec_of(item)
+        guidance_bits = int(torch.tensor([spec.guidance_scale], dtype=torch.float64).view(torch.int64)[0])
+        words = [word, item.index, spec.height, spec.width, spec.num_frames, spec.num_inference_steps, guidance_bits]
+    return torch.tensor(words, dtype=torch.int64, device=ctx.group.coll.transport.device)
+
+
+def _announced(ctx: RankContext, control: torch.Tensor) -> tuple[Item, Any]:
+    """A member: the item and its spec from the leader's announcement (:func:`_control`). The spec is the one
+    the group sent; it must be the one this rank derives from the same prompts file and job."""
+    words = [int(w) for w in control.tolist()]
+    item = ctx.items[words[1]]
+    guidance = float(torch.tensor([words[6]], dtype=torch.int64).view(torch.float64)[0])
+    spec = dataclasses.replace(ctx.spec_of(item), height=words[2], width=words[3], num_frames=words[4],
+                               num_inference_steps=words[5], guidance_scale=guidance)
+    if spec != ctx.spec_of(item):  # every rank parsed the same files: a difference is a bug, never an item error
+        raise AssertionError(f"rank {ctx.rank}: the group leader renders item {item.id!r} as {spec}, this rank "
+                             f"reads {ctx.spec_of(item)}")
+    return item, spec
 
 
 def denoise_item(ctx: RankContext, item: Item, embeds: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     try:
         with ctx.span("denoise", item, gpu=True) as span:
             if ctx.sp is not None:  # the group leader: tell the members which item, then denoise together
-                ctx.group.broadcast(_control(ctx, _GO, item.index), 0, ctx.deadline())
-                latents = ctx.sp.denoise(embeds, item.seed, ctx.spec, every_rank=ctx.group_decode)
+                ctx.group.broadcast(_control(ctx, _GO, item), 0, ctx.deadline())
+                latents = ctx.sp.denoise(embeds, item.seed, ctx.spec_of(item), every_rank=ctx.group_decode)
             else:
-                latents = ctx.stages.denoise(embeds, item.seed, ctx.spec)
+                latents = ctx.stages.denoise(embeds, item.seed, ctx.spec_of(item))
             if span.action == "nan":
                 latents = latents * float("nan")
     except (StageTimeout, StoreFull):
@@ -324,7 +350,7 @@ def warm_up(ctx: RankContext) -> None:
     if not ctx.warmup or ctx.sp is not None or ctx.group is not None:
         return
     t0 = time.time()
-    ctx.stages.warmup(ctx.spec)
+    ctx.stages.warmup(ctx.warmup_spec)
     ctx.events.emit("warmup", t0=t0, t1=time.time(), stages=sorted(ctx.stages.stages))
 
 
@@ -437,7 +463,7 @@ def dit_loop(ctx: RankContext, my_items: Iterable[Item] | None, from_encoders: l
         finisher.close()
     close_all(ctx, to_decoders)  # (not on an exception: the job aborts; see encoder_loop)
     if ctx.sp is not None:
-        ctx.group.broadcast(_control(ctx, _END, -1), 0, ctx.deadline())
+        ctx.group.broadcast(_control(ctx, _END), 0, ctx.deadline())
 
 
 def dit_member_loop(ctx: RankContext) -> None:
@@ -445,17 +471,56 @@ def dit_member_loop(ctx: RankContext) -> None:
     while True:
         # The leader may legitimately spend a wait for credit, a wait for data and an encode between items.
         deadline = time.monotonic() + 3 * ctx.timeout_s
-        control = ctx.group.broadcast(_control(ctx, _END, -1), 0, deadline).cpu()
+        control = ctx.group.broadcast(_control(ctx, _END), 0, deadline).cpu()
         if int(control[0]) == _END:
             return
-        item = ctx.items[int(control[1])]
-        try:
-            with ctx.span("denoise", item, gpu=True):
-                latents = ctx.sp.denoise(None, None, ctx.spec, every_rank=ctx.group_decode)
-        except ValueError:
-            continue  # the leader's inputs were unusable: every member raised, the leader records the failure
-        if ctx.group_decode:
-            decode_in_group(ctx, item, latents)
+        _member_item(ctx, control)
+
+
+def _member_item(ctx: RankContext, control: torch.Tensor) -> None:
+    """A member's part in the item the leader announced with ``control`` (GO)."""
+    item, spec = _announced(ctx, control)
+    try:
+        with ctx.span("denoise", item, gpu=True):
+            latents = ctx.sp.denoise(None, None, spec, every_rank=ctx.group_decode)
+    except ValueError:
+        return  # the leader's inputs were unusable: every member raised, the leader records the failure
+    if ctx.group_decode:
+        decode_in_group(ctx, item, latents)
+
+
+def item_group_loop(ctx: RankContext, assignments: Iterable[Any], join: Callable[[tuple[int, ...]], None]) -> None:
+    """``dit.per_item_degree``: this rank's share of the job's item groups (``item_groups.ItemGroup``), in the
+    schedule's order. ``join(ranks)`` sets ``ctx.group`` / ``ctx.sp`` for a group (None for one rank). The
+    leader of each item encodes it, announces it to its group (GO with its spec, or SKIP when it failed to encode
+    or a stop was requested: the members then go on to their next item), denoises it with the group and decodes
+    and writes it on its own :class:`Finisher`; the other members denoise with it."""
+    warm_up(ctx)
+    finisher = Finisher(ctx)
+    for assignment in assignments:
+        join(assignment.ranks)
+        item = ctx.items[assignment.item]
+        leader = assignment.ranks[0] == ctx.rank
+        if not leader:
+            deadline = time.monotonic() + 3 * ctx.timeout_s  # the leader may still finish an earlier item
+            control = ctx.group.broadcast(_control(ctx, _SKIP), 0, deadline).cpu()
+            if int(control[0]) == _GO:
+                _member_item(ctx, control)
+            continue
+        if ctx.stop.requested:
+            if ctx.group is not None:
+                ctx.group.broadcast(_control(ctx, _SKIP), 0, ctx.deadline())
+            continue  # the item stays pending
+        ctx.events.emit("item_group", item=item.id, degree=len(assignment.ranks), ranks=list(assignment.ranks),
+                        predicted_start_s=round(assignment.start_s, 3))
+        meta, tensors = encode_item(ctx, item)
+        if "failed" in meta:
+            if ctx.group is not None:
+                ctx.group.broadcast(_control(ctx, _SKIP), 0, ctx.deadline())
+        else:
+            meta, tensors = denoise_item(ctx, item, tensors)  # announces GO to the group
+        finisher.submit(item, meta, tensors)
+    finisher.close()
 
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:

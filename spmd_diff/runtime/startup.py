@@ -9,6 +9,7 @@ message, nothing is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Callable
 import spmd_diff
 
 from spmd_diff.comm.world import World, init_world
-from spmd_diff.config import JobConfig, load_job
+from spmd_diff.config import PER_ITEM_VIDEO_KEYS, JobConfig, load_job
 from spmd_diff.errors import UserError
 from spmd_diff.io.inputs import Item, load_prompts, shard_items
 from spmd_diff.io import jobrecord
@@ -32,6 +33,7 @@ from spmd_diff.models.tasks import check_items_fit_task, model_task
 from spmd_diff.plan.for_job import job_planning, read_image_encoder_config, read_model_configs, static_plan
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.topology import Topology
+from spmd_diff.plan.workload import WorkClass
 from spmd_diff.runtime.faults import TestHooks
 from spmd_diff.runtime.rebalance import AutoPolicy
 
@@ -120,14 +122,15 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
     store adds are the item's content identity (:mod:`spmd_diff.io.identity`): a finished file of other
     attributes is changed work, not finished work. The model is identified by its fingerprint (configs, weight
     names, sizes and samples), computed once per process; the speed tier and its options change pixels too, and
-    the output form (``output.*``) what is stored and, for h264/hevc, the pixels read back."""
-    v = job.video
+    the output form (``output.*``) what is stored and, for h264/hevc, the pixels read back. The video settings
+    are the item's own (``VideoConfig.for_item``): an item whose settings change is a changed item."""
     fingerprint = model_fingerprint(model_dir) if model_dir else ""
     compiled = bool(job.dit.compile and sp_degree > 1)  # compiled blocks change bf16 rounding
     speed = json.dumps(job.speed.resolved(), sort_keys=True)
     output = job.output.attrs()  # how the video is stored: part of its identity (OutputConfig says why)
 
     def attrs(item: Item) -> dict:
+        v = job.video.for_item(item)
         negative = item.negative_prompt if item.negative_prompt is not None else v.negative_prompt
         image = {} if item.image is None else {"image": item.image, "image_sha256": image_sha256(item.image)}
         return {**image, "id": item.id, "prompt": item.prompt, "negative_prompt": negative, "seed": item.seed,
@@ -140,6 +143,17 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
     return attrs
 
 
+def job_settings(job: JobConfig, attrs_of: Callable[[Item], dict], items) -> dict | None:
+    """The settings a run records in (and checks against) OUT/job.json: the job's own, ``[video]``'s defaults
+    included, never one item's (an item's own settings are part of its identity, checked item by item); None
+    for no items."""
+    items = list(items)
+    if not items:
+        return None
+    defaults = {name: getattr(job.video, name) for name in PER_ITEM_VIDEO_KEYS}
+    return jobrecord.job_settings({**attrs_of(items[0]), **defaults}, job.video.negative_prompt)
+
+
 def pending_items(store: VideoStore, job: JobConfig, items: tuple[Item, ...], attrs_of: Callable[[Item], dict],
                   force: bool, retry_failed: bool) -> tuple[Item, ...]:
     """Rank 0, read-only: refuse an OUT of another job or of changed items (unless ``force``), then the items
@@ -148,7 +162,7 @@ def pending_items(store: VideoStore, job: JobConfig, items: tuple[Item, ...], at
     if not store.root.is_dir():
         return items
     expected = {item.id: attrs_of(item) for item in items}
-    settings = jobrecord.job_settings(next(iter(expected.values())), job.video.negative_prompt) if expected else None
+    settings = job_settings(job, attrs_of, items)
     plan = plan_run(store, expected, settings, force=force, retry_failed=retry_failed, model_path=job.model.path,
                     job=job.to_dict())
     pending = set(plan.pending)
@@ -165,7 +179,7 @@ def start(request: RunRequest) -> Started:
     model_dir = world.run_checked(lambda: resolve_model(job.model.path))
     world.run_checked(lambda: check_items_fit_task(model_task(model_dir), items, job.model.path))
     if plan is None:  # policy "auto": the planner's first plan (the engine re-plans for the pending items)
-        plan = world.run_checked(lambda: auto_policy(job, topology, model_dir, len(items)).plan)
+        plan = world.run_checked(lambda: auto_policy(job, topology, model_dir, items).plan)
     store = VideoStore(request.out_dir)
 
     def look_at_out():
@@ -181,15 +195,29 @@ def start(request: RunRequest) -> Started:
     return Started(world, JobInputs(job, items, plan, topology, model_dir, pending), started_at)
 
 
-def auto_policy(job: JobConfig, topology: Topology, model_dir: str, num_items: int) -> AutoPolicy:
-    """The "auto" role policy for this job: the planner over the model's sizes (its configs, no weights) and the
-    plan shapes the role loops run."""
+def auto_policy(job: JobConfig, topology: Topology, model_dir: str, items) -> AutoPolicy:
+    """The "auto" role policy for this job's ``items``: the planner over the model's sizes (its configs, no
+    weights) and the plan shapes the role loops run. A job whose items give settings of their own is planned for
+    its heaviest item (most DiT work: tokens x steps x CFG branches), so every stage fits its memory."""
+    items = list(items)
     if job.dit.sp_degree > topology.num_ranks:
         raise UserError(f"dit.sp_degree={job.dit.sp_degree} needs at least {job.dit.sp_degree} ranks; the job has "
                         f"{topology.num_ranks}")
-    planning = job_planning(job, topology, read_model_configs(model_dir), on_gpu=topology.gpus_per_node > 0,
-                            separate_aux=True, image_encoder=read_image_encoder_config(model_dir))
-    return AutoPolicy(planning, num_items, job.roles.batch_s)
+    planning = job_planning(planning_job(job, items), topology, read_model_configs(model_dir),
+                            on_gpu=topology.gpus_per_node > 0, separate_aux=True,
+                            image_encoder=read_image_encoder_config(model_dir))
+    return AutoPolicy(planning, len(items), job.roles.batch_s)
+
+
+def planning_job(job: JobConfig, items) -> JobConfig:
+    """``job`` with the ``[video]`` settings of its heaviest item (``job`` itself when no item has its own)."""
+    def work(video) -> tuple:
+        return (WorkClass(video.height, video.width, video.num_frames, video.num_inference_steps,
+                          video.guidance_scale > 1.0).num_tokens * video.num_inference_steps
+                * (2 if video.guidance_scale > 1.0 else 1), video.num_frames * video.height * video.width)
+
+    heaviest = max((job.video.for_item(item) for item in items), key=work, default=job.video)
+    return job if work(heaviest) <= work(job.video) else dataclasses.replace(job, video=heaviest)
 
 
 def finish_without_work(started: Started, request: RunRequest) -> int:

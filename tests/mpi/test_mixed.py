@@ -1,0 +1,124 @@
+"""Mixed jobs on CPU ranks: items with their own size, frame count, steps and guidance in one job.
+
+One job of two resolutions, two frame counts and two step counts (and one item without guidance) on 4 ranks,
+first with a fixed DiT group of 2 (CFG parallel; an encoder and a decoder rank), whose decoder exits in the
+middle; then rerun with a per-item SP degree (``dit.per_item_degree``: groups of 1 and 2 formed item by item)
+for what is left, the larger items. Every item ends up rendered exactly once, each video equal to diffusers' own
+``WanPipeline`` for that item's own settings (within 1 uint8 level), and its attributes record those settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from spmd_diff.io.store import item_key
+from tests.mpi._mpirun import mpirun, mpirun_available
+
+pytestmark = pytest.mark.skipif(not mpirun_available(), reason="mpirun or mpi4py missing")
+
+REPO = Path(__file__).resolve().parents[2]
+BASE_SEED = 1234  # jobs/demo.toml run.seed
+# jobs/demo.toml's [video]: 64 x 64, 9 frames, 4 steps, guidance 5.0. The smaller items come first, so the first
+# run (killed at the third item's write) finishes them on its group of 2 and the rerun gets the larger ones.
+PROMPTS = [
+    {"id": "small-short", "prompt": "A cat walks on the grass.", "height": 32, "width": 48, "num_frames": 5,
+     "num_inference_steps": 2},
+    {"id": "small-long", "prompt": "A dog catches a frisbee.", "height": 32, "width": 48, "num_inference_steps": 2},
+    {"id": "large-short-nocfg", "prompt": "Time-lapse of a city at night.", "num_frames": 5, "guidance_scale": 1.0},
+    {"id": "large-default", "prompt": "A surfer rides a wave at sunset.", "seed": 7},
+    {"id": "large-3-steps", "prompt": "Snow falls on a quiet street.", "num_inference_steps": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def env(demo_model_dir):
+    return {"SPMD_DIFF_CACHE": str(demo_model_dir.parent)}
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mixed") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+PER_ITEM = ("--set", "dit.per_item_degree=true", "--set", "roles.encoders=0", "--set", "roles.decoders=0")
+
+
+def run(prompts: Path, out: Path, env: dict, *extra: str, hooks: list | None = None):
+    more = {"SPMD_DIFF_TEST_HOOKS": json.dumps(hooks)} if hooks else {}
+    return mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out",
+                  str(out), *extra, timeout=240, env={**env, **more}, cwd=REPO)
+
+
+def own_settings(index: int) -> dict:
+    p = PROMPTS[index]
+    return {"height": p.get("height", 64), "width": p.get("width", 64), "num_frames": p.get("num_frames", 9),
+            "num_inference_steps": p.get("num_inference_steps", 4), "guidance_scale": p.get("guidance_scale", 5.0)}
+
+
+@pytest.fixture(scope="module")
+def killed_then_rerun(prompts, env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mixed-out") / "out"
+    # The decoder (rank 1) dies as it starts writing the third item: the job aborts with items in flight.
+    killed = run(prompts, out, env, "--set", "dit.sp_degree=2",
+                 hooks=[{"action": "exit", "stage": "write", "item": PROMPTS[2]["id"], "rank": 1}])
+    partial = {p.name.split(".")[0] for p in (out / "items").glob("*/*.h5")}
+    rerun = run(prompts, out, env, *PER_ITEM)
+    return out, killed, partial, rerun
+
+
+def test_killed_then_rerun_at_per_item_degrees_renders_every_item_once_equal_to_the_pipeline(killed_then_rerun,
+                                                                                           demo_model_dir):
+    from diffusers import WanPipeline
+
+    from spmd_diff.models.wan import VideoSpec, reference_video
+
+    out, killed, partial, rerun = killed_then_rerun
+    assert killed.returncode != 0 and "1 group(s) of 2" in killed.stderr
+    assert 0 < len(partial) < len(PROMPTS), partial
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"{len(PROMPTS) - len(partial)} to render" in rerun.stderr
+    assert "per-item SP degree: " in rerun.stderr
+    files = sorted(p.name for p in (out / "items").glob("*/*"))
+    assert all(name.endswith(".h5") and ".tmp." not in name for name in files), files
+    assert sorted(name.split(".")[0] for name in files) == sorted(item_key(p["id"]) for p in PROMPTS)
+    pipeline = WanPipeline.from_pretrained(demo_model_dir)  # one load for every item's reference
+    with h5py.File(out / "videos.h5", "r") as f:
+        for index, p in enumerate(PROMPTS):
+            dataset = f["videos"][p["id"]]
+            settings = own_settings(index)
+            assert {key: dataset.attrs[key] for key in settings} == settings, p["id"]
+            spec = VideoSpec(**settings)
+            expected = reference_video(demo_model_dir, p["prompt"], "blurry, low quality",
+                                       p.get("seed", BASE_SEED + index), spec, pipeline)
+            video = dataset[...]
+            assert video.shape == expected.shape == (spec.num_frames, spec.height, spec.width, 3), p["id"]
+            diff = np.abs(video.astype(np.int16) - expected.astype(np.int16))
+            assert diff.max() <= 1, f"{p['id']}: max diff {diff.max()}, mean {diff.mean():.4f}"
+            assert video.std() > 1.0, "a constant video would hide a broken pipeline"
+
+
+def test_each_item_ran_on_the_group_its_leader_announced_some_larger_ones_on_two_ranks(killed_then_rerun):
+    out, _, partial, _ = killed_then_rerun
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    rerun_start = max(e["t"] for e in events if e["ev"] == "job_start")
+    denoised: dict[str, set[int]] = {}
+    for e in events:
+        if e["ev"] == "stage" and e["stage"] == "denoise" and e["ok"] and e["t0"] >= rerun_start:
+            denoised.setdefault(e["item"], set()).add(e["rank"])
+    groups = {e["item"]: e for e in events if e["ev"] == "item_group" and e["t"] >= rerun_start}
+    left = {p["id"] for p in PROMPTS if item_key(p["id"]) not in partial}
+    assert set(denoised) == set(groups) == left
+    for item, group in groups.items():
+        assert denoised[item] == set(group["ranks"]) and group["degree"] == len(group["ranks"]), group
+        assert group["rank"] == group["ranks"][0], "the leader announces its group"
+    assert {g["degree"] for g in groups.values()} == {1, 2}
+    assert any(item.startswith("large") and g["degree"] == 2 for item, g in groups.items())
+    [summary] = [e for e in events if e["ev"] == "item_groups" and e["t"] >= rerun_start]
+    assert sum(summary["degrees"].values()) == len(left)
