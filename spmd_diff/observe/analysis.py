@@ -62,6 +62,8 @@ class RunData:
     handoffs: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     replans: list[dict[str, Any]] = field(default_factory=list)
+    item_groups: list[dict[str, Any]] = field(default_factory=list)
+    """Per-item SP degree (``dit.per_item_degree``): one ``item_group`` record per item, the group it ran on."""
     rank_start: dict[int, dict[str, Any]] = field(default_factory=dict)
     rank_end: dict[int, dict[str, Any]] = field(default_factory=dict)
     t_first: float = float("inf")
@@ -216,6 +218,8 @@ def load_runs(events_path: str | Path) -> dict[int, RunData]:
             run.failures.append(rec)
         elif ev == "replan":
             run.replans.append(rec)
+        elif ev == "item_group":
+            run.item_groups.append(rec)
         elif ev == "rank_start":
             run.rank_start[rank] = rec
         elif ev == "rank_end":

@@ -177,6 +177,17 @@ def _events_list_html(run: RunData) -> str:
                  str(f.get("error", ""))[:300]) for f in run.failures[:200]]
         more = f" (first 200 of {len(run.failures)})" if len(run.failures) > 200 else ""
         out += f"<h3>Failures{more}</h3>" + _table(("at (s)", "rank", "item", "stage", "error"), rows)
+    if run.item_groups:
+        by_degree: dict[int, int] = {}
+        for rec in run.item_groups:
+            by_degree[int(rec.get("degree", 0))] = by_degree.get(int(rec.get("degree", 0)), 0) + 1
+        rows = [(f"{float(r['t']) - run.t_start:.1f}", r.get("item"), r.get("degree"),
+                 " ".join(str(x) for x in r.get("ranks", []))) for r in run.item_groups[:200]]
+        more = f" (first 200 of {len(run.item_groups)})" if len(run.item_groups) > 200 else ""
+        out += ("<h3>Per-item parallel degree</h3>"
+                + _table(("SP degree", "items"), sorted(by_degree.items()))
+                + f"<details><summary>Each item's group{more}</summary>"
+                + _table(("started at (s)", "item", "degree", "ranks"), rows) + "</details>")
     if run.replans:
         rows = [(f"{float(r['t']) - run.t_start:.1f}", r.get("reason", ""), json.dumps(r.get("new_plan"))[:300])
                 for r in run.replans]

@@ -213,3 +213,21 @@ def test_a_replan_changes_the_roles_on_the_timeline(tmp_path):
 
     page = write_report(tmp_path, "all").read_text()
     assert html_module.escape(json_module.dumps(new_plan)) in page  # the re-plan's new plan is listed
+
+
+def test_per_item_degrees_are_counted_and_listed(tmp_path):
+    """``item_group`` records (dit.per_item_degree) give the report a count of items per SP degree and each
+    item's group."""
+    end = simulate(tmp_path, num_items=4, fail_item=None)
+    log = EventLog(tmp_path, 0)
+    groups = [("a", [0]), ("b", [1, 2]), ("c", [3]), ("d", [0, 1])]
+    for k, (item, ranks) in enumerate(groups):
+        log.emit("item_group", t=end - 1 + 0.1 * k, item=item, degree=len(ranks), ranks=ranks, predicted_start_s=0.0)
+    log.close()
+    merge_event_logs(tmp_path)
+    run = load_runs(tmp_path / "events.jsonl")[0]
+    assert [r["item"] for r in run.item_groups] == ["a", "b", "c", "d"]
+    page = write_report(tmp_path, "all").read_text()
+    assert "Per-item parallel degree" in page
+    assert "<tr><td>1</td><td>2</td></tr>" in page and "<tr><td>2</td><td>2</td></tr>" in page
+    assert "<td>b</td><td>2</td><td>1 2</td>" in page
