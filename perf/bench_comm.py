@@ -37,8 +37,11 @@ from mpi4py import MPI  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, Message, RingSpec  # noqa: E402
-from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender  # noqa: E402
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec  # noqa: E402
+from spmd_diff.comm.wire import Message  # noqa: E402
+from spmd_diff.comm.collective_layout import CollectiveLayout  # noqa: E402
+from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
 from spmd_diff.comm.nvshmem import NvshmemTransport  # noqa: E402
 from spmd_diff.comm.transport import as_byte_tensor, round_up  # noqa: E402
 

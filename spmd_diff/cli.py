@@ -130,7 +130,7 @@ def _plan(args) -> int:
 
     def heap_bytes(plan) -> tuple[int, int]:
         """Largest per-rank channel heap of the plan's channels (``RolePlan.channel_edges``), and its rank."""
-        from spmd_diff.comm.channel import HeapLayout, RingSpec
+        from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 
         shapes = (16, (v.num_frames - 1) // 4 + 1, v.height // 8, v.width // 8)
         latents = RingSpec(job.run.ring_slots, -(-shapes[0] * shapes[1] * shapes[2] * shapes[3] * 4 // 64) * 64)

@@ -8,9 +8,12 @@ not pay for. ``from spmd_diff.comm import ChannelSender`` and ``spmd_diff.comm.M
 import importlib
 
 _HOMES = {
-    "HEADER_BYTES": "channel", "ChannelEdge": "channel", "ChannelReceiver": "channel", "ChannelSender": "channel",
-    "EdgeLayout": "channel", "HeapLayout": "channel", "Message": "channel", "ReceiverPoller": "channel",
-    "RingSpec": "channel", "pick_sender": "channel", "select_ready": "channel",
+    "HEADER_BYTES": "heap_layout", "ChannelEdge": "heap_layout", "EdgeLayout": "heap_layout",
+    "HeapLayout": "heap_layout", "RingSpec": "heap_layout",
+    "Message": "wire",
+    "ChannelReceiver": "channel", "ChannelSender": "channel", "ReceiverPoller": "channel",
+    "pick_sender": "channel", "select_ready": "channel",
+    "Group": "collectives", "GroupCollectives": "collectives",
     "LocalTransport": "local", "LocalWorld": "local", "run_local": "local",
     "Transport": "transport",
     "MpiRmaTransport": "mpi_rma",

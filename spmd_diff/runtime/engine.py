@@ -21,7 +21,8 @@ from typing import Callable, Iterator
 import torch
 
 import spmd_diff
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.comm.select import make_transport
 from spmd_diff.comm.transport import round_up

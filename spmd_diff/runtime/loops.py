@@ -25,7 +25,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender
+from spmd_diff.comm.wire import Message
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout, StoreFull
 from spmd_diff.io.frames import is_encoded, stored_form

@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from spmd_diff.comm import run_local
-from spmd_diff.comm.collectives import (
-    ALIGN,
-    CollectiveLayout,
-    GroupCollectives,
-    chunk_plan,
-    decode_header,
-    encode_header,
-)
+from spmd_diff.comm.collective_layout import ALIGN, CollectiveLayout, chunk_plan, decode_header, encode_header
+from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.errors import StageTimeout
 from tests.collective_cases import run_schedule, schedule
 
