@@ -122,13 +122,8 @@ class Bench:
             def ours(path: str, kernel: str, blocks: str = ""):
                 def run():
                     self.transport.set_data_path(path)
-                    os.environ["SPMD_DIFF_P2P_KERNEL"] = kernel
-                    if blocks:
-                        os.environ["SPMD_DIFF_A2A_BLOCKS"] = blocks
-                    else:
-                        os.environ.pop("SPMD_DIFF_A2A_BLOCKS", None)
-                    self.coll._fused = None  # pick the kernel again, drop replay plans
-                    self.coll.set_fused(kernel != "off")
+                    # pick the kernel again, drop replay plans
+                    self.coll.use_kernel(kernel, tuple(int(b) for b in blocks.split(",")) if blocks else None)
                     return lambda: group.all_to_all_into(send, out)
                 return run
 

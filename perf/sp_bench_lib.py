@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from spmd_diff.parallel.attention import LocalAttention, math_attention
-from spmd_diff.parallel.comm import Pending, SeqComm
+from spmd_diff.parallel.seq_comm import Pending, SeqComm
 
 WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
                   freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,

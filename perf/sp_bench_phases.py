@@ -165,7 +165,7 @@ def run_coll(ph: Phase) -> None:
     """Our layouts over ``GroupSeqComm(GroupCollectives(NvshmemTransport))``, the engine's GPU path (mpirun)."""
     from spmd_diff.comm.collectives import GroupCollectives
     from spmd_diff.comm.select import make_transport
-    from spmd_diff.parallel.comm import GroupSeqComm
+    from spmd_diff.parallel.seq_comm import GroupSeqComm
 
     heap = 1 << 30 if ph.device.type == "cuda" else 64 << 20
     transport = make_transport(ph.mpi_world, heap, os.environ.get("SP_BENCH_COLL_TRANSPORT", "nvshmem"))

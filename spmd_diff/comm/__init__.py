@@ -1,4 +1,5 @@
-"""spmd_diff.comm: transports (a symmetric heap with one-sided puts and signal words) and the double-ring channel.
+"""spmd_diff.comm: the data plane: transports (a symmetric heap with one-sided puts and signal words), the double-ring
+channel and the group collectives (module by module: docs/architecture.md, "Layers").
 
 Every name is imported lazily (PEP 562): ``spmd_diff.comm.world`` must load without torch (the engine validates a
 job before importing it), and importing ``mpi4py.MPI`` initialises MPI, which unit tests and planning code must

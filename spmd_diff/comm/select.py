@@ -115,13 +115,36 @@ def set_nvshmem_environment(heap_bytes: int) -> None:
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
 
 
-def make_transport(world: Any, heap_bytes: int, choice: str = "auto", put_kernel: bool = True) -> Transport:
+@dataclass(frozen=True)
+class TransportChoice:
+    """What ``choose_transport`` decided, the same on every rank."""
+
+    kind: str
+    """"mpi" or "nvshmem"."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.reason})"
+
+
+def choose_transport(world: Any, choice: str = "auto") -> TransportChoice:
+    """Collective over ``world.comm`` (one ``allgather``): the transport the job's ``world.transport`` gets here.
+
+    Raises:
+        UserError (the same on every rank): unknown choice; NVSHMEM forced but unusable.
+    """
+    return TransportChoice(*decide_transport(choice, gather_facts(world)))
+
+
+def make_transport(world: Any, heap_bytes: int, choice: str | TransportChoice = "auto",
+                   put_kernel: bool = True) -> Transport:
     """Collective: the job's transport over ``world.comm`` with ``heap_bytes`` of heap per rank.
 
     Args:
         world: ``spmd_diff.comm.world.World`` (uses ``comm``, ``rank`` and ``device``).
         heap_bytes: symmetric heap bytes per rank (same on every rank).
-        choice: ``world.transport`` of the job: "auto", "mpi" or "nvshmem".
+        choice: ``world.transport`` of the job ("auto", "mpi" or "nvshmem"; decided here, collectively), or what
+            ``choose_transport`` decided already.
         put_kernel: NVSHMEM: ``put_signal`` to P2P peers as one CUDA kernel (see ``NvshmemTransport``).
 
     Returns:
@@ -132,7 +155,9 @@ def make_transport(world: Any, heap_bytes: int, choice: str = "auto", put_kernel
         UserError (the same on every rank): unknown choice; NVSHMEM forced but unusable, or failing to start
         (the message names the setting that selects MPI).
     """
-    kind, reason = decide_transport(choice, gather_facts(world))
+    if not isinstance(choice, TransportChoice):
+        choice = choose_transport(world, choice)
+    kind, reason = choice.kind, choice.reason
     if world.rank == 0:
         log.info("transport: %s (%s)", kind, reason)
         print(f"spmd-diff: transport: {kind} ({reason})", file=sys.stderr, flush=True)

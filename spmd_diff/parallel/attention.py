@@ -1,4 +1,4 @@
-"""Sequence-parallel self-attention: Ulysses, ring and torus, over a :class:`~spmd_diff.parallel.comm.SeqComm`.
+"""Sequence-parallel self-attention: Ulysses, ring and torus, over a :class:`~spmd_diff.parallel.seq_comm.SeqComm`.
 
 Every function takes this rank's shard of the tokens, ``q, k, v`` of shape ``[B, s, H, D]`` (``s =
 seq_sizes[rank]``; shards in rank order make up the sequence), and returns the attention output for the same
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spmd_diff.parallel._kernels import apply_rotary_reference, lse_merge_, rope_pack
-from spmd_diff.parallel.comm import SeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import SeqComm, offsets, split_sizes
 from spmd_diff.parallel.layout import SPLayout
 from spmd_diff.parallel.overlap import ComputeWorker, OverlapProbe
 

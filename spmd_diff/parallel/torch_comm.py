@@ -1,10 +1,11 @@
-"""A :class:`~spmd_diff.parallel.comm.SeqComm` over torch.distributed (NCCL on GPUs, gloo on CPUs).
+"""A :class:`~spmd_diff.parallel.seq_comm.SeqComm` over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
-The GPU stand-in for the project's device-heap collectives until a GPU transport lands: the attention code does not
-know which one it runs over. Every exchange is a batch of point-to-point sends/receives (``batch_isend_irecv``)
-of the non-empty entries, so an all-to-all, a ring step and a torus piece are one code path; with NCCL the batch
-runs on NCCL's stream and ``Pending.wait`` only makes the current stream wait for it, so attention on the block in
-hand overlaps the transfer of the next.
+Not what the engine runs (it runs over the project's collectives, ``GroupSeqComm``): the same attention over NCCL,
+as the baseline ``perf/`` benchmarks time ours against and an independent transport the GPU and MPI tests check
+the attention with; the attention code does not know which one it runs over. Every exchange is a batch of
+point-to-point sends/receives (``batch_isend_irecv``) of the non-empty entries, so an all-to-all, a ring step and a
+torus piece are one code path; with NCCL the batch runs on NCCL's stream and ``Pending.wait`` only makes the
+current stream wait for it, so attention on the block in hand overlaps the transfer of the next.
 
 Groups are created collectively (``torch.distributed.new_group``): build every comm a job needs with
 :func:`build_torch_comms` on every rank of the default group, in the same order.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from spmd_diff.parallel.comm import Pending, SeqComm, _check_lengths, _template
+from spmd_diff.parallel.seq_comm import Pending, SeqComm, _check_lengths, _template
 
 
 class TorchSeqComm(SeqComm):

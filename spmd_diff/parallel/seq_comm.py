@@ -117,8 +117,8 @@ class SeqComm(abc.ABC):
 # Over the project's group-free collectives
 
 
-class Group(Protocol):
-    """The part of ``spmd_diff.comm.collectives.Group`` used here."""
+class GroupLike(Protocol):
+    """The part of ``spmd_diff.comm.collectives.Group`` used here (a protocol: tests pass thread-backed fakes)."""
 
     ranks: Sequence[int]
     rank_in_group: int
@@ -145,7 +145,7 @@ class GroupSeqComm(SeqComm):
             another device are copied there and back.
     """
 
-    def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None,
+    def __init__(self, group: GroupLike, subgroup: Callable[[list[int]], GroupLike] | None = None,
                  device: torch.device | str | None = None) -> None:
         self.group = group
         self.rank = int(group.rank_in_group)
