@@ -7,7 +7,7 @@ in Python on every call: tens of microseconds, the whole budget of a small all-t
 per access, four in flight per thread, and a launch is one ``cuLaunchKernel`` call with argument storage built
 once (CuPy compiles and loads the module).
 
-Three kernels, all following the protocol of ``spmd_diff.comm.collectives`` (same heap words and values, so
+Three kernels, all following the protocol of ``spmd_diff.comm.collective_layout`` (same heap words and values, so
 every one of them interoperates with the host-driven path on the other side):
 
 - ``p2p_all_to_all``: one group-free all-to-all among GPUs that map each other's heaps. Per peer row of the
