@@ -5,6 +5,7 @@ it), and the data plane's parts import in one direction."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import spmd_diff
@@ -26,11 +27,12 @@ def _resolve(importer: str, is_package: bool, node: ast.ImportFrom) -> str:
     return ".".join(base + ([node.module] if node.module else []))
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.lru_cache(maxsize=1)
+def import_graph() -> dict[str, frozenset[str]]:
     """``{module: spmd_diff modules it imports}``, every ``import`` statement anywhere in the file (type-checking
     blocks included), ``from X import name`` counted as an import of ``X.name`` where that is a module."""
     files = {_module_name(path): path for path in ROOT.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
+    graph: dict[str, frozenset[str]] = {}
     for name, path in files.items():
         edges: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -46,11 +48,11 @@ def import_graph() -> dict[str, set[str]]:
                     target = target.rpartition(".")[0]
                 if target.startswith("spmd_diff") and target != name:
                     edges.add(target)
-        graph[name] = edges
+        graph[name] = frozenset(edges)
     return graph
 
 
-def find_cycle(graph: dict[str, set[str]]) -> list[str]:
+def find_cycle(graph: dict) -> list[str]:
     """One import cycle as a list of modules (first == last), or [] if there is none."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
     path: list[str] = []
