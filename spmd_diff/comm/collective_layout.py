@@ -65,7 +65,7 @@ _DTYPES += [getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "u
 _DTYPE_CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 
-def chunk_plan(nbytes: int, max_chunk_bytes: int) -> tuple[int, int]:
+def chunk_split(nbytes: int, max_chunk_bytes: int) -> tuple[int, int]:
     """``(num_chunks, chunk_bytes)`` of a message; a pure function both ends compute alike.
 
     One chunk up to ``SINGLE_CHUNK_BYTES`` (if it fits a buffer), else chunks of about ``TARGET_CHUNK_BYTES``,

@@ -21,7 +21,7 @@ import torch
 
 from spmd_diff.comm.collective_layout import ALIGN, EPOCH_SHIFT, CollectiveLayout
 from spmd_diff.comm.exchange import Operation
-from spmd_diff.comm.fused_exchange import FusedExchange, FusedPlan
+from spmd_diff.comm.fused_exchange import FusedExchange, FusedLaunch
 from spmd_diff.comm.host_exchange import HostExchange
 from spmd_diff.comm.transport import SIGNAL_BYTES, Transport, round_up
 from spmd_diff.errors import StageTimeout
@@ -252,15 +252,15 @@ class Group:
         if coll.fused.allowed and len(send) == len(out) == self.size:
             key = tuple((t.data_ptr(), t.nbytes, t.is_contiguous()) for t in send) + tuple(
                 (t.data_ptr(), t.nbytes, t.is_contiguous()) for t in out)
-            plan = coll.fused.plan_for(self, key)
-            if plan is not None:
-                return plan.replay(send, out, deadline)
+            launch = coll.fused.launch_for(self, key)
+            if launch is not None:
+                return launch.replay(send, out, deadline)
         self._check_list(send, "send")
         self._check_list(out, "out")
         operation = self._operation("all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), deadline)
         result = self._execute(operation)
-        if key is not None and operation.fused_plan is not None:
-            coll.fused.keep_plan(self, key, operation.fused_plan)
+        if key is not None and operation.fused_launch is not None:
+            coll.fused.keep_launch(self, key, operation.fused_launch)
         return result
 
     def all_to_all_init(self, send: Sequence[torch.Tensor], out: Sequence[torch.Tensor]) -> Any:
@@ -349,15 +349,15 @@ class PersistentAllToAll:
 
     def __init__(self, group: Group, send: list, out: list) -> None:
         self.group, self.send, self.out = group, send, out
-        self._plan: Optional[FusedPlan] = None
+        self._launch: Optional[FusedLaunch] = None
         fused = group.coll.fused
         if fused.allowed:
             operation = Operation(group, "all_to_all_into", dict(enumerate(send)), dict(enumerate(out)), 0.0)
             operation.prepare()
-            self._plan = fused.plan(operation)
+            self._launch = fused.prepare_launch(operation)
 
     def start(self, deadline: Optional[float] = None) -> list[torch.Tensor]:
         """Enqueue one all-to-all; returns ``out`` (complete in stream order)."""
-        if self._plan is None or not self._plan.current:
+        if self._launch is None or not self._launch.current:
             return self.group.all_to_all_into(self.send, self.out, deadline)
-        return self._plan.replay(self.send, self.out, deadline)
+        return self._launch.replay(self.send, self.out, deadline)

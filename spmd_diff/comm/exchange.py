@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from spmd_diff.comm.collective_layout import as_bytes, chunk_plan, encode_header
+from spmd_diff.comm.collective_layout import as_bytes, chunk_split, encode_header
 
 
 class Operation:
@@ -21,7 +21,7 @@ class Operation:
     the right size, or None when a header says what comes).
 
     ``group`` is a ``spmd_diff.comm.collectives.Group`` (its ``coll``, ``ranks``, ``rank_in_group``, ``name``,
-    ``size`` are read). After ``prepare``: ``peers``, ``send_plan`` and ``recv_plan``; implementations fill
+    ``size`` are read). After ``prepare``: ``peers``, ``outgoing`` and ``incoming``; implementations fill
     ``results`` (by group position).
     """
 
@@ -42,9 +42,9 @@ class Operation:
         self.sends, self.recvs = sends, recvs
         self.results: list = [None] * group.size
         self.peers: list = []
-        self.send_plan: dict = {}
-        self.recv_plan: dict = {}
-        self.fused_plan: Any = None
+        self.outgoing: dict = {}
+        self.incoming: dict = {}
+        self.fused_launch: Any = None
         """Set by the one-kernel implementation when it ran the operation: a launch the group may replay."""
 
     def what(self, p: int, doing: str, epoch: int) -> str:
@@ -52,31 +52,31 @@ class Operation:
                 f"{self.group.ranks[p]} (epoch {epoch})")
 
     def prepare(self) -> tuple[list, dict, dict]:
-        """``(peers, send_plan, recv_plan)``: positions this rank exchanges with, and per peer the bytes and
-        chunk plan of what goes there / comes here (receives of unknown size get theirs from the header)."""
+        """``(peers, outgoing, incoming)``: positions this rank exchanges with, and per peer the bytes and
+        chunk split of what goes there / comes here (receives of unknown size get theirs from the header)."""
         me, max_chunk = self.me, self.layout.chunk_bytes
         mine, into = self.sends.get(me), self.recvs.get(me)
         if mine is not None and into is not None and as_bytes(mine).numel() != as_bytes(into).numel():
             raise ValueError(f"{self.group.name} {self.op}: out[{me}] has {as_bytes(into).numel()} bytes, "
                              f"send[{me}] {as_bytes(mine).numel()}")  # before any epoch moves
         peers = sorted((set(self.sends) | set(self.recvs)) - {me})
-        send_plan = {}
+        outgoing = {}
         for p, tensor in self.sends.items():
             if p != me:
                 data = as_bytes(tensor)
-                num, chunk = chunk_plan(data.numel(), max_chunk)
+                num, chunk = chunk_split(data.numel(), max_chunk)
                 header = encode_header(tensor, chunk) if self.headers else None
-                send_plan[p] = (data, num, chunk, header)
-        recv_plan = {}
+                outgoing[p] = (data, num, chunk, header)
+        incoming = {}
         for p, out in self.recvs.items():
             if p != me:
                 if out is None:
-                    recv_plan[p] = [None, None, None, None]
+                    incoming[p] = [None, None, None, None]
                 else:
                     data = as_bytes(out)
-                    recv_plan[p] = [out, data, *chunk_plan(data.numel(), max_chunk)]
-        self.peers, self.send_plan, self.recv_plan = peers, send_plan, recv_plan
-        return peers, send_plan, recv_plan
+                    incoming[p] = [out, data, *chunk_split(data.numel(), max_chunk)]
+        self.peers, self.outgoing, self.incoming = peers, outgoing, incoming
+        return peers, outgoing, incoming
 
     @property
     def has_self(self) -> bool:

@@ -1,5 +1,5 @@
 """The one-kernel implementation of ``all_to_all_into`` among GPUs that map each other's heaps (CUDA C through
-CuPy, else Triton): same protocol, heap words and chunk plan as the host-driven rounds, launched once per
+CuPy, else Triton): same protocol, heap words and chunk split as the host-driven rounds, launched once per
 operation and replayed while the same buffers come back."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class FusedExchange(Exchange):
                  enabled: bool = True) -> None:
         self.coll = coll
         self._kernel: Any = None  # None: not loaded yet; False: none can run here
-        self._plans: dict = {}
+        self._launches: dict = {}
         self.kernel_choice, self.a2a_blocks = "cuda", None
         self.select(kernel, a2a_blocks)
         self.set_enabled(enabled)
@@ -50,13 +50,13 @@ class FusedExchange(Exchange):
             raise ValueError(f"a2a_blocks must be two positive block counts, got {a2a_blocks!r}")
         self.kernel_choice, self.a2a_blocks = kernel, None if a2a_blocks is None else tuple(a2a_blocks)
         self._kernel = None
-        self._plans.clear()
+        self._launches.clear()
 
     def set_enabled(self, enabled: bool) -> None:
         """Allow (device heaps with mapped peers) or forbid the one-kernel path; local, between operations."""
         coll = self.coll
         self.allowed = bool(enabled) and coll.on_device and hasattr(coll.transport, "address")
-        self._plans.clear()
+        self._launches.clear()
 
     def kernel(self) -> Any:
         """The one-kernel all-to-all launcher, or None where it cannot run (no CuPy nor Triton, host heap,
@@ -86,15 +86,15 @@ class FusedExchange(Exchange):
         """Whether ``kernel`` is still the one in use (not switched, disabled or failed over)."""
         return self.allowed and kernel is self._kernel
 
-    def plan_for(self, group: Any, key: tuple) -> Optional["FusedPlan"]:
+    def launch_for(self, group: Any, key: tuple) -> Optional["FusedLaunch"]:
         """A launch already run by ``group`` with the buffers of ``key``, still current, or None."""
-        plan = self._plans.get((group.ranks, key))
-        return plan if plan is not None and plan.current else None
+        launch = self._launches.get((group.ranks, key))
+        return launch if launch is not None and launch.current else None
 
-    def keep_plan(self, group: Any, key: tuple, plan: "FusedPlan") -> None:
-        if len(self._plans) >= 512:
-            self._plans.clear()
-        self._plans[(group.ranks, key)] = plan
+    def keep_launch(self, group: Any, key: tuple, launch: "FusedLaunch") -> None:
+        if len(self._launches) >= 512:
+            self._launches.clear()
+        self._launches[(group.ranks, key)] = launch
 
     def check(self, sync: bool = False) -> None:
         """Raise StageTimeout if a launch gave up waiting for a peer. The CUDA kernels report through pinned host
@@ -123,40 +123,40 @@ class FusedExchange(Exchange):
         return f"the heap word at offset {offset}"
 
     def run(self, operation: Operation, epochs: dict[int, int]) -> bool:
-        """Enqueue ``operation`` as one kernel where ``plan`` makes one; leaves it in ``operation.fused_plan``
-        (the group replays it while the same buffers come back)."""
+        """Enqueue ``operation`` as one kernel where ``prepare_launch`` makes one; leaves it in
+        ``operation.fused_launch`` (the group replays it while the same buffers come back)."""
         if operation.headers or not self.coll.on_device:
             return False
-        plan = self.plan(operation)
-        if plan is None:
+        launch = self.prepare_launch(operation)
+        if launch is None:
             return False
         self.check()  # an earlier kernel gave up: StageTimeout, never a silent fallback
         peers = operation.peers
         pair_epochs = [epochs[p] >> EPOCH_SHIFT for p in peers]
         try:
-            plan.enqueue(pair_epochs)
+            launch.enqueue(pair_epochs)
         except Exception as error:  # noqa: BLE001 - e.g. the kernel cannot launch here: nothing was enqueued
             log.warning("one-kernel all-to-all unavailable (%s: %s); using the host-driven path",
                         type(error).__name__, error)
             self._kernel = False
             return False
-        plan.track(pair_epochs, operation.deadline)  # outside the try: a StageTimeout here must propagate
+        launch.track(pair_epochs, operation.deadline)  # outside the try: a StageTimeout here must propagate
         me = operation.me
         for p in peers:
-            operation.results[p] = operation.recv_plan[p][0]
+            operation.results[p] = operation.incoming[p][0]
         if operation.has_self:
-            operation.results[me] = operation.recvs[me] if plan.has_self else operation.copy_self()
-        operation.fused_plan = plan
+            operation.results[me] = operation.recvs[me] if launch.has_self else operation.copy_self()
+        operation.fused_launch = launch
         return True
 
-    def plan(self, operation: Operation) -> Optional["FusedPlan"]:
+    def prepare_launch(self, operation: Operation) -> Optional["FusedLaunch"]:
         """``operation`` (after ``prepare``) as one kernel, not launched, if every peer's heap is mapped here
-        (P2P) and every address and size is a multiple of 4 bytes; same protocol, words and chunk plan as the
+        (P2P) and every address and size is a multiple of 4 bytes; same protocol, words and chunk split as the
         host path."""
         o = operation
         coll, tr, lay, ranks, me = self.coll, o.transport, o.layout, o.group.ranks, o.me
-        peers, send_plan, recv_plan = o.peers, o.send_plan, o.recv_plan
-        if not peers or len(peers) > FUSED_MAX_PEERS or set(send_plan) != set(peers) or set(recv_plan) != set(peers):
+        peers, outgoing, incoming = o.peers, o.outgoing, o.incoming
+        if not peers or len(peers) > FUSED_MAX_PEERS or set(outgoing) != set(peers) or set(incoming) != set(peers):
             return None
         kernel = self.kernel()
         if kernel is None:
@@ -167,8 +167,8 @@ class FusedExchange(Exchange):
         local, my_rank = tr.address(coll.rank, 0), coll.rank
         rows, largest = [], 0
         for p, peer in zip(peers, addresses):
-            data, num_send, send_chunk, _ = send_plan[p]
-            _, out_bytes, num_recv, recv_chunk = recv_plan[p]
+            data, num_send, send_chunk, _ = outgoing[p]
+            _, out_bytes, num_recv, recv_chunk = incoming[p]
             send_ptr = data.data_ptr() if data.numel() else 0
             out_ptr = out_bytes.data_ptr() if out_bytes.numel() else 0
             if (send_ptr | data.numel() | out_ptr | out_bytes.numel() | send_chunk | recv_chunk) % 4:
@@ -185,14 +185,14 @@ class FusedExchange(Exchange):
             src, dst = as_bytes(o.sends[me]), as_bytes(o.recvs[me])
             rows.append((src.data_ptr() if src.numel() else 0, src.numel(), -1, 0, 0, 0, 0, 0, 0, 0,
                          dst.data_ptr() if dst.numel() else 0, dst.numel(), 0, 0))
-        return FusedPlan(self, kernel, o.group, peers, rows, kernel.blocks_for(largest, len(peers)),
-                         [recv_plan[p][2] for p in peers], fold_self)
+        return FusedLaunch(self, kernel, o.group, peers, rows, kernel.blocks_for(largest, len(peers)),
+                           [incoming[p][2] for p in peers], fold_self)
 
 
-class FusedPlan:
+class FusedLaunch:
     """An all-to-all the one-kernel path already ran with these very buffers: replaying it costs a launch.
 
-    The descriptor rows (addresses and chunk plans) do not change between calls with the same tensors; only the
+    The descriptor rows (addresses and chunk splits) do not change between calls with the same tensors; only the
     pair epochs do, and they travel as kernel arguments.
     """
 
@@ -217,11 +217,11 @@ class FusedPlan:
 
     @property
     def current(self) -> bool:
-        """Whether the collectives still run this plan's kernel (not switched, disabled or failed over)."""
+        """Whether the collectives still run this launch's kernel (not switched, disabled or failed over)."""
         return self.fused.is_current(self.kernel)
 
     def replay(self, send: list, out: list, deadline: Optional[float] = None) -> list:
-        """The same operation again with the buffers it was planned for: advance the epochs with every peer,
+        """The same operation again with the buffers it was prepared for: advance the epochs with every peer,
         launch, track, and copy this rank's own block where the kernel does not; returns ``out``. A launch that
         fails takes the epochs back (nothing was enqueued), so this rank stays in step with its peers."""
         coll = self.coll

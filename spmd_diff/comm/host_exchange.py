@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from spmd_diff.comm.collective_layout import EPOCH_SHIFT, SLOT_HEADER_BYTES, as_bytes, chunk_plan, decode_header
+from spmd_diff.comm.collective_layout import EPOCH_SHIFT, SLOT_HEADER_BYTES, as_bytes, chunk_split, decode_header
 from spmd_diff.comm.exchange import Exchange, Operation
 from spmd_diff.comm.transport import SIGNAL_BYTES
 
@@ -22,8 +22,8 @@ class HostExchange(Exchange):
         o = operation
         group, coll, tr, lay, me = o.group, o.coll, o.transport, o.layout, o.me
         my_rank, ranks = coll.rank, group.ranks
-        peers, send_plan, recv_plan = o.peers, o.send_plan, o.recv_plan
-        total = sum(plan[0].numel() for plan in send_plan.values())
+        peers, outgoing, incoming = o.peers, o.outgoing, o.incoming
+        total = sum(entry[0].numel() for entry in outgoing.values())
         if o.has_self:
             o.results[me] = o.copy_self()
         side = coll.on_device and total >= SIDE_STREAM_BYTES
@@ -34,13 +34,13 @@ class HostExchange(Exchange):
                     stream.wait_stream(current)
         stream_of = (lambda p, k: coll.stream_pair(p)[k]) if side else (lambda p, k: None)
 
-        for p in recv_plan:  # step 1: grant the first two chunks
+        for p in incoming:  # step 1: grant the first two chunks
             with _on(stream_of(p, 1)):
                 tr.signal(ranks[p], lay.grant_offset + my_rank * SIGNAL_BYTES, epochs[p] | 2)
         r = 0
         while True:
             active = False
-            for p, (data, num, chunk, header) in send_plan.items():  # step 2: chunk r to every receiver
+            for p, (data, num, chunk, header) in outgoing.items():  # step 2: chunk r to every receiver
                 if r >= num:
                     continue
                 active = True
@@ -52,10 +52,10 @@ class HostExchange(Exchange):
                         tr.put(ranks[p], lay.header_offset + me * SLOT_HEADER_BYTES, header)
                     tr.put_signal(ranks[p], lay.buffer_offset(me, r), data[r * chunk:(r + 1) * chunk],
                                   lay.arrive_offset + my_rank * SIGNAL_BYTES, epochs[p] | r + 1)
-            for p, plan in recv_plan.items():  # step 3: chunk r from every sender
+            for p, entry in incoming.items():  # step 3: chunk r from every sender
                 if r == 0 and o.headers:
-                    _read_header(o, p, plan, epochs[p])
-                out, data, num, chunk = plan
+                    _read_header(o, p, entry, epochs[p])
+                out, data, num, chunk = entry
                 if r >= num:
                     continue
                 active = True
@@ -71,24 +71,24 @@ class HostExchange(Exchange):
             if not active:
                 break
             r += 1
-        for p, plan in recv_plan.items():
-            o.results[p] = plan[0]
+        for p, entry in incoming.items():
+            o.results[p] = entry[0]
         if coll.on_device:
             if side:
                 for p in peers:
                     for stream in coll.stream_pair(p):
                         current.wait_stream(stream)
-            checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | plan[2],
+            checks = [(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | entry[2],
                        f"the last chunk from rank {ranks[p]} (epoch {epochs[p] >> EPOCH_SHIFT}) has not arrived")
-                      for p, plan in recv_plan.items()]
-            checks += [(lay.grant_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | plan[1],
+                      for p, entry in incoming.items()]
+            checks += [(lay.grant_offset + ranks[p] * SIGNAL_BYTES, epochs[p] | entry[1],
                         f"rank {ranks[p]} has not granted the last chunk (epoch {epochs[p] >> EPOCH_SHIFT}); "
-                        f"is it in this operation?") for p, plan in send_plan.items()]
+                        f"is it in this operation?") for p, entry in outgoing.items()]
             coll.track(current.record_event(), f"{group.name} {o.op}", checks, o.deadline)
         return True
 
 
-def _read_header(o: Operation, p: int, plan: list, epoch: int) -> None:
+def _read_header(o: Operation, p: int, entry: list, epoch: int) -> None:
     """Wait (on the host) for chunk 0 from position ``p`` and read its header: size the receive."""
     tr, lay, ranks = o.transport, o.layout, o.group.ranks
     tr.wait_signal(lay.arrive_offset + ranks[p] * SIGNAL_BYTES, epoch | 1, o.deadline,
@@ -96,15 +96,15 @@ def _read_header(o: Operation, p: int, plan: list, epoch: int) -> None:
     raw = tr.local_view(lay.header_offset + p * SLOT_HEADER_BYTES, SLOT_HEADER_BYTES).tobytes()
     where = f"{o.group.name} {o.op} from rank {ranks[p]}"
     dtype, shape, nbytes, chunk = decode_header(raw, where)
-    if plan[0] is None:
+    if entry[0] is None:
         out = torch.empty(shape, dtype=dtype, device=tr.device)
-        plan[:] = [out, as_bytes(out), *chunk_plan(nbytes, lay.chunk_bytes)]
-    elif nbytes != plan[1].numel():
-        raise ValueError(f"{where}: out[{p}] has {plan[1].numel()} bytes but rank {ranks[p]} sent "
+        entry[:] = [out, as_bytes(out), *chunk_split(nbytes, lay.chunk_bytes)]
+    elif nbytes != entry[1].numel():
+        raise ValueError(f"{where}: out[{p}] has {entry[1].numel()} bytes but rank {ranks[p]} sent "
                          f"{nbytes} ({dtype}{tuple(shape)})")
-    if chunk != plan[3]:
+    if chunk != entry[3]:
         raise RuntimeError(f"{where}: sender cut {nbytes} bytes into chunks of {chunk}, this rank expected "
-                           f"{plan[3]}: the ranks disagree on the collectives layout")
+                           f"{entry[3]}: the ranks disagree on the collectives layout")
 
 
 class _NoStream:
