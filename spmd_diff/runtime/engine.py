@@ -22,9 +22,10 @@ from typing import Callable, Iterator
 import torch
 
 import spmd_diff
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 from spmd_diff.comm.collectives import GroupCollectives
-from spmd_diff.comm.select import make_transport
+from spmd_diff.comm.select import TransportChoice, choose_transport, make_transport
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
@@ -135,6 +136,9 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     plan = policy.plan if isinstance(policy, AutoPolicy) else inputs.plan
     setup = world.run_checked(lambda: build_setup(inputs, plan, world.device))
     set_threads(world.local_size, setup.job.run.threads)
+    # Which transport (collective, before OUT is touched: a forced NVSHMEM that cannot work is a bad job).
+    transport_choice = world.run_checked(lambda: choose_transport(world, setup.job.world.transport)
+                                         if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
@@ -193,11 +197,11 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     deadline_s = deadline_for(setup.plan)
     shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
-    _announce(world, setup, events, pending, request.out_dir, deadline_s)
+    _announce(world, setup, events, pending, request.out_dir, deadline_s, transport_choice)
 
     try:
         role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_for,
-                                policy)
+                                policy, transport_choice)
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -251,13 +255,14 @@ def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost
 
 
 def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item], out_dir: str,
-              deadline_s: float) -> None:
+              deadline_s: float, transport_choice: TransportChoice | None) -> None:
     hosts = world.comm.gather(socket.gethostname(), root=0)
     plan = setup.plan
     if world.rank == 0:
         events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
                     plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
-                    model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s)
+                    model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s,
+                    transport=str(transport_choice) if transport_choice else "none (one rank: no channels)")
         print(plan.describe(setup.topology), file=sys.stderr)
         print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
               f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
@@ -266,7 +271,7 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
 
 def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
               items_by_index: dict[int, Item], pending: list[Item], deadline_for: Callable[[RolePlan], float],
-              policy: Policy):
+              policy: Policy, transport_choice: TransportChoice | None):
     """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
     batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until the batch has
     drained, and (between batches) combine every rank's timings and let ``policy`` choose the next plan.
@@ -305,10 +310,13 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                       f"collectives, progress board; the largest of the {len(candidates)} plan(s) this job may "
                       f"switch between); a consumer serves at most {max(p.fan_in() for p in candidates)} "
                       "producer(s)", file=sys.stderr)
-            transport = make_transport(world, transport_heap, setup.job.world.transport)
+            dataplane = setup.job.dataplane
+            transport = make_transport(world, transport_heap, transport_choice,
+                                       put_kernel=dataplane.put_kernel and dataplane.p2p_kernel == "cuda")
             if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
-                                        timeout_s=max(deadline_for(p) for p in candidates))
+                                        timeout_s=max(deadline_for(p) for p in candidates),
+                                        kernel=dataplane.p2p_kernel, a2a_blocks=dataplane.a2a_block_counts())
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_for(plan), setup_attrs(setup), board.publish,

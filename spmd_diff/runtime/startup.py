@@ -83,6 +83,8 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     if request.model:
         overrides.append(f"model.path={request.model!r}")
     job = load_job(request.job_path, overrides)
+    if job.world.force_cpu:
+        world.use_cpu_only()
     items = shard_items(load_prompts(request.prompts_path, job.run.seed), request.shard)
     topology = world.topology
     if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
