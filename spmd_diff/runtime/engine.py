@@ -16,7 +16,6 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -29,7 +28,6 @@ from spmd_diff.comm.select import TransportChoice, choose_transport, make_transp
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
-from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.identity import identity_of, model_fingerprint
 from spmd_diff.io.inputs import Item
@@ -38,7 +36,7 @@ from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
-from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
+from spmd_diff.models.wan import VideoSpec
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
@@ -46,61 +44,17 @@ from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.parallel_layout import resolve_parallel_layout
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.workload import WorkClass
-from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
+from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
-from spmd_diff.runtime.startup import (JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs,
-                                      job_settings)
+from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 
 log = logging.getLogger("spmd_diff")
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything decided before the first channel exists; identical on every rank."""
-
-    job: JobConfig
-    model_dir: str
-    items: tuple[Item, ...]
-    shapes: dict[VideoSpec, WanShapes]
-    """Every distinct item spec of the job (the job's ``[video]`` defaults included) -> its checked shapes."""
-    spec: VideoSpec
-    """The job's ``[video]`` defaults (an item that gives no settings of its own is rendered with it)."""
-    plan: RolePlan
-    dtype: str
-    topology: Topology
-    """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
-
-    def spec_of(self, item: Item) -> VideoSpec:
-        """The item's own :class:`VideoSpec`: the job's defaults with the item's settings in their place."""
-        return item_spec(self.job, item)
-
-
-def item_spec(job: JobConfig, item: Item | None) -> VideoSpec:
-    """``VideoSpec`` of ``item`` (``VideoConfig.for_item``); of the job's defaults for ``None``."""
-    v = job.video if item is None else job.video.for_item(item)
-    return VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale, v.max_sequence_length)
-
-
-def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
-    """The model-dependent half of the setup: the job's video spec and every item's own checked against the
-    model's configs (an item's error names its prompts-file line); ``plan``: the plan of the first batch."""
-    spec = item_spec(inputs.job, None)
-    shapes = {spec: read_shapes(inputs.model_dir, spec)}
-    for item in inputs.items:
-        item_own = item_spec(inputs.job, item)
-        if item_own not in shapes:
-            try:
-                shapes[item_own] = read_shapes(inputs.model_dir, item_own)
-            except UserError as exc:
-                raise UserError(f"{item.where or f'item {item.id!r}'}: {exc} (the item's own settings)") from None
-    return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, plan,
-                 dtype_name(inputs.job, device.startswith("cuda")), inputs.topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
