@@ -10,6 +10,7 @@ import time
 import warnings
 
 from spmd_diff.errors import StageTimeout, UserError
+from spmd_diff.runtime.faults import TESTING_ENV
 
 
 ENV_OVERRIDES = {
@@ -228,7 +229,8 @@ def _run(args) -> int:
 
     shard = parse_shard(args.shard) if args.shard else None
     request = RunRequest(args.job, args.prompts, args.out, tuple(env_overrides() + args.overrides), args.model,
-                         shard, args.force, args.retry_failed)
+                         shard, args.force, args.retry_failed,
+                         tuple((name, os.environ[name]) for name in TESTING_ENV if os.environ.get(name)))
     started = start(request)  # no torch yet: bad input is reported within about a second
     if not started.inputs.pending:
         stop.uninstall()

@@ -151,11 +151,11 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     deadline_s = deadline_for(setup.plan)
     shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
-    _announce(world, setup, events, pending, request.out_dir, deadline_s, transport_choice)
+    _announce(world, setup, events, pending, request.out_dir, deadline_s, transport_choice, request.testing_aids)
 
     try:
         role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_for,
-                                policy, transport_choice)
+                                policy, transport_choice, TestHooks.from_env(world.rank, dict(request.testing_aids)))
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -209,14 +209,16 @@ def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost
 
 
 def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item], out_dir: str,
-              deadline_s: float, transport_choice: TransportChoice | None) -> None:
+              deadline_s: float, transport_choice: TransportChoice | None,
+              testing_aids: tuple[tuple[str, str], ...]) -> None:
     hosts = world.comm.gather(socket.gethostname(), root=0)
     plan = setup.plan
     if world.rank == 0:
         events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
                     plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
                     model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s,
-                    transport=str(transport_choice) if transport_choice else "none (one rank: no channels)")
+                    transport=str(transport_choice) if transport_choice else "none (one rank: no channels)",
+                    testing_aids=dict(testing_aids))
         print(plan.describe(setup.topology), file=sys.stderr)
         print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
               f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
@@ -225,7 +227,7 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
 
 def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
               items_by_index: dict[int, Item], pending: list[Item], deadline_for: Callable[[RolePlan], float],
-              policy: Policy, transport_choice: TransportChoice | None):
+              policy: Policy, transport_choice: TransportChoice | None, hooks: TestHooks):
     """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
     batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until the batch has
     drained, and (between batches) combine every rank's timings and let ``policy`` choose the next plan.
@@ -274,7 +276,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_for(plan), setup_attrs(setup), board.publish,
-                                hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
+                                hooks=hooks or None, overlap_decode=speed.overlap_decode,
                                 write_queue=speed.write_queue, warmup=speed.warmup,
                                 warmup_spec=setup.spec_of(pending[0]) if pending else setup.spec)
         if world.rank == 0:
