@@ -41,6 +41,8 @@ from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
+from spmd_diff.parallel.comm import GroupSeqComm
+from spmd_diff.parallel.decoder_group import DecoderGroup
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.parallel_layout import resolve_parallel_layout
 from spmd_diff.plan.roles import RolePlan
@@ -293,7 +295,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 print(f"spmd-diff: per-item SP degree: {shown or 'no items'}", file=sys.stderr)
                 events.emit("item_groups", degrees={str(d): n for d, n in sorted(by_degree.items())},
                             predicted_makespan_s=round(max((g.start_s + g.seconds for g in schedule), default=0), 3))
-        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0
+        # roles.group_decode: the decoder ranks decode as one group over the same collectives (static plans only)
+        decoder_group = len(plan.decoders) if setup.job.roles.group_decode else 0
+        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max(max_sp, decoder_group) > 1 else 0
         channels_base = round_up(board_bytes, 256) + coll_bytes
         enc_spec, dec_spec = _ring_specs(setup)
         coll = None
@@ -307,7 +311,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                       "producer(s)", file=sys.stderr)
             transport = make_transport(world, transport_heap, setup.job.world.transport)
             if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
-                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
+                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes,
+                                        max_ranks=max(max_sp, decoder_group),
                                         timeout_s=max(deadline_for(p) for p in candidates))
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
@@ -361,6 +366,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                                    cfg_parallel=plan.cfg_parallel, layout=mine.sp)
                 sp_for = (group_ranks, stages, plan.cfg_parallel)
             ctx.group_decode = ctx.sp is not None and plan.group_decode
+            ctx.decoder_group = None
+            if decoder_group and world.rank in plan.decoders:
+                ctx.decoder_group = _decoder_group(ctx, coll, plan.decoders)
             if ctx.hooks:
                 ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()
@@ -400,6 +408,15 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if not isinstance(exc, (StageTimeout, StoreFull, UserError)):
             traceback.print_exc()
         return exc
+
+
+def _decoder_group(ctx: loops.RankContext, coll: GroupCollectives, decoders: tuple[int, ...]) -> DecoderGroup:
+    """``roles.group_decode``: this decoder rank's :class:`DecoderGroup` of every decoder rank (band order = rank
+    order); each decode it takes part in is a ``decode`` stage event with its ``bands``."""
+    def span(index: int, bands: int):
+        return ctx.span("decode", ctx.items[index], gpu=True, fields={"bands": bands})
+
+    return DecoderGroup(ctx.stages, GroupSeqComm(coll.group(list(decoders)), coll.group), span)
 
 
 def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec, base: int) -> HeapLayout:

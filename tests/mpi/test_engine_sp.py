@@ -66,3 +66,48 @@ def test_sp_layout_equals_one_rank(name, setup):
     for key in reference:
         diff = np.abs(got[key].astype(np.int16) - reference[key].astype(np.int16))
         assert diff.max() <= 1, f"{name} {key}: max diff {diff.max()}"
+
+
+def test_decoder_group_equals_one_rank(setup, demo_model_dir):
+    """roles.group_decode: 1 DiT rank (encoding its items) and 3 decoder ranks that decode every video together
+    (heights are multiples of 16, so latent rows are even: 3 decoders split them unevenly): latent heights 8 and
+    10 rows (bands 3+3+2, 4+3+3), and 2 rows (fewer than the decoders: its holder decodes it alone); an item
+    failing upstream reaches the writer as its failure. Videos: the one-rank run's (height 64) and diffusers'
+    WanPipeline's (80 and 16), within 1 uint8 level."""
+    from spmd_diff.config import load_job
+    from spmd_diff.models.wan import VideoSpec, reference_video
+
+    prompts, env, base, (reference, _) = setup
+    items = [PROMPTS[0], {**PROMPTS[1], "height": 80}, {**PROMPTS[2], "height": 16},
+             {"id": "broken", "prompt": "A kite in a storm."}]
+    path = base / "decoder-group.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in items))
+    hooks = json.dumps([{"action": "fail", "stage": "encode", "item": "broken"}])
+    out = base / "decoder-group"
+    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(path), "--out", str(out),
+                    *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3", "--set", "roles.group_decode=true", timeout=300,
+                    env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    with h5py.File(out / "videos.h5", "r") as f:
+        got = {k: f["videos"][k][...] for k in f["videos"]}
+        assert sorted(f["failed"]) == ["broken"]
+    assert json.loads((out / "job.json").read_text())["job"]["roles"]["group_decode"] is True
+    v = load_job(REPO / "jobs/demo.toml", ["video.num_inference_steps=3"]).video
+    expected = {"a": reference["a"]}
+    for p in items[1:3]:
+        spec = VideoSpec(p["height"], v.width, v.num_frames, v.num_inference_steps, v.guidance_scale)
+        expected[p["id"]] = reference_video(demo_model_dir, p["prompt"], p.get("negative_prompt", v.negative_prompt),
+                                            p["seed"] if "seed" in p else 1234 + items.index(p), spec)
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        assert got[key].shape == want.shape
+        diff = np.abs(got[key].astype(np.int16) - want.astype(np.int16))
+        assert diff.max() <= 1, f"{key}: max diff {diff.max()}"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    decodes = [e for e in events if e["ev"] == "stage" and e["stage"] == "decode"]
+    # split videos: a decode event on each decoder rank, 3 bands; the 2-row one: one event, decoded alone
+    bands = {"a": 3, "b": 3, "c": 1}
+    assert sorted((e["item"], e["bands"]) for e in decodes) == sorted((k, n) for k, n in bands.items()
+                                                                     for _ in range(n))
+    plan = next(e for e in events if e["ev"] == "job_start")["plan"]
+    assert {e["rank"] for e in decodes} == set(plan["decoders"]) and len(plan["decoders"]) == 3
