@@ -131,7 +131,8 @@ class DitConfig:
     denoises and decodes; a group's leader encodes and decodes its item), and no compiled blocks (dit.compile,
     speed.fast_compile_dit) for now. Same videos as any fixed degree."""
     collective_mib: int = 64
-    """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
+    """Heap MiB for the group collectives of sequence-parallel DiT groups and of decoder groups
+    (roles.group_decode) (chunk buffers; larger = fewer rounds)."""
     cfg_parallel: bool | str = "auto"
     """DiT groups of an even number of ranks, with classifier-free guidance (video.guidance_scale > 1): run the
     conditional branch on one half of the group and the unconditional one on the other (each half sequence-
