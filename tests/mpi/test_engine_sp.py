@@ -1,11 +1,15 @@
 """Sequence-parallel DiT groups in the engine: for each layout and S in {2, 4} (torus as 2 x 2 on a virtual
 two-node topology), the videos equal the S = 1 videos within 1 uint8 level. Groups of 4 that decode their own
 items decode together; the Ulysses group of 4 runs the planner's "auto" CFG parallel (halves of 2), the others
-none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py)."""
+none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py).
+Dedicated decoder ranks decoding as a group (roles.group_decode): uneven bands against the one-rank run and
+WanPipeline, and a hung member ending the job at the deadline."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import h5py
@@ -111,3 +115,23 @@ def test_decoder_group_equals_one_rank(setup, demo_model_dir):
                                                                      for _ in range(n))
     plan = next(e for e in events if e["ev"] == "job_start")["plan"]
     assert {e["rank"] for e in decodes} == set(plan["decoders"]) and len(plan["decoders"]) == 3
+
+
+def test_decoder_group_with_a_hung_member_ends_within_the_deadline(setup):
+    """A decoder (rank 1 of decoders 0, 1, 2) that hangs in a group decode: the other decoders' collective times
+    out at the job's deadline (here 3 x run.timeout_s), the job ends with the timeout's exit code (3) and a
+    diagnostic naming the hung rank instead of hanging."""
+    prompts, env, base, _ = setup
+    hooks = json.dumps([{"action": "hang", "stage": "decode", "item": "a", "rank": 1}])
+    started = time.monotonic()
+    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out",
+                    str(base / "decoder-group-hung"), *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3",
+                    "--set", "roles.group_decode=true", "--set", "run.timeout_s=2", timeout=240,
+                    env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "test hook: hanging in decode of 'a'" in result.stderr
+    # a decoder waiting for the hung one in the group's collective names it
+    assert re.search(r"spmd-diff: error \(rank [02]\): group\[0,1,2\] .*rank 1\b", result.stderr), \
+        result.stderr[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s"
