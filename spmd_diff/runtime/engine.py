@@ -261,6 +261,9 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
                     plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
                     model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s)
         print(plan.describe(setup.topology), file=sys.stderr)
+        if setup.job.roles.group_decode:
+            print(f"spmd-diff: the decoder ranks {list(plan.decoders)} decode each video together (roles.group_decode)",
+                  file=sys.stderr)
         print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
               f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
     events.emit("rank_start", role=plan.role_of(world.rank), host=socket.gethostname())
@@ -296,8 +299,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 events.emit("item_groups", degrees={str(d): n for d, n in sorted(by_degree.items())},
                             predicted_makespan_s=round(max((g.start_s + g.seconds for g in schedule), default=0), 3))
         # roles.group_decode: the decoder ranks decode as one group over the same collectives (static plans only)
-        decoder_group = len(plan.decoders) if setup.job.roles.group_decode else 0
-        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max(max_sp, decoder_group) > 1 else 0
+        decoder_group_size = len(plan.decoders) if setup.job.roles.group_decode else 0
+        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max(max_sp, decoder_group_size) > 1 else 0
         channels_base = round_up(board_bytes, 256) + coll_bytes
         enc_spec, dec_spec = _ring_specs(setup)
         coll = None
@@ -312,7 +315,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             transport = make_transport(world, transport_heap, setup.job.world.transport)
             if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes,
-                                        max_ranks=max(max_sp, decoder_group),
+                                        max_ranks=max(max_sp, decoder_group_size),
                                         timeout_s=max(deadline_for(p) for p in candidates))
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
@@ -367,7 +370,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 sp_for = (group_ranks, stages, plan.cfg_parallel)
             ctx.group_decode = ctx.sp is not None and plan.group_decode
             ctx.decoder_group = None
-            if decoder_group and world.rank in plan.decoders:
+            if decoder_group_size and world.rank in plan.decoders:
                 ctx.decoder_group = _decoder_group(ctx, coll, plan.decoders)
             if ctx.hooks:
                 ctx.hooks.at("batch_start", f"batch-{number}")

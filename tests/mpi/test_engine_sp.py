@@ -89,9 +89,11 @@ def test_decoder_group_equals_one_rank(setup, demo_model_dir):
     hooks = json.dumps([{"action": "fail", "stage": "encode", "item": "broken"}])
     out = base / "decoder-group"
     result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(path), "--out", str(out),
-                    *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3", "--set", "roles.group_decode=true", timeout=300,
+                    *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3", "--set", "roles.group_decode=true",
+                    timeout=300,
                     env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "decode each video together (roles.group_decode)" in result.stderr
     with h5py.File(out / "videos.h5", "r") as f:
         got = {k: f["videos"][k][...] for k in f["videos"]}
         assert sorted(f["failed"]) == ["broken"]
