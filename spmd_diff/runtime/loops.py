@@ -74,7 +74,7 @@ class RankContext:
     ``RolePlan.group_decode``), and the leader's finisher only writes."""
     decoder_group: Any = None
     """A decoder rank with ``roles.group_decode``: the ``spmd_diff.parallel.decoder_group.DecoderGroup`` of every
-    decoder rank, which decodes each item together (:func:`decoder_group_loop`)."""
+    decoder rank, which decodes each item together (``spmd_diff.runtime.decoder_rounds``)."""
     overlap_decode: bool = False
     """Decode on a second thread (and CUDA stream) while this rank's thread goes on (``speed.overlap_decode``)."""
     write_queue: int = 0
@@ -533,68 +533,14 @@ def item_group_loop(ctx: RankContext, assignments: Iterable[Any], join: Callable
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
     warm_up(ctx)
     if ctx.decoder_group is not None:
+        from spmd_diff.runtime.decoder_rounds import decoder_group_loop
+
         decoder_group_loop(ctx, from_dit)
         return
     finisher = Finisher(ctx)
     for item, meta, tensors in receive(ctx, from_dit):
         finisher.submit(item, meta, tensors)
     finisher.close()
-
-
-def decoder_group_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
-    """A decoder rank of ``roles.group_decode``: the decoder ranks decode every item together, in rounds
-    (:func:`spmd_diff.parallel.decoder_group.run_rounds`). Each round this rank checks its receivers without
-    waiting and offers at most one item it received; an item that failed upstream (a failure record) goes
-    straight to its :class:`Finisher` (the failure is written), as does each video of this rank's items once the
-    group decoded it (written only). It ends when every member's producers have closed.
-
-    Deadline: as :func:`receive`'s, for the group: when no member offered anything for ``ctx.timeout_s`` (no
-    item arrived at any of them), :class:`StageTimeout`; a member that stops taking part leaves the others in
-    the round's collective, which raises at the collectives' own deadline.
-    """
-    from spmd_diff.parallel.decoder_group import run_rounds
-
-    finisher = Finisher(ctx)
-    open_receivers = list(from_dit)
-    state = {"start": 0, "idle_since": time.monotonic(), "backoff": _round_backoff()}
-
-    def next_offer():
-        while open_receivers:
-            count = len(open_receivers)
-            chosen = next((open_receivers[(state["start"] + k) % count] for k in range(count)
-                           if open_receivers[(state["start"] + k) % count].ready()), None)
-            if chosen is None:
-                return None, False
-            state["start"] = (open_receivers.index(chosen) + 1) % count
-            message = chosen.take(ctx.deadline())
-            if chosen.closed:
-                open_receivers.remove(chosen)
-                continue
-            item = ctx.items[message.meta["item"]]
-            if "failed" in message.meta:
-                finisher.submit(item, message.meta, message.tensors)
-                continue
-            return (item.index, message.tensors["latents"]), False
-        return None, True
-
-    def on_round(result) -> None:
-        now = time.monotonic()
-        if result.num_offered:
-            state["idle_since"], state["backoff"] = now, _round_backoff()
-        elif now - state["idle_since"] > ctx.timeout_s:
-            waiting = "; ".join(r.describe_wait() for r in open_receivers) or "nothing (its producers closed)"
-            raise StageTimeout(f"rank {ctx.rank}: the decoder group ({ctx.decoder_group.comm.size} ranks) "
-                               f"had nothing to decode for {ctx.timeout_s:.0f} s; this rank waits on {waiting}")
-
-    run_rounds(ctx.decoder_group, next_offer,
-               lambda index, video: finisher.submit(ctx.items[index], {}, {"video": video}),
-               lambda: state["backoff"].pause(), on_round)
-    finisher.close()
-
-
-def _round_backoff() -> Backoff:
-    """Between rounds in which no decoder offered anything: every round is a collective, so no spinning."""
-    return Backoff(num_spins=0, min_sleep_s=1e-4, max_sleep_s=2e-3)
 
 
 def solo_loop(ctx: RankContext, my_items: Iterable[Item]) -> None:
