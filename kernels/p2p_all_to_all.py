@@ -1,5 +1,5 @@
 """One-kernel all-to-all between GPUs that map each other's heaps (NVLink/PCIe P2P): the group-free protocol of
-``spmd_diff.comm.collectives`` run by the GPU itself, SMs copying straight into the peers' slots.
+``spmd_diff.comm.collective_layout`` run by the GPU itself, SMs copying straight into the peers' slots.
 
 The host path enqueues about six operations per peer and chunk (grant, grant wait, put, signal, arrival wait,
 copy-out), each a Python call; this kernel does all of it in one launch. It uses the very same heap words, slot

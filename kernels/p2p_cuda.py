@@ -7,7 +7,7 @@ in Python on every call: tens of microseconds, the whole budget of a small all-t
 per access, four in flight per thread, and a launch is one ``cuLaunchKernel`` call with argument storage built
 once (CuPy compiles and loads the module).
 
-Three kernels, all following the protocol of ``spmd_diff.comm.collectives`` (same heap words and values, so
+Three kernels, all following the protocol of ``spmd_diff.comm.collective_layout`` (same heap words and values, so
 every one of them interoperates with the host-driven path on the other side):
 
 - ``p2p_all_to_all``: one group-free all-to-all among GPUs that map each other's heaps. Per peer row of the
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-import os
 import threading
 
 import torch
@@ -296,8 +295,8 @@ def _module(device: torch.device):
 
 
 def available() -> bool:
-    """CuPy imports, and ``SPMD_DIFF_P2P_KERNEL`` does not ask for another implementation."""
-    return HAS_CUPY and os.environ.get("SPMD_DIFF_P2P_KERNEL", "cuda") == "cuda"
+    """CuPy imports (which implementation runs is the caller's choice: the job's ``dataplane.p2p_kernel``)."""
+    return HAS_CUPY
 
 
 class CudaP2P:
@@ -308,14 +307,20 @@ class CudaP2P:
         device: the GPU.
         buffer_stride: bytes between chunk buffers 0 and 1 of a collectives slot.
         timeout_s: how long one wait inside a kernel may take before it gives up (the GPU's global timer).
+        blocks: ``(send_blocks, recv_blocks)`` per peer of every all-to-all launch, or None: chosen by size
+            (``blocks_for``; the job's ``dataplane.a2a_blocks``).
     """
 
     SELF_ROWS = True
     """A descriptor row with ``send_chunks < 0`` is this rank's own block: copied locally, in the same launch."""
 
-    def __init__(self, device: torch.device, buffer_stride: int, timeout_s: float = 600.0) -> None:
+    def __init__(self, device: torch.device, buffer_stride: int, timeout_s: float = 600.0,
+                 blocks: tuple[int, int] | None = None) -> None:
         if not HAS_CUPY:
             raise RuntimeError("the CUDA data-plane kernels need CuPy")
+        if blocks is not None and (len(blocks) != 2 or min(blocks) < 1):
+            raise ValueError(f"blocks must be two positive block counts, e.g. (64, 16), got {blocks!r}")
+        self.forced_blocks = None if blocks is None else (int(blocks[0]), int(blocks[1]))
         self.device = torch.device(device)
         self.buffer_stride = buffer_stride
         self.timeout_ns = int(timeout_s * 1e9)
@@ -355,16 +360,9 @@ class CudaP2P:
     def blocks_for(self, largest_chunk: int, peers: int) -> tuple[int, int]:
         """``(send_blocks, recv_blocks)`` per peer: one sender per 64 KiB of the largest chunk, up to a share of
         ``SENDER_BLOCKS`` (at least 16); a quarter as many receivers, at most 16 (their copies are local).
-        ``SPMD_DIFF_A2A_BLOCKS=S,R`` overrides."""
-        forced = os.environ.get("SPMD_DIFF_A2A_BLOCKS")
-        if forced:
-            try:
-                send, recv = (int(v) for v in forced.split(","))
-            except ValueError:
-                send = recv = 0
-            if send < 1 or recv < 1:
-                raise ValueError(f"SPMD_DIFF_A2A_BLOCKS={forced!r}: give two positive block counts, e.g. 64,16")
-            return send, recv
+        The constructor's ``blocks`` overrides."""
+        if self.forced_blocks is not None:
+            return self.forced_blocks
         send = max(1, min(-(-largest_chunk // (64 << 10)), max(16, SENDER_BLOCKS // peers)))
         return send, max(1, min(send // 4, 16))
 

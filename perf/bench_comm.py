@@ -36,8 +36,11 @@ import torch.distributed as dist  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from bench_common import results_header  # noqa: E402
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, Message, RingSpec  # noqa: E402
-from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender  # noqa: E402
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec  # noqa: E402
+from spmd_diff.comm.wire import Message  # noqa: E402
+from spmd_diff.comm.collective_layout import CollectiveLayout  # noqa: E402
+from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
 from spmd_diff.comm.nvshmem import NvshmemTransport  # noqa: E402
 from spmd_diff.comm.transport import as_byte_tensor, round_up  # noqa: E402
 
@@ -118,13 +121,8 @@ class Bench:
             def ours(path: str, kernel: str, blocks: str = ""):
                 def run():
                     self.transport.set_data_path(path)
-                    os.environ["SPMD_DIFF_P2P_KERNEL"] = kernel
-                    if blocks:
-                        os.environ["SPMD_DIFF_A2A_BLOCKS"] = blocks
-                    else:
-                        os.environ.pop("SPMD_DIFF_A2A_BLOCKS", None)
-                    self.coll._fused = None  # pick the kernel again, drop replay plans
-                    self.coll.set_fused(kernel != "off")
+                    # pick the kernel again, drop replay plans
+                    self.coll.use_kernel(kernel, tuple(int(b) for b in blocks.split(",")) if blocks else None)
                     return lambda: group.all_to_all_into(send, out)
                 return run
 

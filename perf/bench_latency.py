@@ -53,7 +53,7 @@ import bench_common  # perf/, the script's own folder
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from spmd_diff.parallel.comm import SeqComm  # noqa: E402
+from spmd_diff.parallel.seq_comm import SeqComm  # noqa: E402
 
 PROMPT = "A red fox runs through fresh snow in a birch forest at sunrise."
 NEGATIVE = "blurry, low quality"

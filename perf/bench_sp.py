@@ -53,7 +53,7 @@ import torch.distributed as dist
 
 from bench_common import commit, versions
 from spmd_diff.parallel.attention import LocalAttention, SeqParallelAttention, math_attention
-from spmd_diff.parallel.comm import Pending, SeqComm
+from spmd_diff.parallel.seq_comm import Pending, SeqComm
 from spmd_diff.parallel.group_denoise import build_attention
 from spmd_diff.parallel.hooks import parallelize_transformer
 from spmd_diff.parallel.layout import SPLayout
@@ -552,7 +552,7 @@ def run_coll(ph: Phase) -> None:
     """Our layouts over ``GroupSeqComm(GroupCollectives(NvshmemTransport))``, the engine's GPU path (mpirun)."""
     from spmd_diff.comm.collectives import GroupCollectives
     from spmd_diff.comm.select import make_transport
-    from spmd_diff.parallel.comm import GroupSeqComm
+    from spmd_diff.parallel.seq_comm import GroupSeqComm
 
     heap = 1 << 30 if ph.device.type == "cuda" else 64 << 20
     transport = make_transport(ph.mpi_world, heap, ph.args.coll_transport)

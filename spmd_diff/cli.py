@@ -10,6 +10,33 @@ import time
 import warnings
 
 from spmd_diff.errors import StageTimeout, UserError
+from spmd_diff.runtime.faults import TESTING_ENV
+
+
+ENV_OVERRIDES = {
+    "SPMD_DIFF_P2P_KERNEL": "dataplane.p2p_kernel",
+    "SPMD_DIFF_PUT_KERNEL": "dataplane.put_kernel",
+    "SPMD_DIFF_A2A_BLOCKS": "dataplane.a2a_blocks",
+    "SPMD_DIFF_FORCE_CPU": "world.force_cpu",
+}
+"""Environment variables the CLI turns into job overrides (``run`` and ``plan``), before the ``--set`` ones (which
+win); the package below the CLI reads none of them. ``0``/``1`` set a true/false key."""
+
+
+def env_overrides(env: dict[str, str] | None = None) -> list[str]:
+    """``section.key=value`` overrides from the variables of ``ENV_OVERRIDES`` that are set (non-empty)."""
+    env = os.environ if env is None else env
+    overrides = []
+    for name, key in ENV_OVERRIDES.items():
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if key in ("dataplane.put_kernel", "world.force_cpu"):
+            value = {"1": "true", "0": "false"}.get(value, value)
+        else:
+            value = repr(value)  # a TOML string
+        overrides.append(f"{key}={value}")
+    return overrides
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,7 +116,7 @@ def _plan(args) -> int:
     from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
     from spmd_diff.plan.topology import Topology
 
-    job = load_job(args.job, args.overrides)
+    job = load_job(args.job, env_overrides() + args.overrides)
     per_node = args.ranks_per_node or args.gpus_per_node
     if per_node < 1:
         raise UserError("give --gpus-per-node G (one rank per GPU) or --ranks-per-node R")
@@ -132,7 +159,7 @@ def _plan(args) -> int:
 
     def heap_bytes(plan) -> tuple[int, int]:
         """Largest per-rank channel heap of the plan's channels (``RolePlan.channel_edges``), and its rank."""
-        from spmd_diff.comm.channel import HeapLayout, RingSpec
+        from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 
         shapes = (16, (v.num_frames - 1) // 4 + 1, v.height // 8, v.width // 8)
         latents = RingSpec(job.run.ring_slots, -(-shapes[0] * shapes[1] * shapes[2] * shapes[3] * 4 // 64) * 64)
@@ -201,8 +228,9 @@ def _run(args) -> int:
     from spmd_diff.runtime.startup import RunRequest, finish_without_work, start
 
     shard = parse_shard(args.shard) if args.shard else None
-    request = RunRequest(args.job, args.prompts, args.out, tuple(args.overrides), args.model, shard, args.force,
-                         args.retry_failed)
+    request = RunRequest(args.job, args.prompts, args.out, tuple(env_overrides() + args.overrides), args.model,
+                         shard, args.force, args.retry_failed,
+                         tuple((name, os.environ[name]) for name in TESTING_ENV if os.environ.get(name)))
     started = start(request)  # no torch yet: bad input is reported within about a second
     if not started.inputs.pending:
         stop.uninstall()

@@ -267,6 +267,42 @@ class WorldConfig:
     gpu_memory_gib: float = 0.0
     """GiB of each GPU the role planner may use (0 = the GPU's own memory): no rank is planned with stages that
     need more. Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger ones."""
+    force_cpu: bool = False
+    """Run every rank on the CPU even where GPUs are visible (float32 by model.dtype "auto", heaps in host
+    memory). Environment override: ``SPMD_DIFF_FORCE_CPU=1``."""
+
+
+P2P_KERNELS = ("cuda", "triton", "off")
+
+
+@dataclass(frozen=True)
+class DataplaneConfig:
+    """How bytes move between GPUs: switches that change speed, never a video. Each has a documented environment
+    override, read by the CLI only (``spmd_diff.cli.ENV_OVERRIDES``); ``--set`` wins over it."""
+
+    p2p_kernel: str = "cuda"
+    """The one-kernel all-to-all of DiT groups among GPUs that map each other's heaps: "cuda" (CUDA C through
+    CuPy, Triton where CuPy is missing), "triton", or "off" (host-driven: copy engines and NVSHMEM stream
+    operations). The CUDA put kernel (``put_kernel``) runs only with "cuda". Override: ``SPMD_DIFF_P2P_KERNEL``."""
+    put_kernel: bool = True
+    """NVSHMEM channels and collectives: put-with-signal to a P2P peer as one CUDA kernel (needs CuPy); false: a
+    copy, then a signal operation. Override: ``SPMD_DIFF_PUT_KERNEL=0|1``."""
+    a2a_blocks: str = ""
+    """"S,R": thread blocks per peer (senders, receivers) of every CUDA all-to-all launch; "" chooses them by
+    message size. Override: ``SPMD_DIFF_A2A_BLOCKS``."""
+
+    def a2a_block_counts(self) -> tuple[int, int] | None:
+        """``a2a_blocks`` as ``(send_blocks, recv_blocks)``, or None for "chosen by size"."""
+        if not self.a2a_blocks.strip():
+            return None
+        try:
+            send, recv = (int(v) for v in self.a2a_blocks.split(","))
+        except ValueError:
+            send = recv = 0
+        if send < 1 or recv < 1:
+            raise UserError(f"dataplane.a2a_blocks must be two positive block counts \"S,R\" (e.g. \"64,16\") or "
+                            f"\"\", got {self.a2a_blocks!r}")
+        return send, recv
 
 
 @dataclass(frozen=True)
@@ -279,6 +315,7 @@ class JobConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -296,6 +333,7 @@ _SECTION_TYPES = {
     "world": WorldConfig,
     "speed": SpeedConfig,
     "output": OutputConfig,
+    "dataplane": DataplaneConfig,
 }
 
 
@@ -412,6 +450,13 @@ def validate_job(job: JobConfig, source: str) -> None:
                         "speed.fast_compile_dit = false")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
+    if job.dataplane.p2p_kernel not in P2P_KERNELS:
+        raise UserError(f"{source}: dataplane.p2p_kernel must be one of {', '.join(P2P_KERNELS)}, got "
+                        f"{job.dataplane.p2p_kernel!r}")
+    try:
+        job.dataplane.a2a_block_counts()
+    except UserError as error:
+        raise UserError(f"{source}: {error}") from None
     dtypes = ("auto", "float32", "bfloat16", "float16")
     if job.model.dtype not in dtypes:
         raise UserError(f"{source}: model.dtype must be one of {', '.join(dtypes)}, got {job.model.dtype!r}")

@@ -2,8 +2,10 @@
 
 Bootstrap from the MPI world: rank 0 makes an NVSHMEM unique id, ``MPI.Bcast`` hands it to every rank, and each
 rank joins with ``nvshmem.core.init(uid=..., initializer_method="uid")``; then one collective ``nvshmem`` buffer of
-``heap_bytes`` is the heap. NVSHMEM's own symmetric heap (``NVSHMEM_SYMMETRIC_SIZE``) is sized from the job when
-unset (heap plus a reserve for NVSHMEM's internal use); a value set by the user is honoured and checked.
+``heap_bytes`` is the heap. NVSHMEM reads its own symmetric heap size (``NVSHMEM_SYMMETRIC_SIZE``) from the
+environment when it starts; this module never writes the environment: ``spmd_diff.comm.select.make_transport``
+(the one place, at startup) sets it from the job when unset (heap plus a reserve for NVSHMEM's internal use), and
+the constructor checks that the size in effect holds the heap.
 
 Every operation is stream-ordered on the caller's current CUDA stream (see ``transport.py``):
 
@@ -35,6 +37,8 @@ from spmd_diff.errors import UserError
 
 RESERVE_BYTES = 256 << 20
 """Symmetric memory NVSHMEM keeps for itself beyond our heap (teams, collectives scratch, signals)."""
+DEFAULT_SYMMETRIC_BYTES = 1 << 30
+"""NVSHMEM's symmetric heap when ``NVSHMEM_SYMMETRIC_SIZE`` is unset (NVSHMEM's default)."""
 FALLBACK_HINT = ('set world.transport = "mpi" in the job (or --set world.transport=mpi) to move data through '
                  'MPI RMA on host memory instead')
 
@@ -86,13 +90,17 @@ class NvshmemTransport(Transport):
         device: this rank's GPU (default: the current CUDA device).
         data_path: "p2p" (device copies into peer-mapped heaps where NVSHMEM maps them) or "nvshmem"
             (``putmem_on_stream`` always).
+        put_kernel: ``put_signal`` to P2P peers as one CUDA kernel (copy, then signal; measured on two H200s:
+            21.3 us one-way for a bf16 480p latent against 21.9 us by copy engine and signal operation); where CuPy
+            is missing, or False (the job's ``dataplane.put_kernel``), a copy and a signal operation.
 
     Raises:
         NvshmemUnavailable: nvshmem4py missing, no GPU, or NVSHMEM failed to start; the message names the
             fallback setting.
     """
 
-    def __init__(self, comm: Any, heap_bytes: int, device: Any = None, data_path: str = "p2p") -> None:
+    def __init__(self, comm: Any, heap_bytes: int, device: Any = None, data_path: str = "p2p",
+                 put_kernel: bool = True) -> None:
         from mpi4py import MPI
 
         if data_path not in ("p2p", "nvshmem"):
@@ -109,7 +117,12 @@ class NvshmemTransport(Transport):
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-            symmetric_size, _ = symmetric_size_for(heap_bytes)
+            size, _ = symmetric_size_for(heap_bytes)  # a size set too small: reported here, on every rank
+            if not os.environ.get("NVSHMEM_SYMMETRIC_SIZE") and size > DEFAULT_SYMMETRIC_BYTES:
+                raise NvshmemUnavailable(
+                    f"this heap of {heap_bytes} bytes needs NVSHMEM_SYMMETRIC_SIZE={size} (NVSHMEM's default is "
+                    f"{DEFAULT_SYMMETRIC_BYTES}); set it before the transport starts "
+                    "(spmd_diff.comm.select.set_nvshmem_environment, which make_transport calls)")
             import nvshmem.bindings as bindings  # noqa: F401 - fail here, before any rank starts NVSHMEM
             import nvshmem.core  # noqa: F401
             from cuda.core import Device  # noqa: F401
@@ -124,10 +137,9 @@ class NvshmemTransport(Transport):
             raise NvshmemUnavailable(f"NVSHMEM transport unavailable on rank {rank}"
                                      f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}: {text}; "
                                      f"{FALLBACK_HINT}")
-        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(symmetric_size)
-        self._start(comm, heap_bytes, data_path)
+        self._start(comm, heap_bytes, data_path, put_kernel)
 
-    def _start(self, comm: Any, heap_bytes: int, data_path: str) -> None:
+    def _start(self, comm: Any, heap_bytes: int, data_path: str, put_kernel: bool) -> None:
         import nvshmem.bindings as bindings
         import nvshmem.core as nvshmem
         from cuda.core import Device
@@ -165,10 +177,8 @@ class NvshmemTransport(Transport):
         """Ranks whose heap NVSHMEM maps into this process (NVLink/PCIe P2P): addressable by kernels."""
         self._peer_heaps: dict[int, torch.Tensor] = {}
         self._kernels: Any = None
-        self.use_put_kernel = os.environ.get("SPMD_DIFF_PUT_KERNEL", "1") == "1"
-        """``put_signal`` to P2P peers as one CUDA kernel (copy, then signal; measured on two H200s: 21.3 us
-        one-way for a bf16 480p latent against 21.9 us by copy engine and signal operation); where CuPy is
-        missing, or with ``SPMD_DIFF_PUT_KERNEL=0``, a copy and a signal operation."""
+        self.use_put_kernel = bool(put_kernel)
+        """``put_signal`` to P2P peers as one CUDA kernel (see the constructor's ``put_kernel``)."""
         self.set_data_path(data_path)
         self._unfenced: set[int] = set()
         self._host_stream = torch.cuda.Stream(self.device)
@@ -262,11 +272,11 @@ class NvshmemTransport(Transport):
 
     def _put_kernel(self) -> Any:
         """The CUDA ``put_signal`` kernel (one launch: SM copy into the peer's heap, then the signal), or None
-        without CuPy or with ``SPMD_DIFF_P2P_KERNEL`` other than "cuda" (then: a copy, then a signal operation)."""
+        without CuPy (then: a copy, then a signal operation)."""
         if self._kernels is None:
             self._kernels = False
             try:
-                from spmd_diff.comm.exchange import load_kernel_module
+                from spmd_diff.comm.kernel_loader import load_kernel_module
 
                 cuda = load_kernel_module("p2p_cuda")
                 if cuda.available():

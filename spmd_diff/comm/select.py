@@ -3,6 +3,10 @@
 ``make_transport(world, heap_bytes, choice)`` gathers a few facts from every rank (one ``allgather``), decides with
 the pure ``decide_transport`` (the same answer on every rank), logs the choice and its reason, and builds the
 transport. ``choice`` is the job's ``world.transport``: "auto", "mpi" or "nvshmem" (forcing one).
+
+NVSHMEM reads ``NVSHMEM_SYMMETRIC_SIZE`` from the environment when it starts; ``set_nvshmem_environment`` is the one
+place in the package that writes the environment, right before NVSHMEM starts: it sizes NVSHMEM's heap from the
+job's heap when the user has not set it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from spmd_diff.comm.nvshmem import FALLBACK_HINT, NvshmemUnavailable
+from spmd_diff.comm.nvshmem import FALLBACK_HINT, NvshmemUnavailable, symmetric_size_for
 from spmd_diff.comm.transport import Transport
 from spmd_diff.errors import UserError
 
@@ -100,13 +104,48 @@ def _ranks(ranks: list[int]) -> str:
     return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
 
 
-def make_transport(world: Any, heap_bytes: int, choice: str = "auto") -> Transport:
+def set_nvshmem_environment(heap_bytes: int) -> None:
+    """Set ``NVSHMEM_SYMMETRIC_SIZE`` for a heap of ``heap_bytes`` plus NVSHMEM's reserve, unless the user set it
+    (then it is checked: NvshmemUnavailable if too small). Call before NVSHMEM starts."""
+    try:
+        size, user_set = symmetric_size_for(heap_bytes)
+    except NvshmemUnavailable:
+        return  # set too small by the user: the transport reports it, the same on every rank
+    if not user_set:
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
+
+
+@dataclass(frozen=True)
+class TransportChoice:
+    """What ``choose_transport`` decided, the same on every rank."""
+
+    kind: str
+    """"mpi" or "nvshmem"."""
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} ({self.reason})"
+
+
+def choose_transport(world: Any, choice: str = "auto") -> TransportChoice:
+    """Collective over ``world.comm`` (one ``allgather``): the transport the job's ``world.transport`` gets here.
+
+    Raises:
+        UserError (the same on every rank): unknown choice; NVSHMEM forced but unusable.
+    """
+    return TransportChoice(*decide_transport(choice, gather_facts(world)))
+
+
+def make_transport(world: Any, heap_bytes: int, choice: str | TransportChoice = "auto",
+                   put_kernel: bool = True) -> Transport:
     """Collective: the job's transport over ``world.comm`` with ``heap_bytes`` of heap per rank.
 
     Args:
         world: ``spmd_diff.comm.world.World`` (uses ``comm``, ``rank`` and ``device``).
         heap_bytes: symmetric heap bytes per rank (same on every rank).
-        choice: ``world.transport`` of the job: "auto", "mpi" or "nvshmem".
+        choice: ``world.transport`` of the job ("auto", "mpi" or "nvshmem"; decided here, collectively), or what
+            ``choose_transport`` decided already.
+        put_kernel: NVSHMEM: ``put_signal`` to P2P peers as one CUDA kernel (see ``NvshmemTransport``).
 
     Returns:
         an ``NvshmemTransport`` (heap in GPU memory) or an ``MpiRmaTransport`` (host memory); its
@@ -116,14 +155,17 @@ def make_transport(world: Any, heap_bytes: int, choice: str = "auto") -> Transpo
         UserError (the same on every rank): unknown choice; NVSHMEM forced but unusable, or failing to start
         (the message names the setting that selects MPI).
     """
-    kind, reason = decide_transport(choice, gather_facts(world))
+    if not isinstance(choice, TransportChoice):
+        choice = choose_transport(world, choice)
+    kind, reason = choice.kind, choice.reason
     if world.rank == 0:
         log.info("transport: %s (%s)", kind, reason)
         print(f"spmd-diff: transport: {kind} ({reason})", file=sys.stderr, flush=True)
     if kind == "nvshmem":
         from spmd_diff.comm.nvshmem import NvshmemTransport
 
-        transport: Transport = NvshmemTransport(world.comm, heap_bytes, device=world.device)
+        set_nvshmem_environment(heap_bytes)
+        transport: Transport = NvshmemTransport(world.comm, heap_bytes, device=world.device, put_kernel=put_kernel)
     else:
         from spmd_diff.comm.mpi_rma import MpiRmaTransport
 

@@ -1,7 +1,9 @@
-"""The MPI world: ranks, nodes, node-local ranks, GPU binding. Built once, passed around, freed explicitly."""
+"""The MPI world: ranks, nodes, node-local ranks, GPU binding. Built once and passed around; it holds no resource
+of its own to free (MPI is finalized by mpi4py at exit)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -93,8 +95,10 @@ class World:
             self.device = f"cuda:{self.local_rank % num_gpus}"
         return self.device
 
-    def free(self) -> None:
-        pass
+    def use_cpu_only(self) -> None:
+        """Plan and run as if no node had GPUs (the job's ``world.force_cpu``); before ``bind_device``."""
+        self.topology = dataclasses.replace(self.topology, gpus_per_node=0)
+        self.device = "cpu"
 
 
 def init_world(ranks_per_node: int = 0, bind: bool = True) -> World:
@@ -133,13 +137,11 @@ def init_world(ranks_per_node: int = 0, bind: bool = True) -> World:
 def local_gpu_count(env: dict[str, str] | None = None, dev_dir: str = "/dev") -> int:
     """GPUs this process may use, without importing torch or initialising CUDA.
 
-    ``SPMD_DIFF_FORCE_CPU=1``: 0. ``CUDA_VISIBLE_DEVICES`` set: its entries up to the first invalid one (as CUDA
+    ``CUDA_VISIBLE_DEVICES`` set: its entries up to the first invalid one (as CUDA
     reads it; empty or "-1" hides every GPU). Otherwise the NVIDIA device nodes ``/dev/nvidia<N>``.
     :meth:`World.bind_device` checks the figure against what torch then sees.
     """
     env = os.environ if env is None else env
-    if env.get("SPMD_DIFF_FORCE_CPU") == "1":
-        return 0
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         count = 0

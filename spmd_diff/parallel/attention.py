@@ -1,4 +1,4 @@
-"""Sequence-parallel self-attention: Ulysses, ring and torus, over a :class:`~spmd_diff.parallel.comm.SeqComm`.
+"""Sequence-parallel self-attention: Ulysses, ring and torus, over a :class:`~spmd_diff.parallel.seq_comm.SeqComm`.
 
 Every function takes this rank's shard of the tokens, ``q, k, v`` of shape ``[B, s, H, D]`` (``s =
 seq_sizes[rank]``; shards in rank order make up the sequence), and returns the attention output for the same
@@ -9,8 +9,8 @@ degree (uneven head splits; a rank with no heads just forwards). Rotary embeddin
 
 - Ulysses: all-to-all from sequence shards to head shards, full-sequence attention on ``H / S`` heads, back.
 - Ring: K/V blocks passed to the next rank while attention runs on the current one; log-sum-exp merge.
-- Torus ``A x B``: Ulysses over the ``B`` ranks of a row; along the ``A`` ranks of a column each rank's K/V (for
-  its heads, its row's tokens) is cut into ``num_chunks`` pieces, attention runs on the local K/V while they
+- Torus ``outer x inner``: Ulysses along the inner axis (the ``inner`` ranks of a node); along the outer axis
+  (across nodes) each rank's K/V (for its heads, its inner axis' tokens) is cut into ``num_chunks`` pieces, attention runs on the local K/V while they
   travel, then on each piece as it lands, merged by log-sum-exp. On a comm whose exchanges run asynchronously
   (device heaps, NCCL) all pieces are started at once and attention is queued behind each; on a host heap, where
   an exchange occupies the calling thread (MPI from the main thread only), this thread exchanges the pieces one
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from spmd_diff.parallel._kernels import apply_rotary_reference, lse_merge_, rope_pack
-from spmd_diff.parallel.comm import SeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import SeqComm, offsets, split_sizes
 from spmd_diff.parallel.layout import SPLayout
 from spmd_diff.parallel.overlap import ComputeWorker, OverlapProbe
 
@@ -231,7 +231,8 @@ def torus_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inner: Se
                     num_chunks: int = 2, pack_impl: str = "auto", merge_impl: str = "auto",
                     probe: OverlapProbe | None = None) -> torch.Tensor:
     """Torus attention (module docstring) on an ``outer.size x inner.size`` grid; this rank is
-    ``outer.rank * inner.size + inner.rank`` and ``seq_sizes`` lists all ``A * B`` shards in that order.
+    ``outer.rank * inner.size + inner.rank`` and ``seq_sizes`` lists all ``outer.size * inner.size`` shards in
+    that order.
     ``probe``: records the K/V exchange's transfers and the attention blocks (the inner all-to-alls are not
     counted)."""
     rows, cols = outer.size, inner.size
@@ -302,7 +303,8 @@ class SeqParallelAttention:
     Args:
         layout: the resolved layout (:func:`~spmd_diff.parallel.layout.resolve_layout`).
         comm: the whole group, rank order = shard order.
-        inner, outer: torus only: this rank's row (``B`` ranks) and column (``A`` ranks) of ``comm``.
+        inner, outer: torus only: this rank's inner axis (``layout.inner`` ranks, Ulysses) and outer axis
+            (``layout.outer`` ranks, K/V exchange) of ``comm``.
         local: the attention kernel for local blocks.
         pack_impl, merge_impl: ``"auto"``, ``"triton"`` or ``"torch"`` for the fused kernels.
         head_chunks: Ulysses head-group pipelining (see :func:`ulysses_attention`).

@@ -12,7 +12,7 @@ nobody offered anything returns at once; the caller waits a little and polls aga
 loop over two callables (what a member holds next; what to do with a decoded video), for a decoder rank's loop.
 
 The result equals the one-rank decode within one uint8 level (the bands' floating-point reassociation only).
-No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.comm.SeqComm`.
+No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.seq_comm.SeqComm`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from spmd_diff.parallel.comm import SeqComm
+from spmd_diff.parallel.seq_comm import SeqComm
 from spmd_diff.parallel.vae_decode import decode_split
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)

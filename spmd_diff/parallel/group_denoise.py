@@ -14,7 +14,7 @@ conditional branch and the last ``k`` the unconditional one, each half sequence-
 both combine them as the pipeline does, so every rank takes the same scheduler step. Half the forwards per rank,
 and the attention's exchanges span ``k`` ranks instead of ``2k``.
 
-No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.comm.SeqComm`.
+No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel.seq_comm.SeqComm`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from spmd_diff.parallel.attention import LocalAttention, SeqParallelAttention
-from spmd_diff.parallel.comm import GroupSeqComm, SeqComm
+from spmd_diff.parallel.seq_comm import GroupSeqComm, SeqComm
 from spmd_diff.parallel.hooks import SPHandle, parallelize_transformer
 from spmd_diff.parallel.layout import SPLayout, cfg_half_torus, resolve_layout
 
@@ -194,13 +194,3 @@ def _check_leader_inputs(embeds: Any, seed: Any, shapes: dict[str, tuple[int, ..
             return f"embeds[{key!r}] has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
     return ""
 
-
-def sp_denoise(stages: Any, group: Any, sp_layout: str, torus_shape: tuple[int, int] | None,
-               embeds: dict[str, torch.Tensor] | None, seed: int | None, spec: Any,
-               subgroup: Callable[[list[int]], Any] | None = None) -> torch.Tensor | None:
-    """One-shot :class:`SPDenoiser`: install, denoise one item, remove. For many items build the denoiser once."""
-    denoiser = SPDenoiser.from_group(stages, group, subgroup, sp_layout, torus_shape)
-    try:
-        return denoiser.denoise(embeds, seed, spec)
-    finally:
-        denoiser.remove()

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from spmd_diff.parallel.attention import SeqParallelAttention
-from spmd_diff.parallel.comm import offsets, split_sizes
+from spmd_diff.parallel.seq_comm import offsets, split_sizes
 
 
 @dataclass

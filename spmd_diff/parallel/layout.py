@@ -1,9 +1,10 @@
 """Which sequence-parallel layout a DiT group uses, from what the job got. Pure Python.
 
-A layout is a grid of ``A x B`` ranks (group rank ``a * B + b``): Ulysses all-to-all over the ``B`` ranks of a row
-(inside a node), K/V exchange with log-sum-exp merging over the ``A`` ranks of a column (across nodes):
+A layout is a grid of ``outer x inner`` ranks (group rank ``o * inner + i``) with two axes: Ulysses all-to-all
+along the *inner* axis (the ``inner`` ranks sharing ``o``: inside a node), K/V exchange with log-sum-exp merging
+along the *outer* axis (the ``outer`` ranks sharing ``i``: across nodes):
 
-- ``ulysses`` is ``1 x S``; ``ring`` is ``S x 1``; ``torus`` is ``A x B`` with both > 1.
+- ``ulysses`` is ``1 x S``; ``ring`` is ``S x 1``; ``torus`` is ``outer x inner`` with both > 1.
 
 ``auto`` keeps Ulysses inside a node and the torus across nodes (the planner's ``torus_shape``), and when the head
 count does not divide the Ulysses degree it moves the factor that does not divide into the K/V-exchange axis
@@ -70,8 +71,8 @@ def resolve_layout(requested: str, sp_degree: int, num_heads: int,
             resolved ``sp_layout`` is fine too, and ``"none"`` means one rank).
         sp_degree: ranks in the group (``S``).
         num_heads: attention heads of the transformer (``H``).
-        torus_shape: ``(A, B)``: nodes the group spans and its ranks per node (``RolePlan.torus_shape``);
-            ``None`` or ``(1, S)`` for a group inside one node. Required for ``"torus"``.
+        torus_shape: ``(nodes, ranks per node)`` of the group (``RolePlan.torus_shape``): the most the outer and
+            the inner axis can be; ``None`` or ``(1, S)`` for a group inside one node. Required for ``"torus"``.
         num_chunks: torus K/V pieces per rank (see :class:`SPLayout`).
 
     Raises:

@@ -1,10 +1,11 @@
-"""A :class:`~spmd_diff.parallel.comm.SeqComm` over torch.distributed (NCCL on GPUs, gloo on CPUs).
+"""A :class:`~spmd_diff.parallel.seq_comm.SeqComm` over torch.distributed (NCCL on GPUs, gloo on CPUs).
 
-The GPU stand-in for the project's device-heap collectives until a GPU transport lands: the attention code does not
-know which one it runs over. Every exchange is a batch of point-to-point sends/receives (``batch_isend_irecv``)
-of the non-empty entries, so an all-to-all, a ring step and a torus piece are one code path; with NCCL the batch
-runs on NCCL's stream and ``Pending.wait`` only makes the current stream wait for it, so attention on the block in
-hand overlaps the transfer of the next.
+Not what the engine runs (it runs over the project's collectives, ``GroupSeqComm``): the same attention over NCCL,
+as the baseline ``perf/`` benchmarks time ours against and an independent transport the GPU and MPI tests check
+the attention with; the attention code does not know which one it runs over. Every exchange is a batch of
+point-to-point sends/receives (``batch_isend_irecv``) of the non-empty entries, so an all-to-all, a ring step and a
+torus piece are one code path; with NCCL the batch runs on NCCL's stream and ``Pending.wait`` only makes the
+current stream wait for it, so attention on the block in hand overlaps the transfer of the next.
 
 Groups are created collectively (``torch.distributed.new_group``): build every comm a job needs with
 :func:`build_torch_comms` on every rank of the default group, in the same order.
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from spmd_diff.parallel.comm import Pending, SeqComm, _check_lengths, _template
+from spmd_diff.parallel.seq_comm import Pending, SeqComm, _check_lengths, _template
 
 
 class TorchSeqComm(SeqComm):
@@ -91,7 +92,7 @@ class TorchSeqComm(SeqComm):
                 torch.cuda.current_stream().synchronize()
 
     def split(self, outer: int, inner: int) -> tuple["TorchSeqComm", "TorchSeqComm"]:
-        """The torus row and column comms made by :func:`build_torch_comms` (``(inner_comm, outer_comm)``)."""
+        """The torus's inner-axis and outer-axis comms made by :func:`build_torch_comms` (``(inner, outer)``)."""
         if (outer, inner) not in self._splits:
             raise ValueError(f"no {outer} x {inner} split was built for this comm; use build_torch_comms")
         return self._splits[(outer, inner)]
@@ -138,7 +139,8 @@ def _device() -> torch.device:
 def build_torch_comms(groups: Sequence[Sequence[int]], torus_shapes: Sequence[tuple[int, int]] = ()
                       ) -> TorchSeqComm | None:
     """Collective over the default group: create a process group per entry of ``groups`` (disjoint rank lists,
-    each in shard order) and, for each ``(A, B)`` in ``torus_shapes``, its row and column groups. Returns this
+    each in shard order) and, for each ``(outer, inner)`` in ``torus_shapes``, its inner-axis and outer-axis groups
+    (the ``inner`` ranks sharing an outer index; the ``outer`` ranks sharing an inner index). Returns this
     rank's comm (``None`` if it is in no group), with its torus splits attached.
 
     Every rank must call this with the same arguments (``new_group`` is collective over the world).
@@ -152,19 +154,19 @@ def build_torch_comms(groups: Sequence[Sequence[int]], torus_shapes: Sequence[tu
         for outer, inner in torus_shapes:
             if outer * inner != len(ranks):
                 raise ValueError(f"torus {outer} x {inner} does not fit a group of {len(ranks)} ranks")
-            rows = [ranks[a * inner:(a + 1) * inner] for a in range(outer)]
-            cols = [ranks[b::inner] for b in range(inner)]
-            row_comm = col_comm = None
-            for row in rows:
-                pg = dist.new_group(row)
-                if me in row:
-                    row_comm = TorchSeqComm(row, pg)
-            for col in cols:
-                pg = dist.new_group(col)
-                if me in col:
-                    col_comm = TorchSeqComm(col, pg)
+            inner_axes = [ranks[o * inner:(o + 1) * inner] for o in range(outer)]  # the ranks sharing an o
+            outer_axes = [ranks[i::inner] for i in range(inner)]  # the ranks sharing an i
+            inner_comm = outer_comm = None
+            for axis_ranks in inner_axes:
+                pg = dist.new_group(axis_ranks)
+                if me in axis_ranks:
+                    inner_comm = TorchSeqComm(axis_ranks, pg)
+            for axis_ranks in outer_axes:
+                pg = dist.new_group(axis_ranks)
+                if me in axis_ranks:
+                    outer_comm = TorchSeqComm(axis_ranks, pg)
             if comm is not None:
-                comm._splits[(outer, inner)] = (row_comm, col_comm)
+                comm._splits[(outer, inner)] = (inner_comm, outer_comm)
         if comm is not None:
             mine = comm
     return mine

@@ -20,7 +20,7 @@ bands' videos, concatenated, equal the one-rank video up to floating-point reass
 kernels (in practice within one uint8 level; the tests check it). Unknown module types in the decoder are refused
 rather than guessed at.
 
-Communication goes through a :class:`~spmd_diff.parallel.comm.SeqComm` (the project's collectives, or torch
+Communication goes through a :class:`~spmd_diff.parallel.seq_comm.SeqComm` (the project's collectives, or torch
 NCCL): per spatial convolution and latent frame one neighbour exchange of ``padding`` rows each way, per frame one
 all-gather of the attention's keys and values at the latent resolution, and at the end one gather of the uint8
 bands to the group leader.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from spmd_diff.parallel.comm import SeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import SeqComm, offsets, split_sizes
 
 _LOCAL_MODULES = frozenset({
     # containers and blocks whose own code only routes tensors between their children

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from spmd_diff.comm.channel import ChannelReceiver
+from spmd_diff.comm.channel import ChannelReceiver, ReceiverPoller
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout
 from spmd_diff.parallel.decoder_group import run_rounds
@@ -27,34 +27,27 @@ def decoder_group_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> Non
     aborts the job (the others are inside the collective), as a DiT group's decode does.
     """
     finisher = Finisher(ctx)
-    open_receivers = list(from_dit)
-    state = {"start": 0, "idle_since": time.monotonic(), "backoff": _round_backoff()}
+    poller = ReceiverPoller(from_dit)
+    state = {"idle_since": time.monotonic(), "backoff": _round_backoff()}
 
     def next_offer():
-        while open_receivers:
-            count = len(open_receivers)
-            chosen = next((open_receivers[(state["start"] + k) % count] for k in range(count)
-                           if open_receivers[(state["start"] + k) % count].ready()), None)
-            if chosen is None:
-                return None, False
-            state["start"] = (open_receivers.index(chosen) + 1) % count
+        while (chosen := poller.poll()) is not None:
             message = chosen.take(ctx.deadline())
             if chosen.closed:
-                open_receivers.remove(chosen)
                 continue
             item = ctx.items[message.meta["item"]]
             if "failed" in message.meta:
                 finisher.submit(item, message.meta, message.tensors)
                 continue
             return (item.index, message.tensors["latents"]), False
-        return None, True
+        return None, poller.all_closed
 
     def on_round(result) -> None:
         now = time.monotonic()
         if result.num_offered:
             state["idle_since"], state["backoff"] = now, _round_backoff()
         elif now - state["idle_since"] > ctx.timeout_s:
-            waiting = "; ".join(r.describe_wait() for r in open_receivers) or "nothing (its producers closed)"
+            waiting = "; ".join(r.describe_wait() for r in from_dit if not r.closed) or "none (all closed)"
             raise StageTimeout(f"rank {ctx.rank}: the decoder group ({ctx.decoder_group.comm.size} ranks) "
                                f"had nothing to decode for {ctx.timeout_s:.0f} s; this rank waits on {waiting}")
 

@@ -16,19 +16,18 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 import spmd_diff
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, HeapLayout, RingSpec
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 from spmd_diff.comm.collectives import GroupCollectives
-from spmd_diff.comm.select import make_transport
+from spmd_diff.comm.select import TransportChoice, choose_transport, make_transport
 from spmd_diff.comm.transport import round_up
 from spmd_diff.comm.work_queue import WorkQueue
 from spmd_diff.comm.world import World, set_threads
-from spmd_diff.config import JobConfig
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.identity import identity_of, model_fingerprint
 from spmd_diff.io.inputs import Item
@@ -37,71 +36,27 @@ from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
-from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
+from spmd_diff.models.wan import VideoSpec
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
-from spmd_diff.parallel.comm import GroupSeqComm
+from spmd_diff.parallel.seq_comm import GroupSeqComm
 from spmd_diff.parallel.decoder_group import DecoderGroup
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.parallel_layout import resolve_parallel_layout
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.workload import WorkClass
-from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
+from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
-from spmd_diff.runtime.startup import (JobInputs, RunRequest, Started, auto_policy, dtype_name, item_attrs,
-                                      job_settings)
+from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 
 log = logging.getLogger("spmd_diff")
-
-
-@dataclass(frozen=True)
-class Setup:
-    """Everything decided before the first channel exists; identical on every rank."""
-
-    job: JobConfig
-    model_dir: str
-    items: tuple[Item, ...]
-    shapes: dict[VideoSpec, WanShapes]
-    """Every distinct item spec of the job (the job's ``[video]`` defaults included) -> its checked shapes."""
-    spec: VideoSpec
-    """The job's ``[video]`` defaults (an item that gives no settings of its own is rendered with it)."""
-    plan: RolePlan
-    dtype: str
-    topology: Topology
-    """What the plan was made for: the world's topology, or the virtual one of ``world.ranks_per_node``."""
-
-    def spec_of(self, item: Item) -> VideoSpec:
-        """The item's own :class:`VideoSpec`: the job's defaults with the item's settings in their place."""
-        return item_spec(self.job, item)
-
-
-def item_spec(job: JobConfig, item: Item | None) -> VideoSpec:
-    """``VideoSpec`` of ``item`` (``VideoConfig.for_item``); of the job's defaults for ``None``."""
-    v = job.video if item is None else job.video.for_item(item)
-    return VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale, v.max_sequence_length)
-
-
-def build_setup(inputs: JobInputs, plan: RolePlan, device: str) -> Setup:
-    """The model-dependent half of the setup: the job's video spec and every item's own checked against the
-    model's configs (an item's error names its prompts-file line); ``plan``: the plan of the first batch."""
-    spec = item_spec(inputs.job, None)
-    shapes = {spec: read_shapes(inputs.model_dir, spec)}
-    for item in inputs.items:
-        item_own = item_spec(inputs.job, item)
-        if item_own not in shapes:
-            try:
-                shapes[item_own] = read_shapes(inputs.model_dir, item_own)
-            except UserError as exc:
-                raise UserError(f"{item.where or f'item {item.id!r}'}: {exc} (the item's own settings)") from None
-    return Setup(inputs.job, inputs.model_dir, inputs.items, shapes, spec, plan,
-                 dtype_name(inputs.job, device.startswith("cuda")), inputs.topology)
 
 
 def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
@@ -137,6 +92,9 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     plan = policy.plan if isinstance(policy, AutoPolicy) else inputs.plan
     setup = world.run_checked(lambda: build_setup(inputs, plan, world.device))
     set_threads(world.local_size, setup.job.run.threads)
+    # Which transport (collective, before OUT is touched: a forced NVSHMEM that cannot work is a bad job).
+    transport_choice = world.run_checked(lambda: choose_transport(world, setup.job.world.transport)
+                                         if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
@@ -195,11 +153,11 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     deadline_s = deadline_for(setup.plan)
     shard_tag = f"shard-{request.shard[0]}-of-{request.shard[1]}" if request.shard else ""
     events = EventLog(request.out_dir, world.rank, enabled=setup.job.run.events, tag=shard_tag)
-    _announce(world, setup, events, pending, request.out_dir, deadline_s)
+    _announce(world, setup, events, pending, request.out_dir, deadline_s, transport_choice, request.testing_aids)
 
     try:
         role_result = _run_rank(world, setup, stages, store, events, stop, items_by_index, pending, deadline_for,
-                                policy)
+                                policy, transport_choice, TestHooks.from_env(world.rank, dict(request.testing_aids)))
     finally:
         stop.uninstall()
     if isinstance(role_result, BaseException):
@@ -253,13 +211,16 @@ def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost
 
 
 def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item], out_dir: str,
-              deadline_s: float) -> None:
+              deadline_s: float, transport_choice: TransportChoice | None,
+              testing_aids: tuple[tuple[str, str], ...]) -> None:
     hosts = world.comm.gather(socket.gethostname(), root=0)
     plan = setup.plan
     if world.rank == 0:
         events.emit("job_start", version=spmd_diff.__version__, config=setup.job.to_dict(), world_size=world.size,
                     plan=plan.to_dict(), hosts=hosts, num_items=len(setup.items), num_pending=len(pending),
-                    model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s)
+                    model_dir=setup.model_dir, torch=torch.__version__, argv=sys.argv, deadline_s=deadline_s,
+                    transport=str(transport_choice) if transport_choice else "none (one rank: no channels)",
+                    testing_aids=dict(testing_aids))
         print(plan.describe(setup.topology), file=sys.stderr)
         if setup.job.roles.group_decode:
             print(f"spmd-diff: the decoder ranks {list(plan.decoders)} decode each video together (roles.group_decode)",
@@ -271,7 +232,7 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
 
 def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: EventLog, stop: StopFlag,
               items_by_index: dict[int, Item], pending: list[Item], deadline_for: Callable[[RolePlan], float],
-              policy: Policy):
+              policy: Policy, transport_choice: TransportChoice | None, hooks: TestHooks):
     """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
     batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until the batch has
     drained, and (between batches) combine every rank's timings and let ``policy`` choose the next plan.
@@ -312,15 +273,18 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                       f"collectives, progress board; the largest of the {len(candidates)} plan(s) this job may "
                       f"switch between); a consumer serves at most {max(p.fan_in() for p in candidates)} "
                       "producer(s)", file=sys.stderr)
-            transport = make_transport(world, transport_heap, setup.job.world.transport)
+            dataplane = setup.job.dataplane
+            transport = make_transport(world, transport_heap, transport_choice,
+                                       put_kernel=dataplane.put_kernel and dataplane.p2p_kernel == "cuda")
             if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
                 coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes,
                                         max_ranks=max(max_sp, decoder_group_size),
-                                        timeout_s=max(deadline_for(p) for p in candidates))
+                                        timeout_s=max(deadline_for(p) for p in candidates),
+                                        kernel=dataplane.p2p_kernel, a2a_blocks=dataplane.a2a_block_counts())
         board = ProgressBoard(transport, world.rank, world.size)
         ctx = loops.RankContext(world.rank, items_by_index, stages, setup.spec_of, setup.job.video.negative_prompt,
                                 store, events, stop, deadline_for(plan), setup_attrs(setup), board.publish,
-                                hooks=TestHooks.from_env(world.rank) or None, overlap_decode=speed.overlap_decode,
+                                hooks=hooks or None, overlap_decode=speed.overlap_decode,
                                 write_queue=speed.write_queue, warmup=speed.warmup,
                                 warmup_spec=setup.spec_of(pending[0]) if pending else setup.spec)
         if world.rank == 0:

@@ -18,6 +18,8 @@ from spmd_diff.errors import UserError
 
 HOOKS_ENV = "SPMD_DIFF_TEST_HOOKS"
 DELAY_ENV = "SPMD_DIFF_INJECT_DELAY"
+TESTING_ENV = (HOOKS_ENV, DELAY_ENV)
+"""The testing aids' environment variables: read by the CLI only (``RunRequest.testing_aids``)."""
 
 
 class OutLock:
@@ -147,11 +149,10 @@ class TestHooks:
         self.rules = [r for r in rules if r.get("rank", rank) == rank]
 
     @staticmethod
-    def from_env(rank: int, env: dict[str, str] | None = None) -> "TestHooks":
-        """Rules from ``SPMD_DIFF_TEST_HOOKS``, plus ``SPMD_DIFF_INJECT_DELAY=STAGE:SECONDS`` (a testing aid: every
+    def from_env(rank: int, env: dict[str, str]) -> "TestHooks":
+        """Rules from ``env[SPMD_DIFF_TEST_HOOKS]`` (the CLI passes what it read), plus ``SPMD_DIFF_INJECT_DELAY=STAGE:SECONDS`` (a testing aid: every
         item's STAGE, one of encode, denoise, decode, takes SECONDS longer on every rank, so the re-planner sees
         that stage grow). Raises UserError for a malformed value."""
-        env = os.environ if env is None else env
         text = env.get(HOOKS_ENV)
         rules = json.loads(text) if text else []
         delay = env.get(DELAY_ENV)

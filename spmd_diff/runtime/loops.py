@@ -26,7 +26,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, Message
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, ReceiverPoller, pick_sender
+from spmd_diff.comm.wire import Message
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout, StoreFull
 from spmd_diff.io.frames import is_encoded, stored_form
@@ -373,17 +374,12 @@ def _raise_if_disk_full(ctx: RankContext, item: Item, exc: OSError) -> None:
 def send(ctx: RankContext, senders: list[ChannelSender], item: Item, meta: dict, tensors: dict) -> None:
     """Put the item into the channel with the most free slots, waiting (with deadline) while all are full."""
     deadline, backoff, t0 = ctx.deadline(), Backoff(), time.time()
-    while True:
-        start = ctx.next_sender % len(senders)
-        order = senders[start:] + senders[:start]
-        best = max(order, key=lambda s: s.free_slots())
-        if best.free_slots() > 0:
-            ctx.next_sender = senders.index(best) + 1
-            break
+    while (best := pick_sender(senders, ctx.next_sender % len(senders))) is None:
         if time.monotonic() > deadline:
             raise StageTimeout(f"rank {ctx.rank}: no consumer freed a slot for item {item.id!r} in "
                                f"{ctx.timeout_s:.0f} s (channels {[s.name for s in senders]})")
         backoff.pause()
+    ctx.next_sender = senders.index(best) + 1
     t1 = time.time()
     if t1 - t0 > 1e-3:
         ctx.events.emit("wait", channel=best.name, what="credit", t0=t0, t1=t1)
@@ -396,29 +392,19 @@ def send(ctx: RankContext, senders: list[ChannelSender], item: Item, meta: dict,
 
 def receive(ctx: RankContext, receivers: list[ChannelReceiver]):
     """Yield (item, meta, tensors) from any open receiver, fairly, until every producer has closed."""
-    open_receivers = list(receivers)
-    start = 0
-    while open_receivers:
+    poller = ReceiverPoller(receivers)
+    while not poller.all_closed:
         deadline, backoff, t0 = ctx.deadline(), Backoff(), time.time()
-        chosen = None
-        while chosen is None:
-            for k in range(len(open_receivers)):
-                candidate = open_receivers[(start + k) % len(open_receivers)]
-                if candidate.ready():
-                    chosen = candidate
-                    start = (start + k + 1) % max(1, len(open_receivers))
-                    break
-            else:
-                if time.monotonic() > deadline:
-                    waiting = "; ".join(r.describe_wait() for r in open_receivers)
-                    raise StageTimeout(f"rank {ctx.rank}: nothing arrived for {ctx.timeout_s:.0f} s on {waiting}")
-                backoff.pause()
+        while (chosen := poller.poll()) is None:
+            if time.monotonic() > deadline:
+                waiting = "; ".join(r.describe_wait() for r in receivers if not r.closed)
+                raise StageTimeout(f"rank {ctx.rank}: nothing arrived for {ctx.timeout_s:.0f} s on {waiting}")
+            backoff.pause()
         t1 = time.time()
         if t1 - t0 > 1e-3:
             ctx.events.emit("wait", channel=chosen.name, what="data", t0=t0, t1=t1)
         message = chosen.take(deadline)
         if chosen.closed:
-            open_receivers.remove(chosen)
             continue
         yield ctx.items[message.meta["item"]], message.meta, message.tensors
 

@@ -15,7 +15,7 @@ from spmd_diff.runtime.item_groups import ItemGroup, assignments_of, job_item_gr
 from spmd_diff.runtime.startup import planning_job
 
 if TYPE_CHECKING:
-    from spmd_diff.runtime.engine import Setup
+    from spmd_diff.runtime.setup import Setup
 
 
 def item_group_schedule(setup: Setup, plan: RolePlan, pending: list[Item]) -> list[ItemGroup]:

@@ -50,6 +50,9 @@ class RunRequest:
     shard: tuple[int, int] | None = None
     force: bool = False
     retry_failed: bool = False
+    testing_aids: tuple[tuple[str, str], ...] = ()
+    """The testing aids' environment variables (``runtime.faults.TESTING_ENV``) the CLI found set, as
+    ``(name, value)``: the one place they are read; the engine's ``job_start`` record lists them."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     if request.model:
         overrides.append(f"model.path={request.model!r}")
     job = load_job(request.job_path, overrides)
+    if job.world.force_cpu:
+        world.use_cpu_only()
     items = shard_items(load_prompts(request.prompts_path, job.run.seed), request.shard)
     topology = world.topology
     if job.world.ranks_per_node and job.world.ranks_per_node != len(topology.ranks_on_node(0)):
@@ -90,7 +95,7 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     plan = None
     if job.roles.policy == "static":
         plan = static_plan(job, topology)
-    TestHooks.from_env(world.rank)  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
+    TestHooks.from_env(world.rank, dict(request.testing_aids))  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
     return job, tuple(items), plan, topology
 
 

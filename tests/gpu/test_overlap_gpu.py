@@ -3,7 +3,7 @@
 Four thread ranks on one GPU, each on its own CUDA stream, form a 2 x 2 torus over a virtual two-node topology:
 ranks {0, 1} and {2, 3} are the nodes, so each torus column (the K/V exchange) crosses them and takes a fixed
 extra time, the "inter-node link", about one local attention block long. Two transports, both through the
-project's :class:`~spmd_diff.parallel.comm.GroupSeqComm`:
+project's :class:`~spmd_diff.parallel.seq_comm.GroupSeqComm`:
 
 - a device heap (tensors stay on the GPU): the exchange is queued on the comm's side stream, the link is a GPU
   sleep there; transfers and attention are both CUDA event pairs;
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from spmd_diff.parallel.attention import LocalAttention, torus_attention
-from spmd_diff.parallel.comm import GroupSeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import GroupSeqComm, offsets, split_sizes
 from spmd_diff.parallel.overlap import OverlapProbe
 from tests.gpu._gpu import num_gpus
 from tests.unit._sp_threads import ThreadGroup, run_ranks

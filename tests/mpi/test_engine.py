@@ -130,6 +130,17 @@ def test_items_flow_through_stages_concurrently(four_rank_out):
     assert all(e["bytes"] > 0 for e in handoffs)
 
 
+def test_job_start_records_the_data_plane_and_the_transport(four_rank_out):
+    """job_start holds the job's [dataplane] section and the transport rank 0 chose and printed (MPI RMA here:
+    CPU ranks have no GPU for NVSHMEM)."""
+    out, result = four_rank_out
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["ev"] == "job_start")
+    assert start["config"]["dataplane"] == {"p2p_kernel": "cuda", "put_kernel": True, "a2a_blocks": ""}
+    assert start["transport"].startswith("mpi (auto: ")
+    assert f"spmd-diff: transport: {start['transport']}" in result.stderr
+
+
 @pytest.mark.parametrize("case", ["missing_model", "bad_job", "bad_prompts", "roles_do_not_fit", "duplicate_ids",
                                   "bad_codec"])
 def test_bad_input_fails_on_every_rank(case, engine_env, prompts_file, tmp_path):

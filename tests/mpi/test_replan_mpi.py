@@ -41,6 +41,7 @@ def test_a_slow_denoise_moves_ranks_to_the_dit_within_two_batches(demo_model_dir
     assert auto.returncode == 0, auto.stderr[-4000:]
     events = [json.loads(line) for line in (tmp_path / "auto" / "events.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["ev"] == "job_start")
+    assert start["testing_aids"] == {"SPMD_DIFF_INJECT_DELAY": "denoise:0.6"}  # what the CLI read, recorded
     replans = [e for e in events if e["ev"] == "replan"]
     assert replans, f"no re-plan; plan {start['plan']}"
     first = replans[0]

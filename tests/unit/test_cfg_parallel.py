@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from spmd_diff.models.wan import VideoSpec, WanStages
-from spmd_diff.parallel.comm import GroupSeqComm
+from spmd_diff.parallel.seq_comm import GroupSeqComm
 from spmd_diff.parallel.group_denoise import SPDenoiser, cfg_half_torus
 from spmd_diff.parallel.vae_decode import decode_split
 from tests.unit._sp_threads import run_ranks

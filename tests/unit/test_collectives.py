@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from spmd_diff.comm import run_local
-from spmd_diff.comm.collectives import (
-    ALIGN,
-    CollectiveLayout,
-    GroupCollectives,
-    chunk_plan,
-    decode_header,
-    encode_header,
-)
+from spmd_diff.comm.collective_layout import ALIGN, CollectiveLayout, chunk_split, decode_header, encode_header
+from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.errors import StageTimeout
 from tests.collective_cases import run_schedule, schedule
 
@@ -165,10 +159,10 @@ def test_single_rank_group_and_self_copy():
     assert all(run_local(2, 1 << 20, body))
 
 
-def test_chunk_plan_covers_message():
+def test_chunk_split_covers_message():
     for max_chunk in (256, 4096, 1 << 20, 64 << 20):
         for nbytes in (0, 1, 255, 256, 257, 5000, 1 << 20, (2 << 20) + 1, 100 << 20, 257 << 20):
-            num, chunk = chunk_plan(nbytes, max_chunk)
+            num, chunk = chunk_split(nbytes, max_chunk)
             assert 0 <= chunk <= max_chunk and num >= 1
             assert (num - 1) * chunk < max(nbytes, 1) <= num * chunk or nbytes == 0
             if num > 1:

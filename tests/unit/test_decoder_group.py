@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from spmd_diff.models.wan import WanStages
-from spmd_diff.parallel.comm import GroupSeqComm
+from spmd_diff.parallel.seq_comm import GroupSeqComm
 from spmd_diff.parallel.decoder_group import DecoderGroup, run_rounds
 from tests.unit._sp_threads import run_ranks
 

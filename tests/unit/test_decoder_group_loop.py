@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_diff.comm.channel import Message
+from spmd_diff.comm.wire import Message
 from spmd_diff.errors import StageTimeout
 from spmd_diff.io.inputs import Item
 from spmd_diff.parallel.decoder_group import RoundResult
@@ -28,6 +28,8 @@ class _Receiver:
 
     def ready(self) -> bool:
         self.polls += 1
+        if self.closed:
+            return False
         if self.script and self.script[0] is None:
             self.script.pop(0)
             return False

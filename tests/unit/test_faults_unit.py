@@ -54,3 +54,17 @@ def test_out_lock_refuses_array_tasks_of_another_shard_count(tmp_path):
     three = OutLock(tmp_path, (0, 3))
     three.acquire()
     three.release()
+
+
+def test_the_testing_aids_are_read_by_the_cli_only():
+    """``faults.py`` parses what it is given; the CLI is the one reader of the aids' variables."""
+    import re
+    from pathlib import Path
+
+    from spmd_diff.runtime.faults import TESTING_ENV
+
+    package = Path(__file__).resolve().parents[2] / "spmd_diff"
+    readers = [path.relative_to(package).as_posix() for path in sorted(package.rglob("*.py"))
+               if "os.environ" in path.read_text(encoding="utf-8")
+               and re.search("|".join(TESTING_ENV) + "|HOOKS_ENV|DELAY_ENV|TESTING_ENV", path.read_text())]
+    assert readers == ["cli.py"]

@@ -64,7 +64,7 @@ def test_an_unknown_item_key_suggests_a_per_item_setting():
 
 
 def test_an_item_size_the_model_cannot_take_names_its_line(demo_model_dir):
-    from spmd_diff.runtime.engine import build_setup
+    from spmd_diff.runtime.setup import build_setup
     from spmd_diff.runtime.startup import JobInputs
 
     job = build_job({"video": {"height": 64, "width": 64}}, "job.toml")
@@ -201,7 +201,7 @@ def test_plan_prints_the_degree_each_item_would_run_at(tmp_path, capsys):
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     per_item = ["--set", "dit.per_item_degree=true", "--set", "roles.policy='static'", "--set", "roles.encoders=0",
                 "--set", "roles.decoders=0"]
-    job = "perf/jobs/random-1.3b-480p.toml"
+    job = "jobs/random-1.3b-480p.toml"
     assert main(["plan", job, "--gpus-per-node", "8", *per_item, "--prompts", str(prompts)]) == 0
     out = capsys.readouterr().out
     assert "per-item SP degree: 32 item(s), predicted denoise makespan" in out

@@ -110,7 +110,7 @@ def test_spread_edges_cover_both_sides_with_bounded_fan_in(num_p, num_c):
 def test_the_channel_heap_grows_with_the_ratio_of_producers_to_consumers_not_their_number():
     """The simulator's memory-capped plan at 4,096 ranks (40 encoders, 2,275 DiT, 1,781 decoders), 480p latents:
     each decoder holds a few rings, not one per DiT leader (which would be 2,275 x 2 x 8.7 MB = 39 GB)."""
-    from spmd_diff.comm.channel import HeapLayout, RingSpec
+    from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 
     latents, embeds = RingSpec(2, 16 * 21 * 60 * 104 * 4), RingSpec(2, 2 * 512 * 4096 * 2)
     small = plan_roles(Topology.uniform(1, 8, 8), 1, 3, 1, "ulysses")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from spmd_diff.errors import UserError
 from spmd_diff.parallel._kernels import apply_rotary_reference
 from spmd_diff.parallel.attention import LocalAttention, math_attention
-from spmd_diff.parallel.comm import GroupSeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import GroupSeqComm, offsets, split_sizes
 from spmd_diff.parallel.group_denoise import SPDenoiser, build_attention
 from spmd_diff.parallel.hooks import parallelize_transformer
 from spmd_diff.parallel.layout import SPLayout, head_balance, resolve_layout

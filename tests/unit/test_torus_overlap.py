@@ -11,7 +11,7 @@ import torch
 
 from spmd_diff.parallel._kernels import apply_rotary_reference
 from spmd_diff.parallel.attention import math_attention, torus_attention
-from spmd_diff.parallel.comm import GroupSeqComm, offsets, split_sizes
+from spmd_diff.parallel.seq_comm import GroupSeqComm, offsets, split_sizes
 from spmd_diff.parallel.overlap import OverlapProbe, _intersection, _union
 from tests.unit._sp_threads import ThreadGroup, run_ranks
 

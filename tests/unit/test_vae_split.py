@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spmd_diff.models.wan import WanStages
-from spmd_diff.parallel.comm import GroupSeqComm
+from spmd_diff.parallel.seq_comm import GroupSeqComm
 from spmd_diff.parallel.vae_decode import band_rows, decode_split, split_decoder
 from tests.unit._sp_threads import run_ranks
 

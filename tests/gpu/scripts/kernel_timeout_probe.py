@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from spmd_diff.comm.exchange import load_kernel_module  # noqa: E402
+from spmd_diff.comm.kernel_loader import load_kernel_module  # noqa: E402
 
 
 def main() -> int:

@@ -26,10 +26,12 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from spmd_diff.comm.channel import (  # noqa: E402
-    ChannelReceiver, ChannelSender, HeapLayout, Message, ReceiverPoller, RingSpec, pick_sender)
-from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
+from spmd_diff.comm.channel import ChannelReceiver, ChannelSender, ReceiverPoller, pick_sender  # noqa: E402
+from spmd_diff.comm.collective_layout import CollectiveLayout  # noqa: E402
+from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
+from spmd_diff.comm.heap_layout import HeapLayout, RingSpec  # noqa: E402
 from spmd_diff.comm.nvshmem import NvshmemTransport  # noqa: E402
+from spmd_diff.comm.wire import Message  # noqa: E402
 from spmd_diff.errors import StageTimeout  # noqa: E402
 from tests.collective_cases import run_schedule, schedule  # noqa: E402
 
@@ -100,9 +102,7 @@ def check_collectives(transport, rank: int, size: int) -> dict:
 
 def use_kernel(coll: GroupCollectives, path: str) -> None:
     """Pick the all-to-all implementation of ``coll`` for the next operations (between operations)."""
-    os.environ["SPMD_DIFF_P2P_KERNEL"] = {"cuda kernel": "cuda", "triton kernel": "triton"}.get(path, "off")
-    coll._fused = None
-    coll.set_fused(path != "host path")
+    coll.use_kernel({"cuda kernel": "cuda", "triton kernel": "triton"}.get(path, "off"))
 
 
 def check_channels(transport, rank: int, size: int, num_items: int = 40) -> dict:

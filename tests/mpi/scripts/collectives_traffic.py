@@ -20,7 +20,8 @@ from mpi4py import MPI
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository root, for tests.collective_cases
 
-from spmd_diff.comm.collectives import CollectiveLayout, GroupCollectives  # noqa: E402
+from spmd_diff.comm.collective_layout import CollectiveLayout  # noqa: E402
+from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
 from spmd_diff.comm.mpi_rma import MpiRmaTransport  # noqa: E402
 from tests.collective_cases import run_schedule, schedule  # noqa: E402
 

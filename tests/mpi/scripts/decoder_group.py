@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
 from spmd_diff.comm.mpi_rma import MpiRmaTransport  # noqa: E402
 from spmd_diff.models.wan import WanStages  # noqa: E402
-from spmd_diff.parallel.comm import GroupSeqComm  # noqa: E402
+from spmd_diff.parallel.seq_comm import GroupSeqComm  # noqa: E402
 from spmd_diff.parallel.decoder_group import DecoderGroup, run_rounds  # noqa: E402
 
 SIZES = {0: (5, 6, 2), 1: (7, 5, 3), 2: (1, 4, 2), 3: (3, 3, 2)}  # item -> latent height, width, frames

@@ -114,7 +114,7 @@ def torch_comm_check(world, heads: int, rows: list) -> int:
     import torch.distributed as dist
 
     from spmd_diff.parallel.attention import math_attention
-    from spmd_diff.parallel.comm import offsets, split_sizes
+    from spmd_diff.parallel.seq_comm import offsets, split_sizes
     from spmd_diff.parallel.group_denoise import build_attention
     from spmd_diff.parallel._kernels import apply_rotary_reference as reference_rotary
     from spmd_diff.parallel.layout import SPLayout

@@ -108,17 +108,17 @@ class SeqComm(abc.ABC):
         self.all_to_all([probe] * self.size, [(1,)] * self.size)
 
     def split(self, outer: int, inner: int) -> tuple["SeqComm", "SeqComm"]:
-        """This comm as an ``outer x inner`` grid (rank ``a * inner + b``): ``(row, column)``, the ``inner`` ranks
-        sharing this rank's ``a`` and the ``outer`` ranks sharing its ``b``, each in grid order."""
-        raise NotImplementedError(f"{type(self).__name__} cannot form torus rows and columns")
+        """This comm as an ``outer x inner`` grid (rank ``o * inner + i``): ``(inner_axis, outer_axis)``, the
+        ``inner`` ranks sharing this rank's ``o`` and the ``outer`` ranks sharing its ``i``, each in grid order."""
+        raise NotImplementedError(f"{type(self).__name__} cannot form a torus's inner and outer axes")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Over the project's group-free collectives
 
 
-class Group(Protocol):
-    """The part of ``spmd_diff.comm.collectives.Group`` used here."""
+class GroupLike(Protocol):
+    """The part of ``spmd_diff.comm.collectives.Group`` used here (a protocol: tests pass thread-backed fakes)."""
 
     ranks: Sequence[int]
     rank_in_group: int
@@ -145,7 +145,7 @@ class GroupSeqComm(SeqComm):
             another device are copied there and back.
     """
 
-    def __init__(self, group: Group, subgroup: Callable[[list[int]], Group] | None = None,
+    def __init__(self, group: GroupLike, subgroup: Callable[[list[int]], GroupLike] | None = None,
                  device: torch.device | str | None = None) -> None:
         self.group = group
         self.rank = int(group.rank_in_group)
@@ -228,9 +228,9 @@ class GroupSeqComm(SeqComm):
         if outer * inner != self.size:
             raise ValueError(f"torus {outer} x {inner} does not match the group of {self.size} ranks")
         ranks = list(self.group.ranks)
-        a, b = divmod(self.rank, inner)
-        inner_ranks = ranks[a * inner:(a + 1) * inner]
-        outer_ranks = ranks[b::inner]
+        o, i = divmod(self.rank, inner)
+        inner_ranks = ranks[o * inner:(o + 1) * inner]
+        outer_ranks = ranks[i::inner]
         return (GroupSeqComm(self._subgroup(inner_ranks), self._subgroup, self.device),
                 GroupSeqComm(self._subgroup(outer_ranks), self._subgroup, self.device))
 
