@@ -1,6 +1,6 @@
 """The decoder ranks of ``roles.group_decode`` in the engine: one loop per decoder rank, the ranks decoding each
 video together in rounds (:mod:`spmd_diff.parallel.decoder_group`), items arriving through each rank's own
-channels as for any decoder (:func:`spmd_diff.runtime.loops.decoder_loop` calls this when the rank has a group).
+channels as for any decoder (the engine runs this loop instead of ``loops.decoder_loop`` when the rank has a group).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from spmd_diff.comm.channel import ChannelReceiver, ReceiverPoller
 from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout
 from spmd_diff.parallel.decoder_group import run_rounds
-from spmd_diff.runtime.loops import Finisher, RankContext
+from spmd_diff.runtime.loops import Finisher, RankContext, warm_up
 
 
 def decoder_group_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
@@ -26,6 +26,7 @@ def decoder_group_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> Non
     the round's collective, which raises at the collectives' own deadline. A decode that raises on a member
     aborts the job (the others are inside the collective), as a DiT group's decode does.
     """
+    warm_up(ctx)
     finisher = Finisher(ctx)
     poller = ReceiverPoller(from_dit)
     state = {"idle_since": time.monotonic(), "backoff": _round_backoff()}

@@ -48,6 +48,7 @@ from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.workload import WorkClass
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
+from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
@@ -459,6 +460,8 @@ def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: WorkQueue, pending:
     if "denoise" not in stages:
         if stages == {"encode"}:
             loops.encoder_loop(ctx, _pulled(queue, pending), senders)
+        elif stages == {"decode"} and ctx.decoder_group is not None:
+            decoder_group_loop(ctx, receivers)
         elif stages == {"decode"}:
             loops.decoder_loop(ctx, receivers)
         else:

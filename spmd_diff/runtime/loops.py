@@ -75,7 +75,7 @@ class RankContext:
     ``RolePlan.group_decode``), and the leader's finisher only writes."""
     decoder_group: Any = None
     """A decoder rank with ``roles.group_decode``: the ``spmd_diff.parallel.decoder_group.DecoderGroup`` of every
-    decoder rank, which decodes each item together (``spmd_diff.runtime.decoder_rounds``)."""
+    decoder rank, which decodes each item together (its loop: ``spmd_diff.runtime.decoder_rounds``)."""
     overlap_decode: bool = False
     """Decode on a second thread (and CUDA stream) while this rank's thread goes on (``speed.overlap_decode``)."""
     write_queue: int = 0
@@ -518,11 +518,6 @@ def item_group_loop(ctx: RankContext, assignments: Iterable[Any], join: Callable
 
 def decoder_loop(ctx: RankContext, from_dit: list[ChannelReceiver]) -> None:
     warm_up(ctx)
-    if ctx.decoder_group is not None:
-        from spmd_diff.runtime.decoder_rounds import decoder_group_loop
-
-        decoder_group_loop(ctx, from_dit)
-        return
     finisher = Finisher(ctx)
     for item, meta, tensors in receive(ctx, from_dit):
         finisher.submit(item, meta, tensors)

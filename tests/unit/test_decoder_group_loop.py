@@ -1,5 +1,5 @@
-"""The decoder ranks' group loop (runtime.loops.decoder_group_loop) over stand-in channels and a stand-in group
-(no model, no MPI): it offers one received item per round, writes failures it receives without offering them,
+"""The decoder ranks' group loop (runtime.decoder_rounds) over stand-in channels and a stand-in group (no model,
+no MPI): it offers one received item per round, writes failures it receives without offering them,
 writes the videos the group hands back, ends when its producers closed and the group is done, and raises
 StageTimeout when the group has had nothing to decode for the rank's deadline."""
 
@@ -16,6 +16,7 @@ from spmd_diff.errors import StageTimeout
 from spmd_diff.io.inputs import Item
 from spmd_diff.parallel.decoder_group import RoundResult
 from spmd_diff.runtime import loops
+from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.signals import StopFlag
 
 
@@ -98,7 +99,7 @@ def test_one_offer_per_round_failures_written_directly() -> None:
     failed = Message({"item": 1, "id": "item-1", "failed": {"stage": "encode", "error": "bad prompt"}})
     first = _Receiver("dit0->dec1", [_latents(0), failed, None, _latents(2)])
     second = _Receiver("dit1->dec1", [None, None, _latents(3)])
-    loops.decoder_loop(ctx, [first, second])
+    decoder_group_loop(ctx, [first, second])
     offered = [index for index in ctx.decoder_group.offers if index is not None]
     assert sorted(offered) == [0, 2, 3]  # the failed item is never offered
     assert sorted(ctx.store.videos) == ["item-0", "item-2", "item-3"]
@@ -116,5 +117,5 @@ def test_a_group_without_work_times_out() -> None:
     t0 = time.monotonic()
     with pytest.raises(StageTimeout, match=r"rank 1: the decoder group \(2 ranks\) had nothing to decode for 0 s; "
                                            r"this rank waits on dit0->dec1 \(waiting for its producer\)"):
-        loops.decoder_loop(ctx, [silent])
+        decoder_group_loop(ctx, [silent])
     assert time.monotonic() - t0 < 5.0
