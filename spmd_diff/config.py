@@ -110,6 +110,11 @@ class RolesConfig:
     batch_s: float = 300.0
     """policy "auto": seconds of predicted work per batch. Between batches the pipeline drains, the timings are
     combined over MPI and the plan may change; shorter batches follow changes sooner, longer ones drain less."""
+    group_decode: bool = False
+    """policy "static" with at least 2 decoder ranks: the decoder ranks decode each video together, every one a
+    band of rows (``spmd_diff.parallel.decoder_group``), whichever of them received its latents; that one writes
+    it. Off: each decoder decodes its own items alone. Same videos (the one-rank decode within floating-point
+    reassociation: at most one uint8 level)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +131,8 @@ class DitConfig:
     denoises and decodes; a group's leader encodes and decodes its item), and no compiled blocks (dit.compile,
     speed.fast_compile_dit) for now. Same videos as any fixed degree."""
     collective_mib: int = 64
-    """Heap MiB for the group collectives of sequence-parallel DiT groups (chunk buffers; larger = fewer rounds)."""
+    """Heap MiB for the group collectives of sequence-parallel DiT groups and of decoder groups
+    (roles.group_decode) (chunk buffers; larger = fewer rounds)."""
     cfg_parallel: bool | str = "auto"
     """DiT groups of an even number of ranks, with classifier-free guidance (video.guidance_scale > 1): run the
     conditional branch on one half of the group and the unconditional one on the other (each half sequence-
@@ -413,6 +419,10 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: roles.batch_s must be > 0, got {job.roles.batch_s}")
     if job.roles.policy not in ("auto", "static"):
         raise UserError(f"{source}: roles.policy must be auto or static, got {job.roles.policy!r}")
+    if job.roles.group_decode and (job.roles.policy != "static" or job.roles.decoders < 2):
+        raise UserError(f'{source}: roles.group_decode = true needs roles.policy = "static" and roles.decoders >= 2 '
+                        f"(a group of decoder ranks), got policy {job.roles.policy!r} and {job.roles.decoders} "
+                        "decoder(s)")
     if job.world.gpu_memory_gib < 0:
         raise UserError(f"{source}: world.gpu_memory_gib must be >= 0 (0 = the GPU's own memory), "
                         f"got {job.world.gpu_memory_gib}")

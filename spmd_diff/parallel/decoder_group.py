@@ -17,7 +17,9 @@ No MPI here: the group's communication comes in as a :class:`~spmd_diff.parallel
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,11 +48,16 @@ class DecoderGroup:
     Args:
         stages: this rank's ``WanStages`` with the decode stage.
         comm: the decoder ranks of the group, in band order.
+        span: ``span(item index, bands) -> context manager`` around each decode this member takes part in
+            (``bands``: the members that decoded it, 1 when its holder decoded it alone), e.g. a timed stage
+            event; ``None``: none.
     """
 
-    def __init__(self, stages: Any, comm: SeqComm) -> None:
+    def __init__(self, stages: Any, comm: SeqComm,
+                 span: Callable[[int, int], AbstractContextManager] | None = None) -> None:
         self.stages = stages
         self.comm = comm
+        self.span = span or (lambda index, bands: contextlib.nullcontext())
 
     def round(self, offer: tuple[int, torch.Tensor] | None, closed: bool) -> RoundResult:
         """One round (collective over the group).
@@ -84,16 +91,19 @@ class DecoderGroup:
             alone = shape[3] < comm.size  # too few latent rows for a band each
             if not alone:
                 latents = comm.broadcast(latents, holder)
-                video = decode_split(self.stages, comm, latents, leader=holder)
+                with self.span(int(h[2]), comm.size):
+                    video = decode_split(self.stages, comm, latents, leader=holder)
             elif holder == comm.rank:
-                video = self.stages.decode_uint8(latents)
+                with self.span(int(h[2]), 1):
+                    video = self.stages.decode_uint8(latents)
             if holder == comm.rank:
                 videos.append((int(h[2]), video))
         return RoundResult(videos, len(offered), all(int(h[1]) for h in headers))
 
 
 def run_rounds(group: DecoderGroup, next_offer: Callable[[], tuple[tuple[int, torch.Tensor] | None, bool]],
-               on_video: Callable[[int, torch.Tensor], None], pause: Callable[[], None]) -> int:
+               on_video: Callable[[int, torch.Tensor], None], pause: Callable[[], None],
+               on_round: Callable[[RoundResult], None] | None = None) -> int:
     """Rounds until every member is closed; returns the number of videos this member received.
 
     Args:
@@ -101,6 +111,8 @@ def run_rounds(group: DecoderGroup, next_offer: Callable[[], tuple[tuple[int, to
             ``None``; and whether it will hold no more (its producers have all closed).
         on_video: ``(item index, video)`` for each of this member's items once decoded (e.g. to its writer).
         pause: called after a round in which nobody offered anything (a back-off).
+        on_round: called after every round with its result, before its videos are handed on (e.g. to
+            enforce a deadline on rounds without work); ``None``: nothing.
     """
     received, closed = 0, False
     while True:
@@ -108,6 +120,8 @@ def run_rounds(group: DecoderGroup, next_offer: Callable[[], tuple[tuple[int, to
         if not closed:
             offer, closed = next_offer()
         result = group.round(offer, closed and offer is None)
+        if on_round is not None:
+            on_round(result)
         for index, video in result.videos:
             on_video(index, video)
             received += 1

@@ -40,12 +40,15 @@ from spmd_diff.models.wan import VideoSpec
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s
+from spmd_diff.parallel.seq_comm import GroupSeqComm
+from spmd_diff.parallel.decoder_group import DecoderGroup
 from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.plan.parallel_layout import resolve_parallel_layout
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.workload import WorkClass
 from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
+from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
@@ -220,6 +223,9 @@ def _announce(world: World, setup: Setup, events: EventLog, pending: list[Item],
                     transport=str(transport_choice) if transport_choice else "none (one rank: no channels)",
                     testing_aids=dict(testing_aids))
         print(plan.describe(setup.topology), file=sys.stderr)
+        if setup.job.roles.group_decode:
+            print(f"spmd-diff: the decoder ranks {list(plan.decoders)} decode each video together (roles.group_decode)",
+                  file=sys.stderr)
         print(f"spmd-diff: {len(setup.items)} item(s), {len(setup.items) - len(pending)} already in "
               f"{out_dir}, {len(pending)} to render; waits time out after {deadline_s:.0f} s", file=sys.stderr)
     events.emit("rank_start", role=plan.role_of(world.rank), host=socket.gethostname())
@@ -254,7 +260,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 print(f"spmd-diff: per-item SP degree: {shown or 'no items'}", file=sys.stderr)
                 events.emit("item_groups", degrees={str(d): n for d, n in sorted(by_degree.items())},
                             predicted_makespan_s=round(max((g.start_s + g.seconds for g in schedule), default=0), 3))
-        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max_sp > 1 else 0
+        # roles.group_decode: the decoder ranks decode as one group over the same collectives (static plans only)
+        decoder_group_size = len(plan.decoders) if setup.job.roles.group_decode else 0
+        coll_bytes = round_up(setup.job.dit.collective_mib << 20, 256) if max(max_sp, decoder_group_size) > 1 else 0
         channels_base = round_up(board_bytes, 256) + coll_bytes
         enc_spec, dec_spec = _ring_specs(setup)
         coll = None
@@ -270,7 +278,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             transport = make_transport(world, transport_heap, transport_choice,
                                        put_kernel=dataplane.put_kernel and dataplane.p2p_kernel == "cuda")
             if coll_bytes:  # a member waits while its leader waits for credit: the longest deadline of any plan
-                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes, max_ranks=max_sp,
+                coll = GroupCollectives(transport, round_up(board_bytes, 256), coll_bytes,
+                                        max_ranks=max(max_sp, decoder_group_size),
                                         timeout_s=max(deadline_for(p) for p in candidates),
                                         kernel=dataplane.p2p_kernel, a2a_blocks=dataplane.a2a_block_counts())
         board = ProgressBoard(transport, world.rank, world.size)
@@ -325,6 +334,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                                    cfg_parallel=plan.cfg_parallel, layout=mine.sp)
                 sp_for = (group_ranks, stages, plan.cfg_parallel)
             ctx.group_decode = ctx.sp is not None and plan.group_decode
+            ctx.decoder_group = None
+            if decoder_group_size and world.rank in plan.decoders:
+                ctx.decoder_group = _decoder_group(ctx, coll, plan.decoders)
             if ctx.hooks:
                 ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()
@@ -364,6 +376,15 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if not isinstance(exc, (StageTimeout, StoreFull, UserError)):
             traceback.print_exc()
         return exc
+
+
+def _decoder_group(ctx: loops.RankContext, coll: GroupCollectives, decoders: tuple[int, ...]) -> DecoderGroup:
+    """``roles.group_decode``: this decoder rank's :class:`DecoderGroup` of every decoder rank (band order = rank
+    order); each decode it takes part in is a ``decode`` stage event with its ``bands``."""
+    def span(index: int, bands: int):
+        return ctx.span("decode", ctx.items[index], gpu=True, fields={"bands": bands})
+
+    return DecoderGroup(ctx.stages, GroupSeqComm(coll.group(list(decoders)), coll.group), span)
 
 
 def _layout(world: World, plan: RolePlan, enc_spec: RingSpec, dec_spec: RingSpec, base: int) -> HeapLayout:
@@ -439,6 +460,8 @@ def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: WorkQueue, pending:
     if "denoise" not in stages:
         if stages == {"encode"}:
             loops.encoder_loop(ctx, _pulled(queue, pending), senders)
+        elif stages == {"decode"} and ctx.decoder_group is not None:
+            decoder_group_loop(ctx, receivers)
         elif stages == {"decode"}:
             loops.decoder_loop(ctx, receivers)
         else:

@@ -73,6 +73,9 @@ class RankContext:
     group_decode: bool = False
     """With ``sp``: the group decodes each item together right after denoising it (:func:`decode_in_group`;
     ``RolePlan.group_decode``), and the leader's finisher only writes."""
+    decoder_group: Any = None
+    """A decoder rank with ``roles.group_decode``: the ``spmd_diff.parallel.decoder_group.DecoderGroup`` of every
+    decoder rank, which decodes each item together (its loop: ``spmd_diff.runtime.decoder_rounds``)."""
     overlap_decode: bool = False
     """Decode on a second thread (and CUDA stream) while this rank's thread goes on (``speed.overlap_decode``)."""
     write_queue: int = 0
@@ -87,11 +90,13 @@ class RankContext:
     def deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
-    def span(self, stage: str, item: Item | None, gpu: bool = False, cpu: bool = False):
+    def span(self, stage: str, item: Item | None, gpu: bool = False, cpu: bool = False,
+             fields: dict | None = None):
         """Time a stage: a ``stage`` event with wall ``t0``/``t1`` and, with ``gpu`` on a CUDA rank, ``gpu_s``
         (CUDA events around the stage on the thread's current stream; the span ends once that work is done);
-        with ``cpu``, ``cpu_s`` (worker.CpuMeter: this thread's and the threads it starts, e.g. the encoder's)."""
-        return _Span(self, stage, item, gpu, cpu)
+        with ``cpu``, ``cpu_s`` (worker.CpuMeter: this thread's and the threads it starts, e.g. the encoder's);
+        ``fields``: more fields of the event (e.g. a split decode's ``bands``)."""
+        return _Span(self, stage, item, gpu, cpu, fields)
 
     @property
     def cuda_device(self) -> torch.device | None:
@@ -103,8 +108,10 @@ class RankContext:
 
 
 class _Span:
-    def __init__(self, ctx: RankContext, stage: str, item: Item | None, gpu: bool, cpu: bool = False) -> None:
+    def __init__(self, ctx: RankContext, stage: str, item: Item | None, gpu: bool, cpu: bool = False,
+                 fields: dict | None = None) -> None:
         self.ctx, self.stage, self.item = ctx, stage, item
+        self.fields = fields or {}
         self.device = ctx.cuda_device if gpu else None
         self.start = None
         self.meter = CpuMeter() if cpu else None
@@ -138,7 +145,7 @@ class _Span:
             self.ctx.busy_s += t1 - self.t0
             self.ctx.stage_s[self.stage] = self.ctx.stage_s.get(self.stage, 0.0) + (t1 - self.t0)
             self.ctx.stage_items[self.stage] = self.ctx.stage_items.get(self.stage, 0) + 1
-        extra = {} if gpu_s is None else {"gpu_s": gpu_s}
+        extra = dict(self.fields) if gpu_s is None else {**self.fields, "gpu_s": gpu_s}
         if self.meter is not None:
             extra["cpu_s"] = round(self.meter.cpu_s, 4)
         self.ctx.events.emit("stage", stage=self.stage, item=self.item.id if self.item is not None else None,
@@ -231,7 +238,7 @@ def decode_in_group(ctx: RankContext, item: Item, latents: torch.Tensor) -> torc
 
     if latents.shape[3] < ctx.sp.comm.size:
         return None
-    with ctx.span("decode", item, gpu=True):
+    with ctx.span("decode", item, gpu=True, fields={"bands": ctx.sp.comm.size}):
         return decode_split(ctx.stages, ctx.sp.comm, latents)
 
 

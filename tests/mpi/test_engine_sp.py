@@ -1,11 +1,15 @@
 """Sequence-parallel DiT groups in the engine: for each layout and S in {2, 4} (torus as 2 x 2 on a virtual
 two-node topology), the videos equal the S = 1 videos within 1 uint8 level. Groups of 4 that decode their own
 items decode together; the Ulysses group of 4 runs the planner's "auto" CFG parallel (halves of 2), the others
-none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py)."""
+none (more CFG cases: tests/unit/test_cfg_parallel.py; Ulysses over 4 alone: tests/mpi/test_sp_mpi.py).
+Dedicated decoder ranks decoding as a group (roles.group_decode): uneven bands against the one-rank run and
+WanPipeline, and a hung member ending the job at the deadline."""
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from pathlib import Path
 
 import h5py
@@ -66,3 +70,70 @@ def test_sp_layout_equals_one_rank(name, setup):
     for key in reference:
         diff = np.abs(got[key].astype(np.int16) - reference[key].astype(np.int16))
         assert diff.max() <= 1, f"{name} {key}: max diff {diff.max()}"
+
+
+def test_decoder_group_equals_one_rank(setup, demo_model_dir):
+    """roles.group_decode: 1 DiT rank (encoding its items) and 3 decoder ranks that decode every video together
+    (heights are multiples of 16, so latent rows are even: 3 decoders split them unevenly): latent heights 8 and
+    10 rows (bands 3+3+2, 4+3+3), and 2 rows (fewer than the decoders: its holder decodes it alone); an item
+    failing upstream reaches the writer as its failure. Videos: the one-rank run's (height 64) and diffusers'
+    WanPipeline's (80 and 16), within 1 uint8 level."""
+    from spmd_diff.config import load_job
+    from spmd_diff.models.wan import VideoSpec, reference_video
+
+    prompts, env, base, (reference, _) = setup
+    items = [PROMPTS[0], {**PROMPTS[1], "height": 80}, {**PROMPTS[2], "height": 16},
+             {"id": "broken", "prompt": "A kite in a storm."}]
+    path = base / "decoder-group.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in items))
+    hooks = json.dumps([{"action": "fail", "stage": "encode", "item": "broken"}])
+    out = base / "decoder-group"
+    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(path), "--out", str(out),
+                    *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3", "--set", "roles.group_decode=true",
+                    timeout=300,
+                    env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "decode each video together (roles.group_decode)" in result.stderr
+    with h5py.File(out / "videos.h5", "r") as f:
+        got = {k: f["videos"][k][...] for k in f["videos"]}
+        assert sorted(f["failed"]) == ["broken"]
+    assert json.loads((out / "job.json").read_text())["job"]["roles"]["group_decode"] is True
+    v = load_job(REPO / "jobs/demo.toml", ["video.num_inference_steps=3"]).video
+    expected = {"a": reference["a"]}
+    for p in items[1:3]:
+        spec = VideoSpec(p["height"], v.width, v.num_frames, v.num_inference_steps, v.guidance_scale)
+        expected[p["id"]] = reference_video(demo_model_dir, p["prompt"], p.get("negative_prompt", v.negative_prompt),
+                                            p["seed"] if "seed" in p else 1234 + items.index(p), spec)
+    assert sorted(got) == sorted(expected)
+    for key, want in expected.items():
+        assert got[key].shape == want.shape
+        diff = np.abs(got[key].astype(np.int16) - want.astype(np.int16))
+        assert diff.max() <= 1, f"{key}: max diff {diff.max()}"
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    decodes = [e for e in events if e["ev"] == "stage" and e["stage"] == "decode"]
+    # split videos: a decode event on each decoder rank, 3 bands; the 2-row one: one event, decoded alone
+    bands = {"a": 3, "b": 3, "c": 1}
+    assert sorted((e["item"], e["bands"]) for e in decodes) == sorted((k, n) for k, n in bands.items()
+                                                                     for _ in range(n))
+    plan = next(e for e in events if e["ev"] == "job_start")["plan"]
+    assert {e["rank"] for e in decodes} == set(plan["decoders"]) and len(plan["decoders"]) == 3
+
+
+def test_decoder_group_with_a_hung_member_ends_within_the_deadline(setup):
+    """A decoder (rank 1 of decoders 0, 1, 2) that hangs in a group decode: the other decoders' collective times
+    out at the job's deadline (here 3 x run.timeout_s), the job ends with the timeout's exit code (3) and a
+    diagnostic naming the hung rank instead of hanging."""
+    prompts, env, base, _ = setup
+    hooks = json.dumps([{"action": "hang", "stage": "decode", "item": "a", "rank": 1}])
+    started = time.monotonic()
+    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out",
+                    str(base / "decoder-group-hung"), *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3",
+                    "--set", "roles.group_decode=true", "--set", "run.timeout_s=2", timeout=240,
+                    env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "test hook: hanging in decode of 'a'" in result.stderr
+    # a decoder waiting for the hung one in the group's collective names it
+    assert re.search(r"spmd-diff: error \(rank [02]\): group\[0,1,2\] .*rank 1\b", result.stderr), \
+        result.stderr[-3000:]
+    assert elapsed < 120, f"took {elapsed:.0f} s"

@@ -26,6 +26,9 @@ def test_overrides_are_typed():
     ({}, ["height=3"], "section.key"),
     ({"video": 3}, [], "must be a table"),
     ({"dit": {"sp_layout": "mesh"}}, [], "dit.sp_layout must be one of"),
+    ({"roles": {"group_decode": True, "decoders": 2}}, [], 'roles.group_decode = true needs roles.policy = "static"'),
+    ({"roles": {"policy": "static", "group_decode": True}}, [], "roles.decoders >= 2"),
+    ({"roles": {"group_decode": "yes"}}, [], "roles.group_decode must be bool"),
 ])
 def test_bad_jobs(data, overrides, message):
     with pytest.raises(UserError) as err:
@@ -65,3 +68,9 @@ def test_job_parser_accepts_or_rejects_cleanly(data):
         assert "fuzz.toml" in str(exc)
     else:
         assert (job.video.num_frames - 1) % 4 == 0 and job.video.height >= 1 and job.roles.encoders >= 0
+
+
+def test_group_decode_of_decoder_ranks():
+    job = build_job({"roles": {"policy": "static", "decoders": 2, "group_decode": True}}, "job.toml")
+    assert job.roles.group_decode and job.to_dict()["roles"]["group_decode"] is True  # job.json records it
+    assert build_job({}, "job.toml").roles.group_decode is False
