@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args.peers = set(args.peers.split(","))
 
     from spmd_diff.models.random_wan import make_stages
-    from spmd_diff.models.wan import VideoSpec
+    from spmd_diff.models.shapes import VideoSpec
     from spmd_diff.runtime.startup import resolve_model
 
     on_gpu = torch.cuda.is_available()

@@ -57,7 +57,7 @@ PER_ITEM_VIDEO_KEYS = ("height", "width", "num_frames", "num_inference_steps", "
 def video_value_problem(name: str, value: Any) -> str | None:
     """Why ``value`` is not a valid ``[video]`` ``name`` (the job's and every item's settings are checked alike:
     integers >= 1, ``num_frames`` 4k+1, ``guidance_scale`` a finite number >= 0), or None if it is valid. The
-    multiples the model needs are checked against its configs once it is known (``models.wan.read_shapes``)."""
+    multiples the model needs are checked against its configs once it is known (``models.shapes.read_shapes``)."""
     if name == "guidance_scale":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
                 or value in (float("inf"), float("-inf")):

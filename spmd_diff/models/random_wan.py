@@ -40,7 +40,8 @@ import torch
 
 from spmd_diff.errors import UserError
 from spmd_diff.models.speed import EXACT, StageOptions
-from spmd_diff.models.wan import I2V_PIPELINE_CLASS, WanStages, _model_index
+from spmd_diff.models.shapes import I2V_PIPELINE_CLASS, model_index
+from spmd_diff.models.wan import WanStages
 from spmd_diff.models.wan_i2v import WanI2VStages
 
 PREFIX = "random:"
@@ -261,7 +262,7 @@ def make_stages(model_dir: str | pathlib.Path, stages: Iterable[str], *, device:
     """The stages class for ``model_dir`` (what the engine calls): image-to-video (``WanI2VStages``) or
     text-to-video (``WanStages``) as its ``model_index.json`` says, with random weights for a random model
     directory."""
-    i2v = _model_index(model_dir)[1].get("_class_name") == I2V_PIPELINE_CLASS
+    i2v = model_index(model_dir)[1].get("_class_name") == I2V_PIPELINE_CLASS
     if is_random_model_dir(model_dir):
         cls: type[WanStages] = RandomWanI2VStages if i2v else RandomWanStages
     else:

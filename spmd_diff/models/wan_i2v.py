@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from spmd_diff.models.speed import EXACT, StageOptions
-from spmd_diff.models.wan import I2V_PIPELINE_CLASS, VideoSpec, WanStages, _has_component
+from spmd_diff.models.shapes import I2V_PIPELINE_CLASS, VideoSpec, has_component
+from spmd_diff.models.wan import WanStages
 
 
 class WanI2VStages(WanStages):
@@ -45,7 +46,7 @@ class WanI2VStages(WanStages):
         self.encode_video_processor: Any = None
         super().__init__(model_dir, stages, device=device, dtype=dtype, options=options)
         if "encode" in self.stages:
-            if _has_component(self._index, "image_encoder"):
+            if has_component(self._index, "image_encoder"):
                 self.image_processor = self._load("image_processor")
                 self.image_encoder = self._load("image_encoder", dtype=dtype)
             from diffusers.video_processor import VideoProcessor
@@ -161,9 +162,10 @@ def reference_i2v_video(model_dir: Any, image: Any, prompt: str, negative_prompt
     uint8 ``[frames, height, width, 3]``. The independent reference the stages are tested against."""
     from diffusers import WanImageToVideoPipeline
 
-    from spmd_diff.models.wan import _frames_to_uint8, _model_index, read_shapes
+    from spmd_diff.models.shapes import model_index, read_shapes
+    from spmd_diff.models.wan import _frames_to_uint8
 
-    root, _ = _model_index(model_dir)
+    root, _ = model_index(model_dir)
     read_shapes(root, spec)
     pipeline = WanImageToVideoPipeline.from_pretrained(root)
     pipeline.set_progress_bar_config(disable=True)

@@ -36,7 +36,7 @@ from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
 from spmd_diff.models.speed import StageOptions
-from spmd_diff.models.wan import VideoSpec
+from spmd_diff.models.shapes import VideoSpec
 from spmd_diff.observe.events import EventLog, merge_event_logs
 from spmd_diff.plan.for_job import read_model_configs
 from spmd_diff.plan.cost import DitDims, ItemCost, predict_item_cost, wait_deadline_s

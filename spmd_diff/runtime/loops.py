@@ -46,7 +46,7 @@ class RankContext:
     items: dict[int, Item]
     stages: Any  # spmd_diff.models.wan.WanStages (only the stages this role needs are loaded)
     spec_of: Callable[[Item], Any]
-    """item -> its ``spmd_diff.models.wan.VideoSpec`` (the job's ``[video]`` with the item's own settings)."""
+    """item -> its ``spmd_diff.models.shapes.VideoSpec`` (the job's ``[video]`` with the item's own settings)."""
     default_negative: str
     store: VideoStore
     events: Any  # spmd_diff.observe.events.EventLog

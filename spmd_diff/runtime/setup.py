@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from spmd_diff.config import JobConfig
 from spmd_diff.errors import UserError
 from spmd_diff.io.inputs import Item
-from spmd_diff.models.wan import VideoSpec, WanShapes, read_shapes
+from spmd_diff.models.shapes import VideoSpec, WanShapes, read_shapes
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.topology import Topology
 from spmd_diff.runtime.startup import JobInputs, dtype_name

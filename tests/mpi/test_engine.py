@@ -65,7 +65,8 @@ def four_rank_out(engine_env, prompts_file, tmp_path_factory):
 
 def test_four_ranks_match_wan_pipeline(four_rank_out, demo_model_dir):
     from spmd_diff.config import load_job
-    from spmd_diff.models.wan import VideoSpec, reference_video
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import reference_video
 
     out, result = four_rank_out
     assert "encoders :     1" in result.stderr and "2 group(s) of 1" in result.stderr

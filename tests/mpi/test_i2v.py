@@ -98,7 +98,7 @@ def references(i2v_env, prompts) -> dict[str, np.ndarray]:
     from spmd_diff.config import load_job
     from spmd_diff.io.images import load_image
     from spmd_diff.models.demo import demo_model_dir
-    from spmd_diff.models.wan import VideoSpec
+    from spmd_diff.models.shapes import VideoSpec
     from spmd_diff.models.wan_i2v import reference_i2v_video
 
     v = load_job(JOB).video

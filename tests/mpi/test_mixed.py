@@ -77,7 +77,8 @@ def test_killed_then_rerun_at_per_item_degrees_renders_every_item_once_equal_to_
                                                                                            demo_model_dir):
     from diffusers import WanPipeline
 
-    from spmd_diff.models.wan import VideoSpec, reference_video
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import reference_video
 
     out, killed, partial, rerun = killed_then_rerun
     assert killed.returncode != 0 and "1 group(s) of 2" in killed.stderr

@@ -66,7 +66,8 @@ def exact_out(env, prompts, tmp_path_factory) -> Path:
 def test_exact_tier_is_bit_identical_to_the_plain_path(exact_out, demo_model_dir):
     from spmd_diff.config import load_job
     from spmd_diff.models.speed import StageOptions
-    from spmd_diff.models.wan import VideoSpec, WanStages, reference_video
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import WanStages, reference_video
 
     job = load_job(REPO / "jobs/demo.toml", STEPS[1:])
     v = job.video

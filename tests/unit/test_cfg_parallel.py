@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from spmd_diff.models.wan import VideoSpec, WanStages
+from spmd_diff.models.shapes import VideoSpec
+from spmd_diff.models.wan import WanStages
 from spmd_diff.parallel.seq_comm import GroupSeqComm
 from spmd_diff.parallel.group_denoise import SPDenoiser, cfg_half_torus
 from spmd_diff.parallel.vae_decode import decode_split

@@ -63,7 +63,7 @@ def test_i2v_shapes_size_the_encode_message_exactly(tmp_path: Path) -> None:
     import torch
 
     from spmd_diff.models.random_wan import random_model_dir
-    from spmd_diff.models.wan import VideoSpec, read_shapes
+    from spmd_diff.models.shapes import VideoSpec, read_shapes
 
     model = random_model_dir("random:wan2.1-i2v-14b-480p", tmp_path)
     shapes = read_shapes(model, VideoSpec(480, 832, 81, 4, 5.0))

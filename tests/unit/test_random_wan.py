@@ -16,7 +16,8 @@ from spmd_diff.models.random_wan import (
     make_stages,
     random_model_dir,
 )
-from spmd_diff.models.wan import VideoSpec, WanStages, read_shapes
+from spmd_diff.models.shapes import VideoSpec, read_shapes
+from spmd_diff.models.wan import WanStages
 
 
 @pytest.fixture(scope="module")

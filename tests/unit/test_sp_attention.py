@@ -292,7 +292,8 @@ def _variant(demo_model_dir: pathlib.Path, tmp_path: pathlib.Path, **index_chang
 
 @pytest.mark.parametrize("variant", ["plain", "expand_timesteps"])
 def test_group_denoiser_equals_one_rank(demo_model_dir: pathlib.Path, tmp_path: pathlib.Path, variant: str) -> None:
-    from spmd_diff.models.wan import VideoSpec, WanStages
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import WanStages
 
     model_dir = demo_model_dir if variant == "plain" else _variant(demo_model_dir, tmp_path, expand_timesteps=True)
     spec = VideoSpec(height=48, width=80, num_frames=9, num_inference_steps=3, guidance_scale=3.5)
@@ -321,7 +322,8 @@ def test_group_denoiser_equals_one_rank(demo_model_dir: pathlib.Path, tmp_path: 
 
 
 def test_group_denoiser_rejects_bad_leader_inputs_on_every_rank(demo_model_dir: pathlib.Path) -> None:
-    from spmd_diff.models.wan import VideoSpec, WanStages
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import WanStages
 
     spec = VideoSpec(height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0)
     stages = [WanStages(demo_model_dir, {"denoise"}) for _ in range(2)]

@@ -15,7 +15,8 @@ import torch
 from spmd_diff.config import build_job
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.models.speed import EmbedCache, StageOptions, frames_to_uint8
-from spmd_diff.models.wan import VideoSpec, WanStages, _frames_to_uint8
+from spmd_diff.models.shapes import VideoSpec
+from spmd_diff.models.wan import WanStages, _frames_to_uint8
 from spmd_diff.runtime.worker import Worker
 
 SPEC = VideoSpec(height=64, width=64, num_frames=9, num_inference_steps=2, guidance_scale=5.0)

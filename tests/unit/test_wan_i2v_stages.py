@@ -12,7 +12,7 @@ import pytest
 
 from spmd_diff.io.images import load_image
 from spmd_diff.models.demo import demo_model_dir
-from spmd_diff.models.wan import VideoSpec
+from spmd_diff.models.shapes import VideoSpec
 from spmd_diff.models.wan_i2v import WanI2VStages, reference_i2v_video
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from spmd_diff.errors import UserError
-from spmd_diff.models.wan import VideoSpec, WanShapes, WanStages, read_shapes, reference_video
+from spmd_diff.models.shapes import VideoSpec, WanShapes, read_shapes
+from spmd_diff.models.wan import WanStages, reference_video
 
 SPEC_CFG = VideoSpec(height=64, width=64, num_frames=9, num_inference_steps=4, guidance_scale=5.0)
 SPEC_NO_CFG = VideoSpec(height=64, width=64, num_frames=9, num_inference_steps=3, guidance_scale=1.0)

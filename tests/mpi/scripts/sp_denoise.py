@@ -29,7 +29,8 @@ import torch  # noqa: E402
 
 from spmd_diff.comm.collectives import GroupCollectives  # noqa: E402
 from spmd_diff.comm.mpi_rma import MpiRmaTransport  # noqa: E402
-from spmd_diff.models.wan import VideoSpec, WanStages  # noqa: E402
+from spmd_diff.models.shapes import VideoSpec  # noqa: E402
+from spmd_diff.models.wan import WanStages  # noqa: E402
 from spmd_diff.parallel.group_denoise import SPDenoiser  # noqa: E402
 from spmd_diff.plan.roles import plan_roles  # noqa: E402
 from spmd_diff.plan.topology import Topology  # noqa: E402
