@@ -79,7 +79,8 @@ def test_decoder_group_equals_one_rank(setup, demo_model_dir):
     failing upstream reaches the writer as its failure. Videos: the one-rank run's (height 64) and diffusers'
     WanPipeline's (80 and 16), within 1 uint8 level."""
     from spmd_diff.config import load_job
-    from spmd_diff.models.wan import VideoSpec, reference_video
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import reference_video
 
     prompts, env, base, (reference, _) = setup
     items = [PROMPTS[0], {**PROMPTS[1], "height": 80}, {**PROMPTS[2], "height": 16},
