@@ -95,7 +95,8 @@ def read_job(request: RunRequest, world: World) -> tuple[JobConfig, tuple[Item, 
     plan = None
     if job.roles.policy == "static":
         plan = static_plan(job, topology)
-    TestHooks.from_env(world.rank, dict(request.testing_aids))  # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
+    # a malformed testing aid (SPMD_DIFF_INJECT_DELAY) is a bad job too
+    TestHooks.from_env(world.rank, dict(request.testing_aids))
     return job, tuple(items), plan, topology
 
 

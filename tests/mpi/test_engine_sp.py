@@ -8,8 +8,6 @@ WanPipeline, and a hung member ending the job at the deadline."""
 from __future__ import annotations
 
 import json
-import re
-import time
 from pathlib import Path
 
 import h5py
@@ -49,7 +47,6 @@ NO_CFG = "dit.cfg_parallel=false"
 CASES = {
     # name: (--set options, what the plan must say)
     "ulysses-2": (["dit.sp_degree=2", "dit.sp_layout=ulysses", NO_CFG], "1 group(s) of 2 (ulysses)\n"),
-    "ring-2": (["dit.sp_degree=2", "dit.sp_layout=ring", NO_CFG], "1 group(s) of 2 (ring)\n"),
     "cfg-ulysses-4": (["dit.sp_degree=4", "dit.sp_layout=ulysses", "roles.encoders=0", "roles.decoders=0"],
                       "1 group(s) of 4 (ulysses), CFG parallel: halves of 2, groups decode together"),
     "ring-4": (["dit.sp_degree=4", "dit.sp_layout=ring", "roles.encoders=0", "roles.decoders=0", NO_CFG],
@@ -119,22 +116,3 @@ def test_decoder_group_equals_one_rank(setup, demo_model_dir):
     plan = next(e for e in events if e["ev"] == "job_start")["plan"]
     assert {e["rank"] for e in decodes} == set(plan["decoders"]) and len(plan["decoders"]) == 3
 
-
-def test_decoder_group_with_a_hung_member_ends_within_the_deadline(setup):
-    """A decoder (rank 1 of decoders 0, 1, 2) that hangs in a group decode: the other decoders' collective times
-    out at the job's deadline (here 3 x run.timeout_s), the job ends with the timeout's exit code (3) and a
-    diagnostic naming the hung rank instead of hanging."""
-    prompts, env, base, _ = setup
-    hooks = json.dumps([{"action": "hang", "stage": "decode", "item": "a", "rank": 1}])
-    started = time.monotonic()
-    result = mpirun(4, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(prompts), "--out",
-                    str(base / "decoder-group-hung"), *FAST, "--set", "roles.encoders=0", "--set", "roles.decoders=3",
-                    "--set", "roles.group_decode=true", "--set", "run.timeout_s=2", timeout=240,
-                    env={**env, "SPMD_DIFF_TEST_HOOKS": hooks}, cwd=REPO)
-    elapsed = time.monotonic() - started
-    assert result.returncode == 3, result.stderr[-3000:]
-    assert "test hook: hanging in decode of 'a'" in result.stderr
-    # a decoder waiting for the hung one in the group's collective names it
-    assert re.search(r"spmd-diff: error \(rank [02]\): group\[0,1,2\] .*rank 1\b", result.stderr), \
-        result.stderr[-3000:]
-    assert elapsed < 120, f"took {elapsed:.0f} s"

@@ -141,7 +141,7 @@ def assert_exactly_once_encoded(out: Path, reference: dict[str, np.ndarray]) -> 
         assert own > 20 and all(own > psnr(other, frames) + 5 for k, other in reference.items() if k != key), key
 
 
-@pytest.mark.parametrize("victim,seed,output", [("rank", 1, "raw"), ("rank", 2, "h264"), ("launcher", 3, "raw")])
+@pytest.mark.parametrize("victim,seed,output", [("rank", 1, "h264"), ("launcher", 3, "raw")])
 def test_kill_then_rerun_exactly_once(victim, seed, output, env, prompts, reference, tmp_path):
     out = tmp_path / "out"
     form = ["--set", f"output.video={output}"]
@@ -214,18 +214,14 @@ def _assert_stopped_gracefully(stopped: subprocess.CompletedProcess, sig: int, o
     return finished
 
 
-def test_ctrl_c_and_sigterm_to_the_launch_stop_gracefully_and_the_job_resumes_exactly_once(env, prompts, reference,
-                                                                                          tmp_path):
-    """Ctrl-C (SIGINT), then on the resumed run SIGTERM, to the job's launch command (``spmd-diff launch
-    mpirun ...``): each time exit 75, no item in flight lost, the view lists every finished item; the resumed run
-    renders only the rest, and the last run completes the job bit-identical to an uninterrupted one. (A bare
-    mpirun cannot do this: Open MPI turns either signal into SIGKILL of every rank a second later, exit 1.)"""
+def test_ctrl_c_to_the_launch_stops_gracefully_and_the_job_resumes_exactly_once(env, prompts, reference, tmp_path):
+    """Ctrl-C (SIGINT) to the job's launch command (``spmd-diff launch mpirun ...``): exit 75, no item in flight
+    lost, the view lists every finished item; the rerun renders only the rest and completes the job
+    bit-identical to an uninterrupted one. (A bare mpirun cannot do this: Open MPI turns the signal into SIGKILL
+    of every rank a second later, exit 1.) SIGTERM to the launch command takes the same path: it is tested
+    through srun in tests/slurm/test_launch_signals.py."""
     out = tmp_path / "out"
-    first = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2), signal.SIGINT, out)
-    stopped = _launch_and_stop(env, prompts, out, signal.SIGTERM, len(first) + 2)
-    assert f"{NUM_ITEMS - len(first)} to render" in stopped.stderr
-    second = _assert_stopped_gracefully(stopped, signal.SIGTERM, out)
-    assert first < second
+    second = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2), signal.SIGINT, out)
     rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -255,7 +251,7 @@ def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
             assert f["video"].shape == (9, 64, 64, 3)
 
 
-@pytest.mark.parametrize("output", ["raw", "hevc"])
+@pytest.mark.parametrize("output", ["hevc"])  # raw: test_speed_engine's full disk in the background writer
 def test_full_disk_stops_cleanly_and_the_store_stays_readable(output, env, prompts, tmp_path):
     out = tmp_path / "out"
     first = tmp_path / "first.jsonl"
