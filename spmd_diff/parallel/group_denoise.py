@@ -102,20 +102,20 @@ class SPDenoiser:
                     self._handles.append(parallelize_transformer(model, self.attention, compile_blocks))
 
     @classmethod
-    def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None, sp_layout: str,
-                   torus_shape: tuple[int, int] | None = None, device: torch.device | str | None = None,
-                   local: LocalAttention = LocalAttention(), compile_blocks: bool = False,
-                   cfg_parallel: bool = False, layout: SPLayout | None = None) -> "SPDenoiser":
+    def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None,
+                   sp_layout: str | SPLayout, torus_shape: tuple[int, int] | None = None,
+                   device: torch.device | str | None = None, local: LocalAttention = LocalAttention(),
+                   compile_blocks: bool = False, cfg_parallel: bool = False) -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
         ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns and CFG halves), ``sp_layout``/
         ``torus_shape`` as the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``: of the
         whole group; with ``cfg_parallel`` each half gets :func:`cfg_half_torus` of it). ``device``: the
         collectives' transport device; leave it ``None`` to take it from the group (a GPU job on the MPI transport
-        moves host tensors, an NVSHMEM one device tensors). ``layout``: the group's layout as already resolved
-        (``spmd_diff.plan.parallel_layout``, for the CFG half with ``cfg_parallel``); it replaces ``sp_layout`` and
-        ``torus_shape``."""
-        if layout is not None:
-            return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks, cfg_parallel)
+        moves host tensors, an NVSHMEM one device tensors). ``sp_layout`` may also be the group's layout as
+        already resolved (an :class:`SPLayout` from ``spmd_diff.plan.parallel_layout``, for the CFG half with
+        ``cfg_parallel``): it is taken as it is, and ``torus_shape`` is not used."""
+        if isinstance(sp_layout, SPLayout):
+            return cls(stages, GroupSeqComm(group, subgroup, device), sp_layout, local, compile_blocks, cfg_parallel)
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         degree = len(group.ranks)
         if cfg_parallel:

@@ -329,9 +329,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     model = stages.transformer if stages.transformer is not None else stages.transformer_2
                     mine = resolve_parallel_layout(plan, setup.topology, setup.job.dit.sp_layout,
                                                    int(model.config.num_attention_heads)).group_of_rank(world.rank)
-                    ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, plan.sp_layout, plan.torus_shape,
+                    ctx.sp = SPDenoiser.from_group(stages, ctx.group, coll.group, mine.sp,
                                                    compile_blocks=on_gpu and (setup.job.dit.compile or compile_fast),
-                                                   cfg_parallel=plan.cfg_parallel, layout=mine.sp)
+                                                   cfg_parallel=plan.cfg_parallel)
                 sp_for = (group_ranks, stages, plan.cfg_parallel)
             ctx.group_decode = ctx.sp is not None and plan.group_decode
             ctx.decoder_group = None
