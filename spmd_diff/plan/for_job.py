@@ -42,7 +42,7 @@ def job_planning(job: JobConfig, topology: Topology, configs: tuple[Mapping[str,
     v = job.video
     sizes = ModelSizes.from_configs(*configs, dtype=dtype, text_len=v.max_sequence_length, name=job.model.path,
                                     image_encoder=image_encoder)
-    work_class = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0)
+    work_class = WorkClass.of_video(v)
     cost = CostModel(AnalyticPrior(sizes, "cuda" if on_gpu else "cpu"))
     degrees = candidate_degrees(job.dit.sp_degree, len(topology.ranks_on_node(0)), topology.num_ranks)
     if separate_aux:

@@ -32,6 +32,13 @@ class WorkClass:
         return f"{self.height}x{self.width}x{self.num_frames}/{self.num_steps}s/{'cfg' if self.cfg else 'nocfg'}"
 
     @staticmethod
+    def of_video(video) -> "WorkClass":
+        """The class of items rendered with ``video`` (a ``config.VideoConfig`` or ``models.shapes.VideoSpec``:
+        height, width, num_frames, num_inference_steps, guidance_scale; guidance above 1 is CFG)."""
+        return WorkClass(video.height, video.width, video.num_frames, video.num_inference_steps,
+                         video.guidance_scale > 1.0)
+
+    @staticmethod
     def from_key(key: str) -> "WorkClass":
         size, steps, cfg = key.split("/")
         height, width, frames = (int(v) for v in size.split("x"))

@@ -293,9 +293,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         counters = StageCounters(ctx)
         # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
         common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
-        v = common[0][0] if common else setup.spec
-        work_class_key = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps,
-                                   v.guidance_scale > 1.0).key
+        work_class_key = WorkClass.of_video(common[0][0] if common else setup.spec).key
         batches = split_batches(pending, policy.batch_items(plan, len(pending)))
         num_done_before = 0
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for

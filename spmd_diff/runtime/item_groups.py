@@ -104,11 +104,7 @@ def job_item_groups(job, items: Sequence, dit_ranks: Sequence[int], topology: To
     ranks = set(dit_ranks)
     ranks_by_node = [[r for r in topology.ranks_on_node(n) if r in ranks] for n in range(topology.num_nodes)]
     degrees = allowed_degrees(num_heads, max(len(r) for r in ranks_by_node), len(ranks), job.dit.sp_degree)
-    work = []
-    for item in items:
-        v = job.video.for_item(item)
-        work.append((item.index, WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps,
-                                           v.guidance_scale > 1.0)))
+    work = [(item.index, WorkClass.of_video(job.video.for_item(item))) for item in items]
     return schedule_item_groups(work, ranks_by_node, cost, degrees)
 
 
@@ -117,8 +113,7 @@ def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) ->
     by_index = {item.index: item for item in items}
     rows: dict[str, dict[int, int]] = {}
     for group in schedule:
-        v = job.video.for_item(by_index[group.item])
-        key = WorkClass(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale > 1.0).key
+        key = WorkClass.of_video(job.video.for_item(by_index[group.item])).key
         rows.setdefault(key, {})
         rows[key][group.degree] = rows[key].get(group.degree, 0) + 1
     end = max((g.start_s + g.seconds for g in schedule), default=0.0)

@@ -218,8 +218,7 @@ def auto_policy(job: JobConfig, topology: Topology, model_dir: str, items) -> Au
 def planning_job(job: JobConfig, items) -> JobConfig:
     """``job`` with the ``[video]`` settings of its heaviest item (``job`` itself when no item has its own)."""
     def work(video) -> tuple:
-        return (WorkClass(video.height, video.width, video.num_frames, video.num_inference_steps,
-                          video.guidance_scale > 1.0).num_tokens * video.num_inference_steps
+        return (WorkClass.of_video(video).num_tokens * video.num_inference_steps
                 * (2 if video.guidance_scale > 1.0 else 1), video.num_frames * video.height * video.width)
 
     heaviest = max((job.video.for_item(item) for item in items), key=work, default=job.video)
