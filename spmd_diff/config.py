@@ -110,6 +110,17 @@ class RolesConfig:
     batch_s: float = 300.0
     """policy "auto": seconds of predicted work per batch. Between batches the pipeline drains, the timings are
     combined over MPI and the plan may change; shorter batches follow changes sooner, longer ones drain less."""
+    time_share: bool | str = "auto"
+    """Ranks whose GPU cannot hold every stage's components at once may still run every stage, one at a time: a
+    time-shared rank keeps one stage's components on its GPU (the others in host memory) and runs the items it
+    pulls stage by stage, roles.stage_batch at a time (encode them all, denoise them all, decode and write them
+    all), so no GPU is reserved for a small stage even when memory forbids co-location. "auto" (policy "auto"):
+    the planner uses it where it predicts it faster than ranks with dedicated stages; true: every rank
+    time-shares (policy "static" then needs roles.encoders = roles.decoders = 0 and dit.sp_degree = 1); false:
+    never. Same videos (components move between host and GPU unchanged)."""
+    stage_batch: int = 8
+    """Items a time-shared rank takes per cycle: larger cycles move the components less often per item and hold
+    more encoded prompts and latents in host memory (about 8 MB each at 480p with guidance)."""
     group_decode: bool = False
     """policy "static" with at least 2 decoder ranks: the decoder ranks decode each video together, every one a
     band of rows (``spmd_diff.parallel.decoder_group``), whichever of them received its latents; that one writes
@@ -417,6 +428,10 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: roles.encoders and roles.decoders must be >= 0")
     if job.roles.batch_s <= 0:
         raise UserError(f"{source}: roles.batch_s must be > 0, got {job.roles.batch_s}")
+    if job.roles.time_share not in (True, False, "auto"):
+        raise UserError(f'{source}: roles.time_share must be true, false or "auto", got {job.roles.time_share!r}')
+    if job.roles.stage_batch < 1:
+        raise UserError(f"{source}: roles.stage_batch must be >= 1, got {job.roles.stage_batch}")
     if job.roles.policy not in ("auto", "static"):
         raise UserError(f"{source}: roles.policy must be auto or static, got {job.roles.policy!r}")
     if job.roles.group_decode and (job.roles.policy != "static" or job.roles.decoders < 2):

@@ -63,6 +63,12 @@ class RolePlan:
     """What the planner predicted for the workload it planned for (0: not predicted)."""
     cfg_parallel: bool = False
     """Each DiT group runs the two CFG branches on its two halves (``dit.cfg_parallel``; :func:`with_group_options`)."""
+    time_shared: bool = False
+    """Every rank holds every stage but keeps one stage's components on its GPU at a time (the others in host
+    memory), running the items it pulls stage by stage, ``stage_batch`` at a time (``roles.time_share``). Groups
+    of one rank; no channels between ranks."""
+    stage_batch: int = 0
+    """Items per cycle of a time-shared rank (``roles.stage_batch``); 0 when not :attr:`time_shared`."""
     group_decode: bool = False
     """Each DiT group decodes its own items together, every member a band of rows (``dit.group_decode``); its
     members then hold the decode stage too."""
@@ -122,7 +128,10 @@ class RolePlan:
                 and self._stage_table == other._stage_table)
 
     def role_of(self, rank: int) -> str:
-        """"all", "encoder", "decoder", "dit", or for co-located auto roles e.g. "dit+decoder", "encoder+decoder"."""
+        """"all", "time-shared", "encoder", "decoder", "dit", or for co-located auto roles e.g. "dit+decoder",
+        "encoder+decoder"."""
+        if self.time_shared:
+            return "time-shared"
         if self.rank_stages:
             return role_name(self.rank_stages[rank])
         if self.num_ranks == 1:
@@ -181,6 +190,9 @@ class RolePlan:
             out["cfg_parallel"] = True
         if self.group_decode:
             out["group_decode"] = True
+        if self.time_shared:
+            out["time_shared"] = True
+            out["stage_batch"] = self.stage_batch
         return out
 
     def _group_extras(self) -> str:
