@@ -1,4 +1,4 @@
-"""Faults on CPU ranks: SIGKILL of a rank or of the launcher, a hung rank, a full disk, failing items, Ctrl-C or
+"""Faults on CPU ranks: SIGKILL of a rank, a hung rank, a full disk, failing items, Ctrl-C or
 SIGTERM to the launcher (through ``spmd-diff launch``).
 
 The promise under test: every item ends up rendered exactly once (bit-identical to an uninterrupted run) or
@@ -94,8 +94,8 @@ def rank_pids(session: int) -> dict[int, int]:
     return pids
 
 
-def start_and_kill(cmd: list[str], env: dict, out: Path, victim: str, seed: int) -> subprocess.CompletedProcess:
-    """Start the job, wait until a random number of items is done, SIGKILL the victim ("rank" or "launcher")."""
+def start_and_kill(cmd: list[str], env: dict, out: Path, seed: int) -> subprocess.CompletedProcess:
+    """Start the job, wait until a random number of items is done, SIGKILL a random rank."""
     rng = random.Random(seed)
     threshold = rng.randint(1, NUM_ITEMS // 2)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -107,21 +107,9 @@ def start_and_kill(cmd: list[str], env: dict, out: Path, victim: str, seed: int)
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the job finished before the kill point"
-        if victim == "launcher":
-            ranks = rank_pids(proc.pid)
-            os.kill(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate(timeout=30)
-            # Orphaned ranks notice their launcher is gone and exit within seconds.
-            end = time.monotonic() + 20
-            while time.monotonic() < end and any(Path(f"/proc/{p}").exists() for p in ranks.values()):
-                time.sleep(0.2)
-            alive = [p for p in ranks.values() if Path(f"/proc/{p}").exists()
-                     and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"]
-            assert not alive, f"ranks {alive} outlived their launcher"
-        else:
-            ranks = rank_pids(proc.pid)
-            os.kill(ranks[rng.randrange(4)], signal.SIGKILL)
-            stdout, stderr = proc.communicate(timeout=60)
+        ranks = rank_pids(proc.pid)
+        os.kill(ranks[rng.randrange(4)], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
     except BaseException:
         _kill_group(proc)
         raise
@@ -141,11 +129,14 @@ def assert_exactly_once_encoded(out: Path, reference: dict[str, np.ndarray]) -> 
         assert own > 20 and all(own > psnr(other, frames) + 5 for k, other in reference.items() if k != key), key
 
 
-@pytest.mark.parametrize("victim,seed,output", [("rank", 1, "h264"), ("launcher", 3, "raw")])
-def test_kill_then_rerun_exactly_once(victim, seed, output, env, prompts, reference, tmp_path):
+# A SIGKILL of a rank, with encoded output. (Killed ranks with raw output: the re-plan kills below. A killed
+# launcher takes its ranks with it -- Open MPI's orted does that, not this program -- and leaves the store as a
+# killed rank does.)
+@pytest.mark.parametrize("seed,output", [(1, "h264")])
+def test_kill_then_rerun_exactly_once(seed, output, env, prompts, reference, tmp_path):
     out = tmp_path / "out"
     form = ["--set", f"output.video={output}"]
-    killed = start_and_kill(command(4, prompts, out, *form), full_env(env), out, victim, seed)
+    killed = start_and_kill(command(4, prompts, out, *form), full_env(env), out, seed)
     assert killed.returncode != 0
     partial = len(list((out / "items").glob("*/*.h5")))
     assert 0 < partial < NUM_ITEMS
