@@ -86,7 +86,6 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     """
     world, inputs = started.world, started.inputs
     world.bind_device()
-    _cap_gpu_memory(world.device, inputs.job.world.gpu_memory_gib)
     watchdog = LauncherWatchdog().start()
     policy: Policy = FixedPolicy()
     if inputs.job.roles.policy == "auto":
@@ -99,6 +98,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     transport_choice = world.run_checked(lambda: choose_transport(world, setup.job.world.transport)
                                          if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
+    _cap_gpu_memory(world.device, setup.job.world.gpu_memory_gib)
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
 
@@ -195,8 +195,10 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
 
 
 def _cap_gpu_memory(device: str, gpu_memory_gib: float) -> None:
-    """``world.gpu_memory_gib`` > 0 on a GPU: the caching allocator refuses to hold more than that (a rank
-    planned for a smaller GPU runs out of memory as it would there, instead of borrowing the larger one's)."""
+    """``world.gpu_memory_gib`` > 0 on a GPU: from the end of loading on, the caching allocator refuses to hold
+    more than that (a rank planned for a smaller GPU runs out of memory as it would there, instead of borrowing
+    the larger one's). Loading is left out: a random-weights model builds each component in float32 before
+    casting it, which a real model's loading never holds."""
     if gpu_memory_gib <= 0 or not str(device).startswith("cuda"):
         return
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
