@@ -277,7 +277,9 @@ class WorldConfig:
     """"auto", "mpi" (MPI RMA on host memory) or "nvshmem"."""
     gpu_memory_gib: float = 0.0
     """GiB of each GPU the role planner may use (0 = the GPU's own memory): no rank is planned with stages that
-    need more. Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger ones."""
+    need more, and once its weights are loaded each GPU rank's allocator is capped at it
+    (``torch.cuda.set_per_process_memory_fraction``). Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger
+    ones."""
     force_cpu: bool = False
     """Run every rank on the CPU even where GPUs are visible (float32 by model.dtype "auto", heaps in host
     memory). Environment override: ``SPMD_DIFF_FORCE_CPU=1``."""
