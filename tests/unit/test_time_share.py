@@ -131,3 +131,133 @@ def test_a_cycle_takes_its_share_of_what_remains() -> None:
     assert sizes == [7, 5, 3, 2, 1, 1, 1]  # ceil(20/3), ceil(13/3), ... never more than stage_batch
     queue = _Queue(40)
     assert [len(take_cycle(queue, list(range(40)), 4, 2)) for _ in range(3)] == [4, 4, 4]
+
+
+# -- the loop, in process, with stand-in stages: order, failures, stop -------------------------------------------
+
+
+class _Stages:
+    """Stand-in time-shared stages: records calls; item ``bad`` fails to encode; a stop is requested after the
+    encode of item ``stop_after``."""
+
+    device = torch.device("cpu")
+    time_shared = True
+
+    def __init__(self, stop=None, stop_after: str = "") -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.resident, self.stop, self.stop_after = None, stop, stop_after
+
+    def use(self, stage: str):
+        if stage == self.resident:
+            return None
+        self.calls.append(("move", stage))
+        self.resident = stage
+        return {"stage": stage, "components": [stage], "bytes": 1, "seconds": 0.0, "dropped": None}
+
+    def encode(self, prompt, negative, spec):
+        assert self.resident == "encode"
+        self.calls.append(("encode", prompt))
+        if prompt == "bad":
+            raise ValueError("cannot encode")
+        if prompt == self.stop_after:
+            self.stop.request("SIGTERM")
+        return {"prompt_embeds": torch.full((1, 2), float(len(prompt)))}
+
+    def denoise(self, embeds, seed, spec):
+        assert self.resident == "denoise"
+        self.calls.append(("denoise", str(seed)))
+        return embeds["prompt_embeds"] + seed
+
+    def decode_uint8(self, latents):
+        assert self.resident == "decode"
+        self.calls.append(("decode", str(int(latents[0, 0]))))
+        return torch.zeros((1, 2, 2, 3), dtype=torch.uint8) + int(latents[0, 0]) % 256
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.written, self.failed = {}, {}
+
+    def write_item(self, item_id, video, attrs):
+        assert item_id not in self.written
+        self.written[item_id] = video
+
+    def write_failure(self, item_id, stage, error, prompt):
+        self.failed[item_id] = stage
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.records = []
+
+    def emit(self, ev, **fields):
+        self.records.append({"ev": ev, **fields})
+
+
+def _run_loop(prompts: list[str], stage_batch: int, stop_after: str = ""):
+    from spmd_diff.io.inputs import Item
+    from spmd_diff.runtime.loops import RankContext
+    from spmd_diff.runtime.signals import StopFlag
+    from spmd_diff.runtime.time_shared import time_shared_loop
+
+    items = [Item(i, f"id{i}", p, None, 10 * i) for i, p in enumerate(prompts)]
+    stop = StopFlag()
+    stages, store, events = _Stages(stop, stop_after), _Store(), _Events()
+    ctx = RankContext(0, {it.index: it for it in items}, stages, lambda item: SPEC, "", store, events, stop, 60.0,
+                      lambda item: {}, write_queue=1, overlap_decode=True)
+    time_shared_loop(ctx, _Queue(len(items)), items, stage_batch, 1)
+    return stages.calls, store, events.records
+
+
+def test_the_loop_runs_each_stage_for_the_whole_cycle_and_records_failures() -> None:
+    calls, store, records = _run_loop(["a", "bad", "ccc", "dd", "e"], 2)
+    assert calls == [("move", "encode"), ("encode", "a"), ("encode", "bad"), ("move", "denoise"), ("denoise", "0"),
+                     ("move", "decode"), ("decode", "1"),
+                     ("move", "encode"), ("encode", "ccc"), ("encode", "dd"), ("move", "denoise"), ("denoise", "20"),
+                     ("denoise", "30"), ("move", "decode"), ("decode", "23"), ("decode", "32"),
+                     ("move", "encode"), ("encode", "e"), ("move", "denoise"), ("denoise", "40"), ("move", "decode"),
+                     ("decode", "41")]
+    assert sorted(store.written) == ["id0", "id2", "id3", "id4"] and store.failed == {"id1": "encode"}
+    assert int(store.written["id3"][0, 0, 0, 0]) == 32
+    moves = [r for r in records if r["ev"] == "move"]
+    assert [m["stage"] for m in moves] == ["encode", "denoise", "decode"] * 3
+    spans = [(r["stage"], r["item"]) for r in records if r["ev"] == "stage" and r["stage"] != "write"]
+    assert spans[:3] == [("encode", "id0"), ("encode", "id1"), ("denoise", "id0")]
+    assert [r["item"] for r in records if r["ev"] == "failure"] == ["id1"]
+
+
+def test_a_stop_finishes_the_item_in_hand_and_leaves_the_rest_pending() -> None:
+    calls, store, _ = _run_loop(["a", "bb", "ccc", "dd"], 2, stop_after="ccc")
+    assert ("encode", "dd") not in calls and not any(stage == "denoise" and seed == "20" for stage, seed in calls)
+    assert sorted(store.written) == ["id0", "id1"] and not store.failed  # id2 encoded, then nothing: pending
+
+
+class _Held:
+    def __init__(self, stages, time_shared):
+        self.stages, self.time_shared, self.used, self.freed = frozenset(stages), time_shared, [], False
+
+    def use(self, stage):
+        self.used.append(stage)
+
+    def free(self):
+        self.freed = True
+
+
+@pytest.mark.parametrize("held_shared, held, plan_shared, needed, kept, used", [
+    (True, ("encode", "denoise", "decode"), True, ("encode", "denoise", "decode"), True, []),
+    (False, ("encode", "denoise", "decode"), True, ("encode", "denoise", "decode"), True, []),  # they fitted together
+    (True, ("encode", "denoise", "decode"), False, ("denoise",), True, ["denoise"]),
+    (True, ("encode", "denoise", "decode"), False, ("denoise", "decode"), False, []),  # two at once: load anew
+    (False, ("denoise",), True, ("encode", "denoise", "decode"), False, []),
+])
+def test_replans_keep_or_reload_components(monkeypatch, held_shared, held, plan_shared, needed, kept, used) -> None:
+    from types import SimpleNamespace
+
+    from spmd_diff.runtime import engine
+
+    loaded = object()
+    monkeypatch.setattr(engine, "_load_stages", lambda world, setup, plan: loaded)
+    stages = _Held(held, held_shared)
+    plan = SimpleNamespace(time_shared=plan_shared, stages_of=lambda rank: needed)
+    got = engine._stages_for_plan(SimpleNamespace(rank=0), None, stages, plan)
+    assert (got is stages) == kept and stages.freed == (not kept) and stages.used == used
