@@ -337,7 +337,8 @@ def deviations(result: dict, items: list[dict], max_videos: int = 4) -> dict:
     timeshare = v.get("timeshare", {})
     if "saved" in base and "out" in timeshare:
         compare("engine time-shared vs baseline A (offload)",
-                [(lambda i=i: engine_video(timeshare["out"], i), lambda p=p: np.load(p)) for i, p in base["saved"].items()])
+                [(lambda i=i: engine_video(timeshare["out"], i), lambda p=p: np.load(p))
+                 for i, p in base["saved"].items()])
     if "saved" in base and "out" in exact:
         compare("engine exact vs baseline A", [(lambda i=i: engine_video(exact["out"], i), lambda p=p: np.load(p))
                                                for i, p in base["saved"].items()])
