@@ -6,6 +6,8 @@ on the same GPUs in the same run. One case per call:
     python3 perf/bench_throughput.py --case 50cfg  --out DIR   # 50 steps, CFG 5.0, 2 videos per variant
     python3 perf/bench_throughput.py --case i2v4cfg --out DIR  # image-to-video (random Wan2.1-I2V-14B 480P),
                                                                 # 4 steps, CFG 5.0, 3 videos per variant
+    python3 perf/bench_throughput.py --case memcap4cfg --variants baseline,timeshare --out DIR
+                    # GPU memory capped at 16 GiB: the stages do not fit together; 4 steps, CFG 5.0, 16 videos
 
 - baseline A: one process per GPU (``CUDA_VISIBLE_DEVICES``), each one ``WanPipeline`` (text encoder and DiT bf16,
   VAE float32, ``output_type="np"``) over its share of the items, timed call by call (synchronised), after an
@@ -15,6 +17,14 @@ on the same GPUs in the same run. One case per call:
 - exact / fast: the real engine, ``mpirun -n G python -m spmd_diff run`` with one rank per GPU (each encodes,
   denoises, decodes and writes its items), ``speed.tier`` exact or fast; steady state from its ``events.jsonl``
   (intervals between a rank's completed writes), so model load, warm-up and compilation are out.
+
+- memcap cases (``mem_gib``): both sides capped by ``torch.cuda.set_per_process_memory_fraction`` once their
+  weights are loaded (random weights are built in float32 before the cast). Baseline A is then what a diffusers
+  user does on a GPU too small for the pipeline: ``enable_model_cpu_offload()`` (each component moved to the GPU
+  for its forward, the previous one back to the host). ``timeshare``: the engine with ``roles.policy = "static"``,
+  ``roles.time_share = true``, ``roles.stage_batch = 8``, ``world.gpu_memory_gib`` = the cap; its steady state
+  is whole cycles (the writes after the first cycle over the time they took: a cycle writes its videos in a
+  burst, so intervals between writes say nothing), and the move seconds per cycle come from its move events.
 
 Every variant drops its first ``--warmup`` videos and reports the median of the rest (the engine also drops its
 last two intervals: its decode/write pipeline draining with no denoise beside it; ``--rerender JSON`` recomputes
@@ -55,9 +65,11 @@ from bench_common import commit, cpu_name
 CASES = {"4cfg": dict(steps=4, guidance=5.0, videos=12, warmup=2),
          "4nocfg": dict(steps=4, guidance=1.0, videos=12, warmup=2),
          "50cfg": dict(steps=50, guidance=5.0, videos=2, warmup=0),
-         "i2v4cfg": dict(steps=4, guidance=5.0, videos=3, warmup=1, task="i2v")}
+         "i2v4cfg": dict(steps=4, guidance=5.0, videos=3, warmup=1, task="i2v"),
+         "memcap4cfg": dict(steps=4, guidance=5.0, videos=16, warmup=2, mem_gib=16.0, baseline_videos=10,
+                            stage_batch=8)}
 TARGETS = {"4cfg": {"exact": 1.05, "fast": 1.3}, "4nocfg": {"exact": 1.05, "fast": 1.35},
-           "50cfg": {"exact": 1.02, "fast": 1.15}, "i2v4cfg": {"exact": 1.05}}
+           "50cfg": {"exact": 1.02, "fast": 1.15}, "i2v4cfg": {"exact": 1.05}, "memcap4cfg": {"timeshare": 1.0}}
 DEFAULT_MODELS = {"t2v": ("random:wan2.1-t2v-1.3b", "demo"), "i2v": ("random:wan2.1-i2v-14b-480p", "demo-i2v")}
 """Per task: the model of a GPU run and of a ``--tiny`` CPU run."""
 NEGATIVE = "blurry, low quality"
@@ -106,7 +118,8 @@ def baseline_worker(args: argparse.Namespace) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     t_load = time.time()
     model_dir = _model_dir(cfg["model"])
-    stages = make_stages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype)
+    offload = bool(cfg.get("mem_gib")) and device == "cuda"  # built on the GPU one at a time, kept on the host
+    stages = make_stages(model_dir, {"encode", "denoise", "decode"}, device=device, dtype=dtype, time_shared=offload)
     i2v = cfg.get("task") == "i2v"
     if i2v:
         pipe = WanImageToVideoPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
@@ -117,10 +130,14 @@ def baseline_worker(args: argparse.Namespace) -> None:
         pipe = WanPipeline(tokenizer=stages.tokenizer, text_encoder=stages.text_encoder, vae=stages.vae,
                            scheduler=stages._scheduler, transformer=stages.transformer)
     pipe.set_progress_bar_config(disable=True)
+    if offload:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["mem_gib"] * 2**30 / total))
+        pipe.enable_model_cpu_offload()
     load_s = time.time() - t_load
     if device == "cuda":  # the rendering peak (weights included), as the engine's rank_end reports it
         torch.cuda.reset_peak_memory_stats()
-    items = json.loads(Path(cfg["items"]).read_text())[cfg["rank"]::cfg["num_gpus"]]
+    items = json.loads(Path(cfg["items"]).read_text())[:cfg.get("baseline_videos")][cfg["rank"]::cfg["num_gpus"]]
     save_dir = Path(cfg["save_dir"])
 
     def render(item: dict, steps: int | None = None):
@@ -236,10 +253,15 @@ def run_baseline(args, cfg: dict, items_path: Path, work: Path, num_gpus: int) -
 
 
 def run_engine(args, cfg: dict, tier: str, items: list[dict], work: Path, num_gpus: int) -> dict:
-    out = work / f"engine-{tier}"
+    """``tier``: "exact" or "fast" (``roles.policy = "auto"``), or "timeshare" (exact, every rank time-shared)."""
+    variant, timeshare = tier, tier == "timeshare"
+    tier = "exact" if timeshare else tier
+    roles = (f'policy = "static"\nencoders = 0\ndecoders = 0\ntime_share = true\nstage_batch = {cfg["stage_batch"]}'
+             if timeshare else 'policy = "auto"')
+    out = work / f"engine-{variant}"
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(it) + "\n" for it in items))
-    job = work / f"job-{tier}.toml"
+    job = work / f"job-{variant}.toml"
     job.write_text(f"""[model]
 path = "{cfg['model']}"
 [video]
@@ -252,7 +274,9 @@ negative_prompt = "{NEGATIVE}"
 [run]
 timeout_s = 900
 [roles]
-policy = "auto"
+{roles}
+[world]
+gpu_memory_gib = {cfg.get('mem_gib', 0.0)}
 [speed]
 tier = "{tier}"
 [output]
@@ -262,12 +286,14 @@ video = "{cfg.get('output', 'raw')}"
                sys.executable, "-m", "spmd_diff", "run", str(job), "--prompts", str(prompts), "--out", str(out)]
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.time()
-    with open(work / f"engine-{tier}.log", "w") as log:
+    with open(work / f"engine-{variant}.log", "w") as log:
         code = subprocess.call(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=args.step_timeout_s)
     if code != 0:
-        raise RuntimeError(f"engine exit code {code}: {(work / f'engine-{tier}.log').read_text()[-3000:]}")
+        raise RuntimeError(f"engine exit code {code}: {(work / f'engine-{variant}.log').read_text()[-3000:]}")
     events = read_events(out)
     result = engine_steady_state(events, cfg["warmup"])
+    if timeshare:
+        result.update(cycle_steady_state(events, cfg["stage_batch"]))
     result["gpu_s_per_video"] = result["num_ranks"] / result["videos_per_s"]
     result["wall_s"] = time.time() - t0
     result["out"] = str(out)
@@ -308,6 +334,11 @@ def deviations(result: dict, items: list[dict], max_videos: int = 4) -> dict:
             dev[name] = {"error": f"{type(exc).__name__}: {exc}"}
 
     base, exact, fast = v.get("baseline", {}), v.get("exact", {}), v.get("fast", {})
+    timeshare = v.get("timeshare", {})
+    if "saved" in base and "out" in timeshare:
+        compare("engine time-shared vs baseline A (offload)",
+                [(lambda i=i: engine_video(timeshare["out"], i), lambda p=p: np.load(p))
+                 for i, p in base["saved"].items()])
     if "saved" in base and "out" in exact:
         compare("engine exact vs baseline A", [(lambda i=i: engine_video(exact["out"], i), lambda p=p: np.load(p))
                                                for i, p in base["saved"].items()])
@@ -407,6 +438,32 @@ def engine_steady_state(events: list[dict], warmup: int) -> dict[str, Any]:
             "peak_gpu_bytes": max((p for p in peaks.values() if p), default=None)}
 
 
+def cycle_steady_state(events: list[dict], stage_batch: int) -> dict[str, Any]:
+    """A time-shared rank's steady state: its writes after its first cycle (``stage_batch`` items) over the
+    time from the end of that cycle's last write to its own last write; and the move seconds of each cycle (a
+    cycle starts with the move of the encode stage), their median over the cycles after the first."""
+    per_rank, moves = {}, []
+    for rank in sorted({e["rank"] for e in events if e.get("ev") == "stage"}):
+        writes = sorted(e["t1"] for e in events if e.get("ev") == "stage" and e.get("stage") == "write"
+                        and e.get("ok") and e["rank"] == rank)
+        mine = sorted((e for e in events if e.get("ev") == "move" and e["rank"] == rank), key=lambda e: e["t0"])
+        cycles: list[list[dict]] = []
+        for e in mine:
+            if e["stage"] == "encode" or not cycles:
+                cycles.append([])
+            cycles[-1].append(e)
+        moves += [sum(e["seconds"] for e in c) for c in cycles[1:]]
+        if len(writes) > stage_batch:
+            per_rank[rank] = {"items": len(writes), "steady_items": len(writes) - stage_batch,
+                              "median_s": (writes[-1] - writes[stage_batch - 1]) / (len(writes) - stage_batch),
+                              "cycle_move_s": [round(sum(e["seconds"] for e in c), 3) for c in cycles],
+                              "move_gib": sorted({round(e["bytes"] / 2**30, 2) for e in mine})}
+    vps = sum(1.0 / r["median_s"] for r in per_rank.values())
+    return {"videos_per_s": vps, "s_per_video": len(per_rank) / vps if vps else None,
+            "cycle_per_rank": per_rank, "move_s_per_cycle": statistics.median(moves) if moves else None,
+            "steady_rule": f"time-shared: writes after the first cycle of {stage_batch} over their time"}
+
+
 def timeline(events: list[dict], item: str) -> list[dict]:
     """The stage spans of one item (and what else ran on its rank meanwhile), relative to its encode start."""
     rows = [e for e in events if e.get("ev") == "stage" and e.get("item") == item]
@@ -489,6 +546,13 @@ def render_markdown(result: dict) -> str:
                      f"{fmt(v.get('gpu_s_per_video'), 3)} | {ratio} | {fmt(peak / 2**30 if peak else None, 1)} | "
                      f"{fmt(v.get('gpu_busy_s_per_video'), 3)} | {stage('encode')} | {stage('denoise')} | "
                      f"{stage('decode')} | {stage('write')} |")
+    for name, v in result["variants"].items():
+        if v.get("cycle_per_rank"):
+            lines += ["", f"{name}: steady state over whole cycles ({v['steady_rule']}); move seconds per cycle "
+                      f"(median after the first) {fmt(v.get('move_s_per_cycle'), 3)}; per rank: "
+                      + "; ".join(f"rank {r}: {c['steady_items']} steady videos, {c['median_s']:.3f} s/video, moves "
+                                  f"per cycle {c['cycle_move_s']} s, stages of {c['move_gib']} GiB"
+                                  for r, c in v["cycle_per_rank"].items())]
     lines += ["", "Stage columns: median wall seconds per steady-state video (GPU seconds from CUDA events on the "
               "stage's stream). With decode overlapping the next denoise, stage times add up to more than s/video.",
               ""]
@@ -610,6 +674,7 @@ def main() -> int:
     cfg = dict(case=args.case, task=task, output=args.output, model=args.model, height=height, width=width, num_frames=frames, steps=case["steps"],
                guidance=case["guidance"], videos=args.videos or case["videos"],
                warmup=case["warmup"] if args.warmup is None else args.warmup, num_gpus=num_gpus)
+    cfg.update({key: case[key] for key in ("mem_gib", "baseline_videos", "stage_batch") if key in case})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work) / args.case

@@ -193,7 +193,8 @@ def _plan(args) -> int:
         print(f"  ... {topology.num_nodes - 16} more nodes")
     for rank in sorted({r for g in plan.dit_groups[:1] for r in g[:1]} | set(plan.encoders[:1] + plan.decoders[:1])):
         stages = plan.stages_of(rank)
-        need = memory.rank_bytes(stages, [work_class], plan.sp_degree)
+        need = (max(memory.rank_bytes((s,), [work_class], 1) for s in stages) if plan.time_shared  # one at a time
+                else memory.rank_bytes(stages, [work_class], plan.sp_degree))
         if need > gpu_bytes:
             print(f"  warning: rank {rank} holds {'+'.join(stages)}: {need / GIB:.1f} GiB, more than the "
                   f"{gpu_bytes / GIB:.1f} GiB a GPU offers (world.gpu_memory_gib)")

@@ -277,7 +277,9 @@ class WorldConfig:
     """"auto", "mpi" (MPI RMA on host memory) or "nvshmem"."""
     gpu_memory_gib: float = 0.0
     """GiB of each GPU the role planner may use (0 = the GPU's own memory): no rank is planned with stages that
-    need more. Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger ones."""
+    need more, and once its weights are loaded each GPU rank's allocator is capped at it
+    (``torch.cuda.set_per_process_memory_fraction``). Emulates smaller GPUs (e.g. 40 for an A100-40GB) on larger
+    ones."""
     force_cpu: bool = False
     """Run every rank on the CPU even where GPUs are visible (float32 by model.dtype "auto", heaps in host
     memory). Environment override: ``SPMD_DIFF_FORCE_CPU=1``."""
@@ -434,6 +436,16 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f"{source}: roles.stage_batch must be >= 1, got {job.roles.stage_batch}")
     if job.roles.policy not in ("auto", "static"):
         raise UserError(f"{source}: roles.policy must be auto or static, got {job.roles.policy!r}")
+    if job.roles.policy == "static" and job.roles.time_share is True:
+        clashes = [f"roles.{name} = {getattr(job.roles, name)}" for name in ("encoders", "decoders")
+                   if getattr(job.roles, name)]
+        clashes += [f"dit.sp_degree = {job.dit.sp_degree}"] if job.dit.sp_degree > 1 else []
+        clashes += ["dit.per_item_degree = true"] if job.dit.per_item_degree else []
+        clashes += ["roles.group_decode = true"] if job.roles.group_decode else []
+        if clashes:
+            raise UserError(f'{source}: roles.time_share = true with roles.policy = "static" makes every rank hold '
+                            "every stage alone (roles.encoders = 0, roles.decoders = 0, dit.sp_degree = 1, no "
+                            f"per-item degree, no group decode); the job sets {', '.join(clashes)}")
     if job.roles.group_decode and (job.roles.policy != "static" or job.roles.decoders < 2):
         raise UserError(f'{source}: roles.group_decode = true needs roles.policy = "static" and roles.decoders >= 2 '
                         f"(a group of decoder ranks), got policy {job.roles.policy!r} and {job.roles.decoders} "

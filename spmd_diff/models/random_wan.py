@@ -236,16 +236,19 @@ class RandomWanStages(WanStages):
     Args:
         model_dir: a directory from ``random_model_dir``.
         stages: as ``WanStages``.
-        device, dtype, options: as ``WanStages`` (the VAE in ``options.vae_dtype``, as there).
+        device, dtype, options, time_shared: as ``WanStages`` (the VAE in ``options.vae_dtype``, as there;
+            time-shared, each component is built on ``device``, so its weights are those of any other rank, then
+            taken to host memory before the next is built).
         seed: weight seed; every rank that builds a component with the same seed gets the same weights.
     """
 
     def __init__(self, model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, seed: int = 0, options: StageOptions = EXACT) -> None:
+                 dtype: torch.dtype = torch.float32, seed: int = 0, options: StageOptions = EXACT,
+                 time_shared: bool = False) -> None:
         if not is_random_model_dir(model_dir):
             raise UserError(f"{model_dir} is not a random-weights model directory (no {MARKER_FILE})")
         self.weight_seed = seed
-        super().__init__(model_dir, stages, device=device, dtype=dtype, options=options)
+        super().__init__(model_dir, stages, device=device, dtype=dtype, options=options, time_shared=time_shared)
 
     def _load(self, name: str, dtype: torch.dtype | None = None) -> Any:
         if name in SEED_OFFSETS:
@@ -258,13 +261,15 @@ class RandomWanI2VStages(RandomWanStages, WanI2VStages):
 
 
 def make_stages(model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> WanStages:
+                dtype: torch.dtype = torch.float32, options: StageOptions = EXACT,
+                time_shared: bool = False) -> WanStages:
     """The stages class for ``model_dir`` (what the engine calls): image-to-video (``WanI2VStages``) or
     text-to-video (``WanStages``) as its ``model_index.json`` says, with random weights for a random model
-    directory."""
+    directory. ``time_shared``: components in host memory, one stage's on ``device`` at a time
+    (:meth:`WanStages.use`)."""
     i2v = model_index(model_dir)[1].get("_class_name") == I2V_PIPELINE_CLASS
     if is_random_model_dir(model_dir):
         cls: type[WanStages] = RandomWanI2VStages if i2v else RandomWanStages
     else:
         cls = WanI2VStages if i2v else WanStages
-    return cls(model_dir, stages, device=device, dtype=dtype, options=options)
+    return cls(model_dir, stages, device=device, dtype=dtype, options=options, time_shared=time_shared)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import logging
 import pathlib
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +27,7 @@ import torch
 from spmd_diff.errors import UserError
 from spmd_diff.models.shapes import (PIPELINE_CLASS, STAGES, VideoSpec, WanShapes, component_class, model_index,
                                      read_shapes, transformer_names)
+from spmd_diff.models.residency import HostCopy
 from spmd_diff.models.speed import EXACT, EmbedCache, StageOptions, apply_transformer_options, frames_to_uint8
 
 logger = logging.getLogger(__name__)
@@ -48,13 +50,18 @@ class WanStages:
     Components not loaded are ``None``. Tensors come back on ``device`` (a rank that runs the next stage itself
     keeps them there; channels move them); inputs may be on any device. ``options``: :class:`StageOptions`
     (default: the exact tier). Call :meth:`free` to release the components.
+
+    ``time_shared``: every component is kept in host memory (:class:`HostCopy`, taken right after it is built, so
+    loading never holds two components on the device) and only one stage's components are on ``device`` at a
+    time: :meth:`use` moves them there before their stage runs (a stage function called for another stage
+    raises). Same weights, so the same videos.
     """
 
     pipeline_class = PIPELINE_CLASS
     """The diffusers pipeline whose math these stages are (``model_index.json``'s ``_class_name``)."""
 
     def __init__(self, model_dir: str | pathlib.Path, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> None:
+                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT, time_shared: bool = False) -> None:
         self.stages = frozenset(stages)
         unknown = self.stages - STAGES
         if unknown or not self.stages:
@@ -75,10 +82,15 @@ class WanStages:
         self.video_processor: Any = None
         self._scheduler: Any = None
         self._shapes: dict[VideoSpec, WanShapes] = {}
+        self.time_shared = time_shared
+        self._host_copies: dict[str, dict[str, HostCopy]] = {}
+        """Time-shared: stage -> {component attribute: its host copy}."""
+        self.resident_stage: str | None = None
+        """Time-shared: the stage whose components are on the device (None: none yet)."""
 
         if "encode" in self.stages:
             self.tokenizer = self._load("tokenizer")
-            self.text_encoder = self._load("text_encoder", dtype=dtype)
+            self.text_encoder = self._keep("encode", "text_encoder", self._load("text_encoder", dtype=dtype))
         if "denoise" in self.stages:
             names = transformer_names(self._index)
             if not names:
@@ -88,11 +100,12 @@ class WanStages:
                 applied = apply_transformer_options(getattr(self, name), options, self.device)
                 if applied:
                     logger.info("%s: %s", name, ", ".join(applied))
+                self._keep("denoise", name, getattr(self, name))
             self._scheduler = self._load("scheduler")
         if "decode" in self.stages:
             from diffusers.video_processor import VideoProcessor
 
-            self.vae = self._load("vae", dtype=options.vae_dtype)
+            self.vae = self._keep("decode", "vae", self._load("vae", dtype=options.vae_dtype))
             self.video_processor = VideoProcessor(vae_scale_factor=self.vae.config.scale_factor_spatial)
 
     def _load(self, name: str, dtype: torch.dtype | None = None) -> Any:
@@ -114,9 +127,53 @@ class WanStages:
             component = component.to(self.device).eval()
         return component
 
-    def _require(self, stage: str) -> None:
+    def _keep(self, stage: str, attribute: str, component: Any) -> Any:
+        """``component`` (attribute ``attribute``, used by ``stage``) as loaded; time-shared, a module is taken
+        to host memory at once (its device copy released before the next component is built)."""
+        if self.time_shared and isinstance(component, torch.nn.Module):
+            self._host_copies.setdefault(stage, {})[attribute] = HostCopy(component, self.device)
+            self._release_device_memory()
+        return component
+
+    def use(self, stage: str) -> dict[str, Any] | None:
+        """Time-shared: put ``stage``'s components on the device, after dropping the device copies of the stage
+        that was there (``torch.cuda.empty_cache()`` in between, so its memory is free for this one). Returns
+        what moved, ``{"stage", "components", "bytes", "seconds", "dropped"}``, or None when nothing had to
+        (not time-shared, or ``stage`` already resident)."""
+        self._require_built(stage)
+        if not self.time_shared or self.resident_stage == stage:
+            return None
+        t0 = time.perf_counter()
+        dropped = self.resident_stage
+        for copy in self._host_copies.get(dropped, {}).values():
+            copy.drop()
+        self.resident_stage = None
+        self._release_device_memory()
+        moving = self._host_copies.get(stage, {})
+        for copy in moving.values():
+            copy.to_device()
+        self.resident_stage = stage
+        return {"stage": stage, "components": sorted(moving), "bytes": sum(c.nbytes for c in moving.values()),
+                "seconds": time.perf_counter() - t0, "dropped": dropped}
+
+    def on_device(self, stage: str) -> bool:
+        """Whether ``stage``'s components are on the device (always, unless time-shared)."""
+        return stage in self.stages and (not self.time_shared or self.resident_stage == stage)
+
+    def _release_device_memory(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _require_built(self, stage: str) -> None:
         if stage not in self.stages:
             raise RuntimeError(f"WanStages was built for stages {sorted(self.stages)}, not {stage!r}")
+
+    def _require(self, stage: str) -> None:
+        self._require_built(stage)
+        if self.time_shared and self.resident_stage != stage:
+            raise RuntimeError(f"time-shared components: {stage!r} runs while {self.resident_stage!r} is on the "
+                               f"device; call use({stage!r}) first")
 
     def shapes(self, spec: VideoSpec) -> WanShapes:
         """:func:`read_shapes` for this model directory (cached per spec)."""
@@ -327,13 +384,16 @@ class WanStages:
         shapes = self.shapes(spec)
         latents = None
         if "encode" in self.stages:
+            self.use("encode")
             self._embed("warm-up", spec.max_sequence_length)
         if "denoise" in self.stages:
+            self.use("denoise")
             model = self.transformer if self.transformer is not None else self.transformer_2
             zeros = torch.zeros(shapes.embeds_shape, dtype=model.dtype, device=self.device)
             embeds = {"prompt_embeds": zeros, "negative_prompt_embeds": zeros}
             latents = self.denoise(embeds, 0, dataclasses.replace(spec, num_inference_steps=1))
         if "decode" in self.stages:
+            self.use("decode")
             if latents is None:
                 latents = torch.zeros(shapes.latents_shape, device=self.device)
             self.decode_uint8(latents)
@@ -342,6 +402,8 @@ class WanStages:
 
     def free(self) -> None:
         """Drop every loaded component and return cached accelerator memory."""
+        self._host_copies = {}
+        self.resident_stage = None
         self.tokenizer = self.text_encoder = self.transformer = self.transformer_2 = self.vae = None
         self.video_processor = self._scheduler = None
         self.negative_cache.clear()

@@ -39,19 +39,19 @@ class WanI2VStages(WanStages):
     pipeline_class = I2V_PIPELINE_CLASS
 
     def __init__(self, model_dir: Any, stages: Iterable[str], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT) -> None:
+                 dtype: torch.dtype = torch.float32, options: StageOptions = EXACT, time_shared: bool = False) -> None:
         self.image_processor: Any = None
         self.image_encoder: Any = None
         self.encode_vae: Any = None
         self.encode_video_processor: Any = None
-        super().__init__(model_dir, stages, device=device, dtype=dtype, options=options)
+        super().__init__(model_dir, stages, device=device, dtype=dtype, options=options, time_shared=time_shared)
         if "encode" in self.stages:
             if has_component(self._index, "image_encoder"):
                 self.image_processor = self._load("image_processor")
-                self.image_encoder = self._load("image_encoder", dtype=dtype)
+                self.image_encoder = self._keep("encode", "image_encoder", self._load("image_encoder", dtype=dtype))
             from diffusers.video_processor import VideoProcessor
 
-            self.encode_vae = self._load("vae", dtype=options.vae_dtype)
+            self.encode_vae = self._keep("encode", "encode_vae", self._load("vae", dtype=options.vae_dtype))
             self.encode_video_processor = VideoProcessor(vae_scale_factor=self.encode_vae.config.scale_factor_spatial)
 
     # ---- encode -------------------------------------------------------------------------------------------------
@@ -138,13 +138,16 @@ class WanI2VStages(WanStages):
         shapes = self.shapes(spec)
         latents = None
         if "encode" in self.stages:
+            self.use("encode")
             self.encode("warm-up", None, spec, image=PIL.Image.new("RGB", (spec.width, spec.height), (128,) * 3))
         if "denoise" in self.stages:
+            self.use("denoise")
             model = self.transformer if self.transformer is not None else self.transformer_2
             embeds = {key: torch.zeros(shape, dtype=torch.float32 if key == "condition" else model.dtype,
                                        device=self.device) for key, shape in shapes.encoded_shapes().items()}
             latents = self.denoise(embeds, 0, dataclasses.replace(spec, num_inference_steps=1))
         if "decode" in self.stages:
+            self.use("decode")
             if latents is None:
                 latents = torch.zeros(shapes.latents_shape, device=self.device)
             self.decode_uint8(latents)

@@ -62,6 +62,8 @@ class RunData:
     handoffs: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     replans: list[dict[str, Any]] = field(default_factory=list)
+    moves: list[dict[str, Any]] = field(default_factory=list)
+    """Time-shared ranks: one ``move`` record per stage's components moved to the GPU."""
     item_groups: list[dict[str, Any]] = field(default_factory=list)
     """Per-item SP degree (``dit.per_item_degree``): one ``item_group`` record per item, the group it ran on."""
     rank_start: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -157,6 +159,8 @@ class RunData:
 def _role_in_plan(plan: Any, rank: int, num_ranks: int) -> str | None:
     if not isinstance(plan, dict):
         return None
+    if plan.get("time_shared"):
+        return "time-shared"
     if num_ranks == 1:
         return "all"
     if rank in (plan.get("encoders") or []):
@@ -218,6 +222,8 @@ def load_runs(events_path: str | Path) -> dict[int, RunData]:
             run.failures.append(rec)
         elif ev == "replan":
             run.replans.append(rec)
+        elif ev == "move":
+            run.moves.append(rec)
         elif ev == "item_group":
             run.item_groups.append(rec)
         elif ev == "rank_start":
@@ -339,10 +345,12 @@ def verdict(run: RunData) -> str:
         return (f"stalled: no stage progress for {gap:.0f} s (from {a - run.t_start:.0f} s after the start)"
                 + tail)
     roles = role_busy(run)
-    if set(roles) == {"all"}:
-        entry = roles["all"]
+    if set(roles) in ({"all"}, {"time-shared"}):  # every rank runs every stage: say where its time goes
+        role = next(iter(roles))
+        entry = roles[role]
         parts = ", ".join(f"{k} {v:.0%}" for k, v in entry["stages"].items())
-        return f"single rank: busy {entry['busy']:.0%} ({parts})" + tail
+        who = "single rank" if role == "all" else "time-shared ranks"
+        return f"{who}: busy {entry['busy']:.0%} ({parts})" + tail
     ranked = sorted(((e["busy"], r) for r, e in roles.items() if r in _ROLE_TITLE), reverse=True)
     if not ranked:
         ranked = sorted(((e["busy"], r) for r, e in roles.items()), reverse=True)

@@ -136,6 +136,9 @@ def _coalesce(intervals: list[tuple[float, float]], eps: float) -> list[tuple[fl
     return [(a, b) for a, b in out]
 
 
+_MOVE_COLOR = "#3A3A3A"
+
+
 def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
     """Gantt chart: one lane per rank ("rank r (role, host)"), stage bars coloured per stage, channel waits as
     thin bars under them, failures as red crosses."""
@@ -177,6 +180,15 @@ def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
             bars = [(tx.x(a), tx.w(b - a)) for a, b in _coalesce(intervals, eps)]
             ax.broken_barh(bars, (lane[rank] + 0.24, 0.14), facecolors=_WAIT_COLORS.get(what, "#777777"),
                            edgecolor="none")
+    move_groups: dict[int, list[tuple[float, float]]] = {}
+    for run in runs:  # a time-shared rank moving a stage's components to its GPU: dark bars between the stages
+        for m in run.moves:
+            t1 = float(m.get("t1", m["t"]))
+            move_groups.setdefault(int(m.get("rank", -1)), []).append((float(m.get("t0", t1)), t1))
+    for rank, intervals in move_groups.items():
+        if rank in lane:
+            bars = [(tx.x(a), tx.w(b - a)) for a, b in _coalesce(intervals, eps)]
+            ax.broken_barh(bars, (lane[rank] - 0.36, 0.56), facecolors=_MOVE_COLOR, edgecolor="none")
     for y, x, w in failed_bars:
         ax.broken_barh([(x, w)], (y - 0.36, 0.56), facecolors="none", edgecolor="#D62728", hatch="///", lw=1)
     for run in runs:  # shade where nothing finished for long: the eye goes to the stall, not the long bars
@@ -217,6 +229,8 @@ def plot_timeline(runs: Sequence[RunData], path: Path) -> Path:
     handles = [Patch(color=stage_color(s, order), label=s) for s in order]
     handles += [Patch(color=_WAIT_COLORS[w], label=f"waiting: {_WAIT_LABELS[w]}") for w in ("data", "credit")
                 if any(x.what == w for run in runs for x in run.waits)]
+    if move_groups:
+        handles.append(Patch(color=_MOVE_COLOR, label="moving a stage's components to the GPU"))
     if failed_bars or fx:
         handles.append(Line2D([], [], marker="x", color="#D62728", ls="none", mew=2, label="item failed"))
     title = "Stage timeline per rank"

@@ -13,7 +13,7 @@ from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
 from spmd_diff.plan.memory import MemoryModel, capacity_bytes
 from spmd_diff.plan.model_sizes import ModelSizes
 from spmd_diff.plan.planner import PlanInputs, PlannerSettings, candidate_degrees
-from spmd_diff.plan.roles import RolePlan, plan_roles, with_group_options
+from spmd_diff.plan.roles import RolePlan, plan_roles, plan_time_shared, with_group_options
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass, Workload
 
@@ -63,7 +63,10 @@ def group_options(job: JobConfig) -> tuple[bool | str, bool | str]:
 
 def static_plan(job: JobConfig, topology: Topology) -> RolePlan:
     """The role plan of ``roles.policy = "static"``: the counts of ``[roles]`` and ``[dit]``, group options
-    resolved (true where they cannot apply is a UserError)."""
+    resolved (true where they cannot apply is a UserError); with ``roles.time_share = true`` every rank
+    time-shared (the combinations it excludes are refused by ``config.validate_job``)."""
+    if job.roles.time_share is True:
+        return plan_time_shared(topology, job.roles.stage_batch)
     plan = plan_roles(topology, job.roles.encoders, job.roles.decoders, job.dit.sp_degree, job.dit.sp_layout)
     return with_group_options(plan, *group_options(job), strict=True)
 

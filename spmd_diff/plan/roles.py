@@ -218,6 +218,10 @@ class RolePlan:
 
         if self.rank_stages:
             return self._describe_auto(where, short)
+        if self.time_shared:
+            return (f"role plan for {self.num_ranks} rank(s) (policy {self.policy}): every rank time-shared "
+                    f"{short(range(self.num_ranks))}: all stages, one stage's components on its GPU at a time, "
+                    f"{self.stage_batch} item(s) per cycle")
         lines = [f"role plan for {self.num_ranks} rank(s):"]
         lines.append(f"  encoders : {len(self.encoders):5d} {short(self.encoders)}{where(self.encoders)}"
                      + ("  (DiT ranks encode their own items)" if self.encode_on_dit else ""))
@@ -301,10 +305,7 @@ def with_group_options(plan: RolePlan, cfg_parallel: bool | str = False, group_d
     return replace(plan, cfg_parallel=cfg, group_decode=decode)
 
 
-def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degree: int = 1,
-               sp_layout: str = "auto") -> RolePlan:
-    """Map ranks to roles. One rank does every stage itself; otherwise the counts must fit the world."""
-    n = topology.num_ranks
+def _check_one_rank_per_gpu(topology: Topology) -> None:
     if topology.gpus_per_node:
         for node in range(topology.num_nodes):
             on_node = len(topology.ranks_on_node(node))
@@ -312,6 +313,22 @@ def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degr
                 raise UserError(
                     f"node {topology.hostname(node)} has {on_node} ranks but {topology.gpus_per_node} GPUs: "
                     "launch one rank per GPU (e.g. srun --ntasks-per-node=GPUS)")
+
+
+def plan_time_shared(topology: Topology, stage_batch: int) -> RolePlan:
+    """Every rank a group of one holding every stage, one stage's components on its GPU at a time, taking
+    ``stage_batch`` items per cycle (``roles.time_share = true`` with ``roles.policy = "static"``)."""
+    _check_one_rank_per_gpu(topology)
+    n = topology.num_ranks
+    return RolePlan(n, (), tuple((rank,) for rank in range(n)), (), "none", (1, 1), time_shared=True,
+                    stage_batch=stage_batch)
+
+
+def plan_roles(topology: Topology, num_encoders: int, num_decoders: int, sp_degree: int = 1,
+               sp_layout: str = "auto") -> RolePlan:
+    """Map ranks to roles. One rank does every stage itself; otherwise the counts must fit the world."""
+    n = topology.num_ranks
+    _check_one_rank_per_gpu(topology)
     if n == 1:
         if sp_degree != 1:
             raise UserError(f"dit.sp_degree={sp_degree} needs at least {sp_degree} ranks; the job has 1")

@@ -56,6 +56,7 @@ from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageC
                                          split_batches)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
+from spmd_diff.runtime.time_shared import time_shared_loop
 
 log = logging.getLogger("spmd_diff")
 
@@ -97,6 +98,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     transport_choice = world.run_checked(lambda: choose_transport(world, setup.job.world.transport)
                                          if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
+    _cap_gpu_memory(world.device, setup.job.world.gpu_memory_gib)
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
 
@@ -190,6 +192,17 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
                   f"Run `spmd-diff merge {request.out_dir}` once the problem is fixed.", file=sys.stderr, flush=True)
         lock.release()
     return world.comm.bcast(code, root=0)
+
+
+def _cap_gpu_memory(device: str, gpu_memory_gib: float) -> None:
+    """``world.gpu_memory_gib`` > 0 on a GPU: from the end of loading on, the caching allocator refuses to hold
+    more than that (a rank planned for a smaller GPU runs out of memory as it would there, instead of borrowing
+    the larger one's). Loading is left out: a random-weights model builds each component in float32 before
+    casting it, which a real model's loading never holds."""
+    if gpu_memory_gib <= 0 or not str(device).startswith("cuda"):
+        return
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_gib * 2**30 / total), torch.device(device))
 
 
 def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
@@ -401,17 +414,25 @@ def _stage_options(setup: Setup, world: World, plan: RolePlan) -> StageOptions:
 
 
 def _load_stages(world: World, setup: Setup, plan: RolePlan):
-    """This rank's model components for its role in ``plan``."""
-    return make_stages(setup.model_dir, plan.stages_of(world.rank),
-                       device=world.device, dtype=getattr(torch, setup.dtype), options=_stage_options(setup, world, plan))
+    """This rank's model components for its role in ``plan`` (time-shared: in host memory, one stage's on the
+    device at a time)."""
+    return make_stages(setup.model_dir, plan.stages_of(world.rank), device=world.device,
+                       dtype=getattr(torch, setup.dtype), options=_stage_options(setup, world, plan),
+                       time_shared=plan.time_shared)
 
 
 def _stages_for_plan(world: World, setup: Setup, stages, plan: RolePlan):
     """This rank's components for its role in ``plan``: the loaded ones if they cover it, else loaded anew
-    (the old ones freed first, so a rank never holds two copies)."""
+    (the old ones freed first, so a rank never holds two copies). Components all on the device serve a
+    time-shared plan as they are (they fitted together); time-shared ones serve a plan of one stage once that
+    stage is moved to the device, and are loaded anew for a plan of several stages on the device together."""
     needed = set(plan.stages_of(world.rank))
     if needed <= stages.stages:
-        return stages
+        if not stages.time_shared or plan.time_shared:
+            return stages
+        if len(needed) == 1:
+            stages.use(needed.pop())
+            return stages
     stages.free()
     return _load_stages(world, setup, plan)
 
@@ -455,7 +476,9 @@ def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: WorkQueue, pending:
     stages = set(plan.stages_of(ctx.rank))
     if not stages:
         return
-    if "denoise" not in stages:
+    if plan.time_shared:
+        time_shared_loop(ctx, queue, pending, plan.stage_batch, plan.num_ranks)
+    elif "denoise" not in stages:
         if stages == {"encode"}:
             loops.encoder_loop(ctx, _pulled(queue, pending), senders)
         elif stages == {"decode"} and ctx.decoder_group is not None:

@@ -183,3 +183,57 @@ def test_console_script_and_module_agree():
     for command in (["spmd-diff", "--help"], [sys.executable, "-m", "spmd_diff", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0 and "demo-model" in result.stdout and "run" in result.stdout
+
+
+EXTRA = {"id": "boat", "prompt": "A paper boat drifts down a rainy gutter.", "seed": 99}
+
+
+def test_time_shared_ranks_match_the_pipeline_stage_by_stage(four_rank_out, engine_env, demo_model_dir,
+                                                               tmp_path):
+    """roles.time_share on 2 ranks, cycles of 2 items: the four items equal the four-rank run's, the fifth
+    diffusers' WanPipeline; on each rank a cycle's encodes come before its denoises, which come before its
+    decodes, with a move event before each stage."""
+    from spmd_diff.config import load_job
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import reference_video
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in [*PROMPTS, EXTRA]))
+    out = tmp_path / "out"
+    result = run_engine(2, prompts, out, engine_env, "--set", "roles.time_share=true", "--set", "roles.encoders=0",
+                        "--set", "roles.decoders=0", "--set", "roles.stage_batch=2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "every rank time-shared" in result.stderr
+    got, four = videos(out), videos(four_rank_out[0])
+    assert sorted(got) == sorted([*four, EXTRA["id"]])
+    for key in four:
+        assert np.abs(got[key].astype(np.int16) - four[key].astype(np.int16)).max() <= 1, key
+    v = load_job(REPO / "jobs/demo.toml").video
+    spec = VideoSpec(v.height, v.width, v.num_frames, v.num_inference_steps, v.guidance_scale)
+    expected = reference_video(demo_model_dir, EXTRA["prompt"], v.negative_prompt, EXTRA["seed"], spec)
+    assert np.abs(got[EXTRA["id"]].astype(np.int16) - expected.astype(np.int16)).max() <= 1
+
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["ev"] == "job_start")
+    assert start["plan"]["time_shared"] is True and start["plan"]["stage_batch"] == 2
+    for rank in (0, 1):
+        mine = sorted((e for e in events if e.get("rank") == rank and (e["ev"] == "move" or (
+            e["ev"] == "stage" and e["stage"] in ("encode", "denoise", "decode")))), key=lambda e: e["t0"])
+        assert mine, f"rank {rank} rendered nothing"
+        cycles, stage = [], None
+        for e in mine:
+            if e["ev"] == "move":
+                assert e["bytes"] > 0 and e["seconds"] >= 0 and e["components"]
+                if e["stage"] == "encode":
+                    cycles.append([])
+                stage = e["stage"]
+                continue
+            assert e["stage"] == stage, f"rank {rank}: {e['stage']} of {e['item']} while {stage} is on the device"
+            cycles[-1].append((e["stage"], e["item"]))
+        for cycle in cycles:
+            order = [s for s, _ in cycle]
+            assert order == sorted(order, key=("encode", "denoise", "decode").index), order
+            items = {i for _, i in cycle}
+            assert 1 <= len(items) <= 2 and len(cycle) == 3 * len(items), cycle
+    writes = [e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "write"]
+    assert sorted(writes) == sorted(got), "every item written exactly once"

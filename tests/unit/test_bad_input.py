@@ -37,6 +37,8 @@ CASES = [
     case("bad_codec", "output.video must be one of raw, h264, hevc, got 'av1'", job='[output]\nvideo = "av1"\n'),
     case("bad_compression", "output.compression must be one of none, gzip, lzf, zstd, got 'bzip2'",
          extra=["--set", "output.compression=bzip2"]),
+    case("time_share_with_encoders", 'roles.time_share = true with roles.policy = "static" makes every rank hold',
+         extra=["--set", "roles.time_share=true"]),
     case("compression_with_codec", "output.compression applies to output.video = \"raw\" only",
          extra=["--set", "output.video=hevc", "--set", "output.compression=zstd"]),
     case("bad_preset", "output.preset must be one of ultrafast, superfast", extra=["--set", "output.preset=quick"]),

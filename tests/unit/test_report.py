@@ -231,3 +231,35 @@ def test_per_item_degrees_are_counted_and_listed(tmp_path):
     assert "Per-item parallel degree" in page
     assert "<tr><td>1</td><td>2</td></tr>" in page and "<tr><td>2</td><td>2</td></tr>" in page
     assert "<td>b</td><td>2</td><td>1 2</td>" in page
+
+
+def test_time_shared_ranks_and_their_moves(tmp_path):
+    """A time-shared plan's ranks are "time-shared" on the timeline, its move records are read (drawn between the
+    stages), and the verdict says where the ranks' time went."""
+    logs = {r: EventLog(tmp_path, r) for r in range(2)}
+    t = 1.8e9
+    plan = {"encoders": [], "dit_groups": [[0], [1]], "decoders": [], "time_shared": True, "stage_batch": 2}
+    logs[0].emit("job_start", t=t, version="0.1.0", config={}, world_size=2, plan=plan, hosts=["a", "a"],
+                 num_items=4, num_pending=4)
+    for r, lg in logs.items():
+        lg.emit("rank_start", t=t, role="time-shared", host="a")
+        now = t + 1.0
+        for stage, seconds in (("encode", 0.1), ("denoise", 2.0), ("decode", 1.0)):
+            lg.emit("move", t=now + 0.2, stage=stage, components=[stage], bytes=10, seconds=0.2, dropped=None,
+                    t0=now, t1=now + 0.2)
+            now += 0.2
+            for k in range(2):
+                item = f"r{r}-{k}"
+                lg.emit("stage", t=now + seconds, stage=stage, item=item, t0=now, t1=now + seconds, ok=True)
+                now += seconds
+                if stage == "decode":
+                    lg.emit("stage", t=now + 0.05, stage="write", item=item, t0=now, t1=now + 0.05, ok=True)
+        lg.emit("rank_end", t=now, role="time-shared", items=2, failed=0)
+    logs[0].emit("job_end", t=t + 10, status="complete", items_done=4, items_failed=0)
+    for lg in logs.values():
+        lg.close()
+    merge_event_logs(tmp_path)
+    run = load_runs(tmp_path / "events.jsonl")[0]
+    assert len(run.moves) == 6 and run.roles_label(1) == "time-shared"
+    assert verdict(run).startswith("time-shared ranks: busy")
+    assert "time-shared ranks: busy" in write_report(tmp_path, "all").read_text()
