@@ -125,7 +125,8 @@ class RolePlan:
     def same_roles(self, other: "RolePlan") -> bool:
         """Same ranks doing the same stages in the same groups (predictions aside)."""
         return (self.num_ranks == other.num_ranks and self.dit_groups == other.dit_groups
-                and self._stage_table == other._stage_table)
+                and self._stage_table == other._stage_table and self.time_shared == other.time_shared
+                and self.stage_batch == other.stage_batch)
 
     def role_of(self, rank: int) -> str:
         """"all", "time-shared", "encoder", "decoder", "dit", or for co-located auto roles e.g. "dit+decoder",
@@ -246,6 +247,9 @@ class RolePlan:
             stages = "+".join(self.stages_of(ranks[0])) or "nothing"
             lines.append(f"  {name:16s}: {len(ranks):5d} rank(s) holding {stages:22s} {rank_ranges(ranks)}"
                          f"{where(ranks) if len(ranks) <= 8 else ''}")
+        if self.time_shared:
+            lines.append(f"    one stage's components on the GPU at a time (the others in host memory), "
+                         f"{self.stage_batch} item(s) per cycle (roles.stage_batch)")
         for index, group in enumerate(self.dit_groups[:4] if self.sp_degree > 1 else ()):
             lines.append(f"    group {index}: {list(group)}{where(group)}")
         if self.predicted_videos_per_hour:
