@@ -68,7 +68,8 @@ class PlannerSettings:
     stage at once (otherwise ranks holding every stage resident are strictly better) and ``colocate`` is on;
     True -- always that plan (a UserError if a stage alone does not fit a GPU); False -- never."""
     stage_batch: int = 8
-    """``roles.stage_batch``: items a time-shared rank runs per cycle."""
+    """``roles.stage_batch``: the most items a time-shared rank runs per cycle (the plan takes fewer where that
+    is predicted faster: ranks of uneven speeds, see :func:`time_shared_plan`)."""
     host_to_gpu_bytes_per_s: float = HOST_TO_GPU_BYTES_PER_S
     """What a time-shared rank's move of a component from host memory to its GPU runs at (a cost parameter:
     the prediction's moves per cycle, and a switch away from time-sharing)."""
@@ -142,11 +143,11 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
     primed = current is not None
     shared = None
     if inputs.settings.time_share is True:
-        shared = time_shared_plan(inputs, workload)  # raises when a stage alone does not fit
+        shared = time_shared_plan(inputs, workload, cost)  # raises when a stage alone does not fit
         prediction = predict_plan(shared, workload, cost, primed, inputs)
         return replace(shared, predicted_videos_per_hour=prediction.videos_per_hour)
     if time_share_candidate(inputs, workload):
-        shared = time_shared_plan(inputs, workload)
+        shared = time_shared_plan(inputs, workload, cost)
     candidates = search_shapes(inputs, workload, cost, speeds, primed)
     if not candidates and shared is None:
         raise UserError(_no_fit_message(inputs, workload))
@@ -180,9 +181,12 @@ def time_share_candidate(inputs: PlanInputs, workload: Workload) -> bool:
     return inputs.memory.fits_time_shared(classes, inputs.gpu_bytes)
 
 
-def time_shared_plan(inputs: PlanInputs, workload: Workload) -> RolePlan:
+def time_shared_plan(inputs: PlanInputs, workload: Workload, cost=None) -> RolePlan:
     """Every rank a group of one holding every stage, one stage's components on its GPU at a time
-    (``roles.time_share``). Raises :class:`UserError` when a stage alone does not fit a GPU."""
+    (``roles.time_share``). Raises :class:`UserError` when a stage alone does not fit a GPU.
+
+    Its ``stage_batch``: ``settings.stage_batch``, or with a ``cost`` model the size up to it predicted fastest
+    (fewer moves per item against a shorter last cycle: only ranks of uneven speeds take fewer)."""
     classes = workload.classes
     memory, gpu_bytes = inputs.memory, inputs.gpu_bytes
     if not memory.fits_time_shared(classes, gpu_bytes):
@@ -191,8 +195,13 @@ def time_shared_plan(inputs: PlanInputs, workload: Workload) -> RolePlan:
                         f"offer {gpu_bytes / GIB:.1f} GiB (world.gpu_memory_gib caps it) and alone the stages "
                         f"need {needs} for {workload.describe()}")
     num_ranks = inputs.topology.num_ranks
+    batch = inputs.settings.stage_batch
+    if cost is not None and batch > 1:
+        work, speeds, move_s = StageWork.of(workload, cost, 1), cost.speeds(num_ranks), cycle_move_seconds(inputs)
+        if _uneven(speeds):
+            batch = min(range(batch, 0, -1), key=lambda b: predict_time_shared(work, speeds, b, move_s).seconds)
     return RolePlan(num_ranks, (), tuple((r,) for r in range(num_ranks)), (), "none", (1, 1),
-                    (STAGE_ORDER,) * num_ranks, "auto", time_shared=True, stage_batch=inputs.settings.stage_batch)
+                    (STAGE_ORDER,) * num_ranks, "auto", time_shared=True, stage_batch=batch)
 
 
 def cycle_move_seconds(inputs: PlanInputs) -> float:

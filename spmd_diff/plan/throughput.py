@@ -140,7 +140,9 @@ def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: i
 
     No stage waits for another rank, so the fluid share of all work per rank binds; plus the moves of
     ``ceil(items per rank / stage_batch)`` cycles, and a tail: ranks finish up to one item apart (half an item on
-    average, on the slowest rank). With fewer items than ranks, one item's time (granularity)."""
+    average, on the slowest rank), and with uneven speeds a slow rank's last cycle (of ``stage_batch`` items, or
+    its share near the end, counted at its speed) ends after the others by about half of what its slowness adds
+    to it. With fewer items than ranks, one item's time (granularity)."""
     num_items = work.num_items
     if num_items == 0:
         return Prediction(0.0, 0, "", 0.0, 0.0, 0.0)
@@ -151,6 +153,8 @@ def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: i
     moves = cycles * cycle_move_s
     fluid = total / sum(speeds) + moves
     granularity = item * len(speeds) / sum(speeds) + cycle_move_s
-    tail = 0.5 * item / min(speeds) if per_rank > 1 else 0.0
+    mean_speed = sum(speeds) / len(speeds)
+    last_cycle = min(stage_batch, per_rank) * item * (1 / min(speeds) - 1 / mean_speed)
+    tail = 0.5 * item / min(speeds) + 0.5 * last_cycle if per_rank > 1 else 0.0
     bottleneck = "time-shared" if fluid >= granularity else "time-shared granularity"
     return Prediction(max(fluid, granularity) + tail, num_items, bottleneck, fluid, granularity, tail)
