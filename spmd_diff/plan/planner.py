@@ -70,6 +70,10 @@ class PlannerSettings:
     stage_batch: int = 8
     """``roles.stage_batch``: the most items a time-shared rank runs per cycle (the plan takes fewer where that
     is predicted faster: ranks of uneven speeds, see :func:`time_shared_plan`)."""
+    time_share_margin: float = 0.03
+    """"auto" takes time-shared ranks over dedicated stages only when predicted faster by this fraction: a
+    time-shared rank's last cycle holds ``stage_batch`` items, so a rank slower than the fitted speeds say ends the
+    job late, where dedicated stages hand out items one at a time."""
     host_to_gpu_bytes_per_s: float = HOST_TO_GPU_BYTES_PER_S
     """What a time-shared rank's move of a component from host memory to its GPU runs at (a cost parameter:
     the prediction's moves per cycle, and a switch away from time-sharing)."""
@@ -152,10 +156,9 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
     if not candidates and shared is None:
         raise UserError(_no_fit_message(inputs, workload))
     best_plan, best = None, None
-    if shared is not None:
-        best_plan, best = shared, predict_plan(shared, workload, cost, primed, inputs)
     if not candidates:
-        return replace(best_plan, predicted_videos_per_hour=best.videos_per_hour)
+        best = predict_plan(shared, workload, cost, primed, inputs)
+        return replace(shared, predicted_videos_per_hour=best.videos_per_hour)
     uneven = _uneven(speeds)
     tries = [(shape, speeds) for shape, _ in candidates[: 4 if uneven else 1]]
     if uneven:  # also the best shape for even speeds, placed ignoring them (spread, or the current ranks kept)
@@ -166,6 +169,10 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
         prediction = predict_plan(plan, workload, cost, primed)
         if best is None or prediction.seconds < best.seconds * (1 - 1e-9):
             best_plan, best = plan, prediction
+    if shared is not None:
+        prediction = predict_plan(shared, workload, cost, primed, inputs)
+        if prediction.seconds < best.seconds * (1 - inputs.settings.time_share_margin):
+            best_plan, best = shared, prediction
     return replace(best_plan, predicted_videos_per_hour=best.videos_per_hour)
 
 

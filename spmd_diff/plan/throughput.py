@@ -142,7 +142,7 @@ def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: i
     ``ceil(items per rank / stage_batch)`` cycles, and a tail: ranks finish up to one item apart (half an item on
     average, on the slowest rank), and with uneven speeds a slow rank's last cycle (of ``stage_batch`` items, or
     its share near the end, counted at its speed) ends after the others by about half of what its slowness adds
-    to it. With fewer items than ranks, one item's time (granularity)."""
+    to it (speeds within 10% count as even). With fewer items than ranks, one item's time (granularity)."""
     num_items = work.num_items
     if num_items == 0:
         return Prediction(0.0, 0, "", 0.0, 0.0, 0.0)
@@ -154,7 +154,8 @@ def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: i
     fluid = total / sum(speeds) + moves
     granularity = item * len(speeds) / sum(speeds) + cycle_move_s
     mean_speed = sum(speeds) / len(speeds)
-    last_cycle = min(stage_batch, per_rank) * item * (1 / min(speeds) - 1 / mean_speed)
+    uneven = max(speeds) > 1.1 * min(speeds)  # fitted speeds of equal GPUs scatter by a few percent
+    last_cycle = min(stage_batch, per_rank) * item * (1 / min(speeds) - 1 / mean_speed) if uneven else 0.0
     tail = 0.5 * item / min(speeds) + 0.5 * last_cycle if per_rank > 1 else 0.0
     bottleneck = "time-shared" if fluid >= granularity else "time-shared granularity"
     return Prediction(max(fluid, granularity) + tail, num_items, bottleneck, fluid, granularity, tail)
