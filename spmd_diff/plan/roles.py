@@ -68,7 +68,8 @@ class RolePlan:
     memory), running the items it pulls stage by stage, ``stage_batch`` at a time (``roles.time_share``). Groups
     of one rank; no channels between ranks."""
     stage_batch: int = 0
-    """Items per cycle of a time-shared rank (``roles.stage_batch``); 0 when not :attr:`time_shared`."""
+    """Items per cycle of a time-shared rank (``roles.stage_batch``, or fewer as the auto planner chose); 0 when
+    not :attr:`time_shared`."""
     group_decode: bool = False
     """Each DiT group decodes its own items together, every member a band of rows (``dit.group_decode``); its
     members then hold the decode stage too."""
