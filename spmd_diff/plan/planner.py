@@ -24,13 +24,13 @@ plus the host-to-GPU moves of the components per cycle), and chosen when predict
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.memory import GIB, MemoryModel
-from spmd_diff.plan.roles import RolePlan, place_ranks, summarize_layouts, with_group_options
-from spmd_diff.plan.roles import STAGE_ORDER
+from spmd_diff.plan.roles import STAGE_ORDER, RolePlan, place_ranks, summarize_layouts, with_group_options
 from spmd_diff.plan.throughput import (ALL_STAGES, DECODE, DENOISE, ENCODE, HOST_TO_GPU_BYTES_PER_S, Prediction,
                                        StageWork, mask_of, predict_pools, predict_time_shared, stages_of_mask)
 from spmd_diff.plan.topology import Topology
@@ -192,8 +192,11 @@ def time_shared_plan(inputs: PlanInputs, workload: Workload, cost=None) -> RoleP
     """Every rank a group of one holding every stage, one stage's components on its GPU at a time
     (``roles.time_share``). Raises :class:`UserError` when a stage alone does not fit a GPU.
 
-    Its ``stage_batch``: ``settings.stage_batch``, or with a ``cost`` model the size up to it predicted fastest
-    (fewer moves per item against a shorter last cycle: only ranks of uneven speeds take fewer)."""
+    Its ``stage_batch``: at most ``settings.stage_batch``, as few as give each rank's items the same number of
+    cycles (12 items per rank in cycles of at most 8: two of 6, not 8 and 4 -- a short last cycle pulled at
+    ceil(items left / ranks) leaves the ranks finishing up to an item apart); with a ``cost`` model of uneven
+    rank speeds, the size up to that predicted fastest (fewer moves per item against a slow rank's shorter last
+    cycle)."""
     classes = workload.classes
     memory, gpu_bytes = inputs.memory, inputs.gpu_bytes
     if not memory.fits_time_shared(classes, gpu_bytes):
@@ -203,6 +206,9 @@ def time_shared_plan(inputs: PlanInputs, workload: Workload, cost=None) -> RoleP
                         f"need {needs} for {workload.describe()}")
     num_ranks = inputs.topology.num_ranks
     batch = inputs.settings.stage_batch
+    per_rank = workload.num_items / num_ranks
+    if per_rank > 0:
+        batch = min(batch, math.ceil(per_rank / math.ceil(per_rank / batch)))
     if cost is not None and batch > 1:
         work, speeds, move_s = StageWork.of(workload, cost, 1), cost.speeds(num_ranks), cycle_move_seconds(inputs)
         if _uneven(speeds):

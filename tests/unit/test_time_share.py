@@ -183,3 +183,11 @@ def test_no_flip_flop_under_noisy_timings(noise):
         remaining -= 16
         balancer, decision = balancer.after_batch(timings, Workload.uniform(C480, remaining))
     assert balancer.num_switches == 0 and balancer.plan.time_shared
+
+
+def test_cycles_are_filled_evenly_up_to_the_stage_batch():
+    # 12 items per rank in cycles of at most 8: two cycles of 6, not 8 then 4 (the same moves, a shorter end).
+    inp = inputs(1, 8)
+    assert [time_shared_plan(inp, Workload.uniform(C480_50, 8 * n)).stage_batch for n in (12, 24, 9, 3, 100)] == \
+        [6, 8, 5, 3, 8]
+    assert time_shared_plan(inputs(1, 8, stage_batch=1), Workload.uniform(C480, 96)).stage_batch == 1
