@@ -19,7 +19,8 @@ Where every stage fits on every GPU the answer is one plan of all-stage ranks (n
 Where they do not fit together, a plan of time-shared ranks (``roles.time_share``: every rank holds every stage
 and keeps one stage's components on its GPU at a time, running its items stage by stage, ``stage_batch`` at a
 time) is a candidate too, predicted by ``throughput.predict_time_shared`` (the fluid share of all work per rank,
-plus the host-to-GPU moves of the components per cycle), and chosen when predicted faster than the shapes above.
+plus the host-to-GPU moves of the components per cycle, plus a tail), and chosen when predicted faster than the
+shapes above by ``PlannerSettings.time_share_margin``.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class PlannerSettings:
     stage at once (otherwise ranks holding every stage resident are strictly better) and ``colocate`` is on;
     True -- always that plan (a UserError if a stage alone does not fit a GPU); False -- never."""
     stage_batch: int = 8
-    """``roles.stage_batch``: the most items a time-shared rank runs per cycle (the plan takes fewer where that
-    is predicted faster: ranks of uneven speeds, see :func:`time_shared_plan`)."""
+    """``roles.stage_batch``: the most items a time-shared rank runs per cycle (the plan takes fewer to fill a
+    rank's cycles evenly, or for ranks of uneven speeds: :func:`time_shared_plan`)."""
     time_share_margin: float = 0.03
     """"auto" takes time-shared ranks over dedicated stages only when predicted faster by this fraction: a
     time-shared rank's last cycle holds ``stage_batch`` items, so a rank slower than the fitted speeds say ends the
