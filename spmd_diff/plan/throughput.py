@@ -128,8 +128,8 @@ def predict_pools(work: StageWork, pools: Sequence[tuple[int, float]], num_group
 
 
 HOST_TO_GPU_BYTES_PER_S = 10e9
-"""Default bandwidth of copying a component from (pageable) host memory to the GPU: about 10 GB/s over PCIe 5 from
-pageable memory (pinned memory reaches about 50 GB/s on an H200). ``PlannerSettings.host_to_gpu_bytes_per_s``."""
+"""Default bandwidth of copying a component from host memory to the GPU: an assumed 10 GB/s for pageable memory
+(pinned memory is faster; not measured here: the engine is to measure it). ``PlannerSettings.host_to_gpu_bytes_per_s``."""
 
 
 def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: int,
