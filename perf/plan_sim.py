@@ -13,6 +13,13 @@ may return a new plan. Two ways to switch:
   never stop. Items already encoded or denoised stay queued for the new plan.
 - ``"global"``: no job starts until every running job has finished; then every rank waits for the slowest load
   (plus ``SWITCH_FIXED_S``); queued items stay queued.
+
+Time-shared plans (``RolePlan.time_shared``): every rank runs cycles on its own. It pulls up to ``stage_batch``
+items (at most ceil(items left / ranks) near the end; items a previous plan left encoded or denoised first),
+encodes them all, moves the DiT in, denoises them all, moves the VAE in, decodes and writes them all; the next
+cycle moves the text encoder back in. A move copies the component from host memory at ``MOVE_BYTES_PER_S``
+(only when another stage's component is on the GPU). A switch away from time-sharing puts the items of unfinished
+cycles back in the queues (to encode, to denoise, to decode) for the new plan.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ ENCODE_S = {True: 0.09, False: 0.05}
 LOAD_BYTES_PER_S = 1.5e9
 """True load bandwidth in the simulation (the planner assumes 2e9: its switch-cost estimate is off on purpose)."""
 SWITCH_FIXED_S = 2.0
+MOVE_BYTES_PER_S = 8e9
+"""True host-to-GPU bandwidth of a time-shared rank's moves (the planner assumes 10e9: off on purpose, like loads)."""
+SHARED_ORDER = ("encode", "denoise", "decode")
 
 
 def true_seconds(stage: str, work_class: WorkClass, sp_degree: int = 1) -> float:
@@ -92,6 +102,12 @@ class Worker:
     epoch: int = 0
     held: int | None = None
     """A denoised item the group cannot hand off (decode queue full)."""
+    shared: bool = False
+    """A time-shared rank (its own cycles; ``todo`` and ``on_gpu`` below)."""
+    todo: dict = field(default_factory=dict)
+    """Time-shared: stage -> items of the current cycle waiting for that stage."""
+    on_gpu: str | None = None
+    """Time-shared: the stage whose component is on the GPU."""
 
 
 @dataclass
@@ -120,6 +136,8 @@ class Simulation:
         self.seq = 0
         self.next_item = self.in_flight = self.encoding = self.done = 0
         self.finished = [False] * len(self.items)
+        self.q_enc: deque = deque()
+        """Items pulled but not encoded when a time-shared plan was switched away from."""
         self.q_den: deque = deque()
         self.q_dec: deque = deque()
         self.blocked: deque = deque()
@@ -140,18 +158,24 @@ class Simulation:
             elif kind == "ready":
                 self._rank_ready(payload)
             elif kind == "global":
-                self._install(payload, changed=set())
+                self._install(payload, changed=set(), old=self.global_old)
         assert self.done == len(self.items), (self.done, len(self.items))
         self.result.makespan_s = self.t
         return self.result
 
     # ---- plans --------------------------------------------------------------------------------------------------
 
-    def _install(self, plan: RolePlan, changed: set[int]) -> None:
+    def _install(self, plan: RolePlan, changed: set[int], old: RolePlan | None = None) -> None:
         """Workers of ``plan``; ranks in ``changed`` load first; busy ranks join when their job ends."""
         self.plan = plan
         self.plan_epoch += 1
         workers = [Worker(i, tuple(g), frozenset(plan.stages_of(g[0])), True) for i, g in enumerate(plan.dit_groups)]
+        if plan.time_shared:
+            for worker in workers:
+                worker.shared = True
+                worker.todo = {stage: deque() for stage in SHARED_ORDER}
+                held = old.stages_of(worker.ranks[0]) if old is not None and not old.time_shared else ()
+                worker.on_gpu = held[0] if len(held) == 1 else None
         dit = set(plan.dit_ranks)
         for rank in range(plan.num_ranks):
             if rank not in dit:
@@ -170,7 +194,10 @@ class Simulation:
 
     def _load_s(self, rank: int, old: RolePlan, new: RolePlan) -> float:
         gained = [s for s in new.stages_of(rank) if s not in old.stages_of(rank)]
-        return SWITCH_FIXED_S + sum(self.memory.component_bytes(s) for s in gained) / LOAD_BYTES_PER_S
+        seconds = SWITCH_FIXED_S + sum(self.memory.component_bytes(s) for s in gained) / LOAD_BYTES_PER_S
+        if old.time_shared and not new.time_shared:  # its new stages' components come from host memory
+            seconds += sum(self.memory.component_bytes(s) for s in new.stages_of(rank)) / MOVE_BYTES_PER_S
+        return seconds
 
     def _rank_free(self, rank: int, must_load: bool) -> None:
         if must_load:
@@ -197,6 +224,12 @@ class Simulation:
         self.result.num_switches += 1
         for worker in self.workers:
             worker.idle = False
+            if worker.shared:  # the items of its unfinished cycle go back to the queues, in order
+                self.q_enc.extendleft(reversed(worker.todo["encode"]))
+                self.q_den.extendleft(reversed(worker.todo["denoise"]))
+                self.q_dec.extendleft(reversed(worker.todo["decode"]))
+                for queue in worker.todo.values():
+                    queue.clear()
             if worker.held is not None:  # a latent waiting for room: it joins the queue the new plan decodes from
                 self.q_dec.append(worker.held)
                 worker.held = None
@@ -208,7 +241,7 @@ class Simulation:
             changed = {r for r in range(new.num_ranks)
                        if old.stages_of(r) != new.stages_of(r) or groups.get(r) != new_groups.get(r)}
             self.load_s = {r: self._load_s(r, old, new) for r in changed}
-            self._install(new, changed)
+            self._install(new, changed, old)
         else:
             self.pending_plan = new
             self.drain_start = self.t
@@ -221,6 +254,7 @@ class Simulation:
         stall = max(self._load_s(r, self.plan, new) for r in range(new.num_ranks))
         self.result.stalled_s += self.t - self.drain_start + stall
         self.seq += 1
+        self.global_old = self.plan
         heapq.heappush(self.events, (self.t + stall, self.seq, "global", new))
 
     # ---- scheduling ---------------------------------------------------------------------------------------------
@@ -250,6 +284,9 @@ class Simulation:
     def _pull(self, worker: Worker) -> None:
         if worker.jobs or worker.waiting or worker.held is not None or self.pending_plan is not None:
             return
+        if worker.shared:
+            self._pull_shared(worker)
+            return
         stages = worker.stages
         if "decode" in stages and self.q_dec:
             for rank in worker.ranks:
@@ -263,12 +300,10 @@ class Simulation:
             return
         if "encode" in stages:
             for rank in worker.ranks:
-                if self.next_item >= len(self.items) or len(self.q_den) + self.encoding >= self.q_den_cap:
+                if not self._unencoded() or len(self.q_den) + self.encoding >= self.q_den_cap:
                     break
-                self.next_item += 1
-                self.in_flight += 1
                 self.encoding += 1
-                self._start(worker, "encode", self.next_item - 1, (rank,))
+                self._start(worker, "encode", self._take_unencoded(), (rank,))
             if worker.jobs:
                 return
         worker.idle = True
@@ -278,6 +313,49 @@ class Simulation:
         for stage, category in (("decode", f"decode_{kind}"), ("denoise", "denoise"), ("encode", f"encode_{kind}")):
             if stage in stages:
                 self.idle[category].append(entry)
+
+    def _unencoded(self) -> int:
+        return len(self.q_enc) + len(self.items) - self.next_item
+
+    def _take_unencoded(self) -> int:
+        if self.q_enc:
+            return self.q_enc.popleft()
+        self.next_item += 1
+        self.in_flight += 1
+        return self.next_item - 1
+
+    def _pull_shared(self, worker: Worker) -> None:
+        """A time-shared rank: the next job of its cycle (a move, or one item's stage); a new cycle when done."""
+        todo = worker.todo
+        if not any(todo.values()):
+            left = len(self.q_dec) + len(self.q_den) + self._unencoded()
+            take = min(self.plan.stage_batch, math.ceil(left / len(self.workers)))
+            while take and self.q_dec:
+                todo["decode"].append(self.q_dec.popleft())
+                take -= 1
+            while take and self.q_den:
+                todo["denoise"].append(self.q_den.popleft())
+                take -= 1
+            while take and self._unencoded():
+                todo["encode"].append(self._take_unencoded())
+                take -= 1
+        stage = next((s for s in SHARED_ORDER if todo[s]), None)
+        if stage is None:
+            worker.idle = True
+            return
+        rank = worker.ranks[0]
+        if worker.on_gpu != stage:
+            seconds = self.memory.component_bytes(stage) / MOVE_BYTES_PER_S  # PCIe, not the GPU: no speed
+            self.rank_busy[rank] = True
+            self.running += 1
+            worker.jobs += 1
+            self.seq += 1
+            heapq.heappush(self.events, (self.t + seconds, self.seq, "job",
+                                         (self.plan_epoch, worker.index, "move", stage, worker.ranks)))
+            return
+        if stage == "encode":
+            self.encoding += 1
+        self._start(worker, stage, todo[stage].popleft(), worker.ranks)
 
     def _wake(self, *categories: str) -> None:
         for category in categories:
@@ -290,7 +368,7 @@ class Simulation:
                     return
 
     def _wake_encoder(self) -> None:
-        if self.next_item < len(self.items):
+        if self._unencoded():
             self._wake("encode_aux", "encode_dit")
 
     def _pop_dec(self) -> int:
@@ -312,7 +390,20 @@ class Simulation:
             self.stale -= 1
         for rank in ranks:
             self.rank_busy[rank] = False
-        if stage == "encode":
+        if stage == "move":
+            if current:
+                worker.on_gpu = item
+        elif current and worker.shared:  # the item stays in the rank's cycle
+            if stage == "encode":
+                self.encoding -= 1
+                worker.todo["denoise"].append(item)
+            elif stage == "denoise":
+                worker.todo["decode"].append(item)
+            else:
+                self.done += 1
+                self.in_flight -= 1
+                self.finished[item] = True
+        elif stage == "encode":
             self.encoding -= 1
             self.q_den.append(item)
             self._wake("denoise")

@@ -7,6 +7,8 @@ For each scenario and allocation (8 to 4,096 GPUs) the same items are rendered i
 - static: the best fixed split of roles, searched with the true stage costs over the whole job (an oracle
   static: ``plan_roles(topology, encoders, decoders)``; the 5 best by the fluid model are simulated, the best kept);
 - one-pipeline-per-GPU: every GPU encodes, denoises and decodes its own pulled items (only where memory allows);
+- time-shared (fixed): every GPU runs every stage of its pulled items, one stage's components on it at a time
+  (``roles.time_share = true``; only where the stages do not fit together but each alone does);
 - auto: ``spmd_diff.plan.replan.Rebalancer`` -- the planner code the engine calls -- starting from the analytic
   prior, re-fitted from each batch's simulated timings, re-planning with hysteresis and paying drain + load for a
   switch;
@@ -44,7 +46,7 @@ from spmd_diff.plan.cost_model import AnalyticPrior, CostModel, TablePrior  # no
 from spmd_diff.plan.degree import DegreeRequest, allowed_degrees, pick_degree  # noqa: E402
 from spmd_diff.plan.memory import MemoryModel, capacity_bytes  # noqa: E402
 from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B  # noqa: E402
-from spmd_diff.plan.planner import PlanInputs, PlannerSettings  # noqa: E402
+from spmd_diff.plan.planner import PlanInputs, PlannerSettings, time_shared_plan  # noqa: E402
 from spmd_diff.plan.replan import Rebalancer, SwitchCostModel  # noqa: E402
 from spmd_diff.plan.roles import place_ranks, plan_roles  # noqa: E402
 from spmd_diff.plan.throughput import DECODE, DENOISE, ENCODE, StageWork, predict_pools, stages_of_mask  # noqa: E402
@@ -310,6 +312,12 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
         row["one_pipeline_s"] = None
 
     inputs = PlanInputs(topology, memory, gpu_bytes, PlannerSettings(sp_degrees=(1, 2, 4)))
+    classes = [c for w in phases for c in w.classes]
+    if not one_fits and memory.fits_time_shared(classes, gpu_bytes):
+        shared = time_shared_plan(inputs, Workload.of(runs_of(sorted(items))))
+        row["time_shared_s"] = sim.run(FixedPolicy(shared)).makespan_s
+    else:
+        row["time_shared_s"] = None
     if global_switch:  # the same job with every switch a global drain + barrier, and a planner that knows it
         barrier = Simulation(items, speeds, batch_items, memory, seed=seed, switch_mode="global")
         result = barrier.run(AutoPolicy(inputs, items, batch_items, SwitchCostModel(rolling=False)))
@@ -330,6 +338,7 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
                                         else None)
     row["static_over_auto"] = row["static_s"] / row["auto_s"]
     row["one_pipeline_over_auto"] = row["one_pipeline_s"] / row["auto_s"] if row["one_pipeline_s"] else None
+    row["time_shared_over_auto"] = row["time_shared_s"] / row["auto_s"] if row["time_shared_s"] else None
     return row
 
 
@@ -354,7 +363,7 @@ def _commit() -> str:
 
 def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows: list[dict] = ()) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"simulate-plan-{date}"
+    stem = out_dir / f"simulate-plan-{date}{args.suffix}"
     config = {"date": date, "commit": _commit(), "python": platform.python_version(), "host": platform.node(),
               "scales": args.scales, "seed": args.seed, "memcap_gib": MEMCAP_GIB,
               "scenarios": {k: v["note"] for k, v in SCENARIOS.items() if k in args.scenarios},
@@ -370,7 +379,9 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
              f"Written by perf/simulate_plan.py at commit {config['commit']} (Python {config['python']}, "
              f"host {config['host']}); seed {args.seed}; {config['model']}.", "",
              "Makespans in seconds of simulated time. static = best fixed split searched with the true costs; "
-             "one-pipe = every GPU runs all stages; auto = the planner from the analytic prior, refitted and "
+             "one-pipe = every GPU runs all stages; time-shared = every GPU runs all stages of its pulled items, one "
+             "stage's components on it at a time, in cycles of roles.stage_batch = 8 items (a fixed plan: "
+             "roles.time_share = true; only where stages do not fit together); auto = the planner from the analytic prior, refitted and "
              "re-planned per batch (a rolling switch: only ranks that change stop, to load what they newly hold); "
              "auto, global switch = the same with every switch a global drain + barrier + slowest load (switches "
              "in brackets); bound = total work / total GPU speed; "
@@ -379,20 +390,21 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
              "(single-phase jobs whose stages cannot co-locate, up to 64 GPUs; see dedicated_bound).", ""]
     for name in args.scenarios:
         lines.append(f"- **{name}**: {SCENARIOS[name]['note']}")
-    lines += ["", "| scenario | GPUs | items | bound | phase-split | dedicated | static (E/D/X) | one-pipe | auto "
-                  "| auto/bound | auto/dedicated | static/auto | switches | auto, global switch | planner ms (max) "
-                  "| targets |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["", "| scenario | GPUs | items | bound | phase-split | dedicated | static (E/D/X) | one-pipe "
+                  "| time-shared | auto | auto/bound | auto/dedicated | static/auto | switches | auto, global switch "
+                  "| planner ms (max) | targets |",
+              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         split = row["static_split"]
         one = f"{row['one_pipeline_s']:,.0f}" if row["one_pipeline_s"] else "n/a (memory)"
+        shared = f"{row['time_shared_s']:,.0f}" if row.get("time_shared_s") else ""
         marks = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in row["targets"].items())
         glob = (f"{row['auto_global_s']:,.0f} ({row['auto_global_switches']})" if "auto_global_s" in row else "")
         dedicated = f"{row['dedicated_bound_s']:,.0f}" if row.get("dedicated_bound_s") else ""
         over_dedicated = f"{row['auto_over_dedicated_bound']:.3f}" if row.get("auto_over_dedicated_bound") else ""
         lines.append(f"| {row['scenario']} | {row['gpus']} | {row['items']:,} | {row['lower_bound_s']:,.0f} "
                      f"| {row['phase_split_bound_s']:,.0f} | {dedicated} | {row['static_s']:,.0f} ({split['encoders']}/"
-                     f"{split['dit']}/{split['decoders']}) | {one} | {row['auto_s']:,.0f} "
+                     f"{split['dit']}/{split['decoders']}) | {one} | {shared} | {row['auto_s']:,.0f} "
                      f"| {row['auto_over_bound']:.3f} | {over_dedicated} | {row['static_over_auto']:.2f} "
                      f"| {row['auto_switches']} "
                      f"| {glob} | {row['planner_ms_max']:.1f} | {marks} |")
@@ -485,6 +497,7 @@ def _plot(rows, args, path: Path):
         for key, label, style in (("static_s", "best static split", "s--"), ("one_pipeline_s", "one pipeline/GPU",
                                                                             "^:"), ("auto_s", "auto", "o-"),
                                   ("auto_global_s", "auto, global switch", "x-."),
+                                  ("time_shared_s", "time-shared (fixed)", "d:"),
                                   ("phase_split_bound_s", "best split per phase (fluid)", ".:")):
             ys = [r[key] / r["lower_bound_s"] if r.get(key) else math.nan for r in mine]
             if any(not math.isnan(y) for y in ys):
@@ -509,6 +522,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--date", default=datetime.date.today().isoformat())
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--suffix", default="", help="appended to the results' file names (a second run in a day)")
     parser.add_argument("--jobs", type=int, default=1, help="scenario x scale runs in parallel processes")
     parser.add_argument("--degree-scales", type=int, nargs="*", default=list(DEGREE_SCALES),
                         help="GPU counts (multiples of 8) for the per-item degree scenarios")

@@ -175,7 +175,7 @@ def _plan(args) -> int:
     if job.world.transport == "nvshmem" and heap and job.roles.policy == "auto":
         plan = make_plan(memory.with_heap(heap))  # the heap lives on the GPU: plan around it
         heap, heap_rank = heap_bytes(plan)
-    prediction = predict_plan(plan, workload, cost)
+    prediction = predict_plan(plan, workload, cost, inputs=PlanInputs(topology, memory, gpu_bytes, settings))
     print(topology.describe())
     print(sizes.describe())
     print(memory.describe([work_class], gpu_bytes, plan.sp_degree))
@@ -193,11 +193,16 @@ def _plan(args) -> int:
         print(f"  ... {topology.num_nodes - 16} more nodes")
     for rank in sorted({r for g in plan.dit_groups[:1] for r in g[:1]} | set(plan.encoders[:1] + plan.decoders[:1])):
         stages = plan.stages_of(rank)
-        need = (max(memory.rank_bytes((s,), [work_class], 1) for s in stages) if plan.time_shared  # one at a time
+        need = (memory.time_shared_bytes([work_class]) if plan.time_shared
                 else memory.rank_bytes(stages, [work_class], plan.sp_degree))
         if need > gpu_bytes:
             print(f"  warning: rank {rank} holds {'+'.join(stages)}: {need / GIB:.1f} GiB, more than the "
                   f"{gpu_bytes / GIB:.1f} GiB a GPU offers (world.gpu_memory_gib)")
+    if plan.time_shared:
+        print(f"  time-shared ranks: {plan.num_ranks}, {plan.stage_batch} item(s) per cycle (roles.stage_batch); "
+              f"GPU {memory.time_shared_bytes([work_class]) / GIB:.1f} GiB (the largest stage alone); host memory "
+              f"{memory.time_shared_host_bytes([work_class], plan.stage_batch) / GIB:.1f} GiB per rank (every "
+              f"component and the cycle's embeddings and latents)")
     seconds = ", ".join(f"{s} {cost.seconds(s, work_class, plan.sp_degree if s == 'denoise' else 1):.2f}"
                         for s in ("encode", "denoise", "decode", "write"))
     print(f"predicted: {prediction.videos_per_hour:,.0f} videos/h of {work_class.key} in steady state "

@@ -120,7 +120,9 @@ class RolesConfig:
     never. Same videos (components move between host and GPU unchanged)."""
     stage_batch: int = 8
     """Items a time-shared rank takes per cycle: larger cycles move the components less often per item and hold
-    more encoded prompts and latents in host memory (about 8 MB each at 480p with guidance)."""
+    more encoded prompts and latents in host memory (about 8 MB each at 480p with guidance). The most: policy
+    "auto" plans fewer (``RolePlan.stage_batch``) where that fills a rank's cycles evenly (12 items per rank: two
+    cycles of 6) or the ranks' fitted speeds differ (a slow rank's last cycle is shorter)."""
     group_decode: bool = False
     """policy "static" with at least 2 decoder ranks: the decoder ranks decode each video together, every one a
     band of rows (``spmd_diff.parallel.decoder_group``), whichever of them received its latents; that one writes

@@ -49,7 +49,8 @@ def job_planning(job: JobConfig, topology: Topology, configs: tuple[Mapping[str,
         degrees = (job.dit.sp_degree,)  # the engine keeps one SP degree for the job (per-item degrees: later)
     cfg_parallel, group_decode = group_options(job)
     settings = PlannerSettings(sp_degrees=degrees, sp_layout=job.dit.sp_layout, colocate=job.roles.colocate,
-                               separate_aux=separate_aux, cfg_parallel=cfg_parallel, group_decode=group_decode)
+                               separate_aux=separate_aux, cfg_parallel=cfg_parallel, group_decode=group_decode,
+                               time_share=job.roles.time_share, stage_batch=job.roles.stage_batch)
     inputs = PlanInputs(topology, MemoryModel.for_model(sizes), capacity_bytes(job.world.gpu_memory_gib,
                                                                                  device_bytes), settings)
     return JobPlanning(inputs, work_class, cost, sizes)

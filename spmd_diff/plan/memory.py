@@ -3,7 +3,10 @@
 A rank holding a set of stages needs: a fixed overhead (CUDA context, library workspaces), the channel heap,
 every held component's weights, and the largest activation peak among its stages. Stages on one rank run one at a
 time and PyTorch's caching allocator reuses the blocks one stage freed for the next, so peaks do not add; a
-fragmentation factor covers what the allocator cannot reuse. Activation peaks come from shapes (calibrated on
+fragmentation factor covers what the allocator cannot reuse. A time-shared rank (``roles.time_share``) holds every
+stage but one stage's component on its GPU at a time: it fits when each stage alone fits
+(:meth:`MemoryModel.fits_time_shared`), and keeps every component and its buffered items in host memory
+(:meth:`MemoryModel.time_shared_host_bytes`). Activation peaks come from shapes (calibrated on
 DESIGN.md's measurements) unless measured ones were recorded (:meth:`MemoryModel.with_measured_peak`).
 """
 
@@ -46,6 +49,8 @@ class MemoryModel:
     """Activation peaks are multiplied by this (blocks the caching allocator cannot reuse across stages)."""
     measured: tuple[tuple[str, str, int, int], ...] = ()
     """(stage, class key, SP degree, measured activation peak bytes): overrides the shape-based peak."""
+    embeds_bytes: int = 0
+    """One prompt's text embeddings, one guidance branch (what an encoded item holds; twice with guidance)."""
 
     @staticmethod
     def for_model(sizes: ModelSizes, heap_bytes: int = 0) -> "MemoryModel":
@@ -53,7 +58,7 @@ class MemoryModel:
         per_token = (16 * dims.dim + 4 * dims.ffn_dim) * sizes.dit_dtype_bytes / 2
         per_pixel = VAE_PEAK_BYTES_PER_PIXEL_BF16 * sizes.vae_dtype_bytes / 2 * dims.vae_base_dim / 96
         return MemoryModel(tuple(sizes.weight_bytes.items()), per_token, per_pixel, heap_bytes=heap_bytes,
-                           encode_vae=sizes.dims.vae_encode)
+                           encode_vae=sizes.dims.vae_encode, embeds_bytes=sizes.embeds_bytes)
 
     def component_bytes(self, stage: str) -> int:
         return dict(self.weight_bytes).get(stage, 0)
@@ -88,6 +93,23 @@ class MemoryModel:
              sp_degree: int = 1) -> bool:
         return self.rank_bytes(stages, classes, sp_degree) <= capacity_bytes
 
+    def time_shared_bytes(self, classes: Iterable[WorkClass], sp_degree: int = 1) -> int:
+        """GPU bytes of a time-shared rank: the most any one stage needs alone (overhead, heap, that stage's
+        component and its activation peak), since only one stage's component is on the GPU at a time."""
+        classes = list(classes)
+        return max(self.rank_bytes((stage,), classes, sp_degree) for stage in STAGES)
+
+    def fits_time_shared(self, classes: Iterable[WorkClass], capacity_bytes: int, sp_degree: int = 1) -> bool:
+        """A time-shared rank fits when each stage alone fits."""
+        return self.time_shared_bytes(classes, sp_degree) <= capacity_bytes
+
+    def time_shared_host_bytes(self, classes: Iterable[WorkClass], stage_batch: int) -> int:
+        """Host memory a time-shared rank needs: every component (kept there while another stage has the GPU)
+        and the ``stage_batch`` items of a cycle, each holding its text embeddings and its latents (the largest
+        class's)."""
+        per_item = max((self.embeds_bytes * (2 if c.cfg else 1) + c.latent_bytes for c in classes), default=0)
+        return sum(self.component_bytes(s) for s in STAGES) + stage_batch * per_item
+
     def with_measured_peak(self, stage: str, work_class: WorkClass, sp_degree: int, peak_bytes: int) -> "MemoryModel":
         """A model that uses a measured activation peak (e.g. ``torch.cuda.max_memory_allocated`` during the
         stage minus what was allocated before it) for this stage, class and degree."""
@@ -105,6 +127,10 @@ class MemoryModel:
             need = self.rank_bytes(stages, classes, sp_degree)
             verdict = "fits" if need <= capacity_bytes else "does not fit"
             lines.append(f"  {'+'.join(stages):22s} {need / GIB:6.1f} GiB  {verdict}")
+        need = self.time_shared_bytes(classes, sp_degree)
+        verdict = "fits" if need <= capacity_bytes else "does not fit"
+        lines.append(f"  {'time-shared':22s} {need / GIB:6.1f} GiB  {verdict} (one stage's component on the GPU "
+                     "at a time)")
         return "\n".join(lines)
 
 

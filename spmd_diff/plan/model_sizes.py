@@ -33,6 +33,13 @@ class ModelSizes:
     name: str = ""
     image_encoder_params: float = 0.0
     """Image-to-video: all of the CLIP image encoder's parameters (0 for text-to-video)."""
+    text_dim: int = 4096
+    """Width of the text embeddings the encoder hands the DiT (the transformer's ``text_dim``)."""
+
+    @property
+    def embeds_bytes(self) -> int:
+        """One prompt's text embeddings for one guidance branch (``text_len`` x ``text_dim`` x dtype)."""
+        return self.dims.text_len * self.text_dim * self.text_dtype_bytes
 
     @property
     def weight_bytes(self) -> dict[str, int]:
@@ -93,7 +100,7 @@ class ModelSizes:
                        image_encoder is not None)
         dtype_bytes = DTYPE_BYTES.get(dtype, 2)
         return ModelSizes(dims, float(dit_params), float(text_params), VAE_PARAMS_AT_BASE_96 * (base_dim / 96) ** 2,
-                          dtype_bytes, dtype_bytes, 4, name, clip_params)
+                          dtype_bytes, dtype_bytes, 4, name, clip_params, text_dim)
 
 
 _WAN_DIT = dict(attention_head_dim=128, text_dim=4096, freq_dim=256, patch_size=(1, 2, 2), in_channels=16)

@@ -16,18 +16,24 @@ Pure Python; fast enough to run between batches (a few ms at 4,096 ranks). The s
    ranks over the nodes, so every stage runs on several nodes and one batch tells a slow node from a slow stage.
 
 Where every stage fits on every GPU the answer is one plan of all-stage ranks (no GPU reserved for a small stage).
+Where they do not fit together, a plan of time-shared ranks (``roles.time_share``: every rank holds every stage
+and keeps one stage's components on its GPU at a time, running its items stage by stage, ``stage_batch`` at a
+time) is a candidate too, predicted by ``throughput.predict_time_shared`` (the fluid share of all work per rank,
+plus the host-to-GPU moves of the components per cycle, plus a tail), and chosen when predicted faster than the
+shapes above by ``PlannerSettings.time_share_margin``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
 from spmd_diff.errors import UserError
 from spmd_diff.plan.memory import GIB, MemoryModel
-from spmd_diff.plan.roles import RolePlan, place_ranks, summarize_layouts, with_group_options
-from spmd_diff.plan.throughput import (ALL_STAGES, DECODE, DENOISE, ENCODE, Prediction, StageWork, mask_of,
-                                       predict_pools, stages_of_mask)
+from spmd_diff.plan.roles import STAGE_ORDER, RolePlan, place_ranks, summarize_layouts, with_group_options
+from spmd_diff.plan.throughput import (ALL_STAGES, DECODE, DENOISE, ENCODE, HOST_TO_GPU_BYTES_PER_S, Prediction,
+                                       StageWork, mask_of, predict_pools, predict_time_shared, stages_of_mask)
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import Workload
 
@@ -58,6 +64,20 @@ class PlannerSettings:
     """
     persist_batches: int = 2
     """... after this many batches in a row: a small but steady gain is not noise."""
+    time_share: bool | str = "auto"
+    """``roles.time_share``: "auto" -- a plan of time-shared ranks is a candidate where no rank can hold every
+    stage at once (otherwise ranks holding every stage resident are strictly better) and ``colocate`` is on;
+    True -- always that plan (a UserError if a stage alone does not fit a GPU); False -- never."""
+    stage_batch: int = 8
+    """``roles.stage_batch``: the most items a time-shared rank runs per cycle (the plan takes fewer to fill a
+    rank's cycles evenly, or for ranks of uneven speeds: :func:`time_shared_plan`)."""
+    time_share_margin: float = 0.03
+    """"auto" takes time-shared ranks over dedicated stages only when predicted faster by this fraction: a
+    time-shared rank's last cycle holds ``stage_batch`` items, so a rank slower than the fitted speeds say ends the
+    job late, where dedicated stages hand out items one at a time."""
+    host_to_gpu_bytes_per_s: float = HOST_TO_GPU_BYTES_PER_S
+    """What a time-shared rank's move of a component from host memory to its GPU runs at (a cost parameter:
+    the prediction's moves per cycle, and a switch away from time-sharing)."""
 
 
 def candidate_degrees(min_degree: int, ranks_per_node: int, num_ranks: int) -> tuple[int, ...]:
@@ -126,10 +146,20 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
     num_ranks = inputs.topology.num_ranks
     speeds = cost.speeds(num_ranks)
     primed = current is not None
+    shared = None
+    if inputs.settings.time_share is True:
+        shared = time_shared_plan(inputs, workload, cost)  # raises when a stage alone does not fit
+        prediction = predict_plan(shared, workload, cost, primed, inputs)
+        return replace(shared, predicted_videos_per_hour=prediction.videos_per_hour)
+    if time_share_candidate(inputs, workload):
+        shared = time_shared_plan(inputs, workload, cost)
     candidates = search_shapes(inputs, workload, cost, speeds, primed)
-    if not candidates:
+    if not candidates and shared is None:
         raise UserError(_no_fit_message(inputs, workload))
     best_plan, best = None, None
+    if not candidates:
+        best = predict_plan(shared, workload, cost, primed, inputs)
+        return replace(shared, predicted_videos_per_hour=best.videos_per_hour)
     uneven = _uneven(speeds)
     tries = [(shape, speeds) for shape, _ in candidates[: 4 if uneven else 1]]
     if uneven:  # also the best shape for even speeds, placed ignoring them (spread, or the current ranks kept)
@@ -140,13 +170,70 @@ def plan_auto(inputs: PlanInputs, workload: Workload, cost, current: RolePlan | 
         prediction = predict_plan(plan, workload, cost, primed)
         if best is None or prediction.seconds < best.seconds * (1 - 1e-9):
             best_plan, best = plan, prediction
+    if shared is not None:
+        prediction = predict_plan(shared, workload, cost, primed, inputs)
+        if prediction.seconds < best.seconds * (1 - inputs.settings.time_share_margin):
+            best_plan, best = shared, prediction
     return replace(best_plan, predicted_videos_per_hour=best.videos_per_hour)
 
 
-def predict_plan(plan: RolePlan, workload: Workload, cost, primed: bool = False) -> Prediction:
+def time_share_candidate(inputs: PlanInputs, workload: Workload) -> bool:
+    """``roles.time_share = "auto"``: time-shared ranks are a candidate for ``workload`` -- no rank can hold every
+    stage at once (at any allowed SP degree), each stage alone fits a GPU, and ranks may hold several stages."""
+    settings, classes = inputs.settings, workload.classes
+    if settings.time_share != "auto" or not settings.colocate:
+        return False
+    degrees = [sp for sp in settings.sp_degrees if sp <= inputs.topology.num_ranks] or [1]
+    if any(inputs.memory.fits(STAGE_ORDER, classes, inputs.gpu_bytes, sp) for sp in degrees):
+        return False
+    return inputs.memory.fits_time_shared(classes, inputs.gpu_bytes)
+
+
+def time_shared_plan(inputs: PlanInputs, workload: Workload, cost=None) -> RolePlan:
+    """Every rank a group of one holding every stage, one stage's components on its GPU at a time
+    (``roles.time_share``). Raises :class:`UserError` when a stage alone does not fit a GPU.
+
+    Its ``stage_batch``: at most ``settings.stage_batch``, as few as give each rank's items the same number of
+    cycles (12 items per rank in cycles of at most 8: two of 6, not 8 and 4 -- a short last cycle pulled at
+    ceil(items left / ranks) leaves the ranks finishing up to an item apart); with a ``cost`` model of uneven
+    rank speeds, the size up to that predicted fastest (fewer moves per item against a slow rank's shorter last
+    cycle)."""
+    classes = workload.classes
+    memory, gpu_bytes = inputs.memory, inputs.gpu_bytes
+    if not memory.fits_time_shared(classes, gpu_bytes):
+        needs = ", ".join(f"{s} {memory.rank_bytes((s,), classes) / GIB:.1f} GiB" for s in STAGE_ORDER)
+        raise UserError(f"roles.time_share: a time-shared rank needs each stage alone to fit its GPU, but GPUs "
+                        f"offer {gpu_bytes / GIB:.1f} GiB (world.gpu_memory_gib caps it) and alone the stages "
+                        f"need {needs} for {workload.describe()}")
+    num_ranks = inputs.topology.num_ranks
+    batch = inputs.settings.stage_batch
+    per_rank = workload.num_items / num_ranks
+    if per_rank > 0:
+        batch = min(batch, math.ceil(per_rank / math.ceil(per_rank / batch)))
+    if cost is not None and batch > 1:
+        work, speeds, move_s = StageWork.of(workload, cost, 1), cost.speeds(num_ranks), cycle_move_seconds(inputs)
+        if _uneven(speeds):
+            batch = min(range(batch, 0, -1), key=lambda b: predict_time_shared(work, speeds, b, move_s).seconds)
+    return RolePlan(num_ranks, (), tuple((r,) for r in range(num_ranks)), (), "none", (1, 1),
+                    (STAGE_ORDER,) * num_ranks, "auto", time_shared=True, stage_batch=batch)
+
+
+def cycle_move_seconds(inputs: PlanInputs) -> float:
+    """Seconds a time-shared rank spends per cycle moving its three components from host memory to its GPU."""
+    return sum(inputs.memory.component_bytes(s) for s in STAGE_ORDER) / inputs.settings.host_to_gpu_bytes_per_s
+
+
+def predict_plan(plan: RolePlan, workload: Workload, cost, primed: bool = False,
+                 inputs: PlanInputs | None = None) -> Prediction:
     """Predicted time of ``workload`` on ``plan`` with each rank's fitted speed (static plans too); ``primed``:
-    re-planning a running job (see ``throughput.predict_pools``)."""
+    re-planning a running job (see ``throughput.predict_pools``). ``inputs``: needed for a time-shared plan
+    (its moves per cycle: :func:`cycle_move_seconds`)."""
     speeds = list(cost.speeds(plan.num_ranks))
+    if plan.time_shared:
+        if inputs is None:
+            raise ValueError("predicting a time-shared plan needs the PlanInputs (component bytes, bandwidth)")
+        return predict_time_shared(StageWork.of(workload, cost, 1), speeds, plan.stage_batch,
+                                   cycle_move_seconds(inputs))
     if plan.sp_degree == 1:
         group_speeds = [speeds[group[0]] for group in plan.dit_groups]
     else:
@@ -412,7 +499,10 @@ def _no_fit_message(inputs: PlanInputs, workload: Workload) -> str:
         need = min(inputs.memory.rank_bytes((stage,), classes, s) for s in degrees)
         parts.append(f"{stage} {need / GIB:.1f} GiB")
     heap = f", with a {inputs.memory.heap_bytes / GIB:.1f} GiB channel heap," if inputs.memory.heap_bytes else ""
+    hint = ""
+    if inputs.settings.time_share is False and inputs.memory.fits_time_shared(classes, inputs.gpu_bytes):
+        hint = '; roles.time_share = "auto" or true runs every stage on each rank, one at a time'
     return (f"no role plan fits: GPUs offer {inputs.gpu_bytes / GIB:.1f} GiB (world.gpu_memory_gib caps it) and "
             f"{inputs.topology.num_ranks} rank(s) must hold every stage between them; alone each needs"
             f"{heap} {', '.join(parts)} for {workload.describe()} (a larger dit.sp_degree shrinks the DiT's "
-            f"activations)")
+            f"activations{hint})")

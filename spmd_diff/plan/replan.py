@@ -22,7 +22,7 @@ from spmd_diff.plan.cost_model import CostModel
 from spmd_diff.plan.memory import MemoryModel
 from spmd_diff.plan.planner import PlanInputs, plan_auto, predict_plan
 from spmd_diff.plan.roles import RolePlan
-from spmd_diff.plan.throughput import Prediction
+from spmd_diff.plan.throughput import HOST_TO_GPU_BYTES_PER_S, Prediction
 from spmd_diff.plan.timings import RankTimings, summarize
 from spmd_diff.plan.workload import WorkClass, Workload
 
@@ -54,7 +54,11 @@ class SwitchCostModel:
             return measured[stage]
         return memory.component_bytes(stage) / self.load_bytes_per_s
 
-    def seconds(self, old: RolePlan, new: RolePlan, memory: MemoryModel, item_latency_s: float) -> float:
+    def seconds(self, old: RolePlan, new: RolePlan, memory: MemoryModel, item_latency_s: float,
+                move_bytes_per_s: float = HOST_TO_GPU_BYTES_PER_S) -> float:
+        """``move_bytes_per_s``: host-to-GPU copies (``PlannerSettings.host_to_gpu_bytes_per_s``). A rank that
+        starts time-sharing loads the components it did not hold (into host memory); one that stops copies the
+        components of its new stages from host memory to its GPU."""
         if old.same_roles(new):
             return 0.0
         loads = {stage: self.load_s(stage, memory) for stage in ("encode", "denoise", "decode")}
@@ -65,6 +69,8 @@ class SwitchCostModel:
             key = (old.stages_of(rank), new.stages_of(rank))
             if key not in cache:
                 cache[key] = sum(loads[s] for s in key[1] if s not in key[0])
+                if old.time_shared and not new.time_shared:
+                    cache[key] += sum(memory.component_bytes(s) for s in key[1] if s in key[0]) / move_bytes_per_s
             total += self.fixed_s + cache[key]
             slowest = max(slowest, cache[key])
         if self.rolling:  # each rank that changes also starts its new role with nothing queued for it
@@ -120,10 +126,10 @@ def replan(inputs: PlanInputs, current: RolePlan, workload: Workload, cost: Cost
     """Decide whether the next batch runs on ``current`` or on the best plan for ``workload`` (the horizon:
     ``workload.horizon``). ``behind_batches``: the previous decision's ``behind_batches`` (0 after a switch)."""
     best = plan_auto(inputs, workload, cost, current)
-    best_prediction = predict_plan(best, workload, cost, primed=True)
-    current_prediction = predict_plan(current, workload, cost, primed=True)
+    best_prediction = predict_plan(best, workload, cost, True, inputs)
+    current_prediction = predict_plan(current, workload, cost, True, inputs)
     latency = _item_latency_s(workload, cost, current.sp_degree)
-    switch_cost = switch_costs.seconds(current, best, inputs.memory, latency)
+    switch_cost = switch_costs.seconds(current, best, inputs.memory, latency, inputs.settings.host_to_gpu_bytes_per_s)
     settings = inputs.settings
     threshold = settings.switch_cost_factor * switch_cost + settings.min_gain_fraction * current_prediction.seconds
     gain = current_prediction.seconds - best_prediction.seconds
@@ -205,6 +211,8 @@ def changed_ranks(old: RolePlan, new: RolePlan) -> tuple[int, ...]:
     """Ranks whose stages or DiT group differ between the plans: those that stop, load and rejoin in a switch."""
     old_group = {r: g for g in old.dit_groups for r in g}
     new_group = {r: g for g in new.dit_groups for r in g}
+    if old.time_shared != new.time_shared:
+        return tuple(range(new.num_ranks))
     return tuple(r for r in range(new.num_ranks)
                  if old.stages_of(r) != new.stages_of(r) or old_group.get(r) != new_group.get(r))
 
@@ -221,6 +229,11 @@ def _cannot_run(inputs: PlanInputs, plan: RolePlan, workload: Workload) -> str:
     """Why ``plan`` cannot run ``workload`` (a stage nobody holds, a rank over its memory), or ""."""
     if plan.num_ranks != inputs.topology.num_ranks:
         return f"the plan is for {plan.num_ranks} ranks, the job has {inputs.topology.num_ranks}"
+    if plan.time_shared:
+        if not inputs.memory.fits_time_shared(workload.classes, inputs.gpu_bytes):
+            need = inputs.memory.time_shared_bytes(workload.classes) / 2**30
+            return f"time-shared ranks would need {need:.1f} GiB for one stage, more than the GPU has"
+        return ""
     held: set[str] = set()
     checked: set[tuple[str, ...]] = set()
     for rank in range(plan.num_ranks):

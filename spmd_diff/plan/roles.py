@@ -68,7 +68,8 @@ class RolePlan:
     memory), running the items it pulls stage by stage, ``stage_batch`` at a time (``roles.time_share``). Groups
     of one rank; no channels between ranks."""
     stage_batch: int = 0
-    """Items per cycle of a time-shared rank (``roles.stage_batch``); 0 when not :attr:`time_shared`."""
+    """Items per cycle of a time-shared rank (``roles.stage_batch``, or fewer as the auto planner chose); 0 when
+    not :attr:`time_shared`."""
     group_decode: bool = False
     """Each DiT group decodes its own items together, every member a band of rows (``dit.group_decode``); its
     members then hold the decode stage too."""
@@ -125,7 +126,8 @@ class RolePlan:
     def same_roles(self, other: "RolePlan") -> bool:
         """Same ranks doing the same stages in the same groups (predictions aside)."""
         return (self.num_ranks == other.num_ranks and self.dit_groups == other.dit_groups
-                and self._stage_table == other._stage_table)
+                and self._stage_table == other._stage_table and self.time_shared == other.time_shared
+                and self.stage_batch == other.stage_batch)
 
     def role_of(self, rank: int) -> str:
         """"all", "time-shared", "encoder", "decoder", "dit", or for co-located auto roles e.g. "dit+decoder",
@@ -250,6 +252,9 @@ class RolePlan:
             stages = "+".join(self.stages_of(ranks[0])) or "nothing"
             lines.append(f"  {name:16s}: {len(ranks):5d} rank(s) holding {stages:22s} {rank_ranges(ranks)}"
                          f"{where(ranks) if len(ranks) <= 8 else ''}")
+        if self.time_shared:
+            lines.append(f"    one stage's components on the GPU at a time (the others in host memory), "
+                         f"{self.stage_batch} item(s) per cycle (roles.stage_batch)")
         for index, group in enumerate(self.dit_groups[:4] if self.sp_degree > 1 else ()):
             lines.append(f"    group {index}: {list(group)}{where(group)}")
         if self.predicted_videos_per_hour:

@@ -125,3 +125,37 @@ def predict_pools(work: StageWork, pools: Sequence[tuple[int, float]], num_group
         max(decode_item, wave * decode_item / max(decoders, 1e-9))
     bottleneck = "+".join(stages_of_mask(binding)) if fluid >= granularity else "denoise granularity"
     return Prediction(max(fluid, granularity) + fill, work.num_items, bottleneck, fluid, granularity, fill)
+
+
+HOST_TO_GPU_BYTES_PER_S = 10e9
+"""Default bandwidth of copying a component from host memory to the GPU: an assumed 10 GB/s for pageable memory
+(pinned memory is faster; not measured here: the engine is to measure it). ``PlannerSettings.host_to_gpu_bytes_per_s``."""
+
+
+def predict_time_shared(work: StageWork, speeds: Sequence[float], stage_batch: int,
+                        cycle_move_s: float) -> Prediction:
+    """Predicted time of ``work`` on time-shared ranks of ``speeds``: every rank pulls up to ``stage_batch`` items
+    (at most its share of what is left near the end), encodes them all, moves the DiT in, denoises them all,
+    moves the VAE in, decodes and writes them all, and moves the text encoder back in: ``cycle_move_s`` per cycle.
+
+    No stage waits for another rank, so the fluid share of all work per rank binds; plus the moves of
+    ``ceil(items per rank / stage_batch)`` cycles, and a tail: ranks finish up to one item apart (half an item on
+    average, on the slowest rank), and with uneven speeds a slow rank's last cycle (of ``stage_batch`` items, or
+    its share near the end, counted at its speed) ends after the others by about half of what its slowness adds
+    to it (speeds within 10% count as even). With fewer items than ranks, one item's time (granularity)."""
+    num_items = work.num_items
+    if num_items == 0:
+        return Prediction(0.0, 0, "", 0.0, 0.0, 0.0)
+    total = work.encode_s + work.denoise_s + work.decode_s
+    item = total / num_items
+    per_rank = num_items / len(speeds)
+    cycles = math.ceil(per_rank / max(1, stage_batch))
+    moves = cycles * cycle_move_s
+    fluid = total / sum(speeds) + moves
+    granularity = item * len(speeds) / sum(speeds) + cycle_move_s
+    mean_speed = sum(speeds) / len(speeds)
+    uneven = max(speeds) > 1.1 * min(speeds)  # fitted speeds of equal GPUs scatter by a few percent
+    last_cycle = min(stage_batch, per_rank) * item * (1 / min(speeds) - 1 / mean_speed) if uneven else 0.0
+    tail = 0.5 * item / min(speeds) + 0.5 * last_cycle if per_rank > 1 else 0.0
+    bottleneck = "time-shared" if fluid >= granularity else "time-shared granularity"
+    return Prediction(max(fluid, granularity) + tail, num_items, bottleneck, fluid, granularity, tail)

@@ -39,7 +39,17 @@ def test_plan_honours_the_gpu_memory_cap(capsys):
                  "--set", "world.gpu_memory_gib=14"]) == 0
     out = capsys.readouterr().out
     assert "GPU capacity 14.0 GiB" in out and "denoise+decode           14.5 GiB  does not fit" in out
-    assert "encoder" in out and "decoder" in out and "all " not in out
+    # No stage fits with another: the ranks time-share their GPUs between the stages (roles.time_share "auto").
+    assert "time-shared     :    16 rank(s) holding encode+denoise+decode" in out and "all " not in out
+    assert "8 item(s) per cycle" in out and "host memory 13.8 GiB per rank" in out
+    assert main(["plan", JOB, "--nodes", "2", "--gpus-per-node", "8", "--set", "roles.policy='auto'",
+                 "--set", "world.gpu_memory_gib=14", "--set", "roles.time_share=false"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder" in out and "decoder" in out and "time-shared     :" not in out
     assert main(["plan", JOB, "--nodes", "1", "--gpus-per-node", "1", "--set", "roles.policy='auto'",
-                 "--set", "world.gpu_memory_gib=14"]) == 2
-    assert "no role plan fits" in capsys.readouterr().err
+                 "--set", "world.gpu_memory_gib=14", "--set", "roles.time_share=false"]) == 2
+    err = capsys.readouterr().err
+    assert "no role plan fits" in err and 'roles.time_share = "auto" or true' in err
+    assert main(["plan", JOB, "--nodes", "1", "--gpus-per-node", "1", "--set", "roles.policy='auto'",
+                 "--set", "world.gpu_memory_gib=14"]) == 0
+    assert "time-shared     :     1 rank(s)" in capsys.readouterr().out

@@ -32,6 +32,9 @@ def table_cost(encode=0.09, denoise=5.03, decode=3.5, write=0.34, work_class=C48
 
 
 def inputs(num_nodes, per_node, gpu_bytes=H200_USABLE_BYTES, **settings):
+    """Time-sharing off unless asked for: these tests are about the shapes of ranks with dedicated stages
+    (test_time_share.py has the time-shared candidate)."""
+    settings.setdefault("time_share", False)
     return PlanInputs(Topology.uniform(num_nodes, per_node, per_node), MEMORY, gpu_bytes, PlannerSettings(**settings))
 
 
