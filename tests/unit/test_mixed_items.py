@@ -227,7 +227,9 @@ def test_a_fixed_degree_gives_every_item_a_group_of_that_size():
     from spmd_diff.runtime.item_groups import schedule_item_groups
 
     schedule = schedule_item_groups(_classes(*[(480, 832, 4)] * 5), [[0, 1, 2, 3]], _Cost(), (2,))
-    assert [g.ranks for g in schedule] == [(0, 1), (2, 3), (0, 1), (2, 3), (0, 1)]
+    # The first two groups' members (1, 3) start the third item while their leaders (0, 2) decode.
+    assert [g.ranks for g in schedule] == [(0, 1), (2, 3), (1, 3), (0, 2), (1, 2)]
+    assert schedule[2].start_s == schedule[0].start_s + schedule[0].seconds < schedule[3].start_s
     with pytest.raises(ValueError, match="no node has 8 DiT ranks"):
         schedule_item_groups(_classes((480, 832, 4)), [[0, 1, 2, 3]], _Cost(), (8,))
 
