@@ -424,14 +424,16 @@ class DegreeSimulation:
         return {"makespan_s": makespan, "degrees": dict(sorted(degrees.items())),
                 "busy_fraction": busy_s / (makespan * self.topology.num_ranks)}
 
-    def run_static_groups(self, degree: int) -> dict:
-        """The engine's fixed degree: static groups of ``degree`` ranks pulling items in file order."""
+    def run_static_groups(self, degree: int, order=None) -> dict:
+        """The engine's fixed degree: static groups of ``degree`` ranks pulling items in file order (or in
+        ``order``: positions in ``self.items``)."""
         duration = self._duration(random.Random(self.seed))
         groups = [ranks[k:k + degree] for ranks in self.topology.node_ranks
                   for k in range(0, len(ranks) - degree + 1, degree)]
         free = [(0.0, g) for g in range(len(groups))]  # (free at, group): the earliest free pulls, lowest first
         busy_s = 0.0
-        for work_class in self.items:
+        for position in (range(len(self.items)) if order is None else order):
+            work_class = self.items[position]
             start, g = heapq.heappop(free)
             res = work_class.height
             denoise = duration("encode", work_class) + duration("denoise", work_class, degree)
