@@ -51,7 +51,8 @@ from spmd_diff.plan.roles import place_ranks, plan_roles  # noqa: E402
 from spmd_diff.plan.throughput import DECODE, DENOISE, ENCODE, StageWork, predict_pools, stages_of_mask  # noqa: E402
 from spmd_diff.plan.topology import Topology  # noqa: E402
 from spmd_diff.plan.workload import Workload, horizon, runs_of  # noqa: E402
-from spmd_diff.runtime.item_groups import FILE_ORDER, LONGEST_FIRST, schedule_item_groups, start_order  # noqa: E402,E501
+from spmd_diff.runtime.item_groups import (FILE_ORDER, LONGEST_FIRST, schedule_item_groups,  # noqa: E402
+                                           start_order)
 
 SCALES = (8, 64, 512, 4096)
 MEMCAP_GIB = 14.0
@@ -440,8 +441,9 @@ def _degree_lines(rows, args) -> list[str]:
              "static d = the engine's fixed `dit.sp_degree = d`: static groups of d ranks pull items in file order, "
              "the group decodes together (group decode: VAE over 0.55 / 0.30 at 2 / 4 ranks, the leader's "
              "postprocess and write after). free-ranks d = a group of d formed from free ranks per item (file order; "
-             "flatters a fixed degree). static, longest first = static groups pulling the items longest first "
-             "(not what the engine's fixed path does: the share of the order alone). The leader's decode and write hold its GPU in every column. bound = "
+             "12-03's fixed degree). static, longest first = static groups pulling the items longest first "
+             "(not what the engine's fixed path does: the share of the order alone). The leader's decode and "
+             "write hold its GPU in every column. bound = "
              "max(total work at degree 1 / GPUs, the longest item at degree 4).", ""]
     for name in args.degree_scenarios:
         lines.append(f"- **{name}**: {DEGREE_SCENARIOS[name]['note']}")

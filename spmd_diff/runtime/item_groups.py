@@ -23,9 +23,10 @@ every rank follows its share of it in that order, so every group's collectives f
 far the real times drift from the predicted ones (a rank ahead of time waits in its next group's first
 collective, under the usual deadline): no deadlock, exactly the schedule's groups.
 
-Cost: a few operations per item while ranks are free for it; the full per-node view of the busy ranks is built
-only where an item would wait or run wide (a job's tail). 10^5 items on 4,096 ranks: see
-tests/unit/test_degree.py and perf/results/simulate-degree-*.md for the measured time.
+Cost: ``pick_degree`` is asked with one node per free-rank count while the item can start narrow now (nodes
+alike but for their index); only where it would wait or widen (a job's tail) with, per degree, the one node that
+seats it soonest (the same choice as over every node). 10^5 items on 4,096 ranks: about 10 s on a 2-core VM
+(perf/results/simulate-degree-2026-12-03.md).
 """
 
 from __future__ import annotations
@@ -214,10 +215,10 @@ def assignments_of(schedule: Sequence[ItemGroup], rank: int) -> list[ItemGroup]:
 
 def job_item_groups(job, items: Sequence, dit_ranks: Sequence[int], topology: Topology, cost,
                     num_heads: int) -> list[ItemGroup]:
-    """The schedule of ``items`` (``io.inputs.Item``, in start order) for ``job`` (a ``JobConfig``): degrees
-    ``dit.sp_degree`` and its doublings within a node that split ``num_heads`` evenly
-    (``plan.degree.allowed_degrees``), on the DiT ranks ``dit_ranks`` of ``topology``. What the engine runs and
-    ``spmd-diff plan --prompts`` prints."""
+    """The schedule of ``items`` (``io.inputs.Item``, in prompts-file order; they start longest first) for
+    ``job`` (a ``JobConfig``): degrees ``dit.sp_degree`` and its doublings within a node that split
+    ``num_heads`` evenly (``plan.degree.allowed_degrees``), on the DiT ranks ``dit_ranks`` of ``topology``. What
+    the engine runs and ``spmd-diff plan --prompts`` prints."""
     ranks = set(dit_ranks)
     ranks_by_node = [[r for r in topology.ranks_on_node(n) if r in ranks] for n in range(topology.num_nodes)]
     degrees = allowed_degrees(num_heads, max(len(r) for r in ranks_by_node), len(ranks), job.dit.sp_degree)
