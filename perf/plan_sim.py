@@ -458,23 +458,89 @@ class Simulation:
 C720_50 = WorkClass(720, 1280, 81, 50, True)
 
 
-class DegreeSimulation:
-    """Items whose DiT group is formed when the item starts, at the degree a policy picks (per-item degree).
+GROUP_DECODE_BAND = {1: 1.0, 2: 0.55, 4: 0.30}
+"""The VAE decode on a group of S ranks (``dit.group_decode``: each member a band of rows) over one rank's
+(perf/results/latency-2026-12-03.md: one band of 2 alone 1.53 s, of 4 0.83 s, against 2.79 s; the rows' exchange
+not measured); degrees not listed: 1.1 / S."""
+VAE_S = {480: 2.77, 720: 4.183 * 2.77 / 1.829}
+"""The float32 VAE part of :data:`DECODE_S` (the rest is the CPU postprocess, on the leader)."""
 
-    Every rank holds every stage (memory allows). An item's group -- ``degree`` free ranks of one node -- encodes
-    on its first rank, denoises together, then its first rank decodes and writes while the others are free again.
-    Whenever ranks are free the next item in rendering order asks ``policy(work_class, free_per_node, queued_s,
-    running_s, busy_until)`` for a ``DegreeChoice`` (``spmd_diff.plan.degree.pick_degree`` with its allowed
-    degrees; predictions from the true costs without noise); an item that waits holds the queue (items start in
-    order) and asks again whenever ranks free up. Times: :func:`true_seconds` with log-normal noise
-    (degrees outside ``SP_FACTOR``: the table's efficiency per doubling).
+
+class DegreeSimulation:
+    """Mixed items on DiT groups, every rank holding every stage, three ways to form the groups.
+
+    - :meth:`run_schedule` (``dit.per_item_degree``): the engine's schedule (``runtime.item_groups``: every group
+      and its order, computed before the job from the predicted costs), run with the true, noisy times: each rank
+      takes part in its assignments in schedule order, a group starting when its last member is free (the
+      engine's members wait in the group's first collective); the leader encodes, the group denoises, then the
+      leader decodes and writes while the members go on.
+    - :meth:`run_static_groups` (``dit.sp_degree = S``, per-item degree off): the plan's static groups of S ranks
+      (consecutive ranks of a node, as ``plan.dit_groups``); whichever group is free pulls the next item in file
+      order; the group encodes (on its leader), denoises, decodes together (``dit.group_decode`` "auto": each
+      member a band, :data:`GROUP_DECODE_BAND`), then the leader postprocesses and writes; the group's next item
+      waits for all of it.
+    - :meth:`run_free_ranks`: items in file order, each group formed from the free ranks when the item starts at
+      the degree ``policy`` picks at that (true) moment (with one degree: a fixed degree whose groups are formed
+      afresh per item, which the engine's fixed groups are not).
+
+    Times: :func:`true_seconds` with log-normal noise (degrees outside ``SP_FACTOR``: the table's efficiency per
+    doubling); the leader's decode and write hold its GPU (the engine decodes on another thread of the same GPU).
     """
 
     def __init__(self, items: list[WorkClass], topology, seed: int = 0, noise: float = 0.03):
         self.items, self.topology, self.seed, self.noise = items, topology, seed, noise
 
-    def run(self, policy, min_degree: int = 1) -> dict:
-        """``min_degree``: the smallest degree ``policy`` allows."""
+    def _duration(self, rng):
+        def duration(stage, work_class, degree=1):
+            return _sp_seconds(stage, work_class, degree) * math.exp(rng.gauss(0.0, self.noise))
+        return duration
+
+    def run_schedule(self, schedule) -> dict:
+        """Run ``schedule`` (``runtime.item_groups.ItemGroup`` in start order; ``item`` indexes ``self.items``)."""
+        duration = self._duration(random.Random(self.seed))
+        ready = [0.0] * self.topology.num_ranks
+        degrees: dict[int, int] = {}
+        busy_s = 0.0
+        for group in schedule:  # one total order every rank follows: a group starts when its last member is free
+            work_class = self.items[group.item]
+            start = max(ready[rank] for rank in group.ranks)
+            denoise = duration("encode", work_class) + duration("denoise", work_class, group.degree)
+            decode = duration("decode", work_class) + duration("write", work_class)
+            for rank in group.ranks:
+                ready[rank] = start + denoise
+            ready[group.ranks[0]] += decode
+            busy_s += denoise * group.degree + decode
+            degrees[group.degree] = degrees.get(group.degree, 0) + 1
+        makespan = max(ready)
+        return {"makespan_s": makespan, "degrees": dict(sorted(degrees.items())),
+                "busy_fraction": busy_s / (makespan * self.topology.num_ranks)}
+
+    def run_static_groups(self, degree: int, order=None) -> dict:
+        """The engine's fixed degree: static groups of ``degree`` ranks pulling items in file order (or in
+        ``order``: positions in ``self.items``)."""
+        duration = self._duration(random.Random(self.seed))
+        groups = [ranks[k:k + degree] for ranks in self.topology.node_ranks
+                  for k in range(0, len(ranks) - degree + 1, degree)]
+        free = [(0.0, g) for g in range(len(groups))]  # (free at, group): the earliest free pulls, lowest first
+        busy_s = 0.0
+        for position in (range(len(self.items)) if order is None else order):
+            work_class = self.items[position]
+            start, g = heapq.heappop(free)
+            res = work_class.height
+            denoise = duration("encode", work_class) + duration("denoise", work_class, degree)
+            noisy = duration("decode", work_class) / DECODE_S[res]
+            vae = VAE_S[res] * GROUP_DECODE_BAND.get(degree, 1.1 / degree) * noisy
+            post = (DECODE_S[res] - VAE_S[res]) * noisy + duration("write", work_class)
+            heapq.heappush(free, (start + denoise + vae + post, g))
+            busy_s += (denoise + vae) * degree + post
+        makespan = max(t for t, _ in free)
+        return {"makespan_s": makespan, "degrees": {degree: len(self.items)},
+                "busy_fraction": busy_s / (makespan * self.topology.num_ranks)}
+
+    def run_free_ranks(self, policy, min_degree: int = 1) -> dict:
+        """Groups formed from free ranks as each item starts (file order), at the degree ``policy(work_class,
+        free_per_node, queued_s, running_s, busy_until)`` picks (a ``DegreeChoice``; an item that waits holds the
+        queue and asks again when ranks free up); ``min_degree``: the smallest degree ``policy`` allows."""
         rng = random.Random(self.seed)
         work = {c: sum(true_seconds(s, c) for s in ("encode", "denoise", "decode", "write")) for c in set(self.items)}
         queued = sum(work[c] for c in self.items)
@@ -487,8 +553,7 @@ class DegreeSimulation:
         degrees: dict[int, int] = {}
         busy_s = 0.0
 
-        def duration(stage, work_class, degree):
-            return _sp_seconds(stage, work_class, degree) * math.exp(rng.gauss(0.0, self.noise))
+        duration = self._duration(rng)
 
         def running_left():
             return sum(max(0.0, end - t) * num + after for end, num, after in predicted.values())

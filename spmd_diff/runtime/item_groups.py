@@ -2,28 +2,47 @@
 
 Every rank computes the same schedule from the same inputs (the pending items' work classes, the DiT ranks per
 node, the cost model, the allowed degrees), so no rank has to tell another which group to join: the schedule is
-a list-scheduling run over predicted time. Items start in prompts-file order; when an item starts,
-``plan.degree.pick_degree`` chooses its degree and node from the ranks free at that (predicted) moment, the
-work still queued and the ranks still busy; its group is that many free ranks of that node, the lowest first
-(the leader). A group is busy for the item's encode plus its denoise at that degree (the leader decodes on its
-own thread, beside what it does next).
+a list-scheduling run over predicted time.
+
+Order: items start longest first (``LONGEST_FIRST``): by predicted encode + denoise at the smallest allowed
+degree, longest first, ties in prompts-file order. A job's makespan is set by its tail; started last, one long
+item (a 720p 50-step render: 245 s on one H200) runs alone for minutes while the other ranks idle, and started
+first it overlaps the rest of the job, the short items filling the ranks at the end. Output does not depend on
+the order (a video depends only on its own prompt, seed and settings; the store is per item). ``FILE_ORDER``
+keeps the prompts file's order (the simulator's comparison).
+
+When an item starts, ``plan.degree.pick_degree`` chooses its degree and node from the ranks free at that
+(predicted) moment, the work still queued and the ranks still busy; its group is that many free ranks of that
+node, the lowest first (the leader). The group is busy for the item's encode plus its denoise at that degree;
+the leader then decodes and writes it (on its own threads, beside its next item, but on the same GPU: the
+schedule counts that time on the leader).
 
 Running it (``loops.item_group_loop``): each rank takes part in its own assignments in schedule order, forming
 each group with ``GroupCollectives.group`` (local, microseconds). The assignments are one total order, and
 every rank follows its share of it in that order, so every group's collectives find all its members, however
 far the real times drift from the predicted ones (a rank ahead of time waits in its next group's first
 collective, under the usual deadline): no deadlock, exactly the schedule's groups.
+
+Cost: ``pick_degree`` is asked with one node per free-rank count while the item can start narrow now (nodes
+alike but for their index); only where it would wait or widen (a job's tail) with, per degree, the one node that
+seats it soonest (the same choice as over every node). 10^5 items on 4,096 ranks: about 10 s on a 2-core VM
+(perf/results/simulate-degree-2026-12-03.md).
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
-from spmd_diff.plan.degree import DegreeRequest, allowed_degrees, pick_degree, queued_rank_seconds
+from spmd_diff.plan.degree import OVERDUE_S, DegreeRequest, allowed_degrees, pick_degree
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass
+
+LONGEST_FIRST = "longest_first"
+FILE_ORDER = "file"
+ORDERS = (LONGEST_FIRST, FILE_ORDER)
 
 
 @dataclass(frozen=True)
@@ -36,19 +55,38 @@ class ItemGroup:
     """Predicted start, seconds from the job's start."""
     seconds: float
     """Predicted busy seconds of the group (encode + denoise at this degree)."""
+    leader_s: float = 0.0
+    """Predicted seconds the leader then spends on the item's decode and write."""
 
     @property
     def degree(self) -> int:
         return len(self.ranks)
 
 
+def start_order(items: Sequence[tuple[int, WorkClass]], cost, degree: int, order: str = LONGEST_FIRST) -> list[int]:
+    """Positions in ``items`` in the order they start: ``LONGEST_FIRST`` by predicted encode + denoise at
+    ``degree`` (the smallest allowed), longest first, ties in the given order; ``FILE_ORDER`` as given."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown item order {order!r} (one of {ORDERS})")
+    if order == FILE_ORDER:
+        return list(range(len(items)))
+    seconds: dict[WorkClass, float] = {}
+    for _, work_class in items:
+        if work_class not in seconds:
+            seconds[work_class] = cost.seconds("encode", work_class, 1) + cost.seconds("denoise", work_class, degree)
+    return sorted(range(len(items)), key=lambda k: -seconds[items[k][1]])  # stable: ties keep their order
+
+
 def schedule_item_groups(items: Sequence[tuple[int, WorkClass]], ranks_by_node: Sequence[Sequence[int]], cost,
-                         degrees: Sequence[int]) -> list[ItemGroup]:
-    """The groups of ``items`` (``(Item.index, work class)`` in start order) on the DiT ranks ``ranks_by_node``.
+                         degrees: Sequence[int], order: str = LONGEST_FIRST) -> list[ItemGroup]:
+    """The groups of ``items`` (``(Item.index, work class)`` in prompts-file order) on the DiT ranks
+    ``ranks_by_node``.
 
     Args:
-        cost: ``seconds(stage, work_class, sp_degree)`` (a ``CostModel``): encode and denoise are scheduled.
+        cost: ``seconds(stage, work_class, sp_degree)`` (a ``CostModel``): encode and denoise are scheduled on
+            the group, decode and write on its leader.
         degrees: the allowed degrees (``plan.degree.allowed_degrees``); each must fit some node.
+        order: ``LONGEST_FIRST`` or ``FILE_ORDER`` (:func:`start_order`).
 
     Returns:
         One :class:`ItemGroup` per item, in the order the items start (a total order every rank shares).
@@ -58,36 +96,116 @@ def schedule_item_groups(items: Sequence[tuple[int, WorkClass]], ranks_by_node: 
         raise ValueError(f"no node has {min(degrees or [0])} DiT ranks (nodes: {[len(r) for r in nodes]})")
     pool = sum(len(ranks) for ranks in nodes)
     base = min(degrees)
+    cost = _Remembered(cost)
     free = [list(ranks) for ranks in nodes]
+    counts = [len(f) for f in free]
+    by_count: list[list[int]] = [[] for _ in range(max(counts) + 1)]  # heaps of nodes by free ranks (stale kept)
+    for node, n in enumerate(counts):
+        heapq.heappush(by_count[n], node)
+
+    def lowest_with(n: int) -> int | None:
+        """The lowest node with ``n`` free ranks (stale heap entries dropped as met)."""
+        heap = by_count[n]
+        while heap and counts[heap[0]] != n:
+            heapq.heappop(heap)
+        return heap[0] if heap else None
+
+    def set_free(node: int, ranks: list[int]) -> None:
+        free[node] = ranks
+        counts[node] = len(ranks)
+        heapq.heappush(by_count[len(ranks)], node)
+
     busy: list[tuple[float, int, int, tuple[int, ...]]] = []  # (ends at, seq, node, ranks)
+    node_ends: list[list[float]] = [[] for _ in nodes]  # per node, the busy ranks' ends, sorted
+    allowed = sorted(set(degrees))
+    busy_rank_s, busy_ranks = 0.0, 0  # over ``busy``: sum of ranks x end, and the ranks
     now, seq = 0.0, 0
-    remaining = queued_rank_seconds(cost, (wc for _, wc in items), base)
+    per_class: dict[WorkClass, tuple[float, float, float]] = {}  # (own rank-seconds, encode, decode + write)
+    for _, work_class in items:
+        if work_class not in per_class:
+            per_class[work_class] = (base * cost.seconds("denoise", work_class, base),
+                                     cost.seconds("encode", work_class, 1),
+                                     cost.seconds("decode", work_class, 1) + cost.seconds("write", work_class, 1))
+    remaining = sum(per_class[wc][0] for _, wc in items)
     schedule: list[ItemGroup] = []
-    for index, work_class in items:
-        own = base * cost.seconds("denoise", work_class, base)
+    for position in start_order(items, cost, base, order):
+        index, work_class = items[position]
+        own, encode_s, leader_s = per_class[work_class]
         remaining -= own
+        queued = max(0.0, remaining)
         while True:
-            busy_until = tuple(tuple(end - now for end, _, n, ranks in busy if n == node for _ in ranks)
-                               for node in range(len(nodes)))
-            running_s = sum(len(ranks) * max(0.0, end - now) for end, _, _, ranks in busy)
-            request = DegreeRequest(work_class, tuple(len(f) for f in free), pool, max(0.0, remaining), running_s,
-                                    busy_until)
-            choice = pick_degree(cost, request, degrees)
-            if not choice.waits:
+            choice = None
+            # Nodes with as many free ranks are alike while the busy ranks' ends are left out: the lowest of each.
+            alike = sorted((node, n) for n in range(base, len(by_count))
+                           for node in (lowest_with(n),) if node is not None)
+            if alike:
+                running_s = max(0.0, busy_rank_s - now * busy_ranks)
+                quick = pick_degree(cost, DegreeRequest(work_class, tuple(n for _, n in alike), pool, queued,
+                                                        running_s), degrees)
+                if quick.degree == base and not quick.waits and quick.seconds <= quick.finish_s * (1 + 1e-9):
+                    choice = (base, alike[quick.node][0], quick.seconds)  # what the full view picks as well
+                else:
+                    # The full view, cut to the node that seats each degree soonest (fewest free ranks, then
+                    # lowest: pick_degree's own tie order): pick_degree chooses the same among those alone.
+                    best: dict[int, tuple[float, int, int]] = {}
+                    for node, n in enumerate(counts):
+                        ends = node_ends[node]
+                        for degree in allowed:
+                            if n >= degree:
+                                wait = 0.0
+                            elif n + len(ends) >= degree:
+                                wait = max(OVERDUE_S, ends[degree - n - 1] - now)
+                            else:
+                                continue
+                            if degree not in best or (wait, n, node) < best[degree]:
+                                best[degree] = (wait, n, node)
+                    seats = sorted({node for _, _, node in best.values()})
+                    full = pick_degree(cost, DegreeRequest(
+                        work_class, tuple(counts[node] for node in seats), pool, queued, running_s,
+                        tuple(tuple(end - now for end in node_ends[node]) for node in seats)), degrees)
+                    if not full.waits:
+                        choice = (full.degree, seats[full.node], full.seconds)
+            if choice is not None:
                 break
             if not busy:  # all ranks free and still no seat: allowed_degrees let a degree no node has through
                 raise ValueError(f"no group of the degrees {tuple(degrees)} fits the nodes {[len(r) for r in nodes]}")
             now = max(now, busy[0][0])  # on to the next group's end: it, and any ending with it, free their ranks
             while busy and busy[0][0] <= now:
-                _, _, node, ranks = heapq.heappop(busy)
-                free[node] = sorted(free[node] + list(ranks))
-        ranks = tuple(free[choice.node][:choice.degree])
-        free[choice.node] = free[choice.node][choice.degree:]
-        seconds = cost.seconds("encode", work_class, 1) + choice.seconds
-        heapq.heappush(busy, (now + seconds, seq, choice.node, ranks))
-        schedule.append(ItemGroup(index, ranks, now, seconds))
-        seq += 1
+                end, _, node, ranks = heapq.heappop(busy)
+                busy_rank_s -= end * len(ranks)
+                busy_ranks -= len(ranks)
+                for _ in ranks:
+                    node_ends[node].remove(end)
+                set_free(node, sorted(free[node] + list(ranks)))
+            if not busy:
+                busy_rank_s, busy_ranks = 0.0, 0  # no drift left over from the sums
+        degree, node, denoise_s = choice
+        ranks = tuple(free[node][:degree])
+        set_free(node, free[node][degree:])
+        seconds = encode_s + denoise_s
+        for held, end in ((ranks[1:], now + seconds), (ranks[:1], now + seconds + leader_s)):
+            if held:
+                heapq.heappush(busy, (end, seq, node, held))
+                for _ in held:
+                    bisect.insort(node_ends[node], end)
+                busy_rank_s += end * len(held)
+                busy_ranks += len(held)
+                seq += 1
+        schedule.append(ItemGroup(index, ranks, now, seconds, leader_s))
     return schedule
+
+
+class _Remembered:
+    """``cost.seconds`` remembered per (stage, class, degree): the schedule asks the same few many times."""
+
+    def __init__(self, cost) -> None:
+        self._cost, self._seen = cost, {}
+
+    def seconds(self, stage: str, work_class: WorkClass, sp_degree: int = 1) -> float:
+        key = (stage, work_class, sp_degree)
+        if key not in self._seen:
+            self._seen[key] = self._cost.seconds(stage, work_class, sp_degree)
+        return self._seen[key]
 
 
 def assignments_of(schedule: Sequence[ItemGroup], rank: int) -> list[ItemGroup]:
@@ -97,10 +215,10 @@ def assignments_of(schedule: Sequence[ItemGroup], rank: int) -> list[ItemGroup]:
 
 def job_item_groups(job, items: Sequence, dit_ranks: Sequence[int], topology: Topology, cost,
                     num_heads: int) -> list[ItemGroup]:
-    """The schedule of ``items`` (``io.inputs.Item``, in start order) for ``job`` (a ``JobConfig``): degrees
-    ``dit.sp_degree`` and its doublings within a node that split ``num_heads`` evenly
-    (``plan.degree.allowed_degrees``), on the DiT ranks ``dit_ranks`` of ``topology``. What the engine runs and
-    ``spmd-diff plan --prompts`` prints."""
+    """The schedule of ``items`` (``io.inputs.Item``, in prompts-file order; they start longest first) for
+    ``job`` (a ``JobConfig``): degrees ``dit.sp_degree`` and its doublings within a node that split
+    ``num_heads`` evenly (``plan.degree.allowed_degrees``), on the DiT ranks ``dit_ranks`` of ``topology``. What
+    the engine runs and ``spmd-diff plan --prompts`` prints."""
     ranks = set(dit_ranks)
     ranks_by_node = [[r for r in topology.ranks_on_node(n) if r in ranks] for n in range(topology.num_nodes)]
     degrees = allowed_degrees(num_heads, max(len(r) for r in ranks_by_node), len(ranks), job.dit.sp_degree)

@@ -132,11 +132,12 @@ def test_the_planner_plans_for_the_heaviest_item():
 
 
 class _Cost:
-    """Denoise seconds in proportion to tokens x forwards, 0.94 parallel efficiency per doubling; encode 0.1 s."""
+    """Denoise seconds in proportion to tokens x forwards, 0.94 parallel efficiency per doubling; encode 0.1 s,
+    decode 0.2 s, write 0.05 s."""
 
     def seconds(self, stage, work_class, sp_degree=1):
-        if stage == "encode":
-            return 0.1
+        if stage in ("encode", "decode", "write"):
+            return {"encode": 0.1, "decode": 0.2, "write": 0.05}[stage]
         forwards = work_class.num_steps * (2 if work_class.cfg else 1)
         return work_class.num_tokens * forwards / 1000 / (sp_degree * 0.94 ** (sp_degree.bit_length() - 1))
 
@@ -147,30 +148,88 @@ def _classes(*specs):
     return [(index, WorkClass(h, w, 81, steps, True)) for index, (h, w, steps) in enumerate(specs)]
 
 
-def test_item_groups_never_overlap_on_a_rank_stay_in_one_node_and_widen_for_the_long_last_items():
+@pytest.mark.parametrize("order", ["file", "longest_first"])
+def test_item_groups_never_overlap_on_a_rank_and_stay_in_one_node(order):
     from spmd_diff.runtime.item_groups import assignments_of, schedule_item_groups
 
     items = _classes(*[(480, 832, 4)] * 10, (720, 1280, 50), (720, 1280, 50))
     nodes = [[0, 1, 2, 3], [4, 5, 6, 7]]
-    schedule = schedule_item_groups(items, nodes, _Cost(), (1, 2, 4))
+    schedule = schedule_item_groups(items, nodes, _Cost(), (1, 2, 4), order)
     assert sorted(g.item for g in schedule) == list(range(len(items)))
     assert [g.start_s for g in schedule] == sorted(g.start_s for g in schedule)
     for group in schedule:
         assert group.degree in (1, 2, 4) and any(set(group.ranks) <= set(node) for node in nodes)
         assert list(group.ranks) == sorted(group.ranks)
+        assert group.leader_s == pytest.approx(0.25)
     for rank in range(8):
         mine = assignments_of(schedule, rank)
         for before, after in zip(mine, mine[1:]):
-            assert before.start_s + before.seconds <= after.start_s + 1e-9, (rank, before, after)
+            held = before.seconds + (before.leader_s if before.ranks[0] == rank else 0.0)
+            assert before.start_s + held <= after.start_s + 1e-9, (rank, before, after)
+
+
+def test_in_file_order_a_full_queue_runs_narrow_and_the_long_last_items_wide():
+    from spmd_diff.runtime.item_groups import schedule_item_groups
+
+    items = _classes(*[(480, 832, 4)] * 10, (720, 1280, 50), (720, 1280, 50))
+    schedule = schedule_item_groups(items, [[0, 1, 2, 3], [4, 5, 6, 7]], _Cost(), (1, 2, 4), "file")
+    assert [g.item for g in schedule] == list(range(len(items)))
     assert all(g.degree == 1 for g in schedule[:8])  # a full queue: every rank takes its own item
     assert {g.degree for g in schedule[-2:]} != {1}  # the two long 50-step items at the end run wider
+
+
+def _makespan(schedule):
+    return max(g.start_s + g.seconds + g.leader_s for g in schedule)
+
+
+def test_longest_first_is_a_deterministic_permutation_longest_first_ties_in_file_order():
+    import random
+
+    from spmd_diff.runtime.item_groups import schedule_item_groups, start_order
+
+    rng = random.Random(3)
+    shapes = [(480, 832, 4), (480, 832, 50), (720, 1280, 4), (720, 1280, 50)]
+    items = [(10 + k, wc) for k, (_, wc) in enumerate(_classes(*[rng.choice(shapes) for _ in range(60)]))]
+    order = start_order(items, _Cost(), 1)
+    assert sorted(order) == list(range(len(items)))
+    keys = [_Cost().seconds("encode", items[k][1]) + _Cost().seconds("denoise", items[k][1]) for k in order]
+    assert keys == sorted(keys, reverse=True)
+    for a, b in zip(order, order[1:]):
+        if keys[order.index(a)] == keys[order.index(b)]:
+            assert a < b  # ties keep the file's order
+    assert start_order(items, _Cost(), 1, "file") == list(range(len(items)))
+    nodes = [list(range(0, 8)), list(range(8, 16))]
+    schedule = schedule_item_groups(items, nodes, _Cost(), (1, 2, 4))
+    assert schedule == schedule_item_groups(list(items), [list(n) for n in nodes], _Cost(), (1, 2, 4))
+    assert sorted(g.item for g in schedule) == sorted(index for index, _ in items)  # every item once
+    # Items start in that order, each as soon as a group for it is free.
+    assert [g.item for g in schedule] == [items[k][0] for k in order]
+    with pytest.raises(ValueError, match="unknown item order"):
+        start_order(items, _Cost(), 1, "shortest_first")
+
+
+def test_longest_first_ends_sooner_than_file_order_when_the_long_items_come_last():
+    """40 short items, then 3 long ones (29x as long), on two nodes of 4 ranks: in file order the long items start
+    last and end late even wide; longest first they overlap the short ones, near the work bound."""
+    from spmd_diff.runtime.item_groups import schedule_item_groups
+
+    items = _classes(*[(480, 832, 4)] * 40, *[(720, 1280, 50)] * 3)
+    nodes = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    in_file_order = _makespan(schedule_item_groups(items, nodes, _Cost(), (1, 2, 4), "file"))
+    longest = _makespan(schedule_item_groups(items, nodes, _Cost(), (1, 2, 4)))
+    cost = _Cost()
+    work = sum(sum(cost.seconds(s, wc) for s in ("encode", "denoise", "decode", "write")) for _, wc in items)
+    assert longest < 0.8 * in_file_order, (longest, in_file_order)
+    assert longest < 1.06 * work / 8, (longest, work / 8)  # near the work bound
 
 
 def test_a_fixed_degree_gives_every_item_a_group_of_that_size():
     from spmd_diff.runtime.item_groups import schedule_item_groups
 
     schedule = schedule_item_groups(_classes(*[(480, 832, 4)] * 5), [[0, 1, 2, 3]], _Cost(), (2,))
-    assert [g.ranks for g in schedule] == [(0, 1), (2, 3), (0, 1), (2, 3), (0, 1)]
+    # The first two groups' members (1, 3) start the third item while their leaders (0, 2) decode.
+    assert [g.ranks for g in schedule] == [(0, 1), (2, 3), (1, 3), (0, 2), (1, 2)]
+    assert schedule[2].start_s == schedule[0].start_s + schedule[0].seconds < schedule[3].start_s
     with pytest.raises(ValueError, match="no node has 8 DiT ranks"):
         schedule_item_groups(_classes((480, 832, 4)), [[0, 1, 2, 3]], _Cost(), (8,))
 
