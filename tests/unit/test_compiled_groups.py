@@ -1,0 +1,117 @@
+"""Compiled transformer blocks under changing DiT groups (``dit.per_item_degree``), on threads (CPU): one
+transformer per rank, compiled once (backend ``aot_eager``: the same operations as eager), runs items of two
+shapes at degrees 1, 2 and back. The latents equal the uncompiled run bit for bit, and the blocks compile once
+per distinct (local token count, attention path) — never per item or per group change."""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+
+import pytest
+import torch
+
+from spmd_diff.models.shapes import VideoSpec
+from spmd_diff.models.speed import allow_compiled_variants, compile_blocks
+from spmd_diff.models.wan import WanStages
+from spmd_diff.parallel.group_denoise import SPDenoiser
+from spmd_diff.parallel.hooks import compiled_variants
+from tests.unit._sp_threads import run_ranks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SPECS = {"A": VideoSpec(height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0),  # 12 tokens
+         "B": VideoSpec(height=48, width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0)}  # 36 tokens
+# (shape, degree) per item: both shapes at degree 1, then 2, then back, alternating; at degree 1 each rank renders
+# its own item (seed + rank), at degree 2 both render one together.
+SEQUENCE = [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 1), ("B", 2), ("A", 2), ("B", 1), ("A", 2)]
+PROMPT, SEED = "A red kite over the dunes.", 5
+
+
+@pytest.fixture
+def dynamo_state():
+    """A clean Dynamo cache and its config restored afterwards (allow_compiled_variants changes it)."""
+    import torch._dynamo.config as config
+
+    saved = (config.recompile_limit, config.fail_on_recompile_limit_hit)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    config.recompile_limit, config.fail_on_recompile_limit_hit = saved
+
+
+def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int = 0) -> tuple[list, list]:
+    """Each rank's latents per item of SEQUENCE (one transformer per rank for the whole sequence), and the graphs
+    each rank's thread compiled during each item (``backend`` records them in ``compiled_by``)."""
+    stages = [WanStages(model_dir, {"denoise"}) for _ in range(2)]
+    if backend is not None:
+        for rank_stages in stages:
+            compile_blocks(rank_stages.transformer, backend)
+    new_graphs: list[list[int]] = [[], []]
+
+    def rank_fn(rank, world):
+        coll = world.collectives(rank)
+        if variants:  # Dynamo's config is per thread: each rank's own, as each rank's process has its own
+            torch._dynamo.config.recompile_limit = 1  # allow_compiled_variants only raises the limit
+            # A block needing more graphs raises (no silent fall back to eager). Twice the count: both threads
+            # share this process's Dynamo cache, and two ranks first running a group's shape together may both
+            # compile it (separate processes do not share a cache).
+            allow_compiled_variants(2 * variants)
+        latents = []
+        for number, (shape, degree) in enumerate(SEQUENCE):
+            before = len(COMPILED_BY.get(threading.get_ident(), []))
+            spec = SPECS[shape]
+            if degree == 1:  # the ranks take turns; an item the other rank renders is None here
+                mine = number % 2 == rank
+                latents.append(stages[rank].denoise(embeds, SEED + number, spec) if mine else None)
+            else:
+                denoiser = SPDenoiser.from_group(stages[rank], coll.group([0, 1]), coll.group, "auto",
+                                                 compile_blocks=backend is not None, backend=backend)
+                try:
+                    latents.append(denoiser.denoise(embeds if rank == 0 else None, SEED + number, spec,
+                                                    every_rank=True))
+                finally:
+                    denoiser.remove()
+            new_graphs[rank].append(len(COMPILED_BY.get(threading.get_ident(), [])) - before)
+        return latents
+
+    return run_ranks(2, rank_fn, timeout_s=600), new_graphs
+
+
+COMPILED_BY: dict[int, list[tuple]] = {}
+"""Thread -> the input shapes of each graph the counting backend compiled on it."""
+
+
+def _counting_aot_eager(gm, example_inputs):
+    COMPILED_BY.setdefault(threading.get_ident(), []).append(
+        tuple(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)))
+    return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def test_compiled_blocks_across_groups(demo_model_dir: pathlib.Path, dynamo_state) -> None:
+    embeds = WanStages(demo_model_dir, {"encode"}).encode(PROMPT, "", SPECS["A"])
+    stages = WanStages(demo_model_dir, {"denoise"})
+    tokens = {name: stages.shapes(spec).num_video_tokens for name, spec in SPECS.items()}
+    assert tokens == {"A": 12, "B": 36}
+    variants = compiled_variants({(tokens[shape], degree) for shape, degree in SEQUENCE})
+    assert variants == 4  # 12 and 36 tokens with the plain attention, 6 and 18 with the group's
+
+    reference, _ = _run_sequence(demo_model_dir, embeds, None)
+    COMPILED_BY.clear()
+    compiled, new_graphs = _run_sequence(demo_model_dir, embeds, _counting_aot_eager, variants)
+    for rank in range(2):
+        for number, (ref, got) in enumerate(zip(reference[rank], compiled[rank])):
+            assert (ref is None) == (got is None)
+            assert ref is None or torch.equal(ref, got), f"rank {rank}, item {number} {SEQUENCE[number]}"
+    # graphs of 12 and 36 local tokens (degree 1, the model's attention) and of 6 and 18 (degree 2, the group's):
+    # the [1, s, 24] inputs other than the text [1, 512, 24] and the time embedding [1, 1, 24]
+    local_counts = {shape[1] for graphs in COMPILED_BY.values() for inputs in graphs for shape in inputs
+                    if len(shape) == 3 and shape[0] == 1 and shape[2] == 24 and shape[1] not in (1, 512)}
+    assert local_counts == {6, 12, 18, 36}, local_counts
+    for rank in range(2):  # an item of a (shape, degree) this rank has run before compiles nothing
+        seen = set()
+        for number, pair in enumerate(SEQUENCE):
+            if pair in seen:
+                assert new_graphs[rank][number] == 0, (rank, number, pair, new_graphs)
+            if compiled[rank][number] is not None:
+                seen.add(pair)
