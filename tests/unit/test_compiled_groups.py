@@ -115,3 +115,34 @@ def test_compiled_blocks_across_groups(demo_model_dir: pathlib.Path, dynamo_stat
                 assert new_graphs[rank][number] == 0, (rank, number, pair, new_graphs)
             if compiled[rank][number] is not None:
                 seen.add(pair)
+
+
+def test_compiled_variants_per_rank_from_the_schedule() -> None:
+    """The count the recompile limit is set from: each rank's (local token count, attention path) pairs of its
+    own groups (a CFG-parallel group's attention spans half of it; uneven splits give two sizes) and the warm-up;
+    more than MAX_COMPILED_VARIANTS on any rank refuses the job on every rank alike."""
+    from types import SimpleNamespace
+
+    from spmd_diff.config import UserError
+    from spmd_diff.models.speed import MAX_COMPILED_VARIANTS
+    from spmd_diff.runtime.item_groups import ItemGroup
+    from spmd_diff.runtime.per_item import compile_for_schedule, compiled_pairs
+
+    assert compiled_variants({(27, 2)}) == 2  # 14 or 13 tokens, whichever end of the split a rank holds
+    assert compiled_variants({(12, 1), (24, 2)}) == 2  # 12 tokens with the model's attention, 12 with the group's
+    tokens = {0: 36, 1: 12, 2: 27}  # item -> video tokens
+    ctx = SimpleNamespace(rank=0, items=tokens, spec_of=lambda n: n, warmup=True, warmup_spec=36,
+                          stages=SimpleNamespace(shapes=lambda n: SimpleNamespace(num_video_tokens=n),
+                                                 transformer=SimpleNamespace()))
+    schedule = [ItemGroup(0, (0, 1, 2, 3), 0.0, 1.0), ItemGroup(1, (0,), 1.0, 1.0), ItemGroup(2, (1, 0), 1.0, 1.0)]
+    cfg_on = SimpleNamespace(dit=SimpleNamespace(cfg_parallel="auto"))
+    cfg_off = SimpleNamespace(dit=SimpleNamespace(cfg_parallel=False))
+    assert compiled_pairs(ctx, cfg_on, schedule, 0) == {(36, 1), (36, 2), (12, 1), (27, 1)}
+    assert compiled_pairs(ctx, cfg_off, schedule, 0) == {(36, 1), (36, 4), (12, 1), (27, 2)}
+    assert compiled_pairs(ctx, cfg_off, schedule, 3) == {(36, 1), (36, 4)}
+    assert compiled_variants(compiled_pairs(ctx, cfg_off, schedule, 0)) == 5  # 36, 12 plain; 9, 14, 13 grouped
+    wide = [ItemGroup(n, (3,), 0.0, 1.0) for n in range(MAX_COMPILED_VARIANTS + 1)]
+    ctx.items = {n: 100 + n for n in range(len(wide))}
+    ctx.warmup = False
+    with pytest.raises(UserError, match=f"rank 3 would compile each block for {MAX_COMPILED_VARIANTS + 1} "):
+        compile_for_schedule(ctx, cfg_off, wide)  # rank 0 refuses too: it counts every rank's share
