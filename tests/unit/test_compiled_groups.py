@@ -51,12 +51,8 @@ def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int 
 
     def rank_fn(rank, world):
         coll = world.collectives(rank)
-        if variants:  # Dynamo's config is per thread: each rank's own, as each rank's process has its own
-            torch._dynamo.config.recompile_limit = 1  # allow_compiled_variants only raises the limit
-            # A block needing more graphs raises (no silent fall back to eager). Twice the count: both threads
-            # share this process's Dynamo cache, and two ranks first running a group's shape together may both
-            # compile it (separate processes do not share a cache).
-            allow_compiled_variants(2 * variants)
+        if variants and not torch._dynamo.config.fail_on_recompile_limit_hit:
+            _tight_limit(variants)  # Dynamo's config is per thread (torch 2.13): this rank's own, set here
         latents = []
         for number, (shape, degree) in enumerate(SEQUENCE):
             before = len(COMPILED_BY.get(threading.get_ident(), []))
@@ -78,6 +74,15 @@ def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int 
     return run_ranks(2, rank_fn, timeout_s=600), new_graphs
 
 
+def _tight_limit(variants: int) -> None:
+    """Recompile limit exactly as allow_compiled_variants sets it, from 1 (it only ever raises the limit): a block
+    needing more graphs raises (no silent fall back to eager). Twice the count: both threads share this process's
+    Dynamo cache, and two ranks first running a group's shape together may both compile it (separate processes
+    do not share a cache)."""
+    torch._dynamo.config.recompile_limit = 1
+    allow_compiled_variants(2 * variants)
+
+
 COMPILED_BY: dict[int, list[tuple]] = {}
 """Thread -> the input shapes of each graph the counting backend compiled on it."""
 
@@ -96,6 +101,7 @@ def test_compiled_blocks_across_groups(demo_model_dir: pathlib.Path, dynamo_stat
     variants = compiled_variants({(tokens[shape], degree) for shape, degree in SEQUENCE})
     assert variants == 4  # 12 and 36 tokens with the plain attention, 6 and 18 with the group's
 
+    _tight_limit(variants)  # in older torch Dynamo's config is global: set before the ranks' threads start
     reference, _ = _run_sequence(demo_model_dir, embeds, None)
     COMPILED_BY.clear()
     compiled, new_graphs = _run_sequence(demo_model_dir, embeds, _counting_aot_eager, variants)
