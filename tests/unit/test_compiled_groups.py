@@ -123,7 +123,7 @@ def test_compiled_blocks_across_groups(demo_model_dir: pathlib.Path, dynamo_stat
                 seen.add(pair)
 
 
-def test_compiled_variants_per_rank_from_the_schedule() -> None:
+def test_compiled_variants_per_rank_from_the_schedule(dynamo_state) -> None:
     """The count the recompile limit is set from: each rank's (local token count, attention path) pairs of its
     own groups (a CFG-parallel group's attention spans half of it; uneven splits give two sizes) and the warm-up;
     more than MAX_COMPILED_VARIANTS on any rank refuses the job on every rank alike."""
@@ -139,7 +139,7 @@ def test_compiled_variants_per_rank_from_the_schedule() -> None:
     tokens = {0: 36, 1: 12, 2: 27}  # item -> video tokens
     ctx = SimpleNamespace(rank=0, items=tokens, spec_of=lambda n: n, warmup=True, warmup_spec=36,
                           stages=SimpleNamespace(shapes=lambda n: SimpleNamespace(num_video_tokens=n),
-                                                 transformer=SimpleNamespace()))
+                                                 transformer=SimpleNamespace(blocks=[])))
     schedule = [ItemGroup(0, (0, 1, 2, 3), 0.0, 1.0), ItemGroup(1, (0,), 1.0, 1.0), ItemGroup(2, (1, 0), 1.0, 1.0)]
     cfg_on = SimpleNamespace(dit=SimpleNamespace(cfg_parallel="auto"))
     cfg_off = SimpleNamespace(dit=SimpleNamespace(cfg_parallel=False))
@@ -147,6 +147,13 @@ def test_compiled_variants_per_rank_from_the_schedule() -> None:
     assert compiled_pairs(ctx, cfg_off, schedule, 0) == {(36, 1), (36, 4), (12, 1), (27, 2)}
     assert compiled_pairs(ctx, cfg_off, schedule, 3) == {(36, 1), (36, 4)}
     assert compiled_variants(compiled_pairs(ctx, cfg_off, schedule, 0)) == 5  # 36, 12 plain; 9, 14, 13 grouped
+    torch._dynamo.config.recompile_limit = 1
+    compile_for_schedule(ctx, cfg_off, schedule)  # the worst rank (0 or 1: 5 variants) is within the limit
+    assert torch._dynamo.config.recompile_limit == 5 and torch._dynamo.config.fail_on_recompile_limit_hit
+    ctx.stages.transformer = SimpleNamespace(blocks=[torch.nn.Linear(2, 2)])
+    compile_for_schedule(ctx, cfg_off, schedule)
+    assert ctx.stages.transformer._spmd_compiled_backend == "inductor"
+    assert ctx.stages.transformer.blocks[0]._compiled_call_impl is not None  # compiled at its first call
     wide = [ItemGroup(n, (3,), 0.0, 1.0) for n in range(MAX_COMPILED_VARIANTS + 1)]
     ctx.items = {n: 100 + n for n in range(len(wide))}
     ctx.warmup = False
