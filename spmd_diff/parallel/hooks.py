@@ -5,7 +5,7 @@ The plan (the same split/gather points as the model's own ``_cp_plan``, applied 
 - model forward pre-hook: read the token count ``N`` from ``hidden_states`` ``[B, C, F, H, W]`` (``N = F/p_t *
   H/p_h * W/p_w``) and fix the shards, ``split_sizes(N, S)`` in group-rank order; per-token timesteps
   ``[B, N]`` (Wan2.2 TI2V) are split along the tokens;
-- ``rope`` forward hook: keep this rank's rows of the rotary tables ``[1, N, 1, D]``;
+- ``rope`` forward hook: keep this rank's rows of the rotary tables ``[1, N, 1, D]`` (fresh ``[1, s, 1, D]``);
 - ``patch_embedding`` forward hook: keep this rank's tokens of its output ``[B, C, F', H', W']`` (the ``N``
   tokens of ``F' H' W'`` in the order the model flattens them) as ``[B, C, 1, 1, s]``, so the model's own
   ``flatten(2).transpose(1, 2)`` makes the local ``hidden_states`` ``[B, s, C]`` the blocks see;
@@ -188,8 +188,11 @@ def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallel
         return args, kwargs
 
     def after_rope(module, args, output):
+        # copies with fresh strides: the view's stride over the batch dimension (of size 1, so .contiguous() keeps
+        # it) is the full token count N, and compiled blocks guard on strides (a graph per (N, s), not per s)
         cos, sin = output
-        return shards.take(cos, 1), shards.take(sin, 1)
+        fresh = torch.contiguous_format
+        return shards.take(cos, 1).clone(memory_format=fresh), shards.take(sin, 1).clone(memory_format=fresh)
 
     def after_patch_embedding(module, args, output):
         batch, channels = output.shape[:2]  # [B, C, F', H', W']: the model flattens F' H' W' into the tokens

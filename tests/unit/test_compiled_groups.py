@@ -40,7 +40,8 @@ def dynamo_state():
     config.recompile_limit, config.fail_on_recompile_limit_hit = saved
 
 
-def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int = 0) -> tuple[list, list]:
+def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int = 0, sequence=SEQUENCE,
+                  specs=SPECS) -> tuple[list, list]:
     """Each rank's latents per item of SEQUENCE (one transformer per rank for the whole sequence), and the graphs
     each rank's thread compiled during each item (``backend`` records them in ``compiled_by``)."""
     stages = [WanStages(model_dir, {"denoise"}) for _ in range(2)]
@@ -54,9 +55,9 @@ def _run_sequence(model_dir: pathlib.Path, embeds: dict, backend, variants: int 
         if variants and not torch._dynamo.config.fail_on_recompile_limit_hit:
             _tight_limit(variants)  # Dynamo's config is per thread (torch 2.13): this rank's own, set here
         latents = []
-        for number, (shape, degree) in enumerate(SEQUENCE):
+        for number, (shape, degree) in enumerate(sequence):
             before = len(COMPILED_BY.get(threading.get_ident(), []))
-            spec = SPECS[shape]
+            spec = specs[shape]
             if degree == 1:  # the ranks take turns; an item the other rank renders is None here
                 mine = number % 2 == rank
                 latents.append(stages[rank].denoise(embeds, SEED + number, spec) if mine else None)
@@ -159,3 +160,22 @@ def test_compiled_variants_per_rank_from_the_schedule(dynamo_state) -> None:
     ctx.warmup = False
     with pytest.raises(UserError, match=f"rank 3 would compile each block for {MAX_COMPILED_VARIANTS + 1} "):
         compile_for_schedule(ctx, cfg_off, wide)  # rank 0 refuses too: it counts every rank's share
+
+
+def test_same_local_count_of_another_video_compiles_nothing(demo_model_dir: pathlib.Path, dynamo_state) -> None:
+    """28 tokens split 14 + 14, 27 split 14 + 13: rank 0 holds 14 tokens of either video, and its blocks see the
+    same shapes and strides (the hooks hand them contiguous local tensors), so its second item compiles nothing."""
+    specs = {"C": VideoSpec(height=64, width=16, num_frames=25, num_inference_steps=1, guidance_scale=1.0),
+             "D": VideoSpec(height=48, width=48, num_frames=9, num_inference_steps=1, guidance_scale=1.0)}
+    sequence = [("C", 2), ("D", 2)]
+    stages = WanStages(demo_model_dir, {"denoise"})
+    assert [stages.shapes(spec).num_video_tokens for spec in specs.values()] == [28, 27]
+    assert compiled_variants({(28, 2), (27, 2)}) == 2
+    embeds = WanStages(demo_model_dir, {"encode"}).encode(PROMPT, "", specs["C"])
+    _tight_limit(2)
+    COMPILED_BY.clear()
+    compiled, new_graphs = _run_sequence(demo_model_dir, embeds, _counting_aot_eager, 2, sequence, specs)
+    reference, _ = _run_sequence(demo_model_dir, embeds, None, 0, sequence, specs)
+    assert all(torch.equal(r, c) for r, c in zip(reference[0], compiled[0]))
+    assert new_graphs[0][0] > 0 and new_graphs[0][1] == 0, new_graphs  # rank 0: 14 tokens both times
+    assert new_graphs[1][1] > 0, new_graphs  # rank 1: 14, then 13
