@@ -133,33 +133,33 @@ def test_compiled_variants_per_rank_from_the_schedule(dynamo_state) -> None:
     from spmd_diff.config import UserError
     from spmd_diff.models.speed import MAX_COMPILED_VARIANTS
     from spmd_diff.runtime.item_groups import ItemGroup
-    from spmd_diff.runtime.per_item import compile_for_schedule, compiled_pairs
+    from spmd_diff.runtime.per_item import (check_compiled_variants, compile_for_schedule, compiled_pairs,
+                                            compiled_variant_counts)
 
     assert compiled_variants({(27, 2)}) == 2  # 14 or 13 tokens, whichever end of the split a rank holds
     assert compiled_variants({(12, 1), (24, 2)}) == 2  # 12 tokens with the model's attention, 12 with the group's
     tokens = {0: 36, 1: 12, 2: 27}  # item -> video tokens
-    ctx = SimpleNamespace(rank=0, items=tokens, spec_of=lambda n: n, warmup=True, warmup_spec=36,
-                          stages=SimpleNamespace(shapes=lambda n: SimpleNamespace(num_video_tokens=n),
-                                                 transformer=SimpleNamespace(blocks=[])))
     schedule = [ItemGroup(0, (0, 1, 2, 3), 0.0, 1.0), ItemGroup(1, (0,), 1.0, 1.0), ItemGroup(2, (1, 0), 1.0, 1.0)]
     cfg_on = SimpleNamespace(dit=SimpleNamespace(cfg_parallel="auto"))
     cfg_off = SimpleNamespace(dit=SimpleNamespace(cfg_parallel=False))
-    assert compiled_pairs(ctx, cfg_on, schedule, 0) == {(36, 1), (36, 2), (12, 1), (27, 1)}
-    assert compiled_pairs(ctx, cfg_off, schedule, 0) == {(36, 1), (36, 4), (12, 1), (27, 2)}
-    assert compiled_pairs(ctx, cfg_off, schedule, 3) == {(36, 1), (36, 4)}
-    assert compiled_variants(compiled_pairs(ctx, cfg_off, schedule, 0)) == 5  # 36, 12 plain; 9, 14, 13 grouped
+    assert compiled_pairs(cfg_on, schedule, 0, tokens.get, 36) == {(36, 1), (36, 2), (12, 1), (27, 1)}
+    assert compiled_pairs(cfg_off, schedule, 0, tokens.get, 36) == {(36, 1), (36, 4), (12, 1), (27, 2)}
+    assert compiled_pairs(cfg_off, schedule, 3, tokens.get, None) == {(36, 4)}
+    # rank 0: 36, 12 plain; 9, 14, 13 grouped. Rank 1: 36 plain, 9, 14, 13. Ranks 2, 3: 36 plain, 9.
+    assert compiled_variant_counts(cfg_off, schedule, tokens.get, 36) == {0: 5, 1: 4, 2: 2, 3: 2}
+    assert compiled_variant_counts(cfg_off, schedule, tokens.get, 36, num_models=2)[0] == 10
+    ctx = SimpleNamespace(rank=1, items=tokens, spec_of=lambda n: n, warmup=True, warmup_spec=36,
+                          stages=SimpleNamespace(shapes=lambda n: SimpleNamespace(num_video_tokens=n),
+                                                 transformer=SimpleNamespace(blocks=[torch.nn.Linear(2, 2)])))
     torch._dynamo.config.recompile_limit = 1
-    compile_for_schedule(ctx, cfg_off, schedule)  # the worst rank (0 or 1: 5 variants) is within the limit
-    assert torch._dynamo.config.recompile_limit == 5 and torch._dynamo.config.fail_on_recompile_limit_hit
-    ctx.stages.transformer = SimpleNamespace(blocks=[torch.nn.Linear(2, 2)])
     compile_for_schedule(ctx, cfg_off, schedule)
+    assert torch._dynamo.config.recompile_limit == 4 and torch._dynamo.config.fail_on_recompile_limit_hit
     assert ctx.stages.transformer._spmd_compiled_backend == "inductor"
     assert ctx.stages.transformer.blocks[0]._compiled_call_impl is not None  # compiled at its first call
     wide = [ItemGroup(n, (3,), 0.0, 1.0) for n in range(MAX_COMPILED_VARIANTS + 1)]
-    ctx.items = {n: 100 + n for n in range(len(wide))}
-    ctx.warmup = False
-    with pytest.raises(UserError, match=f"rank 3 would compile each block for {MAX_COMPILED_VARIANTS + 1} "):
-        compile_for_schedule(ctx, cfg_off, wide)  # rank 0 refuses too: it counts every rank's share
+    counts = compiled_variant_counts(cfg_off, wide + schedule, lambda n: 100 + n, None)
+    with pytest.raises(UserError, match=f"rank 3 would compile each block for {MAX_COMPILED_VARIANTS + 2} "):
+        check_compiled_variants(counts)  # every rank raises it: each counts every rank's share
 
 
 def test_same_local_count_of_another_video_compiles_nothing(demo_model_dir: pathlib.Path, dynamo_state) -> None:
@@ -179,3 +179,38 @@ def test_same_local_count_of_another_video_compiles_nothing(demo_model_dir: path
     assert all(torch.equal(r, c) for r, c in zip(reference[0], compiled[0]))
     assert new_graphs[0][0] > 0 and new_graphs[0][1] == 0, new_graphs  # rank 0: 14 tokens both times
     assert new_graphs[1][1] > 0, new_graphs  # rank 1: 14, then 13
+
+
+def test_a_job_of_too_many_compiled_shapes_is_refused_before_out(demo_model_dir: pathlib.Path, tmp_path) -> None:
+    """engine.run's check before OUT is touched (check_compiled_schedule): the real schedule of a job's items,
+    here one GPU rank rendering every item at degree 1; off without compiled blocks or off the GPU."""
+    import json
+
+    from spmd_diff.config import UserError, build_job
+    from spmd_diff.io.inputs import load_prompts
+    from spmd_diff.models.speed import MAX_COMPILED_VARIANTS
+    from spmd_diff.plan.for_job import static_plan
+    from spmd_diff.plan.topology import Topology
+    from spmd_diff.runtime.per_item import check_compiled_schedule
+    from spmd_diff.runtime.setup import build_setup
+    from spmd_diff.runtime.startup import JobInputs
+
+    def setup_for(num_shapes: int, compile_dit: bool):
+        prompts = tmp_path / f"p{num_shapes}.jsonl"
+        lines = [{"prompt": f"p{k}", "height": 16 * (k + 1), "width": 32, "num_frames": 9} for k in range(num_shapes)]
+        prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        job = build_job({"model": {"path": str(demo_model_dir)},
+                         "dit": {"per_item_degree": True, "compile": compile_dit},
+                         "roles": {"policy": "static", "encoders": 0, "decoders": 0}}, "job.toml")
+        items = tuple(load_prompts(prompts, 0))
+        topology = Topology((0,), gpus_per_node=1)
+        plan = static_plan(job, topology)
+        setup = build_setup(JobInputs(job, items, plan, topology, str(demo_model_dir), items), plan, "cpu")
+        return setup, plan, list(items)
+
+    check_compiled_schedule(*setup_for(3, True), on_gpu=True)
+    too_many = setup_for(MAX_COMPILED_VARIANTS + 1, True)
+    with pytest.raises(UserError, match=f"rank 0 would compile each block for {MAX_COMPILED_VARIANTS + 1} "):
+        check_compiled_schedule(*too_many, on_gpu=True)
+    check_compiled_schedule(*too_many, on_gpu=False)
+    check_compiled_schedule(*setup_for(MAX_COMPILED_VARIANTS + 1, False), on_gpu=True)
