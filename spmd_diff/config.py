@@ -141,8 +141,11 @@ class DitConfig:
     (those that split the heads evenly), picked per item by ``plan.degree.pick_degree`` from the cost model and
     the DiT ranks free when the item starts, its group formed then by the group-free collectives (no
     communicators). Needs roles.policy = "static" with roles.encoders = roles.decoders = 0 (every rank encodes,
-    denoises and decodes; a group's leader encodes and decodes its item), and no compiled blocks (dit.compile,
-    speed.fast_compile_dit) for now. Same videos as any fixed degree."""
+    denoises and decodes; a group's leader encodes and decodes its item). Same videos as any fixed degree. With
+    compiled blocks (dit.compile, speed.fast_compile_dit; GPU) each rank compiles its blocks once, before its first
+    item, and every item runs on them, degree 1 included: one compilation per distinct local token count this
+    rank meets (its items' shapes x degrees, known from the schedule up front; at most 32, else the job is
+    refused), paid by the first item of each, never again for later items or group changes."""
     collective_mib: int = 64
     """Heap MiB for the group collectives of sequence-parallel DiT groups and of decoder groups
     (roles.group_decode) (chunk buffers; larger = fewer rounds)."""
@@ -157,9 +160,10 @@ class DitConfig:
     leader decoding alone). true / false / "auto" (on wherever it applies). Same videos (halos exchanged per
     layer; the one-rank decode within floating-point reassociation)."""
     compile: bool = False
-    """GPU DiT groups (dit.sp_degree > 1; no effect on single-rank DiT): compile each transformer block with
-    torch.compile (fuses the blocks' elementwise passes; the first step of each video shape pays the
-    compilation). Changes bf16 rounding: videos differ from uncompiled ones by about 1.5 uint8 levels on average."""
+    """GPU DiT groups (dit.sp_degree > 1; no effect on single-rank DiT, except with dit.per_item_degree, where
+    every item runs compiled): compile each transformer block with torch.compile (fuses the blocks' elementwise
+    passes; the first step of each video shape pays the compilation). Changes bf16 rounding: videos differ from
+    uncompiled ones by about 1.5 uint8 levels on average."""
 
 
 TIERS = ("exact", "fast")
@@ -472,11 +476,6 @@ def validate_job(job: JobConfig, source: str) -> None:
         raise UserError(f'{source}: dit.per_item_degree = true needs roles.policy = "static" with roles.encoders = 0 '
                         f"and roles.decoders = 0 (every rank holds every stage), got policy {job.roles.policy!r}, "
                         f"{job.roles.encoders} encoder(s), {job.roles.decoders} decoder(s)")
-    if job.dit.per_item_degree and (job.dit.compile or (job.speed.tier == "fast" and job.speed.fast_compile_dit)):
-        raise UserError(f"{source}: dit.per_item_degree = true does not support compiled transformer blocks yet "
-                        "(a group formed per item would re-attach them, and a block compiled for one group is "
-                        "not one for the next): set dit.compile = false and, with speed.tier = \"fast\", "
-                        "speed.fast_compile_dit = false")
     if job.world.transport not in ("auto", "mpi", "nvshmem"):
         raise UserError(f"{source}: world.transport must be auto, mpi or nvshmem, got {job.world.transport!r}")
     if job.dataplane.p2p_kernel not in P2P_KERNELS:

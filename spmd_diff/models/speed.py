@@ -99,8 +99,7 @@ def apply_transformer_options(model: Any, options: StageOptions, device: torch.d
     """Apply ``options``' transformer settings to a ``WanTransformer3DModel``; returns what was applied.
 
     The attention backend is set on CUDA devices only (the non-default native backends are CUDA kernels);
-    blocks are compiled on any device (``dynamic=False``: the blocks share one graph per shape, and the first
-    forward of each shape pays the compilation).
+    blocks are compiled on any device (:func:`compile_blocks`).
     """
     applied = []
     if options.attention_backend and options.attention_backend != "native":
@@ -110,7 +109,55 @@ def apply_transformer_options(model: Any, options: StageOptions, device: torch.d
         else:
             logger.info("attention backend %s skipped on %s", options.attention_backend, device)
     if options.compile_blocks:
-        for block in model.blocks:
-            block.compile(dynamic=False)
+        compile_blocks(model)
         applied.append(f"{len(model.blocks)} blocks compiled")
     return applied
+
+
+MAX_COMPILED_VARIANTS = 32
+"""Most graphs one rank may compile per transformer block code in a job (distinct local token counts x attention
+paths; :func:`spmd_diff.parallel.hooks.compiled_variants`): each costs a compilation (seconds to a minute with
+Inductor) and its code's memory. A job needing more is refused up front rather than recompiling all along."""
+
+
+def compile_blocks(model: Any, backend: str | Callable = "inductor") -> bool:
+    """``nn.Module.compile`` every transformer block of ``model`` once for the model's lifetime; returns whether it
+    compiled them now (False: they already were, with this backend).
+
+    ``dynamic=False``: one graph per distinct input shape (the local token count) and attention processor, shared
+    by all blocks (Dynamo caches per code object and guards on the block's type and structure, not its identity);
+    the first forward of each pays the compilation. Sequence-parallel groups attached later
+    (:func:`spmd_diff.parallel.hooks.parallelize_transformer`) reuse these compiled blocks. Measured against
+    ``dynamic=True`` in perf/results/compile-shapes-*.md. ``backend``: the ``torch.compile`` backend ("inductor";
+    "aot_eager" runs the same operations as eager, for tests).
+
+    Raises:
+        ValueError: if the blocks were compiled with another backend.
+    """
+    current = getattr(model, "_spmd_compiled_backend", None)
+    if current is not None:
+        if current is not backend and current != backend:
+            raise ValueError(f"the transformer blocks are compiled with backend {current!r} already, not {backend!r}")
+        return False
+    for block in model.blocks:
+        block.compile(dynamic=False, backend=backend)
+    model._spmd_compiled_backend = backend
+    return True
+
+
+def allow_compiled_variants(count: int) -> None:
+    """Let Dynamo keep ``count`` compiled graphs per code object (``torch._dynamo.config.recompile_limit``, only
+    ever raised) and make it raise, instead of silently running a block uncompiled, if a job ever needs more
+    (``fail_on_recompile_limit_hit``). ``count`` is what the job's schedule can produce
+    (:func:`spmd_diff.parallel.hooks.compiled_variants`).
+
+    Raises:
+        ValueError: if ``count`` exceeds :data:`MAX_COMPILED_VARIANTS`.
+    """
+    if count > MAX_COMPILED_VARIANTS:
+        raise ValueError(f"{count} compiled block variants (local token counts x attention paths) exceed the "
+                         f"{MAX_COMPILED_VARIANTS} allowed")
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), int(count))
+    dynamo_config.fail_on_recompile_limit_hit = True

@@ -71,14 +71,16 @@ class SPDenoiser:
         comm: the group, rank 0 the leader; rank order is the token-shard order (node-major for a torus).
         layout: the resolved layout (:func:`resolve_layout`); ``layout.degree == comm.size``.
         local: the kernel for local attention blocks.
-        compile_blocks: compile the transformer blocks (``parallelize_transformer``).
+        compile_blocks: compile the transformer blocks (``parallelize_transformer``; once per model: later groups
+            on the same model reuse them).
+        backend: the ``torch.compile`` backend with ``compile_blocks`` ("inductor"; tests: "aot_eager").
         cfg_parallel: split the two CFG branches over the group's halves (module docstring); ``layout`` is then
             the layout of one half (``layout.degree == comm.size // 2``). Items without guidance run both halves
             on the conditional branch alone, each half sequence-parallel.
     """
 
     def __init__(self, stages: Any, comm: SeqComm, layout: SPLayout, local: LocalAttention = LocalAttention(),
-                 compile_blocks: bool = False, cfg_parallel: bool = False) -> None:
+                 compile_blocks: bool = False, cfg_parallel: bool = False, backend: str | Callable = "inductor") -> None:
         self.cfg: CfgSplit | None = None
         sp_comm = comm
         if cfg_parallel:
@@ -99,13 +101,14 @@ class SPDenoiser:
         if self.attention is not None:
             for model in (stages.transformer, getattr(stages, "transformer_2", None)):
                 if model is not None:
-                    self._handles.append(parallelize_transformer(model, self.attention, compile_blocks))
+                    self._handles.append(parallelize_transformer(model, self.attention, compile_blocks, backend))
 
     @classmethod
     def from_group(cls, stages: Any, group: Any, subgroup: Callable[[list[int]], Any] | None,
                    sp_layout: str | SPLayout, torus_shape: tuple[int, int] | None = None,
                    device: torch.device | str | None = None, local: LocalAttention = LocalAttention(),
-                   compile_blocks: bool = False, cfg_parallel: bool = False) -> "SPDenoiser":
+                   compile_blocks: bool = False, cfg_parallel: bool = False,
+                   backend: str | Callable = "inductor") -> "SPDenoiser":
         """From the project's collectives: ``group`` a ``Group`` of the DiT group's ranks (leader first),
         ``subgroup`` its ``GroupCollectives.group`` (for torus rows/columns and CFG halves), ``sp_layout``/
         ``torus_shape`` as the role plan resolved them (``RolePlan.sp_layout``, ``RolePlan.torus_shape``: of the
@@ -115,7 +118,8 @@ class SPDenoiser:
         already resolved (an :class:`SPLayout` from ``spmd_diff.plan.parallel_layout``, for the CFG half with
         ``cfg_parallel``): it is taken as it is, and ``torus_shape`` is not used."""
         if isinstance(sp_layout, SPLayout):
-            return cls(stages, GroupSeqComm(group, subgroup, device), sp_layout, local, compile_blocks, cfg_parallel)
+            return cls(stages, GroupSeqComm(group, subgroup, device), sp_layout, local, compile_blocks, cfg_parallel,
+                       backend)
         model = stages.transformer if stages.transformer is not None else stages.transformer_2
         degree = len(group.ranks)
         if cfg_parallel:
@@ -124,7 +128,7 @@ class SPDenoiser:
             if sp_layout == "torus" and (torus_shape is None or 1 in torus_shape):
                 sp_layout = "auto"  # a half that is no grid (or one row/column of it): the layout its shape allows
         layout = resolve_layout(sp_layout, degree, int(model.config.num_attention_heads), torus_shape)
-        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks, cfg_parallel)
+        return cls(stages, GroupSeqComm(group, subgroup, device), layout, local, compile_blocks, cfg_parallel, backend)
 
     @property
     def is_leader(self) -> bool:

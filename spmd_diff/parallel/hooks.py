@@ -5,9 +5,10 @@ The plan (the same split/gather points as the model's own ``_cp_plan``, applied 
 - model forward pre-hook: read the token count ``N`` from ``hidden_states`` ``[B, C, F, H, W]`` (``N = F/p_t *
   H/p_h * W/p_w``) and fix the shards, ``split_sizes(N, S)`` in group-rank order; per-token timesteps
   ``[B, N]`` (Wan2.2 TI2V) are split along the tokens;
-- ``rope`` forward hook: keep this rank's rows of the rotary tables ``[1, N, 1, D]``;
-- ``blocks[0]`` forward pre-hook: keep this rank's tokens of ``hidden_states`` ``[B, N, C]`` (after patch
-  embedding);
+- ``rope`` forward hook: keep this rank's rows of the rotary tables ``[1, N, 1, D]`` (fresh ``[1, s, 1, D]``);
+- ``patch_embedding`` forward hook: keep this rank's tokens of its output ``[B, C, F', H', W']`` (the ``N``
+  tokens of ``F' H' W'`` in the order the model flattens them) as ``[B, C, 1, 1, s]``, so the model's own
+  ``flatten(2).transpose(1, 2)`` makes the local ``hidden_states`` ``[B, s, C]`` the blocks see;
 - every ``attn1`` (self-attention over the video tokens): a processor that projects and normalises q, k, v of the
   local tokens as ``WanAttnProcessor`` does and runs the group's :class:`SeqParallelAttention`;
 - ``attn2`` (cross-attention) is untouched: its queries are local tokens and its keys/values come from the text
@@ -15,21 +16,27 @@ The plan (the same split/gather points as the model's own ``_cp_plan``, applied 
 - ``proj_out`` forward hook: all-gather the ``[B, s, C_out]`` outputs (the narrowest point: ``C_out = 64`` for
   Wan2.1, not the inner width), so unpatchify and everything after it run on the full sequence on every rank.
 
-With ``compile_blocks=True`` each transformer block is compiled (``nn.Module.compile``) (Inductor fuses
-the block's many fp32 norm, modulation, rotary-free elementwise and residual passes); the group attention itself
-stays outside the compiled graphs (``torch.compiler.disable``): its collectives run exactly as uncompiled.
+With ``compile_blocks=True`` each transformer block is compiled (:func:`~spmd_diff.models.speed.compile_blocks`:
+once per model for the whole job, whatever groups attach to it later; Inductor fuses the block's many fp32 norm,
+modulation, rotary-free elementwise and residual passes); the group attention itself stays outside the compiled
+graphs (``torch.compiler.disable``): its collectives run exactly as uncompiled. Nothing a group changes is inside
+what the compiled blocks trace: every hook is on a module outside the blocks, and every ``attn1`` gets the same
+persistent processor, whose :class:`_GroupSlot` (this group's attention and token shards) is only read inside the
+disabled group attention. So a new group (another degree, other ranks) reuses the compiled graphs: a block is
+compiled once per distinct local token count and attention path (:func:`compiled_variants`), never per group.
 
-No model code changes; :meth:`SPHandle.remove` restores the model exactly.
+No model code changes; :meth:`SPHandle.remove` restores the model (its compiled blocks stay compiled).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
+from spmd_diff.models.speed import compile_blocks as compile_blocks_once
 from spmd_diff.parallel.attention import SeqParallelAttention
 from spmd_diff.parallel.seq_comm import offsets, split_sizes
 
@@ -57,13 +64,23 @@ class _Shards:
         return tensor.narrow(dim, self.start, self.size)
 
 
+class _GroupSlot:
+    """The group a transformer's SP processors attend over: one per model for its lifetime, its contents switched
+    by :func:`parallelize_transformer` / :meth:`SPHandle.remove` outside any compiled graph."""
+
+    def __init__(self) -> None:
+        self.attention: SeqParallelAttention | None = None
+        self.shards = _Shards()
+        self.processor = SPSelfAttnProcessor(self)
+
+
 class SPSelfAttnProcessor:
     """Self-attention of a ``WanAttention`` (``attn1``) over a DiT group: ``WanAttnProcessor``'s projections and
-    q/k RMS norms on the local tokens, then :class:`SeqParallelAttention` (which applies the rotary embedding)."""
+    q/k RMS norms on the local tokens, then the slot's :class:`SeqParallelAttention` (which applies the rotary
+    embedding). One per model, shared by its blocks, never replaced (compiled blocks guard on it)."""
 
-    def __init__(self, attention: SeqParallelAttention, shards: _Shards) -> None:
-        self.attention = attention
-        self.shards = shards
+    def __init__(self, slot: _GroupSlot) -> None:
+        self.slot = slot
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -79,52 +96,63 @@ class SPSelfAttnProcessor:
         query = query.unflatten(2, (attn.heads, -1))  # [B, s, H, D]
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        out = _group_attention(self.attention, query, key, value, self.shards.seq_sizes, rotary_emb)  # [B, s, H, D]
+        out = _group_attention(self.slot, query, key, value, rotary_emb)  # [B, s, H, D]
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 
 
 @torch.compiler.disable
-def _group_attention(attention: SeqParallelAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     seq_sizes: list[int], rotary_emb: Any) -> torch.Tensor:
-    """The group's attention, never traced by Dynamo (a graph break inside a compiled block)."""
-    return attention(query, key, value, seq_sizes, rotary_emb)
+def _group_attention(slot: _GroupSlot, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     rotary_emb: Any) -> torch.Tensor:
+    """The group's attention, never traced by Dynamo (a graph break inside a compiled block): the group and its
+    split sizes are read here, so compiled graphs neither guard on them nor keep stale ones."""
+    if slot.attention is None:
+        raise RuntimeError("sequence-parallel attention called with no group attached")
+    return slot.attention(query, key, value, slot.shards.seq_sizes, rotary_emb)
+
+
+def _slot_of(transformer: torch.nn.Module) -> _GroupSlot:
+    slot = getattr(transformer, "_spmd_sp_slot", None)
+    if slot is None:
+        slot = transformer._spmd_sp_slot = _GroupSlot()
+    return slot
 
 
 class SPHandle:
     """What :func:`parallelize_transformer` installed; :meth:`remove` takes it all out again."""
 
-    def __init__(self, transformer: torch.nn.Module, attention: SeqParallelAttention) -> None:
+    def __init__(self, transformer: torch.nn.Module, attention: SeqParallelAttention, slot: _GroupSlot) -> None:
         self.transformer = transformer
         self.attention = attention
-        self.shards = _Shards()
+        self.slot = slot
+        self.shards = slot.shards
         self._hooks: list = []
         self._processors: list[tuple[Any, Any]] = []
-        self._compiled: list[torch.nn.Module] = []
 
     def remove(self) -> None:
         for hook in self._hooks:
             hook.remove()
         for module, processor in self._processors:
             module.processor = processor
-        for block in self._compiled:
-            block._compiled_call_impl = None  # what nn.Module.compile set: calls go to the plain forward again
-        self._hooks, self._processors, self._compiled = [], [], []
+        self._hooks, self._processors = [], []
         if getattr(self.transformer, "_spmd_sp_handle", None) is self:
             del self.transformer._spmd_sp_handle
+            self.slot.attention = None
 
 
 def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallelAttention,
-                            compile_blocks: bool = False) -> SPHandle:
+                            compile_blocks: bool = False, backend: str | Callable = "inductor") -> SPHandle:
     """Make ``transformer`` (a diffusers ``WanTransformer3DModel``) run sequence-parallel over ``attention``'s
     group. Every rank of the group must then call it with the same full inputs; each gets the full output.
 
     Args:
         transformer: the model; its modules are not changed, only hooked (and ``attn1`` processors swapped).
         attention: the group's self-attention (layout, comms, kernels).
-        compile_blocks: wrap every block's ``forward`` in ``torch.compile`` (the first forward of each shape
-            compiles; the blocks share one compiled graph per shape).
+        compile_blocks: compile every block (:func:`~spmd_diff.models.speed.compile_blocks`, once per model: a
+            model whose blocks are compiled already keeps them; the first forward of each local token count
+            compiles, and the blocks share one compiled graph per count).
+        backend: the ``torch.compile`` backend with ``compile_blocks`` ("inductor"; tests: "aot_eager").
 
     Returns:
         The handle; ``handle.remove()`` restores the model.
@@ -139,8 +167,10 @@ def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallel
         raise ValueError("this transformer is already sequence-parallel; remove() the old handle first")
     if len(transformer.blocks) == 0:
         raise ValueError("a transformer without blocks has nothing to parallelize")
-    handle = SPHandle(transformer, attention)
-    shards = handle.shards
+    slot = _slot_of(transformer)
+    handle = SPHandle(transformer, attention, slot)
+    slot.attention = attention
+    shards = slot.shards
     rank, size = attention.rank, attention.size
     patch = tuple(int(p) for p in transformer.config.patch_size)
 
@@ -158,13 +188,15 @@ def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallel
         return args, kwargs
 
     def after_rope(module, args, output):
+        # copies with fresh strides: the view's stride over the batch dimension (of size 1, so .contiguous() keeps
+        # it) is the full token count N, and compiled blocks guard on strides (a graph per (N, s), not per s)
         cos, sin = output
-        return shards.take(cos, 1), shards.take(sin, 1)
+        fresh = torch.contiguous_format
+        return shards.take(cos, 1).clone(memory_format=fresh), shards.take(sin, 1).clone(memory_format=fresh)
 
-    def before_first_block(module, args, kwargs):
-        if args:
-            return (shards.take(args[0], 1), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": shards.take(kwargs["hidden_states"], 1)}
+    def after_patch_embedding(module, args, output):
+        batch, channels = output.shape[:2]  # [B, C, F', H', W']: the model flattens F' H' W' into the tokens
+        return shards.take(output.flatten(2), 2).reshape(batch, channels, 1, 1, shards.size)
 
     def after_proj_out(module, args, output):
         batch, local, channels = output.shape
@@ -174,16 +206,22 @@ def parallelize_transformer(transformer: torch.nn.Module, attention: SeqParallel
 
     handle._hooks.append(transformer.register_forward_pre_hook(before_forward, with_kwargs=True))
     handle._hooks.append(transformer.rope.register_forward_hook(after_rope))
-    handle._hooks.append(transformer.blocks[0].register_forward_pre_hook(before_first_block, with_kwargs=True))
+    handle._hooks.append(transformer.patch_embedding.register_forward_hook(after_patch_embedding))
     handle._hooks.append(transformer.proj_out.register_forward_hook(after_proj_out))
     for block in transformer.blocks:
         handle._processors.append((block.attn1, block.attn1.processor))
-        block.attn1.processor = SPSelfAttnProcessor(attention, shards)
-        if compile_blocks:
-            block.compile(dynamic=False)  # nn.Module.compile: the blocks share one graph per shape
-            handle._compiled.append(block)
+        block.attn1.processor = slot.processor
+    if compile_blocks:
+        compile_blocks_once(transformer, backend)
     transformer._spmd_sp_handle = handle
     return handle
+
+
+def compiled_variants(pairs: Iterable[tuple[int, int]]) -> int:
+    """How many graphs each compiled block takes for ``pairs`` of (video tokens ``N``, SP degree ``S``) one rank
+    runs: one per distinct (local token count, attention path): the counts ``split_sizes(N, S)`` (a rank may
+    hold either of a split's two sizes), the plain model's attention at ``S = 1`` and the group's otherwise."""
+    return len({(size, degree > 1) for tokens, degree in pairs for size in set(split_sizes(tokens, degree))})
 
 
 def num_video_tokens(transformer: torch.nn.Module, latents_shape: tuple[int, ...]) -> int:

@@ -50,7 +50,7 @@ from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
-from spmd_diff.runtime.per_item import item_group_schedule, run_item_groups
+from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
                                          split_batches)
@@ -99,6 +99,9 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
                                          if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
     _cap_gpu_memory(world.device, setup.job.world.gpu_memory_gib)
+    # per-item degrees with compiled blocks: a schedule that would compile too many graphs is a bad job
+    world.run_checked(lambda: check_compiled_schedule(setup, setup.plan, inputs.pending,
+                                                      str(world.device).startswith("cuda")))
     store = VideoStore(request.out_dir)
     lock = OutLock(request.out_dir, request.shard)
 

@@ -131,7 +131,8 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
     the output form (``output.*``) what is stored and, for h264/hevc, the pixels read back. The video settings
     are the item's own (``VideoConfig.for_item``): an item whose settings change is a changed item."""
     fingerprint = model_fingerprint(model_dir) if model_dir else ""
-    compiled = bool(job.dit.compile and sp_degree > 1)  # compiled blocks change bf16 rounding
+    # compiled blocks change bf16 rounding (per-item degrees: every item runs compiled, degree 1 included)
+    compiled = bool(job.dit.compile and (sp_degree > 1 or job.dit.per_item_degree))
     speed = json.dumps(job.speed.resolved(), sort_keys=True)
     output = job.output.attrs()  # how the video is stored: part of its identity (OutputConfig says why)
 
