@@ -148,13 +148,8 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
             return [by_id[item_id].index for item_id in plan.pending]
         return None
 
+    pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
-
-    def pending_in_order():  # rank 0 decides, so every rank hands out the same order
-        indices = prepare_out()
-        return None if indices is None else render_order(setup, [items_by_index[i] for i in indices], world.device)
-
-    pending_indices = world.comm.bcast(world.run_checked(pending_in_order), root=0)
     pending = [items_by_index[i] for i in pending_indices]
     cost = _slowest_item_cost(setup, pending, world.device)
 
@@ -224,17 +219,6 @@ def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
                    vae.get("base_dim", 96))
     return predict_item_cost(s.num_video_tokens, dims, spec.num_inference_steps, spec.guidance_scale > 1.0,
                              spec.num_frames * spec.height * spec.width, device, setup.plan.sp_degree)
-
-
-def render_order(setup: Setup, items: list[Item], device: str) -> list[int]:
-    """The indices of ``items`` in the order the job hands them out: longest predicted first (encode + denoise +
-    decode of the item's video settings), ties in prompts-file order. A mixed job then does not end on a long item
-    started last beside idle ranks (a job of one kind of item keeps the file's order). No video depends on it."""
-    seconds = {}
-    for spec in {setup.spec_of(item) for item in items}:
-        cost = _item_cost(setup, spec, device)
-        seconds[spec] = cost.encode_s + cost.denoise_s + cost.decode_s
-    return [item.index for item in sorted(items, key=lambda item: -seconds[setup.spec_of(item)])]  # stable
 
 
 def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost:
