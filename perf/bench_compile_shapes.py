@@ -48,14 +48,13 @@ def build_model(config: dict, device: torch.device) -> torch.nn.Module:
     keeps fp32)."""
     from diffusers import WanTransformer3DModel
 
+    from spmd_diff.models.random_wan import cast_like_from_pretrained
+
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(**config)
-    keep = set(WanTransformer3DModel._keep_in_fp32_modules or ())
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not keep.intersection(name.split(".")):
-                param.data = param.data.to(torch.bfloat16)
+        cast_like_from_pretrained(model, torch.bfloat16, WanTransformer3DModel._keep_in_fp32_modules or ())
     return model.eval().requires_grad_(False)
 
 
