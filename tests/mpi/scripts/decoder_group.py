@@ -3,7 +3,7 @@ against the one-rank decode of every item.
 
 Items arrive at either rank on its own schedule (rank 0: items 0, 2, 3; rank 1: item 1), latent heights 5 and 7
 (uneven over 2) and 1 (too short to split: its holder decodes alone). Each rank checks the videos it received
-and prints one line per item; rank 0 prints "decoder_group: all ok" when every rank's checks passed.
+and rank 0 prints one line per item for every rank, then "decoder_group: all ok" when every rank's checks passed.
 
     mpirun -n 2 python tests/mpi/scripts/decoder_group.py MODEL_DIR
 """
@@ -41,7 +41,7 @@ def main() -> int:
              for index, (h, w, f) in SIZES.items()}
     transport = MpiRmaTransport(world, 8 << 20)
     coll = GroupCollectives(transport, 0, 4 << 20, max_ranks=2, timeout_s=120)
-    failures = 0
+    failures, lines = 0, []
     try:
         group = DecoderGroup(stages, GroupSeqComm(coll.group([0, 1]), coll.group))
         polls, held, got = list(ARRIVALS[rank]), [], {}
@@ -57,7 +57,7 @@ def main() -> int:
         elapsed = time.perf_counter() - t0
         expected = sorted(i for polled in ARRIVALS[rank] for i in polled)
         if sorted(got) != expected or count != len(expected):
-            print(f"rank {rank}: received items {sorted(got)}, expected {expected} FAIL", flush=True)
+            lines.append(f"rank {rank}: received items {sorted(got)}, expected {expected} FAIL")
             failures += 1
         for index, video in sorted(got.items()):
             reference = stages.decode_uint8(items[index])
@@ -65,14 +65,16 @@ def main() -> int:
                       if video.shape == reference.shape else -1)
             ok = 0 <= levels <= 1
             failures += not ok
-            print(f"rank {rank} item {index} latents {tuple(items[index].shape)}: video {tuple(video.shape)}, "
-                  f"max diff {levels} level(s) {'ok' if ok else 'FAIL'}", flush=True)
-        print(f"rank {rank}: {count} video(s) in {elapsed:.2f} s", flush=True)
+            lines.append(f"rank {rank} item {index} latents {tuple(items[index].shape)}: video {tuple(video.shape)}, "
+                         f"max diff {levels} level(s) {'ok' if ok else 'FAIL'}")
+        lines.append(f"rank {rank}: {count} video(s) in {elapsed:.2f} s")
     finally:
         coll.free()
         transport.free()
     failures = world.allreduce(failures)
+    gathered = world.gather(lines, root=0)  # rank 0 prints every rank's lines, so two ranks' output never interleaves
     if rank == 0:
+        print("\n".join(line for rank_lines in gathered for line in rank_lines), flush=True)
         print(f"decoder_group: {'all ok' if failures == 0 else f'{failures} failure(s)'}", flush=True)
     return 1 if failures else 0
 
