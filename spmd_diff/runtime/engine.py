@@ -53,7 +53,7 @@ from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
-                                         split_batches)
+                                         next_batch)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 from spmd_diff.runtime.time_shared import time_shared_loop
@@ -326,10 +326,10 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
         common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
         work_class_key = WorkClass.of_video(common[0][0] if common else setup.spec).key
-        batches = split_batches(pending, policy.batch_items(plan, len(pending)))
-        num_done_before = 0
+        start, number, since_replan = 0, 0, 0  # items before this batch, its number, batches since a re-plan
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
-        for number, batch in enumerate(batches):
+        while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
+            batch = next_batch(pending, start, policy.batch_items(plan, len(pending) - start), since_replan)
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
@@ -376,11 +376,12 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             else:
                 _run_role(ctx, plan, queue, batch, senders, receivers)
             queue.free()
-            num_done_before += len(batch)
-            if number == len(batches) - 1 or world.comm.allreduce(1 if stop.requested else 0):
+            start += len(batch)
+            if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
                 break
             timings = gather_timings(world.comm, counters.since_mark(world.rank, work_class_key, plan.sp_degree))
-            decision = policy.decide(plan, timings, len(pending) - num_done_before)
+            decision = policy.decide(plan, timings, len(pending) - start)
+            switched = False
             if decision is not None and decision.switch:
                 new_heap = _layout(world, decision.best, enc_spec, dec_spec, channels_base).heap_bytes
                 if transport is not None and new_heap > transport_heap:
@@ -388,7 +389,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     if world.rank == 0:
                         events.emit("replan_declined", batch=number, declined=f"the channel heap was sized for "
                                     f"{transport_heap} bytes, the new plan needs {new_heap}", **decision.to_event())
-                    continue
+                else:
+                    switched = True
+            if switched:
                 if world.rank == 0:
                     events.emit("replan", batch=number, **decision.to_event())
                     print(f"spmd-diff: re-plan after batch {number}: {decision.best.role_counts()} "
@@ -396,6 +399,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 plan = decision.best
                 if ctx.hooks:
                     ctx.hooks.at("replan", f"batch-{number}")
+            since_replan = 0 if switched else since_replan + 1
+            number += 1
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,

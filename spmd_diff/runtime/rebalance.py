@@ -2,8 +2,9 @@
 with one MPI collective and a policy chooses the plan of the next batch.
 
 A batch ends when its items are through every stage (the channels drain and close), so a plan can change roles,
-channels and DiT groups without leaving an item half-way. A policy that never changes the plan makes the whole
-job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
+channels and DiT groups without leaving an item half-way. Each batch after one that kept the plan is twice as
+long (:func:`batch_length`), so a plan that holds pays few drains. A policy that never changes the plan makes the
+whole job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class Policy(Protocol):
         """The decision after a batch (``.switch``, ``.best``, ``.to_event()``), or None to keep ``plan``."""
 
     def batch_items(self, plan: RolePlan, num_pending: int) -> int:
-        """Items per batch (``num_pending`` or more: one batch)."""
+        """Items of the job's first batch and of the first after a re-plan (``num_pending`` or more: one batch);
+        later batches grow from it (:func:`batch_length`)."""
 
     def decline(self, plan: RolePlan) -> None:
         """The runtime could not switch (the new plan's channels do not fit the heap): ``plan`` stays."""
@@ -88,8 +90,9 @@ class AutoPolicy:
     """``roles.policy = "auto"``: the planner's plan (``spmd_diff.plan.planner``), re-planned between batches
     from the gathered timings with hysteresis and the switch cost counted (``spmd_diff.plan.replan``).
 
-    A batch lasts about ``batch_s`` seconds of predicted work (at least two items per pipeline): long enough that
-    draining the pipeline at its end costs little, short enough to follow a change in the work.
+    The first batch (and the first after a re-plan) lasts about ``batch_s`` seconds of predicted work (at least two
+    items per pipeline): long enough that draining the pipeline at its end costs little, short enough to follow a
+    change in the work; each batch after one that kept the plan is twice as long (:func:`batch_length`).
     """
 
     def __init__(self, planning: JobPlanning, num_pending: int, batch_s: float) -> None:
@@ -125,10 +128,19 @@ class AutoPolicy:
         return batch_size_for(self.batch_s, per_item, len(plan.dit_groups), minimum=2 * len(plan.dit_groups))
 
 
-def split_batches(pending: Sequence[Item], batch_items: int) -> list[list[Item]]:
-    """``pending`` in order, cut into batches of ``batch_items`` (the last may be shorter)."""
-    size = max(1, batch_items)
-    return [list(pending[i: i + size]) for i in range(0, len(pending), size)] or [[]]
+def next_batch(pending: Sequence[Item], start: int, base_items: int, since_replan: int) -> list[Item]:
+    """The batch that starts at ``pending[start]``: :func:`batch_length` items, at most the rest of the job (the
+    last batch takes what is left). A pure function of values every rank holds alike (the broadcast pending list,
+    the items done, the policy's decisions), so every rank cuts the same batch."""
+    return list(pending[start: start + batch_length(base_items, since_replan)])
+
+
+def batch_length(base_items: int, since_replan: int) -> int:
+    """Items of a batch: ``base_items`` (the policy's ``batch_items``) for the job's first batch and the first after
+    a re-plan, twice the previous batch's for every batch since (``since_replan`` batches ended without one). A plan
+    that holds then drains its pipeline about log2(job / first batch) times, not once per ``base_items``; a change
+    of plan starts short batches again, to follow the work closely while it changes."""
+    return max(1, base_items) << min(max(0, since_replan), 48)
 
 
 def batch_size_for(seconds_per_batch: float, seconds_per_item: float, num_parallel: int, minimum: int) -> int:

@@ -1,0 +1,50 @@
+"""The batch rule of roles.policy = "auto" (runtime/rebalance.py): batches double while the plan holds, start short
+again after a re-plan, the last takes what is left, and every rank cuts the same batches from the same values."""
+
+from __future__ import annotations
+
+from spmd_diff.runtime.rebalance import batch_length, next_batch
+
+
+def cut_all(pending, base_items, switches_after):
+    """The engine's loop over the batches (engine._run_rank), with a re-plan after the batch numbers in
+    ``switches_after``; the bases the policy gives are ``base_items(batch number)``."""
+    batches, start, number, since_replan = [], 0, 0, 0
+    while True:
+        batch = next_batch(pending, start, base_items(number), since_replan)
+        batches.append(batch)
+        start += len(batch)
+        if start >= len(pending):
+            return batches
+        since_replan = 0 if number in switches_after else since_replan + 1
+        number += 1
+
+
+def test_batches_double_while_the_plan_holds():
+    assert [batch_length(5, k) for k in range(5)] == [5, 10, 20, 40, 80]
+    batches = cut_all(list(range(100)), lambda _: 4, switches_after=())
+    assert [len(b) for b in batches] == [4, 8, 16, 32, 40]  # the last takes the rest: 5 drains, not 25
+
+
+def test_a_replan_starts_short_batches_again():
+    batches = cut_all(list(range(100)), lambda _: 4, switches_after={1})
+    assert [len(b) for b in batches] == [4, 8, 4, 8, 16, 32, 28]
+
+
+def test_a_new_plan_s_base_applies_from_the_batch_after_the_replan():
+    batches = cut_all(list(range(60)), lambda number: 4 if number < 2 else 6, switches_after={1})
+    assert [len(b) for b in batches] == [4, 8, 6, 12, 24, 6]
+
+
+def test_every_item_once_in_order_and_the_same_cut_on_every_rank():
+    pending = [f"item-{i}" for i in range(1000)]
+    per_rank = [cut_all(list(pending), lambda n: 3 + n % 2, switches_after={2, 3, 7}) for _ in range(4)]
+    assert all(cuts == per_rank[0] for cuts in per_rank)
+    assert [item for batch in per_rank[0] for item in batch] == pending
+
+
+def test_edges():
+    assert next_batch([], 0, 4, 0) == []  # an empty job runs one empty batch
+    assert next_batch(list(range(3)), 0, 0, 0) == [0]  # at least one item
+    assert len(next_batch(list(range(10 ** 6)), 0, 2, 10 ** 6)) == 10 ** 6  # a long streak: the rest, no overflow
+    assert next_batch(list(range(10)), 8, 4, 0) == [8, 9]
