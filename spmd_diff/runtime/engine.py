@@ -52,8 +52,8 @@ from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
-from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
-                                         next_batch)
+from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, batches_since_change,
+                                         gather_timings, next_batch)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 from spmd_diff.runtime.time_shared import time_shared_loop
@@ -228,13 +228,23 @@ def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
 
 def render_order(setup: Setup, items: list[Item], device: str) -> list[int]:
     """The indices of ``items`` in the order the job hands them out: longest predicted first (encode + denoise +
-    decode of the item's video settings), ties in prompts-file order. A mixed job then does not end on a long item
-    started last beside idle ranks (a job of one kind of item keeps the file's order). No video depends on it."""
-    seconds = {}
+    decode of the item's video settings); among equal predictions each kind (:func:`item_kind`) together, in the
+    order the kinds first appear, and each kind's items in prompts-file order. A mixed job then does not end on a
+    long item started last beside idle ranks, and a batch can hold one kind (``rebalance.next_batch``); a job of
+    one kind of item keeps the file's order. No video depends on it."""
+    seconds, first = {}, {}
     for spec in {setup.spec_of(item) for item in items}:
         cost = _item_cost(setup, spec, device)
         seconds[spec] = cost.encode_s + cost.denoise_s + cost.decode_s
-    return [item.index for item in sorted(items, key=lambda item: -seconds[setup.spec_of(item)])]  # stable
+    for position, item in enumerate(items):
+        first.setdefault(item_kind(setup, item), position)
+    return [item.index for item in sorted(items, key=lambda item: (-seconds[setup.spec_of(item)],
+                                                                   first[item_kind(setup, item)]))]  # stable
+
+
+def item_kind(setup: Setup, item: Item) -> str:
+    """The item's kind of work: the settings its cost depends on (``WorkClass``: size, frames, steps, CFG)."""
+    return WorkClass.of_video(setup.spec_of(item)).key
 
 
 def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost:
@@ -326,10 +336,11 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
         common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
         work_class_key = WorkClass.of_video(common[0][0] if common else setup.spec).key
-        start, number, since_replan = 0, 0, 0  # items before this batch, its number, batches since a re-plan
+        start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
-            batch = next_batch(pending, start, policy.batch_items(plan, len(pending) - start), since_replan)
+            batch = next_batch(pending, start, policy.batch_items(plan, len(pending) - start), since_change,
+                               lambda item: item_kind(setup, item))
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
@@ -399,7 +410,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 plan = decision.best
                 if ctx.hooks:
                     ctx.hooks.at("replan", f"batch-{number}")
-            since_replan = 0 if switched else since_replan + 1
+            since_change = batches_since_change(pending, start, since_change, switched,
+                                                lambda item: item_kind(setup, item))
             number += 1
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}

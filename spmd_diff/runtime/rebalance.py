@@ -2,8 +2,9 @@
 with one MPI collective and a policy chooses the plan of the next batch.
 
 A batch ends when its items are through every stage (the channels drain and close), so a plan can change roles,
-channels and DiT groups without leaving an item half-way. Each batch after one that kept the plan is twice as
-long (:func:`batch_length`), so a plan that holds pays few drains. A policy that never changes the plan makes the
+channels and DiT groups without leaving an item half-way. Batches are cut as they start (:func:`next_batch`):
+each after one that kept the plan is twice as long, so a plan that holds pays few drains, and a batch holds one
+kind of item. A policy that never changes the plan makes the
 whole job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from spmd_diff.io.inputs import Item
 from spmd_diff.plan.for_job import JobPlanning
@@ -128,19 +129,35 @@ class AutoPolicy:
         return batch_size_for(self.batch_s, per_item, len(plan.dit_groups), minimum=2 * len(plan.dit_groups))
 
 
-def next_batch(pending: Sequence[Item], start: int, base_items: int, since_replan: int) -> list[Item]:
+def next_batch(pending: Sequence[Item], start: int, base_items: int, since_change: int,
+               kind: Callable[[Item], Hashable]) -> list[Item]:
     """The batch that starts at ``pending[start]``: :func:`batch_length` items, at most the rest of the job (the
-    last batch takes what is left). A pure function of values every rank holds alike (the broadcast pending list,
-    the items done, the policy's decisions), so every rank cuts the same batch."""
-    return list(pending[start: start + batch_length(base_items, since_replan)])
+    last batch takes what is left), and none of another ``kind`` (an item's video settings) than the first: the
+    render order keeps each kind together, so a batch holds one kind and its timings describe it (and a
+    time-shared rank's cycles of equal counts are cycles of equal work). A pure function of values every rank holds
+    alike (the broadcast pending list, the items done, the policy's decisions): every rank cuts the same batch."""
+    batch = pending[start: start + batch_length(base_items, since_change)]
+    if batch:
+        first = kind(batch[0])
+        batch = batch[:next((i for i, item in enumerate(batch) if kind(item) != first), len(batch))]
+    return list(batch)
 
 
-def batch_length(base_items: int, since_replan: int) -> int:
+def batch_length(base_items: int, since_change: int) -> int:
     """Items of a batch: ``base_items`` (the policy's ``batch_items``) for the job's first batch and the first after
-    a re-plan, twice the previous batch's for every batch since (``since_replan`` batches ended without one). A plan
-    that holds then drains its pipeline about log2(job / first batch) times, not once per ``base_items``; a change
-    of plan starts short batches again, to follow the work closely while it changes."""
-    return max(1, base_items) << min(max(0, since_replan), 48)
+    a change (a re-plan, or a new kind of item), twice the previous batch's for every batch since
+    (``since_change`` batches). A plan that holds then drains its pipeline about log2(items / first batch) times,
+    not once per ``base_items``; a change starts short batches again, to follow the work closely while it changes."""
+    return max(1, base_items) << min(max(0, since_change), 48)
+
+
+def batches_since_change(pending: Sequence[Item], start: int, since_change: int, switched: bool,
+                         kind: Callable[[Item], Hashable]) -> int:
+    """``since_change`` for the batch that starts at ``pending[start]`` (the last one ended just before): 0 after
+    a re-plan (``switched``) or where the kind of item changes, one more otherwise."""
+    if switched or (0 < start < len(pending) and kind(pending[start]) != kind(pending[start - 1])):
+        return 0
+    return since_change + 1
 
 
 def batch_size_for(seconds_per_batch: float, seconds_per_item: float, num_parallel: int, minimum: int) -> int:
