@@ -333,9 +333,6 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
-        # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
-        common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
-        work_class_key = WorkClass.of_video(common[0][0] if common else setup.spec).key
         start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
@@ -390,7 +387,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             start += len(batch)
             if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
                 break
-            timings = gather_timings(world.comm, counters.since_mark(world.rank, work_class_key, plan.sp_degree))
+            # a batch holds one kind of item (next_batch): its timings are of that work class
+            timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]),
+                                                                     plan.sp_degree))
             decision = policy.decide(plan, timings, len(pending) - start)
             switched = False
             if decision is not None and decision.switch:

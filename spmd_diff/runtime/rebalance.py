@@ -37,7 +37,8 @@ class StageCounters:
         self.stage_items = dict(self.ctx.stage_items)
 
     def since_mark(self, rank: int, class_key: str, sp_degree: int) -> RankTimings:
-        """This rank's batch as the planner reads it (every item of the job is of class ``class_key``)."""
+        """This rank's batch as the planner reads it (every item of the batch is of class ``class_key``: a batch
+        holds one kind of item)."""
         samples = []
         for stage in TIMED_STAGES:
             busy = self.ctx.stage_s.get(stage, 0.0) - self.stage_s.get(stage, 0.0)

@@ -1,22 +1,27 @@
-"""The batch rule of roles.policy = "auto" (runtime/rebalance.py): batches double while the plan holds, start short
-again after a re-plan, the last takes what is left, and every rank cuts the same batches from the same values."""
+"""The batch rule of roles.policy = "auto" (runtime/rebalance.py): batches double while the plan and the kind of item
+hold, start short again after a re-plan or at a new kind, hold one kind, the last takes what is left, and every
+rank cuts the same batches from the same values."""
 
 from __future__ import annotations
 
-from spmd_diff.runtime.rebalance import batch_length, next_batch
+from spmd_diff.runtime.rebalance import batch_length, batches_since_change, next_batch
 
 
-def cut_all(pending, base_items, switches_after):
+def one_kind(item):
+    return "k"
+
+
+def cut_all(pending, base_items, switches_after, kind=one_kind):
     """The engine's loop over the batches (engine._run_rank), with a re-plan after the batch numbers in
     ``switches_after``; the bases the policy gives are ``base_items(batch number)``."""
-    batches, start, number, since_replan = [], 0, 0, 0
+    batches, start, number, since = [], 0, 0, 0
     while True:
-        batch = next_batch(pending, start, base_items(number), since_replan)
+        batch = next_batch(pending, start, base_items(number), since, kind)
         batches.append(batch)
         start += len(batch)
         if start >= len(pending):
             return batches
-        since_replan = 0 if number in switches_after else since_replan + 1
+        since = batches_since_change(pending, start, since, number in switches_after, kind)
         number += 1
 
 
@@ -36,15 +41,23 @@ def test_a_new_plan_s_base_applies_from_the_batch_after_the_replan():
     assert [len(b) for b in batches] == [4, 8, 6, 12, 24, 6]
 
 
+def test_a_batch_holds_one_kind_and_a_new_kind_starts_short_batches_again():
+    pending = [("long", i) for i in range(30)] + [("short", i) for i in range(50)]
+    batches = cut_all(pending, lambda _: 4, switches_after=(), kind=lambda item: item[0])
+    assert [len(b) for b in batches] == [4, 8, 16, 2, 4, 8, 16, 22]
+    assert all(len({kind for kind, _ in batch}) == 1 for batch in batches)
+
+
 def test_every_item_once_in_order_and_the_same_cut_on_every_rank():
-    pending = [f"item-{i}" for i in range(1000)]
-    per_rank = [cut_all(list(pending), lambda n: 3 + n % 2, switches_after={2, 3, 7}) for _ in range(4)]
+    pending = [(i // 300, i) for i in range(1000)]
+    per_rank = [cut_all(list(pending), lambda n: 3 + n % 2, switches_after={2, 3, 7}, kind=lambda item: item[0])
+                for _ in range(4)]
     assert all(cuts == per_rank[0] for cuts in per_rank)
     assert [item for batch in per_rank[0] for item in batch] == pending
 
 
 def test_edges():
-    assert next_batch([], 0, 4, 0) == []  # an empty job runs one empty batch
-    assert next_batch(list(range(3)), 0, 0, 0) == [0]  # at least one item
-    assert len(next_batch(list(range(10 ** 6)), 0, 2, 10 ** 6)) == 10 ** 6  # a long streak: the rest, no overflow
-    assert next_batch(list(range(10)), 8, 4, 0) == [8, 9]
+    assert next_batch([], 0, 4, 0, one_kind) == []  # an empty job runs one empty batch
+    assert next_batch(list(range(3)), 0, 0, 0, one_kind) == [0]  # at least one item
+    assert len(next_batch(list(range(10 ** 6)), 0, 2, 10 ** 6, one_kind)) == 10 ** 6  # the rest, no overflow
+    assert next_batch(list(range(10)), 8, 4, 0, one_kind) == [8, 9]
