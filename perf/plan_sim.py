@@ -14,11 +14,11 @@ may return a new plan. Two ways to switch:
 - ``"global"``: no job starts until every running job has finished; then every rank waits for the slowest load
   (plus ``SWITCH_FIXED_S``); queued items stay queued.
 - ``"engine"``: what ``runtime.engine._run_rank`` does. The items (already in the engine's render order) run in
-  batches cut as each starts, ``batch_rule.size(plan, first item, batches since a change)`` items each (the
-  policy's ``batch_items`` and ``rebalance.next_batch``; ``batch_rule.since(...)`` the count after a batch); no
-  item of the next batch is encoded before every item of this one is written (the pipeline drains at every batch
-  boundary, and time-shared ranks finish their cycles), then the batch's timings go to the policy, and a switch is a global one (every rank idle already:
-  the slowest load plus ``SWITCH_FIXED_S``). ``batch_items`` is unused.
+  batches cut as each starts, ``batch_rule.size(plan, first item, batches since a change)`` items each (the policy's
+  ``batch_items`` and ``rebalance.next_batch``; ``batch_rule.since(...)`` the count after a batch); no item of the
+  next batch is encoded before every item of this one is written (the pipeline drains at every batch boundary, and
+  time-shared ranks finish their cycles), then the batch's timings go to the policy, and a switch is a global one
+  (every rank idle already: the slowest load plus ``SWITCH_FIXED_S``). ``batch_items`` is unused.
 
 Time-shared plans (``RolePlan.time_shared``): every rank runs cycles on its own. It pulls up to ``stage_batch``
 items (at most ceil(items left / ranks) near the end; items a previous plan left encoded or denoised first),
