@@ -249,9 +249,11 @@ class EngineBatches:
     work class's slowest predicted stage, ``batch_s`` of it per DiT group, at least 2 items per group), then
 
     - "grow+kind": ``rebalance.next_batch`` / ``batches_since_change`` (batches double while the plan and the
-      kind of item hold; a batch holds one kind): the engine now;
-    - "grow": doubling, but batches cross kinds (an intermediate rule, for comparison);
-    - "fixed": every batch that long (the engine before batches grew).
+      kind of item hold; a batch holds one kind) on ``rebalance.batch_size_for``'s base (a whole number of items
+      per DiT group): the engine now;
+    - "grow": doubling, but batches cross kinds, on the base before (``batch_s`` x groups / item seconds rounded
+      up: not a whole number per group), an intermediate rule, for comparison;
+    - "fixed": every batch the base before (the engine before batches grew).
     """
 
     def __init__(self, ordered, cost, work_class, batch_s: float, rule: str):
@@ -260,9 +262,10 @@ class EngineBatches:
     def size(self, plan, start: int, since_change: int) -> int:
         per_item = max(self.cost.item_seconds(self.work_class, plan.sp_degree).values())
         groups = len(plan.dit_groups)
-        base = batch_size_for(self.batch_s, per_item, groups, minimum=2 * groups)
         if self.rule == "grow+kind":
+            base = batch_size_for(self.batch_s, per_item, groups, minimum=2 * groups)
             return len(next_batch(self.ordered, start, base, since_change, kind=lambda c: c))
+        base = max(2 * groups, math.ceil(self.batch_s / per_item * groups))  # batch_size_for before
         return batch_length(base, since_change if self.rule == "grow" else 0)
 
     def since(self, start: int, since_change: int, switched: bool) -> int:

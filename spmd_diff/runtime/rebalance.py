@@ -162,6 +162,7 @@ def batches_since_change(pending: Sequence[Item], start: int, since_change: int,
 
 
 def batch_size_for(seconds_per_batch: float, seconds_per_item: float, num_parallel: int, minimum: int) -> int:
-    """Items that keep ``num_parallel`` pipelines busy for about ``seconds_per_batch``, at least ``minimum``."""
-    per_pipeline = seconds_per_batch / max(seconds_per_item, 1e-6)
-    return max(minimum, math.ceil(per_pipeline * max(1, num_parallel)))
+    """Items that keep ``num_parallel`` pipelines busy for about ``seconds_per_batch``, at least ``minimum``: the
+    same whole number of items for every pipeline, so the drain at the batch's end waits for no partial round."""
+    per_pipeline = math.ceil(seconds_per_batch / max(seconds_per_item, 1e-6) - 1e-9)
+    return max(minimum, per_pipeline * max(1, num_parallel))

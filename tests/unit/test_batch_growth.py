@@ -61,3 +61,11 @@ def test_edges():
     assert next_batch(list(range(3)), 0, 0, 0, one_kind) == [0]  # at least one item
     assert len(next_batch(list(range(10 ** 6)), 0, 2, 10 ** 6, one_kind)) == 10 ** 6  # the rest, no overflow
     assert next_batch(list(range(10)), 8, 4, 0, one_kind) == [8, 9]
+
+
+def test_the_first_batch_gives_every_pipeline_the_same_whole_number_of_items():
+    from spmd_diff.runtime.rebalance import batch_size_for
+
+    assert batch_size_for(300.0, 62.5, 64, minimum=128) == 5 * 64  # 4.8 items each: 5 each, not 308 in all
+    assert batch_size_for(300.0, 60.0, 8, minimum=16) == 5 * 8  # exactly 5 each: not 6
+    assert batch_size_for(0.5, 62.5, 4, minimum=8) == 8  # at least the minimum
