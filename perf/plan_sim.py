@@ -13,6 +13,12 @@ may return a new plan. Two ways to switch:
   never stop. Items already encoded or denoised stay queued for the new plan.
 - ``"global"``: no job starts until every running job has finished; then every rank waits for the slowest load
   (plus ``SWITCH_FIXED_S``); queued items stay queued.
+- ``"engine"``: what ``runtime.engine._run_rank`` does. The items (already in the engine's render order) run in
+  batches cut as each starts, ``batch_rule.size(plan, first item, batches since a change)`` items each (the policy's
+  ``batch_items`` and ``rebalance.next_batch``; ``batch_rule.since(...)`` the count after a batch); no item of the
+  next batch is encoded before every item of this one is written (the pipeline drains at every batch boundary, and
+  time-shared ranks finish their cycles), then the batch's timings go to the policy, and a switch is a global one
+  (every rank idle already: the slowest load plus ``SWITCH_FIXED_S``). ``batch_items`` is unused.
 
 Time-shared plans (``RolePlan.time_shared``): every rank runs cycles on its own. It pulls up to ``stage_batch``
 items (at most ceil(items left / ranks) near the end; items a previous plan left encoded or denoised first),
@@ -118,16 +124,18 @@ class SimResult:
     """(time, role counts) of every plan that ran."""
     stalled_s: float = 0.0
     """GPU-seconds lost to switches (ranks loading or waiting at a barrier), divided by the number of GPUs."""
+    num_batches: int = 0
 
 
 class Simulation:
     """One job: ``items`` (classes, in rendering order) on ranks of ``speeds`` under a policy."""
 
     def __init__(self, items: list[WorkClass], speeds: list[float], batch_items: int, memory, seed: int = 0,
-                 noise: float = 0.03, switch_mode: str = "rolling"):
-        assert switch_mode in ("rolling", "global"), switch_mode
+                 noise: float = 0.03, switch_mode: str = "rolling", batch_rule=None):
+        assert switch_mode in ("rolling", "global", "engine"), switch_mode
+        assert (batch_rule is not None) == (switch_mode == "engine"), "batch_rule: the engine mode's batches"
         self.items, self.speeds, self.batch_items, self.memory = items, speeds, batch_items, memory
-        self.seed, self.noise, self.switch_mode = seed, noise, switch_mode
+        self.seed, self.noise, self.switch_mode, self.batch_rule = seed, noise, switch_mode, batch_rule
 
     def run(self, policy) -> SimResult:
         self.rng = random.Random(self.seed)
@@ -150,7 +158,14 @@ class Simulation:
         self.plan_epoch = 0
         self.result = SimResult(0.0, 0)
         self.policy = policy
-        self._install(policy.initial_plan(), changed=set())
+        plan = policy.initial_plan()
+        self.since_replan = 0
+        self.batch_end = len(self.items)
+        """Items up to here may be pulled (engine mode: the end of the running batch)."""
+        if self.switch_mode == "engine":
+            self.batch_end = min(len(self.items), self.batch_rule.size(plan, 0, 0))
+        self.result.num_batches = 1
+        self._install(plan, changed=set())
         while self.events:
             self.t, _, kind, payload = heapq.heappop(self.events)
             if kind == "job":
@@ -315,7 +330,7 @@ class Simulation:
                 self.idle[category].append(entry)
 
     def _unencoded(self) -> int:
-        return len(self.q_enc) + len(self.items) - self.next_item
+        return len(self.q_enc) + self.batch_end - self.next_item
 
     def _take_unencoded(self) -> int:
         if self.q_enc:
@@ -429,7 +444,10 @@ class Simulation:
             worker.jobs -= 1
             if worker.jobs == 0 and worker.held is None:
                 self._pull(worker)
-        if stage == "decode" and self.done >= self.next_boundary and self.done < len(self.items) \
+        if self.switch_mode == "engine":
+            if stage == "decode" and self.done == self.batch_end < len(self.items):
+                self._engine_boundary()
+        elif stage == "decode" and self.done >= self.next_boundary and self.done < len(self.items) \
                 and self.loading == 0 and self.stale == 0:
             self._batch_boundary()
 
@@ -439,8 +457,21 @@ class Simulation:
             count, total = self.window.get(key, (0, 0.0))
             self.window[key] = (count + 1, total + seconds)
 
-    def _batch_boundary(self) -> None:
-        self.next_boundary = self.done + self.batch_items
+    def _engine_boundary(self) -> None:
+        """Every item of the batch is written and every rank idle: gather, decide, cut the next batch."""
+        assert not any(self.rank_busy) and self.in_flight == 0, "the batch has drained"
+        new_plan = self.policy.on_batch(self._window_timings(), self.items[self.done:])
+        self.since_replan = self.batch_rule.since(self.done, self.since_replan, new_plan is not None)
+        size = self.batch_rule.size(new_plan or self.plan, self.done, self.since_replan)
+        self.batch_end = min(len(self.items), self.done + size)
+        self.result.num_batches += 1
+        if new_plan is not None:
+            self._switch(new_plan)
+        else:
+            for worker in self.workers:
+                self._pull(worker)
+
+    def _window_timings(self) -> list[RankTimings]:
         per_rank: dict[int, list] = {}
         for (rank, stage, key, degree), (count, total) in self.window.items():
             per_rank.setdefault(rank, []).append(StageSample(stage, key, degree, count, total))
@@ -449,6 +480,11 @@ class Simulation:
                    for rank in range(len(self.speeds))]
         self.window = {}
         self.window_start = self.t
+        return timings
+
+    def _batch_boundary(self) -> None:
+        self.next_boundary = self.done + self.batch_items
+        timings = self._window_timings()
         unfinished = [c for c, done in zip(self.items, self.finished) if not done]
         new_plan = self.policy.on_batch(timings, unfinished)
         if new_plan is not None:

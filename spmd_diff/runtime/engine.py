@@ -52,8 +52,8 @@ from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
-from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, gather_timings,
-                                         split_batches)
+from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, batches_since_change,
+                                         gather_timings, next_batch)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 from spmd_diff.runtime.time_shared import time_shared_loop
@@ -148,8 +148,13 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
             return [by_id[item_id].index for item_id in plan.pending]
         return None
 
-    pending_indices = world.comm.bcast(world.run_checked(prepare_out), root=0)
     items_by_index = {item.index: item for item in setup.items}
+
+    def pending_in_order():  # rank 0 decides, so every rank hands out the same order
+        indices = prepare_out()
+        return None if indices is None else render_order(setup, [items_by_index[i] for i in indices], world.device)
+
+    pending_indices = world.comm.bcast(world.run_checked(pending_in_order), root=0)
     pending = [items_by_index[i] for i in pending_indices]
     cost = _slowest_item_cost(setup, pending, world.device)
 
@@ -219,6 +224,27 @@ def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
                    vae.get("base_dim", 96))
     return predict_item_cost(s.num_video_tokens, dims, spec.num_inference_steps, spec.guidance_scale > 1.0,
                              spec.num_frames * spec.height * spec.width, device, setup.plan.sp_degree)
+
+
+def render_order(setup: Setup, items: list[Item], device: str) -> list[int]:
+    """The indices of ``items`` in the order the job hands them out: longest predicted first (encode + denoise +
+    decode of the item's video settings); among equal predictions each kind (:func:`item_kind`) together, in the
+    order the kinds first appear, and each kind's items in prompts-file order. A mixed job then does not end on a
+    long item started last beside idle ranks, and a batch can hold one kind (``rebalance.next_batch``); a job of
+    one kind of item keeps the file's order. No video depends on it."""
+    seconds, first = {}, {}
+    for spec in {setup.spec_of(item) for item in items}:
+        cost = _item_cost(setup, spec, device)
+        seconds[spec] = cost.encode_s + cost.denoise_s + cost.decode_s
+    for position, item in enumerate(items):
+        first.setdefault(item_kind(setup, item), position)
+    return [item.index for item in sorted(items, key=lambda item: (-seconds[setup.spec_of(item)],
+                                                                   first[item_kind(setup, item)]))]  # stable
+
+
+def item_kind(setup: Setup, item: Item) -> str:
+    """The item's kind of work: the settings its cost depends on (``WorkClass``: size, frames, steps, CFG)."""
+    return WorkClass.of_video(setup.spec_of(item)).key
 
 
 def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost:
@@ -307,13 +333,11 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
-        # Timings are keyed by the work class the batches hold most of (the planner plans one class per job).
-        common = collections.Counter(setup.spec_of(item) for item in pending).most_common(1)
-        work_class_key = WorkClass.of_video(common[0][0] if common else setup.spec).key
-        batches = split_batches(pending, policy.batch_items(plan, len(pending)))
-        num_done_before = 0
+        start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
-        for number, batch in enumerate(batches):
+        while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
+            batch = next_batch(pending, start, policy.batch_items(plan, len(pending) - start), since_change,
+                               lambda item: item_kind(setup, item))
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
@@ -360,11 +384,14 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             else:
                 _run_role(ctx, plan, queue, batch, senders, receivers)
             queue.free()
-            num_done_before += len(batch)
-            if number == len(batches) - 1 or world.comm.allreduce(1 if stop.requested else 0):
+            start += len(batch)
+            if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
                 break
-            timings = gather_timings(world.comm, counters.since_mark(world.rank, work_class_key, plan.sp_degree))
-            decision = policy.decide(plan, timings, len(pending) - num_done_before)
+            # a batch holds one kind of item (next_batch): its timings are of that work class
+            timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]),
+                                                                     plan.sp_degree))
+            decision = policy.decide(plan, timings, len(pending) - start)
+            switched = False
             if decision is not None and decision.switch:
                 new_heap = _layout(world, decision.best, enc_spec, dec_spec, channels_base).heap_bytes
                 if transport is not None and new_heap > transport_heap:
@@ -372,7 +399,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     if world.rank == 0:
                         events.emit("replan_declined", batch=number, declined=f"the channel heap was sized for "
                                     f"{transport_heap} bytes, the new plan needs {new_heap}", **decision.to_event())
-                    continue
+                else:
+                    switched = True
+            if switched:
                 if world.rank == 0:
                     events.emit("replan", batch=number, **decision.to_event())
                     print(f"spmd-diff: re-plan after batch {number}: {decision.best.role_counts()} "
@@ -380,6 +409,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 plan = decision.best
                 if ctx.hooks:
                     ctx.hooks.at("replan", f"batch-{number}")
+            since_change = batches_since_change(pending, start, since_change, switched,
+                                                lambda item: item_kind(setup, item))
+            number += 1
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,

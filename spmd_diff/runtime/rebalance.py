@@ -2,8 +2,10 @@
 with one MPI collective and a policy chooses the plan of the next batch.
 
 A batch ends when its items are through every stage (the channels drain and close), so a plan can change roles,
-channels and DiT groups without leaving an item half-way. A policy that never changes the plan makes the whole
-job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
+channels and DiT groups without leaving an item half-way. Batches are cut as they start (:func:`next_batch`):
+each after one that kept the plan is twice as long, so a plan that holds pays few drains, and a batch holds one
+kind of item. A policy that never changes the plan makes the
+whole job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from spmd_diff.io.inputs import Item
 from spmd_diff.plan.for_job import JobPlanning
@@ -35,7 +37,8 @@ class StageCounters:
         self.stage_items = dict(self.ctx.stage_items)
 
     def since_mark(self, rank: int, class_key: str, sp_degree: int) -> RankTimings:
-        """This rank's batch as the planner reads it (every item of the job is of class ``class_key``)."""
+        """This rank's batch as the planner reads it (every item of the batch is of class ``class_key``: a batch
+        holds one kind of item)."""
         samples = []
         for stage in TIMED_STAGES:
             busy = self.ctx.stage_s.get(stage, 0.0) - self.stage_s.get(stage, 0.0)
@@ -62,7 +65,8 @@ class Policy(Protocol):
         """The decision after a batch (``.switch``, ``.best``, ``.to_event()``), or None to keep ``plan``."""
 
     def batch_items(self, plan: RolePlan, num_pending: int) -> int:
-        """Items per batch (``num_pending`` or more: one batch)."""
+        """Items of the job's first batch and of the first after a re-plan (``num_pending`` or more: one batch);
+        later batches grow from it (:func:`batch_length`)."""
 
     def decline(self, plan: RolePlan) -> None:
         """The runtime could not switch (the new plan's channels do not fit the heap): ``plan`` stays."""
@@ -88,8 +92,9 @@ class AutoPolicy:
     """``roles.policy = "auto"``: the planner's plan (``spmd_diff.plan.planner``), re-planned between batches
     from the gathered timings with hysteresis and the switch cost counted (``spmd_diff.plan.replan``).
 
-    A batch lasts about ``batch_s`` seconds of predicted work (at least two items per pipeline): long enough that
-    draining the pipeline at its end costs little, short enough to follow a change in the work.
+    The first batch (and the first after a re-plan) lasts about ``batch_s`` seconds of predicted work (at least two
+    items per pipeline): long enough that draining the pipeline at its end costs little, short enough to follow a
+    change in the work; each batch after one that kept the plan is twice as long (:func:`batch_length`).
     """
 
     def __init__(self, planning: JobPlanning, num_pending: int, batch_s: float) -> None:
@@ -125,13 +130,39 @@ class AutoPolicy:
         return batch_size_for(self.batch_s, per_item, len(plan.dit_groups), minimum=2 * len(plan.dit_groups))
 
 
-def split_batches(pending: Sequence[Item], batch_items: int) -> list[list[Item]]:
-    """``pending`` in order, cut into batches of ``batch_items`` (the last may be shorter)."""
-    size = max(1, batch_items)
-    return [list(pending[i: i + size]) for i in range(0, len(pending), size)] or [[]]
+def next_batch(pending: Sequence[Item], start: int, base_items: int, since_change: int,
+               kind: Callable[[Item], Hashable]) -> list[Item]:
+    """The batch that starts at ``pending[start]``: :func:`batch_length` items, at most the rest of the job (the
+    last batch takes what is left), and none of another ``kind`` (an item's video settings) than the first: the
+    render order keeps each kind together, so a batch holds one kind and its timings describe it (and a
+    time-shared rank's cycles of equal counts are cycles of equal work). A pure function of values every rank holds
+    alike (the broadcast pending list, the items done, the policy's decisions): every rank cuts the same batch."""
+    batch = pending[start: start + batch_length(base_items, since_change)]
+    if batch:
+        first = kind(batch[0])
+        batch = batch[:next((i for i, item in enumerate(batch) if kind(item) != first), len(batch))]
+    return list(batch)
+
+
+def batch_length(base_items: int, since_change: int) -> int:
+    """Items of a batch: ``base_items`` (the policy's ``batch_items``) for the job's first batch and the first after
+    a change (a re-plan, or a new kind of item), twice the previous batch's for every batch since
+    (``since_change`` batches). A plan that holds then drains its pipeline about log2(items / first batch) times,
+    not once per ``base_items``; a change starts short batches again, to follow the work closely while it changes."""
+    return max(1, base_items) << min(max(0, since_change), 48)
+
+
+def batches_since_change(pending: Sequence[Item], start: int, since_change: int, switched: bool,
+                         kind: Callable[[Item], Hashable]) -> int:
+    """``since_change`` for the batch that starts at ``pending[start]`` (the last one ended just before): 0 after
+    a re-plan (``switched``) or where the kind of item changes, one more otherwise."""
+    if switched or (0 < start < len(pending) and kind(pending[start]) != kind(pending[start - 1])):
+        return 0
+    return since_change + 1
 
 
 def batch_size_for(seconds_per_batch: float, seconds_per_item: float, num_parallel: int, minimum: int) -> int:
-    """Items that keep ``num_parallel`` pipelines busy for about ``seconds_per_batch``, at least ``minimum``."""
-    per_pipeline = seconds_per_batch / max(seconds_per_item, 1e-6)
-    return max(minimum, math.ceil(per_pipeline * max(1, num_parallel)))
+    """Items that keep ``num_parallel`` pipelines busy for about ``seconds_per_batch``, at least ``minimum``: the
+    same whole number of items for every pipeline, so the drain at the batch's end waits for no partial round."""
+    per_pipeline = math.ceil(seconds_per_batch / max(seconds_per_item, 1e-6) - 1e-9)
+    return max(minimum, per_pipeline * max(1, num_parallel))

@@ -306,7 +306,7 @@ def _killed_at(point: str, victim: int, env: dict, prompts: Path, out: Path) -> 
     item = "batch-1" if point == "batch_start" else "*"  # the batch after the first re-plan; any re-plan
     hooks = json.dumps([{"action": "exit", "stage": point, "item": item, "rank": victim}])
     return subprocess.run(command(4, prompts, out, *REPLANNING), cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=full_env(env, SPMD_DIFF_INJECT_DELAY="denoise:0.4",
+                          timeout=300, env=full_env(env, SPMD_DIFF_INJECT_DELAY="denoise:0.8",
                                                     SPMD_DIFF_TEST_HOOKS=hooks))
 
 

@@ -23,8 +23,10 @@ pytestmark = pytest.mark.skipif(not mpirun_available(), reason="mpirun or mpi4py
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_SEED = 1234  # jobs/demo.toml run.seed
-# jobs/demo.toml's [video]: 64 x 64, 9 frames, 4 steps, guidance 5.0. The smaller items come first, so the first
-# run (killed at the third item's write) finishes them on its group of 2 and the rerun gets the larger ones.
+# jobs/demo.toml's [video]: 64 x 64, 9 frames, 4 steps, guidance 5.0. The job hands items out longest first
+# (engine.render_order): large-default, large-3-steps, large-short-nocfg, small-long, small-short. The first run,
+# killed at the second item's write, finishes large-default on its group of 2 and the rerun gets the rest, the
+# longest of which (large-3-steps) is worth a group of 2 under the per-item degree.
 PROMPTS = [
     {"id": "small-short", "prompt": "A cat walks on the grass.", "height": 32, "width": 48, "num_frames": 5,
      "num_inference_steps": 2},
@@ -65,9 +67,9 @@ def own_settings(index: int) -> dict:
 @pytest.fixture(scope="module")
 def killed_then_rerun(prompts, env, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed-out") / "out"
-    # The decoder (rank 1) dies as it starts writing the third item: the job aborts with items in flight.
+    # The decoder (rank 1) dies as it starts writing the second item: the job aborts with items in flight.
     killed = run(prompts, out, env, "--set", "dit.sp_degree=2",
-                 hooks=[{"action": "exit", "stage": "write", "item": PROMPTS[2]["id"], "rank": 1}])
+                 hooks=[{"action": "exit", "stage": "write", "item": "large-3-steps", "rank": 1}])
     partial = {p.name.split(".")[0] for p in (out / "items").glob("*/*.h5")}
     rerun = run(prompts, out, env, *PER_ITEM)
     return out, killed, partial, rerun

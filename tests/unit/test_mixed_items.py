@@ -266,3 +266,50 @@ def test_plan_prints_the_degree_each_item_would_run_at(tmp_path, capsys):
     assert "degree 1" not in wide, wide  # the long items at the end run wider
     assert main(["plan", job, "--gpus-per-node", "8", "--prompts", str(prompts)]) == 0
     assert "per-item SP degree: off (dit.per_item_degree); every item of" in capsys.readouterr().out
+
+
+def test_a_mixed_job_hands_out_its_longest_items_first_and_a_uniform_one_keeps_the_files_order(demo_model_dir):
+    from spmd_diff.plan.for_job import static_plan
+    from spmd_diff.plan.topology import Topology
+    from spmd_diff.runtime.engine import render_order
+    from spmd_diff.runtime.setup import build_setup
+    from spmd_diff.runtime.startup import JobInputs
+
+    job = build_job({"video": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}}, "job.toml")
+    mixed = tuple(_items('{"id": "b", "prompt": "x", "num_inference_steps": 8}',  # more steps: longer
+                         '{"id": "c", "prompt": "y"}',
+                         '{"id": "d", "prompt": "z", "height": 64, "num_inference_steps": 8}',  # more tokens too
+                         '{"id": "e", "prompt": "w", "guidance_scale": 1.0}'))  # no CFG: shortest
+    topology = Topology((0,), gpus_per_node=0)
+    plan = static_plan(job, topology)
+
+    def order(items):
+        setup = build_setup(JobInputs(job, items, plan, topology, str(demo_model_dir), items), plan, "cpu")
+        by_index = {item.index: item.id for item in items}
+        return [by_index[i] for i in render_order(setup, list(items), "cpu")]
+
+    assert order(mixed) == ["d", "b", "a", "c", "e"]  # "a" (the job's defaults) and "c" tie: file order
+    uniform = tuple(_items(*(f'{{"id": "u{k}", "prompt": "p{k}"}}' for k in range(5))))
+    assert order(uniform) == ["a", "u0", "u1", "u2", "u3", "u4"]
+
+
+def test_equal_predictions_of_different_kinds_are_handed_out_kind_by_kind(demo_model_dir):
+    """Items of two kinds with the same predicted cost (a tall and a wide frame) are not interleaved: each kind
+    together (in the order the kinds first appear), so a batch can hold one kind (rebalance.next_batch)."""
+    from spmd_diff.plan.for_job import static_plan
+    from spmd_diff.plan.topology import Topology
+    from spmd_diff.runtime.engine import item_kind, render_order
+    from spmd_diff.runtime.setup import build_setup
+    from spmd_diff.runtime.startup import JobInputs
+
+    job = build_job({"video": {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}}, "job.toml")
+    items = tuple(_items(*(f'{{"id": "{name}", "prompt": "x", "height": {h}, "width": {w}}}'
+                           for name, h, w in (("tall1", 64, 32), ("wide1", 32, 64), ("tall2", 64, 32),
+                                              ("wide2", 32, 64)))))
+    topology = Topology((0,), gpus_per_node=0)
+    plan = static_plan(job, topology)
+    setup = build_setup(JobInputs(job, items, plan, topology, str(demo_model_dir), items), plan, "cpu")
+    by_index = {item.index: item for item in items}
+    ordered = [by_index[i] for i in render_order(setup, list(items), "cpu")]
+    assert [item.id for item in ordered] == ["tall1", "tall2", "wide1", "wide2", "a"]
+    assert item_kind(setup, ordered[0]) == item_kind(setup, ordered[1]) != item_kind(setup, ordered[2])
