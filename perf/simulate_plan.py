@@ -245,14 +245,14 @@ ENGINE_BATCHES = {"auto_engine": "grow+kind", "auto_engine_grow": "grow", "auto_
 
 
 class EngineBatches:
-    """The engine's batches over ``ordered`` items: ``rebalance.AutoPolicy.batch_items`` for the plan (the job's
-    work class's slowest predicted stage, ``batch_s`` of it per DiT group, at least 2 items per group), then
+    """The engine's batches over ``ordered`` items: a base of ``batch_s`` of a slowest predicted stage per DiT
+    group, at least 2 items per group, then
 
     - "grow+kind": ``rebalance.next_batch`` / ``batches_since_change`` (batches double while the plan and the
-      kind of item hold; a batch holds one kind) on ``rebalance.batch_size_for``'s base (a whole number of items
-      per DiT group): the engine now;
-    - "grow": doubling, but batches cross kinds, on the base before (``batch_s`` x groups / item seconds rounded
-      up: not a whole number per group), an intermediate rule, for comparison;
+      kind of item hold; a batch holds one kind) on ``rebalance.AutoPolicy.batch_items``'s base (the batch's own
+      kind's stage, ``rebalance.batch_size_for``: a whole number of items per DiT group): the engine now;
+    - "grow": doubling, but batches cross kinds, on the base before (the job's work class's stage; ``batch_s`` x
+      groups / item seconds rounded up: not a whole number per group), an intermediate rule, for comparison;
     - "fixed": every batch the base before (the engine before batches grew).
     """
 
@@ -260,11 +260,12 @@ class EngineBatches:
         self.ordered, self.cost, self.work_class, self.batch_s, self.rule = ordered, cost, work_class, batch_s, rule
 
     def size(self, plan, start: int, since_change: int) -> int:
-        per_item = max(self.cost.item_seconds(self.work_class, plan.sp_degree).values())
         groups = len(plan.dit_groups)
-        if self.rule == "grow+kind":
+        if self.rule == "grow+kind":  # the base from the batch's own kind (rebalance.AutoPolicy.batch_items)
+            per_item = max(self.cost.item_seconds(self.ordered[start], plan.sp_degree).values())
             base = batch_size_for(self.batch_s, per_item, groups, minimum=2 * groups)
             return len(next_batch(self.ordered, start, base, since_change, kind=lambda c: c))
+        per_item = max(self.cost.item_seconds(self.work_class, plan.sp_degree).values())  # the job's class
         base = max(2 * groups, math.ceil(self.batch_s / per_item * groups))  # batch_size_for before
         return batch_length(base, since_change if self.rule == "grow" else 0)
 

@@ -336,8 +336,10 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
-            batch = next_batch(pending, start, policy.batch_items(plan, len(pending) - start), since_change,
-                               lambda item: item_kind(setup, item))
+            kind = (lambda item: item_kind(setup, item)) if policy.one_kind_per_batch(plan) else (lambda item: "")
+            first_class = WorkClass.of_video(setup.spec_of(pending[start])) if start < len(pending) else None
+            base = policy.batch_items(plan, len(pending) - start, first_class) if first_class else 1
+            batch = next_batch(pending, start, base, since_change, kind)
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
@@ -387,7 +389,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             start += len(batch)
             if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
                 break
-            # a batch holds one kind of item (next_batch): its timings are of that work class
+            # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
             timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]),
                                                                      plan.sp_degree))
             decision = policy.decide(plan, timings, len(pending) - start)
@@ -409,8 +411,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 plan = decision.best
                 if ctx.hooks:
                     ctx.hooks.at("replan", f"batch-{number}")
-            since_change = batches_since_change(pending, start, since_change, switched,
-                                                lambda item: item_kind(setup, item))
+            since_change = batches_since_change(pending, start, since_change, switched, kind)
             number += 1
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}

@@ -4,8 +4,9 @@ with one MPI collective and a policy chooses the plan of the next batch.
 A batch ends when its items are through every stage (the channels drain and close), so a plan can change roles,
 channels and DiT groups without leaving an item half-way. Batches are cut as they start (:func:`next_batch`):
 each after one that kept the plan is twice as long, so a plan that holds pays few drains, and a batch holds one
-kind of item. A policy that never changes the plan makes the
-whole job one batch: no drain, no collective, exactly the pipeline of a fixed plan.
+kind of item where the policy re-plans (or ranks are time-shared). A policy that never changes the plan makes the
+whole job one batch (time-shared ranks: one per kind): no drain, no collective, exactly the pipeline of a fixed
+plan.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from spmd_diff.plan.planner import plan_auto
 from spmd_diff.plan.replan import Rebalancer, Replan
 from spmd_diff.plan.roles import RolePlan
 from spmd_diff.plan.timings import TIMED_STAGES, RankTimings, StageSample
+from spmd_diff.plan.workload import WorkClass
 
 
 class StageCounters:
@@ -64,9 +66,15 @@ class Policy(Protocol):
     def decide(self, plan: RolePlan, timings: Sequence[RankTimings], num_remaining: int) -> Replan | None:
         """The decision after a batch (``.switch``, ``.best``, ``.to_event()``), or None to keep ``plan``."""
 
-    def batch_items(self, plan: RolePlan, num_pending: int) -> int:
-        """Items of the job's first batch and of the first after a re-plan (``num_pending`` or more: one batch);
-        later batches grow from it (:func:`batch_length`)."""
+    def batch_items(self, plan: RolePlan, num_pending: int, work_class: WorkClass) -> int:
+        """Items of the job's first batch, and of the first after a re-plan or at a new kind of item
+        (``work_class``: the kind the batch holds), ``num_pending`` or more for one batch; later batches grow from
+        it (:func:`batch_length`)."""
+
+    def one_kind_per_batch(self, plan: RolePlan) -> bool:
+        """Whether a batch holds one kind of item (:func:`next_batch`): where its timings feed a re-plan (they
+        then describe one work class) or ranks are time-shared (a cycle of equal counts is then one of equal
+        work). Otherwise kinds flow through one batch, with no drain between them."""
 
     def decline(self, plan: RolePlan) -> None:
         """The runtime could not switch (the new plan's channels do not fit the heap): ``plan`` stays."""
@@ -81,8 +89,11 @@ class FixedPolicy:
     def decide(self, plan: RolePlan, timings: Sequence[RankTimings], num_remaining: int) -> Replan | None:
         return None
 
-    def batch_items(self, plan: RolePlan, num_pending: int) -> int:
+    def batch_items(self, plan: RolePlan, num_pending: int, work_class: WorkClass) -> int:
         return max(1, num_pending)
+
+    def one_kind_per_batch(self, plan: RolePlan) -> bool:
+        return plan.time_shared
 
     def decline(self, plan: RolePlan) -> None:
         pass
@@ -124,10 +135,13 @@ class AutoPolicy:
     def decline(self, plan: RolePlan) -> None:
         self.balancer = dataclasses.replace(self.balancer, plan=plan)
 
-    def batch_items(self, plan: RolePlan, num_pending: int) -> int:
-        seconds = self.planning.cost.item_seconds(self.planning.work_class, plan.sp_degree)
+    def batch_items(self, plan: RolePlan, num_pending: int, work_class: WorkClass) -> int:
+        seconds = self.planning.cost.item_seconds(work_class, plan.sp_degree)
         per_item = max(seconds.values()) if seconds else 1.0
         return batch_size_for(self.batch_s, per_item, len(plan.dit_groups), minimum=2 * len(plan.dit_groups))
+
+    def one_kind_per_batch(self, plan: RolePlan) -> bool:
+        return True
 
 
 def next_batch(pending: Sequence[Item], start: int, base_items: int, since_change: int,

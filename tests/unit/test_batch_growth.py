@@ -69,3 +69,38 @@ def test_the_first_batch_gives_every_pipeline_the_same_whole_number_of_items():
     assert batch_size_for(300.0, 62.5, 64, minimum=128) == 5 * 64  # 4.8 items each: 5 each, not 308 in all
     assert batch_size_for(300.0, 60.0, 8, minimum=16) == 5 * 8  # exactly 5 each: not 6
     assert batch_size_for(0.5, 62.5, 4, minimum=8) == 8  # at least the minimum
+
+
+def test_auto_sizes_a_kind_s_first_batch_by_that_kind_s_cost_and_only_re_planning_or_time_sharing_cuts_kinds():
+    """A 4-step kind's first batch holds ~12x the items of a 50-step kind's (each about roles.batch_s of its own
+    work), not the job's class's count; "auto" and time-shared plans hold one kind per batch, a static plan of
+    dedicated or co-located stages runs every kind in one batch (no drain between kinds)."""
+    import dataclasses
+
+    from spmd_diff.plan.cost_model import AnalyticPrior, CostModel
+    from spmd_diff.plan.for_job import JobPlanning
+    from spmd_diff.plan.memory import MemoryModel
+    from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B
+    from spmd_diff.plan.planner import PlanInputs, PlannerSettings
+    from spmd_diff.plan.roles import plan_roles
+    from spmd_diff.plan.topology import Topology
+    from spmd_diff.plan.workload import WorkClass
+    from spmd_diff.runtime.rebalance import AutoPolicy, FixedPolicy
+
+    fifty, four = WorkClass(480, 832, 81, 50, True), WorkClass(480, 832, 81, 4, True)
+    topology = Topology.uniform(1, 8, 8)
+    inputs = PlanInputs(topology, MemoryModel.for_model(WAN21_T2V_1_3B), 141 << 30, PlannerSettings())
+    cost = CostModel(AnalyticPrior(WAN21_T2V_1_3B))
+    policy = AutoPolicy(JobPlanning(inputs, fifty, cost, WAN21_T2V_1_3B), 1000, batch_s=300.0)
+    plan = policy.plan
+    groups = len(plan.dit_groups)
+    per_item = {c: max(cost.item_seconds(c, plan.sp_degree).values()) for c in (fifty, four)}
+    for work_class in (fifty, four):  # the same whole number per group: ceil(300 s / its slowest stage)
+        expected = max(2, -(-300.0 // per_item[work_class])) * groups
+        assert policy.batch_items(plan, 1000, work_class) == expected, work_class
+    assert policy.batch_items(plan, 1000, four) >= 8 * policy.batch_items(plan, 1000, fifty)
+    assert policy.one_kind_per_batch(plan)
+    static, shared = plan_roles(topology, 0, 0, 1), dataclasses.replace(plan_roles(topology, 0, 0, 1),
+                                                                         time_shared=True, stage_batch=8)
+    assert FixedPolicy().batch_items(static, 1000, fifty) == 1000
+    assert not FixedPolicy().one_kind_per_batch(static) and FixedPolicy().one_kind_per_batch(shared)
