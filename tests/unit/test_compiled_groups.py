@@ -18,7 +18,14 @@ from spmd_diff.parallel.group_denoise import SPDenoiser
 from spmd_diff.parallel.hooks import compiled_variants
 from tests.unit._sp_threads import run_ranks
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    # torch 2.11 (the GPU machine's): its make_fx sets FX's process-global tracing flag while one thread-rank
+    # compiles, and the other thread-rank's compiled call then raises "Detected that you are using FX to
+    # symbolically trace a dynamo-optimized function" (seen 2026-12-03). The engine's ranks are processes.
+    pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 13),
+                       reason="two thread-ranks cannot compile at once before torch 2.13 (FX's global trace flag)"),
+]
 
 SPECS = {"A": VideoSpec(height=32, width=32, num_frames=9, num_inference_steps=2, guidance_scale=1.0),  # 12 tokens
          "B": VideoSpec(height=48, width=64, num_frames=9, num_inference_steps=2, guidance_scale=1.0)}  # 36 tokens
