@@ -474,7 +474,7 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
              f"host {config['host']}); seed {args.seed}; {config['model']}.", "",
              "Makespans in seconds of simulated time. auto (engine) = what the engine does: items in its render "
              "order (longest first, each kind together), batches cut as each starts (the first, and the first after "
-             "a re-plan or a new kind, about roles.batch_s = 300 s of the job's work class per DiT group; doubling "
+             "a re-plan or a new kind, about roles.batch_s = 300 s of that kind's work per DiT group; doubling "
              "while plan and kind hold; one kind per batch), the pipeline drained at every batch's end, the planner "
              "from the analytic prior refitted on each batch's timings, a global switch (batches and switches in "
              "brackets); targets are checked on it. drain/batch = the engine before: every batch 300 s long, "
