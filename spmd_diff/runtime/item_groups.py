@@ -23,6 +23,11 @@ every rank follows its share of it in that order, so every group's collectives f
 far the real times drift from the predicted ones (a rank ahead of time waits in its next group's first
 collective, under the usual deadline): no deadlock, exactly the schedule's groups.
 
+Pulled instead (:func:`widens_any`): a schedule that runs every item at the job's fixed degree (``dit.sp_degree``)
+is not run: the plan's own DiT groups of that degree pull the items from the shared queue in the same order. A
+schedule is fixed before the job, so a rank whose items run a few percent long ends late while others idle;
+pulled items absorb that (up to 6% of makespan at 512 GPUs, perf/results/simulate-degree-2026-12-03*.md).
+
 Cost: ``pick_degree`` is asked with one node per free-rank count while the item can start narrow now (nodes
 alike but for their index); only where it would wait or widen (a job's tail) with, per degree, the one node that
 seats it soonest (the same choice as over every node). 10^5 items on 4,096 ranks: about 10 s on a 2-core VM
@@ -226,6 +231,12 @@ def job_item_groups(job, items: Sequence, dit_ranks: Sequence[int], topology: To
     return schedule_item_groups(work, ranks_by_node, cost, degrees)
 
 
+def widens_any(schedule: Sequence[ItemGroup], fixed_degree: int) -> bool:
+    """Whether ``schedule`` runs any item at another degree than ``fixed_degree`` (``dit.sp_degree``); if not, the
+    job's DiT groups of that degree pull the items instead (see the module docstring)."""
+    return any(group.degree != fixed_degree for group in schedule)
+
+
 def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) -> str:
     """Lines for ``spmd-diff plan --prompts``: items per degree for each work class, and the predicted end."""
     by_index = {item.index: item for item in items}
@@ -239,4 +250,7 @@ def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) ->
     for key in sorted(rows):
         shown = ", ".join(f"{n} at degree {d}" for d, n in sorted(rows[key].items()))
         lines.append(f"  {key}: {shown}")
+    if schedule and not widens_any(schedule, job.dit.sp_degree):
+        lines.append(f"  every item at dit.sp_degree = {job.dit.sp_degree}: the DiT groups pull them from the "
+                     f"shared queue (no precomputed schedule)")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ first with a fixed DiT group of 2 (CFG parallel; an encoder and a decoder rank),
 middle; then rerun with a per-item SP degree (``dit.per_item_degree``: groups of 1 and 2 formed item by item)
 for what is left, the larger items. Every item ends up rendered exactly once, each video equal to diffusers' own
 ``WanPipeline`` for that item's own settings (within 1 uint8 level), and its attributes record those settings.
+A per-item job whose schedule widens no item is pulled by the fixed-degree groups instead, with the same videos.
 """
 
 from __future__ import annotations
@@ -125,3 +126,37 @@ def test_each_item_ran_on_the_group_its_leader_announced_some_larger_ones_on_two
     assert any(item.startswith("large") and g["degree"] == 2 for item, g in groups.items())
     [summary] = [e for e in events if e["ev"] == "item_groups" and e["t"] >= rerun_start]
     assert sum(summary["degrees"].values()) == len(left)
+
+
+def test_a_per_item_schedule_at_the_fixed_degree_is_pulled_and_equal_to_the_pipeline(prompts, env, demo_model_dir,
+                                                                                      tmp_path):
+    """Items whose schedule widens none (four items of one small kind on 2 ranks: each alone on a rank) are pulled
+    by the plan's DiT groups of dit.sp_degree instead (no precomputed schedule: no item_group records); every video
+    equals diffusers' WanPipeline for its settings."""
+    from diffusers import WanPipeline
+
+    from spmd_diff.models.shapes import VideoSpec
+    from spmd_diff.models.wan import reference_video
+
+    settings = {"height": 32, "width": 32, "num_frames": 5, "num_inference_steps": 2}
+    uniform, out = tmp_path / "uniform.jsonl", tmp_path / "out"
+    uniform.write_text("".join(json.dumps({"id": f"u{k}", "prompt": p["prompt"], **settings}) + "\n"
+                               for k, p in enumerate(PROMPTS[:4])))
+    result = mpirun(2, "spmd_diff", "run", str(REPO / "jobs/demo.toml"), "--prompts", str(uniform), "--out",
+                    str(out), *PER_ITEM, timeout=240, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "per-item SP degree: 4 item(s) at degree 1 (every item at dit.sp_degree = 1: the DiT groups pull them" \
+        in result.stderr, result.stderr[-3000:]
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["ev"] == "item_group"]
+    [summary] = [e for e in events if e["ev"] == "item_groups"]
+    assert summary["pulled"] and summary["degrees"] == {"1": 4}
+    assert {e["rank"] for e in events if e["ev"] == "stage" and e["stage"] == "denoise"} == {0, 1}  # both pulled
+    pipeline = WanPipeline.from_pretrained(demo_model_dir)
+    with h5py.File(out / "videos.h5", "r") as f:
+        assert sorted(f["videos"]) == [f"u{k}" for k in range(4)]
+        for k, p in enumerate(PROMPTS[:4]):
+            expected = reference_video(demo_model_dir, p["prompt"], "blurry, low quality", BASE_SEED + k,
+                                       VideoSpec(**settings, guidance_scale=5.0), pipeline)
+            diff = np.abs(f["videos"][f"u{k}"][...].astype(np.int16) - expected.astype(np.int16))
+            assert diff.max() <= 1, f"u{k}: max diff {diff.max()}"

@@ -264,6 +264,13 @@ def test_plan_prints_the_degree_each_item_would_run_at(tmp_path, capsys):
     assert "480x832x81/4s/cfg: 30 at degree 1" in out
     wide = next(line for line in out.splitlines() if line.strip().startswith("720x1280x81/50s/cfg:"))
     assert "degree 1" not in wide, wide  # the long items at the end run wider
+    assert "the DiT groups pull them" not in out
+    uniform = tmp_path / "uniform.jsonl"
+    uniform.write_text("".join(json.dumps(line) + "\n" for line in lines[:16]))
+    assert main(["plan", job, "--gpus-per-node", "8", *per_item, "--prompts", str(uniform)]) == 0
+    out = capsys.readouterr().out
+    assert "480x832x81/4s/cfg: 16 at degree 1" in out
+    assert "every item at dit.sp_degree = 1: the DiT groups pull them from the shared queue" in out
     assert main(["plan", job, "--gpus-per-node", "8", "--prompts", str(prompts)]) == 0
     assert "per-item SP degree: off (dit.per_item_degree); every item of" in capsys.readouterr().out
 
