@@ -111,6 +111,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
 
     from spmd_diff.io.images import load_image
     from spmd_diff.models.random_wan import make_stages
+    from spmd_diff.models.residency import cap_gpu_memory
     from spmd_diff.models.wan import _frames_to_uint8
 
     cfg = json.loads(args.worker_config)
@@ -131,8 +132,7 @@ def baseline_worker(args: argparse.Namespace) -> None:
                            scheduler=stages._scheduler, transformer=stages.transformer)
     pipe.set_progress_bar_config(disable=True)
     if offload:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg["mem_gib"] * 2**30 / total))
+        cap_gpu_memory("cuda:0", cfg["mem_gib"])  # as the engine caps world.gpu_memory_gib
         pipe.enable_model_cpu_offload()
     load_s = time.time() - t_load
     if device == "cuda":  # the rendering peak (weights included), as the engine's rank_end reports it

@@ -35,6 +35,7 @@ from spmd_diff.io.runplan import plan_run
 from spmd_diff.io.store import VideoStore, describe_corrupt, warn
 from spmd_diff.io.view import build_view
 from spmd_diff.models.random_wan import make_stages
+from spmd_diff.models.residency import cap_gpu_memory
 from spmd_diff.models.speed import StageOptions
 from spmd_diff.models.shapes import VideoSpec
 from spmd_diff.observe.events import EventLog, merge_event_logs
@@ -99,7 +100,7 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
     transport_choice = world.run_checked(lambda: choose_transport(world, setup.job.world.transport)
                                          if world.size > 1 else None)
     stages = world.run_checked(lambda: _load_stages(world, setup, setup.plan))
-    _cap_gpu_memory(world.device, setup.job.world.gpu_memory_gib)
+    cap_gpu_memory(world.device, setup.job.world.gpu_memory_gib)
     # per-item degrees with compiled blocks: a schedule that would compile too many graphs is a bad job
     world.run_checked(lambda: check_compiled_schedule(setup, setup.plan, inputs.pending,
                                                       str(world.device).startswith("cuda")))
@@ -201,17 +202,6 @@ def run(started: Started, request: RunRequest, stop: StopFlag) -> int:
                   f"Run `spmd-diff merge {request.out_dir}` once the problem is fixed.", file=sys.stderr, flush=True)
         lock.release()
     return world.comm.bcast(code, root=0)
-
-
-def _cap_gpu_memory(device: str, gpu_memory_gib: float) -> None:
-    """``world.gpu_memory_gib`` > 0 on a GPU: from the end of loading on, the caching allocator refuses to hold
-    more than that (a rank planned for a smaller GPU runs out of memory as it would there, instead of borrowing
-    the larger one's). Loading is left out: a random-weights model builds each component in float32 before
-    casting it, which a real model's loading never holds."""
-    if gpu_memory_gib <= 0 or not str(device).startswith("cuda"):
-        return
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_memory_gib * 2**30 / total), torch.device(device))
 
 
 def _item_cost(setup: Setup, spec: VideoSpec, device: str) -> ItemCost:
