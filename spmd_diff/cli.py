@@ -218,7 +218,7 @@ def _plan(args) -> int:
         if job.dit.per_item_degree:
             schedule = job_item_groups(job, items, plan.dit_ranks, topology, cost,
                                        int(configs[0].get("num_attention_heads", 12)))
-            print(describe_item_groups(schedule, items, job))
+            print(describe_item_groups(schedule, items, job, on_gpu=topology.gpus_per_node > 0))
         else:
             print(f"per-item SP degree: off (dit.per_item_degree); every item of {args.prompts} at degree "
                   f"{plan.sp_degree}")

@@ -51,7 +51,7 @@ from spmd_diff.runtime import loops
 from spmd_diff.runtime.board import ProgressBoard
 from spmd_diff.runtime.decoder_rounds import decoder_group_loop
 from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
-from spmd_diff.runtime.item_groups import widens_any
+from spmd_diff.runtime.item_groups import runs_pulled
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, batches_since_change,
@@ -287,12 +287,12 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         max_sp = max(p.sp_degree for p in candidates)
         if schedule is not None:
             max_sp = max([max_sp, *(group.degree for group in schedule)])
-            pulled = not widens_any(schedule, plan.sp_degree)  # then the plan's DiT groups pull every item
+            pulled = runs_pulled(schedule, setup.job, on_gpu)  # then the plan's DiT groups pull every item
             if world.rank == 0:
                 by_degree = collections.Counter(group.degree for group in schedule)
                 shown = ", ".join(f"{by_degree[d]} item(s) at degree {d}" for d in sorted(by_degree))
                 how = (f" (every item at dit.sp_degree = {plan.sp_degree}: the DiT groups pull them from the shared "
-                       f"queue)" if pulled and schedule else "")
+                       f"queue)" if pulled else "")
                 print(f"spmd-diff: per-item SP degree: {shown or 'no items'}{how}", file=sys.stderr)
                 events.emit("item_groups", degrees={str(d): n for d, n in sorted(by_degree.items())}, pulled=pulled,
                             predicted_makespan_s=round(max((g.start_s + g.seconds for g in schedule), default=0), 3))

@@ -23,8 +23,10 @@ every rank follows its share of it in that order, so every group's collectives f
 far the real times drift from the predicted ones (a rank ahead of time waits in its next group's first
 collective, under the usual deadline): no deadlock, exactly the schedule's groups.
 
-Pulled instead (:func:`widens_any`): a schedule that runs every item at the job's fixed degree (``dit.sp_degree``)
-is not run: the plan's own DiT groups of that degree pull the items from the shared queue in the same order. A
+Pulled instead (:func:`runs_pulled`): a schedule that runs every item at the job's fixed degree (``dit.sp_degree``,
+:func:`widens_any`) is not run: the plan's own DiT groups of that degree pull the items from the shared queue in
+the same order (not with ``dit.compile`` at degree 1 on GPUs, where the per-item path compiles every item and the
+fixed path would not: other bf16 rounding, another recorded ``dit_compile``). A
 schedule is fixed before the job, so a rank whose items run a few percent long ends late while others idle;
 pulled items absorb that (up to 6% of makespan at 512 GPUs, perf/results/simulate-degree-2026-12-03*.md).
 
@@ -237,7 +239,14 @@ def widens_any(schedule: Sequence[ItemGroup], fixed_degree: int) -> bool:
     return any(group.degree != fixed_degree for group in schedule)
 
 
-def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) -> str:
+def runs_pulled(schedule: Sequence[ItemGroup], job, on_gpu: bool) -> bool:
+    """Whether the engine runs ``schedule`` (``dit.per_item_degree``) as the job's fixed-degree DiT groups pulling
+    the items instead (see the module docstring): it widens no item, and the fixed path renders the same videos."""
+    compiled_only_per_item = on_gpu and job.dit.compile and job.dit.sp_degree == 1
+    return bool(schedule) and not widens_any(schedule, job.dit.sp_degree) and not compiled_only_per_item
+
+
+def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job, on_gpu: bool) -> str:
     """Lines for ``spmd-diff plan --prompts``: items per degree for each work class, and the predicted end."""
     by_index = {item.index: item for item in items}
     rows: dict[str, dict[int, int]] = {}
@@ -250,7 +259,7 @@ def describe_item_groups(schedule: Sequence[ItemGroup], items: Sequence, job) ->
     for key in sorted(rows):
         shown = ", ".join(f"{n} at degree {d}" for d, n in sorted(rows[key].items()))
         lines.append(f"  {key}: {shown}")
-    if schedule and not widens_any(schedule, job.dit.sp_degree):
+    if runs_pulled(schedule, job, on_gpu):
         lines.append(f"  every item at dit.sp_degree = {job.dit.sp_degree}: the DiT groups pull them from the "
                      f"shared queue (no precomputed schedule)")
     return "\n".join(lines)

@@ -271,8 +271,31 @@ def test_plan_prints_the_degree_each_item_would_run_at(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "480x832x81/4s/cfg: 16 at degree 1" in out
     assert "every item at dit.sp_degree = 1: the DiT groups pull them from the shared queue" in out
+    # with dit.compile at degree 1 the per-item path compiles every item, the fixed path would not: run as scheduled
+    assert main(["plan", job, "--gpus-per-node", "8", *per_item, "--set", "dit.compile=true",
+                 "--prompts", str(uniform)]) == 0
+    assert "the DiT groups pull them" not in capsys.readouterr().out
     assert main(["plan", job, "--gpus-per-node", "8", "--prompts", str(prompts)]) == 0
     assert "per-item SP degree: off (dit.per_item_degree); every item of" in capsys.readouterr().out
+
+
+def test_which_per_item_schedules_run_pulled():
+    from types import SimpleNamespace
+
+    from spmd_diff.runtime.item_groups import runs_pulled
+
+    def job(**dit):
+        return build_job({"dit": {"per_item_degree": True, **dit},
+                          "roles": {"policy": "static", "encoders": 0, "decoders": 0}}, "job.toml")
+
+    narrow, widened = [SimpleNamespace(degree=1)] * 3, [SimpleNamespace(degree=d) for d in (1, 2, 1)]
+    assert runs_pulled(narrow, job(), on_gpu=True) and runs_pulled(narrow, job(compile=True), on_gpu=False)
+    assert not runs_pulled(widened, job(), on_gpu=True)
+    assert not runs_pulled([], job(), on_gpu=True)
+    assert not runs_pulled(narrow, job(compile=True), on_gpu=True)  # compiled per item, not on the fixed path
+    pairs = [SimpleNamespace(degree=2)] * 3
+    assert runs_pulled(pairs, job(sp_degree=2, compile=True), on_gpu=True)  # both paths compile groups of 2
+    assert not runs_pulled(narrow, job(sp_degree=2), on_gpu=True)  # narrower than the fixed degree
 
 
 def test_a_mixed_job_hands_out_its_longest_items_first_and_a_uniform_one_keeps_the_files_order(demo_model_dir):
