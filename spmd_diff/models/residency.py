@@ -91,8 +91,8 @@ def _host_tensor(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
 def cap_gpu_memory(device: str, gpu_memory_gib: float) -> None:
     """``world.gpu_memory_gib`` > 0 on a GPU: from this call on (the engine calls it at the end of loading), the
     caching allocator refuses to hold more than that (a rank planned for a smaller GPU runs out of memory as it
-    would there, instead of borrowing the larger one's). Loading is left out: a random-weights model builds each component in float32 before
-    casting it, which a real model's loading never holds."""
+    would there, instead of borrowing the larger one's). Loading is left out: a random-weights model builds each
+    component in float32 before casting it, which a real model's loading never holds."""
     if gpu_memory_gib <= 0 or not str(device).startswith("cuda"):
         return
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory

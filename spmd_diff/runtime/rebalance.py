@@ -103,9 +103,10 @@ class AutoPolicy:
     """``roles.policy = "auto"``: the planner's plan (``spmd_diff.plan.planner``), re-planned between batches
     from the gathered timings with hysteresis and the switch cost counted (``spmd_diff.plan.replan``).
 
-    The first batch (and the first after a re-plan) lasts about ``batch_s`` seconds of predicted work (at least two
-    items per pipeline): long enough that draining the pipeline at its end costs little, short enough to follow a
-    change in the work; each batch after one that kept the plan is twice as long (:func:`batch_length`).
+    The first batch (and the first after a re-plan or at a new kind of item) lasts about ``batch_s`` seconds of
+    that kind's predicted work (at least two items per pipeline): long enough that draining the pipeline at its
+    end costs little, short enough to follow a change in the work; each batch after one that kept the plan is
+    twice as long (:func:`batch_length`).
     """
 
     def __init__(self, planning: JobPlanning, num_pending: int, batch_s: float) -> None:
