@@ -75,7 +75,7 @@ def _ring_specs(setup: Setup) -> tuple[RingSpec, RingSpec]:
 
 def setup_attrs(setup: Setup):
     """item -> the attributes of its video (:func:`spmd_diff.runtime.startup.item_attrs` for this setup)."""
-    return item_attrs(setup.job, setup.model_dir, setup.dtype, setup.plan.sp_degree)
+    return item_attrs(setup.job, setup.model_dir, setup.dtype, setup.plan.sp_degree, setup.topology.gpus_per_node > 0)
 
 
 def run(started: Started, request: RunRequest, stop: StopFlag) -> int:

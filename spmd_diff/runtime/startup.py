@@ -123,7 +123,7 @@ def dtype_name(job: JobConfig, on_gpu: bool) -> str:
     return "bfloat16" if on_gpu else "float32"
 
 
-def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Callable[[Item], dict]:
+def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int, on_gpu: bool) -> Callable[[Item], dict]:
     """item -> the attributes of its video. All but ``model`` (the path), ``spmd_diff_version`` and the ones the
     store adds are the item's content identity (:mod:`spmd_diff.io.identity`): a finished file of other
     attributes is changed work, not finished work. The model is identified by its fingerprint (configs, weight
@@ -131,8 +131,9 @@ def item_attrs(job: JobConfig, model_dir: str, dtype: str, sp_degree: int) -> Ca
     the output form (``output.*``) what is stored and, for h264/hevc, the pixels read back. The video settings
     are the item's own (``VideoConfig.for_item``): an item whose settings change is a changed item."""
     fingerprint = model_fingerprint(model_dir) if model_dir else ""
-    # compiled blocks change bf16 rounding (per-item degrees: every item runs compiled, degree 1 included)
-    compiled = bool(job.dit.compile and (sp_degree > 1 or job.dit.per_item_degree))
+    # compiled blocks change bf16 rounding (per-item degrees: every item runs compiled, degree 1 included); blocks
+    # compile on GPUs only
+    compiled = bool(on_gpu and job.dit.compile and (sp_degree > 1 or job.dit.per_item_degree))
     speed = json.dumps(job.speed.resolved(), sort_keys=True)
     output = job.output.attrs()  # how the video is stored: part of its identity (OutputConfig says why)
 
@@ -191,7 +192,8 @@ def start(request: RunRequest) -> Started:
 
     def look_at_out():
         if world.rank == 0:
-            attrs_of = item_attrs(job, model_dir, dtype_name(job, topology.gpus_per_node > 0), plan.sp_degree)
+            on_gpu = topology.gpus_per_node > 0
+            attrs_of = item_attrs(job, model_dir, dtype_name(job, on_gpu), plan.sp_degree, on_gpu)
             return [it.index for it in pending_items(store, job, items, attrs_of, request.force,
                                                      request.retry_failed)]
         return None
@@ -258,8 +260,9 @@ def _republish(started: Started, request: RunRequest, store: VideoStore) -> int:
         events.emit("job_start", config=inputs.job.to_dict(), world_size=started.world.size,
                     plan=inputs.plan.to_dict(), num_items=len(inputs.items), num_pending=0,
                     model_dir=inputs.model_dir, argv=sys.argv)
-        attrs_of = item_attrs(inputs.job, inputs.model_dir, dtype_name(inputs.job, inputs.topology.gpus_per_node > 0),
-                              inputs.plan.sp_degree)
+        on_gpu = inputs.topology.gpus_per_node > 0
+        attrs_of = item_attrs(inputs.job, inputs.model_dir, dtype_name(inputs.job, on_gpu), inputs.plan.sp_degree,
+                              on_gpu)
         print(f"spmd-diff: {len(inputs.items)} item(s), {len(inputs.items)} already in {request.out_dir} or "
               "failed, 0 to render", file=sys.stderr)
         view = build_view(store, {item.id: attrs_of(item) for item in inputs.items})

@@ -81,7 +81,7 @@ def test_an_item_size_the_model_cannot_take_names_its_line(demo_model_dir):
 
 def _store_run(tmp_path, job, items, **options):
     """Plan a run on OUT (tmp_path) as rank 0 does, and write every pending item (a dummy video)."""
-    attrs_of = item_attrs(job, "", "float32", 1)
+    attrs_of = item_attrs(job, "", "float32", 1, on_gpu=False)
     expected = {item.id: attrs_of(item) for item in items}
     store = VideoStore(tmp_path)
     plan = plan_run(store, expected, job_settings(job, attrs_of, items), apply=True, model_path="demo", job={},
@@ -112,7 +112,7 @@ def test_a_rerun_with_an_items_settings_changed_is_refused_unless_forced_which_r
 def test_job_json_records_the_jobs_defaults_not_the_first_items_own(tmp_path):
     job = build_job({"video": {"height": 64, "width": 64}}, "job.toml")
     first_own = parse_prompts('{"id": "z", "prompt": "x", "height": 32, "num_frames": 5}\n', "p.jsonl", 0)
-    attrs_of = item_attrs(job, "", "float32", 1)
+    attrs_of = item_attrs(job, "", "float32", 1, on_gpu=False)
     settings = job_settings(job, attrs_of, first_own)
     assert settings["video.height"] == 64 and settings["video.num_frames"] == 9
     _store_run(tmp_path, job, first_own)
@@ -343,3 +343,18 @@ def test_equal_predictions_of_different_kinds_are_handed_out_kind_by_kind(demo_m
     ordered = [by_index[i] for i in render_order(setup, list(items), "cpu")]
     assert [item.id for item in ordered] == ["tall1", "tall2", "wide1", "wide2", "a"]
     assert item_kind(setup, ordered[0]) == item_kind(setup, ordered[1]) != item_kind(setup, ordered[2])
+
+
+def test_dit_compile_is_recorded_only_where_blocks_compile():
+    """A video's dit_compile says whether its blocks ran compiled: GPU DiT groups, or every item under a per-item
+    degree; never on CPU ranks (nothing compiles there) nor for a single-rank DiT without per_item_degree."""
+    item = tuple(_items('{"id": "b", "prompt": "x"}'))[0]
+
+    def recorded(on_gpu, sp_degree, **dit):
+        roles = {"policy": "static", "encoders": 0, "decoders": 0}
+        job = build_job({"dit": {"compile": True, **dit}, "roles": roles}, "job.toml")
+        return item_attrs(job, "", "bfloat16", sp_degree, on_gpu=on_gpu)(item)["dit_compile"]
+
+    assert recorded(True, 2) and recorded(True, 1, per_item_degree=True)
+    assert not recorded(True, 1)
+    assert not recorded(False, 2) and not recorded(False, 1, per_item_degree=True)
