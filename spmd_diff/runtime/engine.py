@@ -233,9 +233,9 @@ def render_order(setup: Setup, items: list[Item], device: str) -> list[int]:
                                                                    first[item_kind(setup, item)]))]  # stable
 
 
-def item_kind(setup: Setup, item: Item) -> str:
+def item_kind(setup: Setup, item: Item) -> WorkClass:
     """The item's kind of work: the settings its cost depends on (``WorkClass``: size, frames, steps, CFG)."""
-    return WorkClass.of_video(setup.spec_of(item)).key
+    return WorkClass.of_video(setup.spec_of(item))
 
 
 def _slowest_item_cost(setup: Setup, items: list[Item], device: str) -> ItemCost:
@@ -332,9 +332,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
-            kind = (lambda item: item_kind(setup, item)) if policy.one_kind_per_batch(plan) else (lambda item: "")
-            first_class = WorkClass.of_video(setup.spec_of(pending[start])) if start < len(pending) else None
-            base = policy.batch_items(plan, len(pending) - start, first_class) if first_class else 1
+            kind = (lambda item: item_kind(setup, item)) if policy.one_kind_per_batch(plan) else (lambda item: None)
+            # (start < len(pending) here but for an empty job, which runs one empty batch)
+            base = policy.batch_items(plan, len(pending) - start, item_kind(setup, pending[start])) if pending else 1
             batch = next_batch(pending, start, base, since_change, kind)
             ctx.timeout_s = deadline_for(plan)
             if number > 0:
@@ -386,7 +386,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
                 break
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
-            timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]),
+            timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key,
                                                                      plan.sp_degree))
             decision = policy.decide(plan, timings, len(pending) - start)
             switched = False
