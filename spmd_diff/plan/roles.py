@@ -116,6 +116,12 @@ class RolePlan:
     def _group_index(self) -> dict[int, int]:
         return {rank: index for index, group in enumerate(self.dit_groups) for rank in group}
 
+    @property
+    def ranks_independent(self) -> bool:
+        """Every rank renders whole items alone (time-shared, or every stage on a group of one): no channels and
+        no collectives between ranks, so a rank can go on to the next batch while others finish theirs."""
+        return self.sp_degree == 1 and all(stages == STAGE_ORDER for stages in self._stage_table)
+
     def stages_of(self, rank: int) -> tuple[str, ...]:
         """The stages ``rank`` holds (the components it loads), in pipeline order."""
         return self._stage_table[rank]

@@ -118,3 +118,20 @@ def test_the_channel_heap_grows_with_the_ratio_of_producers_to_consumers_not_the
     heaps = [HeapLayout(p.num_ranks, p.channel_edges(embeds, latents)).heap_bytes for p in (small, big)]
     assert heaps[1] <= 4 * (latents.ring_bytes + embeds.ring_bytes), heaps
     assert big.fan_in() <= 2 * -(-2275 // 1781) and small.fan_in() <= 2 * -(-4 // 3)
+
+
+def test_ranks_independent_only_where_no_rank_waits_for_another():
+    import dataclasses
+
+    from spmd_diff.plan.roles import plan_time_shared
+
+    topo = Topology((0, 0, 0, 0))
+    assert plan_time_shared(topo, 8).ranks_independent
+    assert plan_roles(Topology((0,)), 0, 0).ranks_independent  # one rank holding every stage
+    every_stage = plan_roles(topo, 0, 0)  # four groups of one, each encoding and decoding its own items
+    assert every_stage.ranks_independent
+    assert not plan_roles(topo, 1, 1).ranks_independent  # channels encoder -> DiT -> decoder
+    assert not plan_roles(topo, 0, 0, sp_degree=2).ranks_independent  # DiT groups of two
+    # an auto plan with one rank missing a stage (it hands over through a channel)
+    stages = (("encode", "denoise", "decode"),) * 3 + (("denoise", "decode"),)
+    assert not dataclasses.replace(every_stage, rank_stages=stages, policy="auto").ranks_independent
