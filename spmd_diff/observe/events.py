@@ -3,7 +3,8 @@
 Every record is one JSON object on one line with at least ``t`` (unix time, ``time.time()``), ``rank`` and
 ``ev``; the kinds the runtime writes are ``job_start``/``job_end``, ``rank_start``/``rank_end``, ``stage`` (one
 stage of one item, from :meth:`EventLog.span`), ``handoff``, ``wait``, ``warmup``, ``replan``/``replan_declined``,
-``move`` (a time-shared rank's components of one stage moved to its GPU) and ``failure``, each with the fields its caller passes to :meth:`EventLog.emit`. Writing a record costs one
+``move`` (a time-shared rank's components of one stage moved to its GPU), ``batch_end`` (a rank's share of a
+batch done) and ``failure``, each with the fields its caller passes to :meth:`EventLog.emit`. Writing a record costs one
 ``json.dumps`` and one buffered ``write``; the buffer is flushed at most every ``flush_interval_s`` or
 ``flush_every`` records and on ``close()``, so a killed rank loses at most that much, and may leave a
 truncated last line, which :func:`merge_event_logs` skips.

@@ -159,10 +159,9 @@ class Rebalancer:
 
         balancer = Rebalancer.start(inputs, horizon(runs_of(unfinished), batch_items),
                                     CostModel(AnalyticPrior(sizes)))
-        ... run a batch on balancer.plan, measuring this rank's RankTimings ...
-        wires = comm.allgather(my_timings.to_wire())
-        balancer, decision = balancer.after_batch([RankTimings.from_wire(w) for w in wires],
-                                                  horizon(runs_of(unfinished), batch_items))
+        ... run a batch on balancer.plan; gather every rank's RankTimings of it, in rank order
+            (spmd_diff.runtime.rebalance.BatchCut: one allgather) ...
+        balancer, decision = balancer.after_batch(timings, horizon(runs_of(unfinished), batch_items))
         if decision and decision.switch:   # rolling: only changed_ranks(decision.current, decision.best) stop,
             ...                             # finish their item, load what they newly hold, re-target, rejoin
         if rank == 0 and decision: events.emit("replan", **decision.to_event())

@@ -1,7 +1,7 @@
 """What each rank measured in one batch: the record every rank contributes to one MPI allgather. Pure Python.
 
-The wire form (:meth:`RankTimings.to_wire`) is plain tuples, numbers and strings, so ``comm.allgather`` pickles it
-small (a few hundred bytes per rank) and every rank rebuilds the same list of :class:`RankTimings`.
+The wire form (:meth:`RankTimings.to_vector`) is a fixed number of floats (a batch holds one kind of item), so the
+allgather can be a non-blocking one of a plain buffer and every rank rebuilds the same list of :class:`RankTimings`.
 """
 
 from __future__ import annotations
@@ -47,15 +47,36 @@ class RankTimings:
     def busy_s(self) -> float:
         return sum(s.busy_s for s in self.samples)
 
-    def to_wire(self) -> tuple:
-        return (self.rank, tuple((s.stage, s.class_key, s.sp_degree, s.num_items, s.busy_s) for s in self.samples),
-                self.idle_s, self.wait_s, self.elapsed_s, self.peaks)
+    def to_vector(self) -> list[float]:
+        """The batch as :data:`VECTOR_LENGTH` floats (idle, wait and wall seconds, then per stage of
+        :data:`TIMED_STAGES` items and busy seconds): the fixed-size buffer every rank contributes to one
+        (non-blocking) allgather. The samples must be of one work class and one SP degree (a batch holds one kind of
+        item, on one plan), which :meth:`from_vector` is told; no peaks."""
+        assert len({s.class_key for s in self.samples}) <= 1 and not self.peaks \
+            and all(s.sp_degree == 1 for s in self.samples if s.stage != "denoise"), self
+        per_stage = {s.stage: s for s in self.samples}
+        values = [self.idle_s, self.wait_s, self.elapsed_s]
+        for stage in TIMED_STAGES:
+            sample = per_stage.get(stage)
+            values += [sample.num_items, sample.busy_s] if sample else [0.0, 0.0]
+        return values
 
     @staticmethod
-    def from_wire(wire: Sequence) -> "RankTimings":
-        rank, samples, idle_s, wait_s, elapsed_s, peaks = wire
-        return RankTimings(int(rank), tuple(StageSample(*s) for s in samples), float(idle_s), float(wait_s),
-                           float(elapsed_s), tuple(tuple(p) for p in peaks))
+    def from_vector(rank: int, values: Sequence[float], class_key: str, sp_degree: int) -> "RankTimings":
+        """The inverse of :meth:`to_vector` for ``rank``, whose samples are of ``class_key`` (denoise at
+        ``sp_degree``)."""
+        idle_s, wait_s, elapsed_s = (float(v) for v in values[:3])
+        samples = []
+        for i, stage in enumerate(TIMED_STAGES):
+            items, busy_s = values[3 + 2 * i], values[4 + 2 * i]
+            if items > 0:
+                samples.append(StageSample(stage, class_key, sp_degree if stage == "denoise" else 1, int(round(items)),
+                                           float(busy_s)))
+        return RankTimings(int(rank), tuple(samples), idle_s, wait_s, elapsed_s)
+
+
+VECTOR_LENGTH = 3 + 2 * len(TIMED_STAGES)
+"""Floats of :meth:`RankTimings.to_vector`."""
 
 
 def summarize(timings: Sequence[RankTimings]) -> dict:

@@ -26,7 +26,7 @@ from spmd_diff.comm.heap_layout import HeapLayout, RingSpec
 from spmd_diff.comm.collectives import GroupCollectives
 from spmd_diff.comm.select import TransportChoice, choose_transport, make_transport
 from spmd_diff.comm.transport import round_up
-from spmd_diff.comm.work_queue import WorkQueue
+from spmd_diff.comm.work_queue import BatchQueue, WorkQueue
 from spmd_diff.comm.world import World, set_threads
 from spmd_diff.errors import StageTimeout, StoreFull, UserError
 from spmd_diff.io.identity import identity_of, model_fingerprint
@@ -54,8 +54,8 @@ from spmd_diff.runtime.faults import LauncherWatchdog, OutLock, TestHooks
 from spmd_diff.runtime.item_groups import runs_pulled
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
-from spmd_diff.runtime.rebalance import (AutoPolicy, FixedPolicy, Policy, StageCounters, batches_since_change,
-                                         gather_timings, next_batch)
+from spmd_diff.runtime.rebalance import (AutoPolicy, BatchCut, FixedPolicy, Policy, StageCounters,
+                                         batches_since_change, next_batch)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 from spmd_diff.runtime.time_shared import time_shared_loop
@@ -329,7 +329,12 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
         if world.rank == 0:
             monitor = board.start_monitor(len(pending), plan, setup.job.run.progress_interval_s)
         counters = StageCounters(ctx)
+        # One counter per batch, allocated once (a batch holds at least one item): a rank that emptied a batch's
+        # counter can start on the next batch's while the others finish theirs.
+        queue = WorkQueue(world.comm, max(1, len(pending)))
         start, number, since_change = 0, 0, 0  # items before this batch, its number, batches since a change
+        drained = True  # the last batch ended in a drain (every rank waited for the others): plans may change
+        unread: BatchCut | None = None  # the last batch's timings where it did not drain: read at the next cut
         sp_for: tuple = (None, None, False)  # (DiT group, components, CFG parallel) the SP hooks are attached for
         while True:  # each batch is cut as it starts, alike on every rank (next_batch: shared values only)
             kind = (lambda item: item_kind(setup, item)) if policy.one_kind_per_batch(plan) else (lambda item: None)
@@ -337,12 +342,12 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             base = policy.batch_items(plan, len(pending) - start, item_kind(setup, pending[start])) if pending else 1
             batch = next_batch(pending, start, base, since_change, kind)
             ctx.timeout_s = deadline_for(plan)
-            if number > 0:
+            if number > 0 and drained:
                 ctx.stages = stages = world.run_checked(lambda: _stages_for_plan(world, setup, stages, plan))
             senders, receivers = [], []
             if transport is not None:
                 layout = _layout(world, plan, enc_spec, dec_spec, channels_base)
-                if number > 0:  # the last batch drained every channel: re-target them (HeapLayout's recipe)
+                if number > 0 and drained:  # the last batch drained every channel: re-target them (HeapLayout)
                     transport.barrier()
                     layout.clear_local(transport)
                     transport.barrier()
@@ -376,19 +381,29 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             if ctx.hooks:
                 ctx.hooks.at("batch_start", f"batch-{number}")
             counters.mark()
-            queue = WorkQueue(world.comm, len(batch))
             if schedule is not None:
                 run_item_groups(ctx, setup, coll, schedule, on_gpu)
             else:
-                _run_role(ctx, plan, queue, batch, senders, receivers)
-            queue.free()
+                _run_role(ctx, plan, queue.batch(number, len(batch)), batch, senders, receivers)
             start += len(batch)
-            if start >= len(pending) or world.comm.allreduce(1 if stop.requested else 0):
+            events.emit("batch_end", batch=number, items=len(batch), last=start >= len(pending))
+            if start >= len(pending):
+                if unread is not None:
+                    unread.wait()  # every rank posted it: complete the collective before leaving
                 break
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
-            timings = gather_timings(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key,
-                                                                     plan.sp_degree))
-            decision = policy.decide(plan, timings, len(pending) - start)
+            cut = BatchCut(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key, plan.sp_degree),
+                           stop.requested, item_kind(setup, batch[0]).key, plan.sp_degree, len(pending) - start)
+            flowing = plan.ranks_independent and schedule is None
+            if flowing:  # decide on the batch before (its cut long posted); this one is read at the next cut
+                read, unread = unread, cut
+            else:  # a drain: wait for every rank's timings of this batch
+                read, unread = cut, None
+            decision, stopping = None, False
+            if read is not None:
+                timings, stopping = read.wait()
+                if not stopping:
+                    decision = policy.decide(plan, timings, read.num_remaining)
             switched = False
             if decision is not None and decision.switch:
                 new_heap = _layout(world, decision.best, enc_spec, dec_spec, channels_base).heap_bytes
@@ -399,9 +414,16 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                                     f"{transport_heap} bytes, the new plan needs {new_heap}", **decision.to_event())
                 else:
                     switched = True
+            drained = read is cut or switched or stopping
+            if unread is not None and drained:  # a switch or a stop: drain this batch too (every rank posted it)
+                unread.wait()
+                unread = None
+            if stopping:
+                break
             if switched:
                 if world.rank == 0:
-                    events.emit("replan", batch=number, **decision.to_event())
+                    events.emit("replan", batch=number, timings_of_batch=number - (0 if read is cut else 1),
+                                **decision.to_event())
                     print(f"spmd-diff: re-plan after batch {number}: {decision.best.role_counts()} "
                           f"({decision.reason})", file=sys.stderr, flush=True)
                 plan = decision.best
@@ -409,6 +431,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                     ctx.hooks.at("replan", f"batch-{number}")
             since_change = batches_since_change(pending, start, since_change, switched, kind)
             number += 1
+        queue.free()
         board.publish(ctx.num_done, ctx.num_failed, ctx.busy_s, force=True)
         peak = {"peak_gpu_bytes": torch.cuda.max_memory_allocated(world.device)} if on_gpu else {}
         events.emit("rank_end", role=plan.role_of(world.rank), items=ctx.num_done, failed=ctx.num_failed,
@@ -494,13 +517,13 @@ def _publish(setup: Setup, store: VideoStore, events: EventLog, pending: list[It
     return EXIT_INTERRUPTED if status == "interrupted" else 0
 
 
-def _pulled(queue: WorkQueue, pending: list[Item]) -> Iterator[Item]:
+def _pulled(queue: BatchQueue, pending: list[Item]) -> Iterator[Item]:
     """The items this rank takes from the shared queue, one at a time, as it becomes free for the next."""
     while (index := queue.take()) is not None:
         yield pending[index]
 
 
-def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: WorkQueue, pending: list[Item],
+def _run_role(ctx: loops.RankContext, plan: RolePlan, queue: BatchQueue, pending: list[Item],
               senders: list[ChannelSender], receivers: list[ChannelReceiver]) -> None:
     """This rank's loop for the stages ``plan`` gives it. Ranks at the head of the pipeline (encoders, or DiT
     group leaders that encode) pull items from ``queue``; an idle rank (left over from whole DiT groups) only

@@ -84,6 +84,8 @@ class RankContext:
     """Run :meth:`WanStages.warmup` before the first item (``speed.warmup``)."""
     warmup_spec: Any = None
     """The ``VideoSpec`` the warm-up runs (the first pending item's)."""
+    warmed: Any = None
+    """The components the warm-up last ran on: once per loaded components, not once per batch."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     """Guards ``busy_s`` (spans end on the finisher's threads too)."""
 
@@ -353,12 +355,13 @@ class Finisher:
 
 
 def warm_up(ctx: RankContext) -> None:
-    """``speed.warmup``: the stages' one-step warm-up before the first item, logged as a ``warmup`` event (not a
-    stage: it renders no item). Skipped in DiT groups (their denoise is collective)."""
-    if not ctx.warmup or ctx.sp is not None or ctx.group is not None:
+    """``speed.warmup``: the stages' one-step warm-up before the first item on newly loaded components, logged as
+    a ``warmup`` event (not a stage: it renders no item). Skipped in DiT groups (their denoise is collective)."""
+    if not ctx.warmup or ctx.sp is not None or ctx.group is not None or ctx.warmed is ctx.stages:
         return
     t0 = time.time()
     ctx.stages.warmup(ctx.warmup_spec)
+    ctx.warmed = ctx.stages
     ctx.events.emit("warmup", t0=t0, t1=time.time(), stages=sorted(ctx.stages.stages))
 
 

@@ -1,8 +1,11 @@
 """Batches and re-planning: the job runs in batches; between two, every rank's per-stage busy seconds are combined
 with one MPI collective and a policy chooses the plan of the next batch.
 
-A batch ends when its items are through every stage (the channels drain and close), so a plan can change roles,
-channels and DiT groups without leaving an item half-way. Batches are cut as they start (:func:`next_batch`):
+Where stages hand items between ranks, a batch ends when its items are through every stage (the channels drain and
+close), so a plan can change roles, channels and DiT groups without leaving an item half-way. Where every rank
+renders whole items alone (``RolePlan.ranks_independent``), a rank that finished its share of a batch posts its
+timings and goes on to the next batch (:class:`BatchCut`); the timings are read one batch later, and a re-plan
+from them drains that batch first. Batches are cut as they start (:func:`next_batch`):
 each after one that kept the plan is twice as long, so a plan that holds pays few drains, and a batch holds one
 kind of item where the policy re-plans (or ranks are time-shared). A policy that never changes the plan makes the
 whole job one batch (time-shared ranks: one per kind): no drain, no collective, exactly the pipeline of a fixed
@@ -52,9 +55,36 @@ class StageCounters:
         return RankTimings(rank, tuple(samples), idle_s=max(0.0, elapsed - busy_total), elapsed_s=elapsed)
 
 
-def gather_timings(comm: Any, mine: RankTimings) -> list[RankTimings]:
-    """Collective: every rank's timings of the batch, in rank order (one ``allgather``)."""
-    return sorted((RankTimings.from_wire(w) for w in comm.allgather(mine.to_wire())), key=lambda t: t.rank)
+class BatchCut:
+    """Every rank's timings of one batch (and whether any rank was asked to stop), gathered with one non-blocking
+    allgather of :data:`~spmd_diff.plan.timings.VECTOR_LENGTH` floats per rank.
+
+    Each rank posts its cut when it has finished its share of the batch and goes on; :meth:`wait` returns once every
+    rank has posted. Between drained batches that is at once (a drain: the ranks wait for each other); between
+    batches whose ranks are independent (``RolePlan.ranks_independent``) a rank reads the cut one batch later, when
+    the other ranks have long posted it, so no rank waits for another at a batch's end. Every rank posts every cut
+    in the same order, so the collective is matched.
+    """
+
+    def __init__(self, comm: Any, mine: RankTimings, stop: bool, class_key: str, sp_degree: int,
+                 num_remaining: int) -> None:
+        import numpy as np
+
+        self.class_key, self.sp_degree, self.num_remaining = class_key, sp_degree, num_remaining
+        self._send = np.array([1.0 if stop else 0.0, *mine.to_vector()], dtype=np.float64)
+        self._recv = np.empty(comm.Get_size() * self._send.size, dtype=np.float64)
+        self._request = comm.Iallgather(self._send, self._recv)
+        self._read: tuple[list[RankTimings], bool] | None = None
+
+    def wait(self) -> tuple[list[RankTimings], bool]:
+        """Every rank's timings in rank order, and whether any rank was asked to stop (blocks until all posted)."""
+        if self._read is None:
+            self._request.Wait()
+            rows = self._recv.reshape(-1, self._send.size)
+            timings = [RankTimings.from_vector(rank, row[1:], self.class_key, self.sp_degree)
+                       for rank, row in enumerate(rows)]
+            self._read = timings, bool(rows[:, 0].any())
+        return self._read
 
 
 class Policy(Protocol):

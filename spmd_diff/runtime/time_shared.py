@@ -20,12 +20,12 @@ from typing import Iterator
 
 import torch
 
-from spmd_diff.comm.work_queue import WorkQueue
+from spmd_diff.comm.work_queue import BatchQueue
 from spmd_diff.io.inputs import Item
 from spmd_diff.runtime.loops import Finisher, RankContext, _failure, denoise_item, encode_item
 
 
-def take_cycle(queue: WorkQueue, pending: list[Item], stage_batch: int, num_ranks: int) -> list[Item]:
+def take_cycle(queue: BatchQueue, pending: list[Item], stage_batch: int, num_ranks: int) -> list[Item]:
     """Up to ``stage_batch`` items from ``queue`` (indices into ``pending``); at most ``ceil(remaining /
     num_ranks)`` of them, ``remaining`` counted from the first index taken. Empty once the queue is."""
     first = queue.take()
@@ -70,7 +70,7 @@ def _in_turn(ctx: RankContext, work: list) -> Iterator:
         yield entry
 
 
-def time_shared_loop(ctx: RankContext, queue: WorkQueue, pending: list[Item], stage_batch: int,
+def time_shared_loop(ctx: RankContext, queue: BatchQueue, pending: list[Item], stage_batch: int,
                      num_ranks: int) -> None:
     """Cycles of ``stage_batch`` items (see the module docstring) until ``queue`` is empty or a stop is
     requested; ``num_ranks``: the ranks pulling from ``queue``."""

@@ -166,9 +166,11 @@ def _kill_launch_tree(proc: subprocess.Popen) -> None:
     _kill_group(proc)
 
 
-def _launch_and_stop(env: dict, prompts: Path, out: Path, sig: int, at_items: int) -> subprocess.CompletedProcess:
-    """``spmd-diff launch mpirun -n 4 spmd-diff run ...``; ``sig`` to the launch once ``at_items`` items are on disk."""
-    launch = [sys.executable, "-m", "spmd_diff", "launch", *command(4, prompts, out)]
+def _launch_and_stop(env: dict, prompts: Path, out: Path, sig: int, at_items: int,
+                     *extra: str) -> subprocess.CompletedProcess:
+    """``spmd-diff launch mpirun -n 4 spmd-diff run ... EXTRA``; ``sig`` to the launch once ``at_items`` items are on
+    disk."""
+    launch = [sys.executable, "-m", "spmd_diff", "launch", *command(4, prompts, out, *extra)]
     proc = subprocess.Popen(launch, cwd=REPO, env=full_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
@@ -205,16 +207,24 @@ def _assert_stopped_gracefully(stopped: subprocess.CompletedProcess, sig: int, o
     return finished
 
 
-def test_ctrl_c_to_the_launch_stops_gracefully_and_the_job_resumes_exactly_once(env, prompts, reference, tmp_path):
+@pytest.mark.parametrize("batches", [(), ("--set", "roles.batch_s=0.001")], ids=["one-batch", "batches-flowing"])
+def test_ctrl_c_to_the_launch_stops_gracefully_and_the_job_resumes_exactly_once(batches, env, prompts, reference,
+                                                                                 tmp_path):
     """Ctrl-C (SIGINT) to the job's launch command (``spmd-diff launch mpirun ...``): exit 75, no item in flight
     lost, the view lists every finished item; the rerun renders only the rest and completes the job
     bit-identical to an uninterrupted one. (A bare mpirun cannot do this: Open MPI turns the signal into SIGKILL
     of every rank a second later, exit 1.) SIGTERM to the launch command takes the same path: it is tested
-    through srun in tests/slurm/test_launch_signals.py."""
+    through srun in tests/slurm/test_launch_signals.py. ``batches-flowing``: short batches (8 items, then 12) on
+    ranks that each render whole items, so no rank waits for the others at a batch's end and the stop reaches the
+    ranks through the timings they post."""
     out = tmp_path / "out"
-    second = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2), signal.SIGINT, out)
-    rerun = subprocess.run(command(4, prompts, out), cwd=REPO, env=full_env(env), capture_output=True, text=True,
-                           timeout=300)
+    second = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2, *batches),
+                                        signal.SIGINT, out)
+    if batches:  # the stop came while the ranks ran short batches
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        assert any(e["ev"] == "batch_end" and e["batch"] == 0 and not e["last"] for e in events)
+    rerun = subprocess.run(command(4, prompts, out, *batches), cwd=REPO, env=full_env(env), capture_output=True,
+                           text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{NUM_ITEMS - len(second)} to render" in rerun.stderr
     assert_exactly_once_and_equal(out, reference)

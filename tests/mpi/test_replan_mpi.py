@@ -1,5 +1,6 @@
 """roles.policy = "auto" on 4 CPU ranks: a stage made slower (SPMD_DIFF_INJECT_DELAY) makes the planner move ranks
-to it between batches, and the videos stay those of one rank rendering alone."""
+to it between batches; where every rank renders whole items alone, no rank waits for a slow one at a batch's end;
+and the videos stay those of one rank rendering alone."""
 
 from __future__ import annotations
 
@@ -32,20 +33,39 @@ def videos(out: Path) -> dict[str, np.ndarray]:
         return {k: f["videos"][k][...] for k in f["videos"]}
 
 
-def test_a_slow_denoise_moves_ranks_to_the_dit_within_two_batches(demo_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("replan") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"item-{i:02d}", "prompt": s}) + "\n" for i, s in enumerate(SUBJECTS)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def alone(demo_model_dir, prompts, tmp_path_factory) -> dict[str, np.ndarray]:
+    """Every video as one rank renders it alone (static plan, one batch)."""
+    out = tmp_path_factory.mktemp("alone") / "out"
+    result = run(1, prompts, out, {"SPMD_DIFF_CACHE": str(demo_model_dir.parent)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    got = videos(out)
+    assert sorted(got) == [f"item-{i:02d}" for i in range(len(SUBJECTS))]
+    return got
+
+
+def events_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+
+
+def test_a_slow_denoise_moves_ranks_to_the_dit_within_two_batches(demo_model_dir, prompts, alone, tmp_path):
     env = {"SPMD_DIFF_CACHE": str(demo_model_dir.parent)}
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"item-{i:02d}", "prompt": s}) + "\n"
-                               for i, s in enumerate(SUBJECTS)))
     auto = run(4, prompts, tmp_path / "auto", {**env, "SPMD_DIFF_INJECT_DELAY": "denoise:0.6"}, *AUTO)
     assert auto.returncode == 0, auto.stderr[-4000:]
-    events = [json.loads(line) for line in (tmp_path / "auto" / "events.jsonl").read_text().splitlines()]
+    events = events_of(tmp_path / "auto")
     start = next(e for e in events if e["ev"] == "job_start")
     assert start["testing_aids"] == {"SPMD_DIFF_INJECT_DELAY": "denoise:0.6"}  # what the CLI read, recorded
     replans = [e for e in events if e["ev"] == "replan"]
     assert replans, f"no re-plan; plan {start['plan']}"
     first = replans[0]
-    assert first["batch"] <= 1, first
+    assert first["batch"] <= 1 and first["timings_of_batch"] == first["batch"], first  # drained: no lag
     before = sum(len(g) for g in first["old_plan"]["dit_groups"])
     after = sum(len(g) for g in first["new_plan"]["dit_groups"])
     assert after > before, (first["old_plan"], first["new_plan"])
@@ -53,10 +73,38 @@ def test_a_slow_denoise_moves_ranks_to_the_dit_within_two_batches(demo_model_dir
     stages = first["timings"]["stages"]
     per_item = {stage: v["busy_s"] / v["items"] for stage, v in stages.items()}
     assert per_item["denoise"] >= 0.6 and per_item["denoise"] > per_item["decode"], stages
-    # Every item exactly once, each video what one rank renders alone (static plan, one batch).
-    alone = run(1, prompts, tmp_path / "alone", env)
-    assert alone.returncode == 0, alone.stderr[-4000:]
-    got, want = videos(tmp_path / "auto"), videos(tmp_path / "alone")
-    assert sorted(got) == sorted(want) == [f"item-{i:02d}" for i in range(len(SUBJECTS))]
-    for key in want:
-        assert np.array_equal(got[key], want[key]), key
+    # Every item exactly once, each video what one rank renders alone.
+    got = videos(tmp_path / "auto")
+    assert sorted(got) == sorted(alone)
+    for key in alone:
+        assert np.array_equal(got[key], alone[key]), key
+
+
+def test_ranks_rendering_alone_go_on_to_the_next_batch_without_waiting_for_a_slow_rank(demo_model_dir, prompts,
+                                                                                         alone, tmp_path):
+    # Every stage on every rank (the auto plan on CPU ranks), short batches (two items per rank, then 4 items); rank 3's denoise
+    # takes 1.5 s longer, so it is still on an item of the first batch when the others have emptied it.
+    slow = [{"action": "delay", "stage": "denoise", "item": "*", "rank": 3, "seconds": 1.5}]
+    env = {"SPMD_DIFF_CACHE": str(demo_model_dir.parent), "SPMD_DIFF_TEST_HOOKS": json.dumps(slow)}
+    out = tmp_path / "flowing"
+    result = run(4, prompts, out, env, "--set", 'roles.policy="auto"', "--set", "roles.batch_s=0.001")
+    assert result.returncode == 0, result.stderr[-4000:]
+    events = events_of(out)
+    start = next(e for e in events if e["ev"] == "job_start")
+    assert all(g == [r] for r, g in enumerate(start["plan"]["dit_groups"])) and not start["plan"]["encoders"] \
+        and not start["plan"]["decoders"], start["plan"]
+    ends = {(e["rank"], e["batch"]): e for e in events if e["ev"] == "batch_end"}
+    assert sorted({b for _, b in ends}) == [0, 1] and all((r, b) in ends for r in range(4) for b in (0, 1)), ends
+    assert [ends[(0, b)]["items"] for b in (0, 1)] == [8, 4]
+    first_batch = {e["item"] for e in events if e["ev"] == "stage" and e["stage"] == "encode"
+                   and e["t0"] < ends[(e["rank"], 0)]["t"]}
+    assert len(first_batch) == 8, first_batch
+    # A fast rank started an item of the second batch before the slow rank finished its share of the first.
+    second_starts = [e["t0"] for e in events if e["ev"] == "stage" and e["stage"] == "encode"
+                     and e["item"] not in first_batch and e["rank"] != 3]
+    assert second_starts and min(second_starts) < ends[(3, 0)]["t"] - 0.5, (min(second_starts), ends[(3, 0)])
+    assert not [e for e in events if e["ev"] == "replan"]
+    got = videos(out)
+    assert sorted(got) == sorted(alone)
+    for key in alone:
+        assert np.array_equal(got[key], alone[key]), key

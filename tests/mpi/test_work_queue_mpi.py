@@ -1,5 +1,5 @@
-"""The pull queue (spmd_diff/comm/work_queue.py) on 4 ranks: every item handed out exactly once, in order per
-rank, and a slow rank takes fewer items than a fast one."""
+"""The pull queue (spmd_diff/comm/work_queue.py) on 4 ranks, two batches pulled without a barrier between: every
+item of each batch handed out exactly once, in order per rank, and a slow rank takes fewer items than a fast one."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ def test_every_item_pulled_exactly_once_and_slow_ranks_take_fewer(tmp_path):
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     ranks = {entry["rank"]: entry for entry in json.loads(result_file.read_text())}
     assert sorted(ranks) == [0, 1, 2, 3]
-    taken = [index for entry in ranks.values() for index in entry["taken"]]
-    assert sorted(taken) == list(range(200))  # all of them, none twice
-    for entry in ranks.values():
-        assert entry["taken"] == sorted(entry["taken"])
-        assert entry["after"] == [None, None, None]
-    assert len(ranks[0]["taken"]) > len(ranks[3]["taken"]), {r: len(e["taken"]) for r, e in ranks.items()}
+    for number, num_items in enumerate((200, 50)):
+        taken = [index for entry in ranks.values() for index in entry["taken"][number]]
+        assert sorted(taken) == list(range(num_items))  # all of them, none twice
+        for entry in ranks.values():
+            assert entry["taken"][number] == sorted(entry["taken"][number])
+            assert entry["after"][number] == [None, None, None]
+    assert len(ranks[0]["taken"][0]) > len(ranks[3]["taken"][0]), {r: len(e["taken"][0]) for r, e in ranks.items()}

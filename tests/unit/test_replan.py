@@ -11,7 +11,7 @@ from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B
 from spmd_diff.plan.planner import PlanInputs, PlannerSettings, plan_auto
 from spmd_diff.plan.replan import Rebalancer, SwitchCostModel, replan
 from spmd_diff.plan.roles import RolePlan, place_ranks
-from spmd_diff.plan.timings import RankTimings, StageSample, summarize
+from spmd_diff.plan.timings import VECTOR_LENGTH, RankTimings, StageSample, summarize
 from spmd_diff.plan.topology import Topology
 from spmd_diff.plan.workload import WorkClass, Workload, horizon, runs_of
 
@@ -229,8 +229,13 @@ def test_measured_memory_peaks_reach_the_planner():
 
 def test_timings_round_trip_the_wire_and_summarize():
     record = RankTimings(3, (StageSample("denoise", C480.key, 2, 4, 10.0), StageSample("decode", C480.key, 1, 2, 7.0)),
-                         idle_s=1.5, wait_s=0.25, elapsed_s=20.0, peaks=(("decode", C480.key, 1, 123),))
-    assert RankTimings.from_wire(json.loads(json.dumps(record.to_wire()))) == record
+                         idle_s=1.5, wait_s=0.25, elapsed_s=20.0)
+    vector = record.to_vector()
+    assert len(vector) == VECTOR_LENGTH and all(isinstance(v, float) or isinstance(v, int) for v in vector)
+    assert RankTimings.from_vector(3, [float(v) for v in vector], C480.key, 2) == record
+    with pytest.raises(AssertionError):  # two work classes do not fit one vector
+        RankTimings(3, (StageSample("decode", C480.key, 1, 2, 7.0),
+                        StageSample("encode", C480_50.key, 1, 2, 1.0))).to_vector()
     other = RankTimings(4, (StageSample("denoise", C480.key, 2, 4, 10.0),))
     summary = summarize([record, other])
     assert summary["stages"]["denoise"] == {"items": 4.0, "busy_s": 20.0} and summary["idle_s"] == 1.5
