@@ -393,7 +393,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 break
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
             cut = BatchCut(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key, plan.sp_degree),
-                           stop.requested, item_kind(setup, batch[0]).key, plan.sp_degree, len(pending) - start)
+                           stop.requested, item_kind(setup, batch[0]).key, plan.sp_degree)
             flowing = plan.ranks_independent and schedule is None
             if flowing:  # decide on the batch before (its cut long posted); this one is read at the next cut
                 read, unread = unread, cut
@@ -403,7 +403,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             if read is not None:
                 timings, stopping = read.wait()
                 if not stopping:
-                    decision = policy.decide(plan, timings, read.num_remaining)
+                    decision = policy.decide(plan, timings, len(pending) - start)  # the plan for what is left
             switched = False
             if decision is not None and decision.switch:
                 new_heap = _layout(world, decision.best, enc_spec, dec_spec, channels_base).heap_bytes

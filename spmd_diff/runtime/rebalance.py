@@ -66,11 +66,10 @@ class BatchCut:
     in the same order, so the collective is matched.
     """
 
-    def __init__(self, comm: Any, mine: RankTimings, stop: bool, class_key: str, sp_degree: int,
-                 num_remaining: int) -> None:
+    def __init__(self, comm: Any, mine: RankTimings, stop: bool, class_key: str, sp_degree: int) -> None:
         import numpy as np
 
-        self.class_key, self.sp_degree, self.num_remaining = class_key, sp_degree, num_remaining
+        self.class_key, self.sp_degree = class_key, sp_degree
         self._send = np.array([1.0 if stop else 0.0, *mine.to_vector()], dtype=np.float64)
         self._recv = np.empty(comm.Get_size() * self._send.size, dtype=np.float64)
         self._request = comm.Iallgather(self._send, self._recv)

@@ -207,15 +207,16 @@ def _assert_stopped_gracefully(stopped: subprocess.CompletedProcess, sig: int, o
     return finished
 
 
-@pytest.mark.parametrize("batches", [(), ("--set", "roles.batch_s=0.001")], ids=["one-batch", "batches-flowing"])
+@pytest.mark.parametrize("batches", [(), ("--set", 'roles.policy="auto"', "--set", "roles.batch_s=0.001")],
+                         ids=["one-batch", "batches-flowing"])
 def test_ctrl_c_to_the_launch_stops_gracefully_and_the_job_resumes_exactly_once(batches, env, prompts, reference,
                                                                                  tmp_path):
     """Ctrl-C (SIGINT) to the job's launch command (``spmd-diff launch mpirun ...``): exit 75, no item in flight
     lost, the view lists every finished item; the rerun renders only the rest and completes the job
     bit-identical to an uninterrupted one. (A bare mpirun cannot do this: Open MPI turns the signal into SIGKILL
     of every rank a second later, exit 1.) SIGTERM to the launch command takes the same path: it is tested
-    through srun in tests/slurm/test_launch_signals.py. ``batches-flowing``: short batches (8 items, then 12) on
-    ranks that each render whole items, so no rank waits for the others at a batch's end and the stop reaches the
+    through srun in tests/slurm/test_launch_signals.py. ``batches-flowing``: the auto plan (every rank every stage)
+    in short batches (8 items, then 12), ranks that each render whole items, so no rank waits for the others at a batch's end and the stop reaches the
     ranks through the timings they post."""
     out = tmp_path / "out"
     second = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2, *batches),
