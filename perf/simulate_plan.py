@@ -407,8 +407,9 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
         row["auto_global_s"] = result.makespan_s
         row["auto_global_switches"] = result.num_switches
     # The engine: its render order, its batches (first about roles.batch_s, then growing; or all that long),
-    # flowing boundaries where the plan's ranks are independent (or a drain at every batch's end), global switches. Timings and batches are keyed by the job's most common class
-    # (the engine's work class: the job's video settings; a tie goes to the class rendered first).
+    # flowing boundaries where the plan's ranks are independent (or a drain at every batch's end), global
+    # switches. Timings and batches are keyed by the job's most common class (the engine's work class: the job's
+    # video settings; a tie goes to the class rendered first).
     ordered = render_order(items, CostModel(AnalyticPrior(WAN21_T2V_1_3B)))
     work_class = max(set(ordered), key=lambda c: (ordered.count(c), -ordered.index(c)))
     for key, (how, flowing) in ENGINE_BATCHES.items():
@@ -516,7 +517,7 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
                   "| engine, drain/batch | "
                   "drain/bound | static/drain | engine, grow only | rolling (hyp.) | rolling/bound | global (hyp.) "
                   "| planner ms (max) | targets (auto (engine)) |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---|" + "---:|" * 15 + "---|"]
     for row in rows:
         split = row["static_split"]
         one = f"{row['one_pipeline_s']:,.0f}" if row["one_pipeline_s"] else "n/a (memory)"
