@@ -15,10 +15,25 @@ may return a new plan. Two ways to switch:
   (plus ``SWITCH_FIXED_S``); queued items stay queued.
 - ``"engine"``: what ``runtime.engine._run_rank`` does. The items (already in the engine's render order) run in
   batches cut as each starts, ``batch_rule.size(plan, first item, batches since a change)`` items each (the policy's
-  ``batch_items`` and ``rebalance.next_batch``; ``batch_rule.since(...)`` the count after a batch); no item of the
-  next batch is encoded before every item of this one is written (the pipeline drains at every batch boundary, and
-  time-shared ranks finish their cycles), then the batch's timings go to the policy, and a switch is a global one
-  (every rank idle already: the slowest load plus ``SWITCH_FIXED_S``). ``batch_items`` is unused.
+  ``batch_items`` and ``rebalance.next_batch``; ``batch_rule.since(...)`` the count after a batch); a switch is a
+  global one at a drained boundary (every rank idle already: the slowest load plus ``SWITCH_FIXED_S``).
+  ``batch_items`` is unused. Two boundary rules:
+
+  - a drain (plans whose ranks depend on each other: channels, DiT groups; every plan with ``flowing=False``): no
+    item of the next batch is encoded before every item of this one is written (time-shared ranks finish their
+    cycles); then the batch's timings go to the policy (``on_batch``, the items after the batch remaining) and the
+    next batch is cut under the plan it returns;
+  - flowing (``RolePlan.ranks_independent`` plans, with ``flowing=True``): each worker (one rank) pulls batch k's
+    items until batch k has none left and finishes every job it took (a time-shared rank its whole cycle): its
+    "cut k", where it posts its own timings since its cut k-1 (elapsed: that window). At cut k >= 1 it waits until
+    every rank has cut k-1 (normally long done), and batch k-1's gathered timings go to the policy (once per batch:
+    the remaining items are those after batch k, the items in no batch cut yet); at cut 0, or when batch k-1's
+    timings were decided on at a drain already, the plan holds. If the plan holds, the worker goes on to batch k+1
+    at once (the first worker past cut k cuts it, as after a batch without a change); if the decision switches, the
+    worker waits until every rank has cut k (a drain of batch k), then the switch, and batch k+1 is the first after
+    a change. So a re-plan lags one batch, and a boundary where the plan holds costs no wait. A group of one holding
+    every stage pulls from the shared queues like every non-time-shared worker (an item in a queue may be finished
+    by another worker than the one that took it; the engine's ranks each finish their own: an approximation).
 
 Time-shared plans (``RolePlan.time_shared``): every rank runs cycles on its own. It pulls up to ``stage_batch``
 items (at most ceil(items left / ranks) near the end; items a previous plan left encoded or denoised first),
@@ -114,6 +129,10 @@ class Worker:
     """Time-shared: stage -> items of the current cycle waiting for that stage."""
     on_gpu: str | None = None
     """Time-shared: the stage whose component is on the GPU."""
+    batch: int = 0
+    """Engine mode: the batch (index into ``Simulation.batch_ends``) the worker pulls from."""
+    cut: int | None = None
+    """Flowing boundaries: the batch the worker has cut and waits after (None while it works)."""
 
 
 @dataclass
@@ -131,11 +150,14 @@ class Simulation:
     """One job: ``items`` (classes, in rendering order) on ranks of ``speeds`` under a policy."""
 
     def __init__(self, items: list[WorkClass], speeds: list[float], batch_items: int, memory, seed: int = 0,
-                 noise: float = 0.03, switch_mode: str = "rolling", batch_rule=None):
+                 noise: float = 0.03, switch_mode: str = "rolling", batch_rule=None, flowing: bool = True):
+        """``flowing`` (engine mode): boundaries of plans whose ranks are independent flow; False: a drain at
+        every batch end whatever the plan (the engine before flowing boundaries)."""
         assert switch_mode in ("rolling", "global", "engine"), switch_mode
         assert (batch_rule is not None) == (switch_mode == "engine"), "batch_rule: the engine mode's batches"
         self.items, self.speeds, self.batch_items, self.memory = items, speeds, batch_items, memory
         self.seed, self.noise, self.switch_mode, self.batch_rule = seed, noise, switch_mode, batch_rule
+        self.flowing = flowing and switch_mode == "engine"
 
     def run(self, policy) -> SimResult:
         self.rng = random.Random(self.seed)
@@ -152,18 +174,32 @@ class Simulation:
         self.rank_busy = [False] * len(self.speeds)
         self.loading = self.running = self.stale = 0
         self.pending_plan = None
-        self.window: dict = {}
-        self.window_start = 0.0
+        self.window: dict = {rank: {} for rank in range(len(self.speeds))}
+        """rank -> {(stage, class key, degree): (count, seconds)} since the rank's last timings."""
+        self.window_start = [0.0] * len(self.speeds)
         self.next_boundary = self.batch_items
         self.plan_epoch = 0
         self.result = SimResult(0.0, 0)
         self.policy = policy
         plan = policy.initial_plan()
         self.since_replan = 0
-        self.batch_end = len(self.items)
-        """Items up to here may be pulled (engine mode: the end of the running batch)."""
+        self.batch_ends = [len(self.items)]
+        """Engine mode: the end of every batch cut so far (batch k: items ``batch_ends[k-1]:batch_ends[k]``); other
+        modes: one batch, the whole job."""
         if self.switch_mode == "engine":
-            self.batch_end = min(len(self.items), self.batch_rule.size(plan, 0, 0))
+            self.batch_ends = [min(len(self.items), self.batch_rule.size(plan, 0, 0))]
+        self.cut_ranks = [0]
+        """Per batch: the ranks that have cut it (flowing), or all of them once it drained."""
+        self.gathered: list[dict] = [{}]
+        """Per batch: rank -> its RankTimings posted at its cut (flowing)."""
+        self.decided: set[int] = set()
+        """Batches whose timings went to the policy."""
+        self.decisions: dict[int, RolePlan | None] = {}
+        """Flowing: k -> the policy's answer at cut k (None: the plan holds)."""
+        self.waiting_on: dict[int, list[Worker]] = {}
+        """Flowing: k -> workers waiting until every rank has cut batch k."""
+        self.to_advance: deque = deque()
+        self.advancing = False
         self.result.num_batches = 1
         self._install(plan, changed=set())
         while self.events:
@@ -184,7 +220,9 @@ class Simulation:
         """Workers of ``plan``; ranks in ``changed`` load first; busy ranks join when their job ends."""
         self.plan = plan
         self.plan_epoch += 1
-        workers = [Worker(i, tuple(g), frozenset(plan.stages_of(g[0])), True) for i, g in enumerate(plan.dit_groups)]
+        batch = len(self.batch_ends) - 1
+        workers = [Worker(i, tuple(g), frozenset(plan.stages_of(g[0])), True, batch=batch)
+                   for i, g in enumerate(plan.dit_groups)]
         if plan.time_shared:
             for worker in workers:
                 worker.shared = True
@@ -194,7 +232,7 @@ class Simulation:
         dit = set(plan.dit_ranks)
         for rank in range(plan.num_ranks):
             if rank not in dit:
-                workers.append(Worker(len(workers), (rank,), frozenset(plan.stages_of(rank)), False))
+                workers.append(Worker(len(workers), (rank,), frozenset(plan.stages_of(rank)), False, batch=batch))
         self.workers = workers
         self.worker_of = {r: w for w in workers for r in w.ranks}
         self.q_den_cap = self.q_dec_cap = 2 * len(plan.dit_groups)
@@ -297,7 +335,8 @@ class Simulation:
                                      (self.plan_epoch, worker.index, stage, item, ranks)))
 
     def _pull(self, worker: Worker) -> None:
-        if worker.jobs or worker.waiting or worker.held is not None or self.pending_plan is not None:
+        if worker.jobs or worker.waiting or worker.held is not None or self.pending_plan is not None \
+                or worker.cut is not None:
             return
         if worker.shared:
             self._pull_shared(worker)
@@ -321,6 +360,9 @@ class Simulation:
                 self._start(worker, "encode", self._take_unencoded(), (rank,))
             if worker.jobs:
                 return
+        if self._flows() and not self.q_dec and not self.q_den and not self._unencoded(worker):
+            self._cut(worker)  # nothing left of its batch for it (every stage held: nothing it cannot take)
+            return
         worker.idle = True
         worker.epoch += 1
         entry = (worker.index, worker.epoch)
@@ -329,8 +371,15 @@ class Simulation:
             if stage in stages:
                 self.idle[category].append(entry)
 
-    def _unencoded(self) -> int:
-        return len(self.q_enc) + self.batch_end - self.next_item
+    def _unencoded(self, worker: Worker | None = None) -> int:
+        """Items not yet pulled that may be pulled: up to the end of the worker's batch when boundaries flow (the
+        batch's own counter), else of the newest batch."""
+        end = self.batch_ends[worker.batch if worker is not None and self._flows() else -1]
+        return len(self.q_enc) + max(0, end - self.next_item)
+
+    def _flows(self) -> bool:
+        """Batch boundaries flow: engine mode with ``flowing`` and a plan whose ranks are independent."""
+        return self.flowing and self.plan.ranks_independent
 
     def _take_unencoded(self) -> int:
         if self.q_enc:
@@ -343,7 +392,7 @@ class Simulation:
         """A time-shared rank: the next job of its cycle (a move, or one item's stage); a new cycle when done."""
         todo = worker.todo
         if not any(todo.values()):
-            left = len(self.q_dec) + len(self.q_den) + self._unencoded()
+            left = len(self.q_dec) + len(self.q_den) + self._unencoded(worker)
             take = min(self.plan.stage_batch, math.ceil(left / len(self.workers)))
             while take and self.q_dec:
                 todo["decode"].append(self.q_dec.popleft())
@@ -351,12 +400,15 @@ class Simulation:
             while take and self.q_den:
                 todo["denoise"].append(self.q_den.popleft())
                 take -= 1
-            while take and self._unencoded():
+            while take and self._unencoded(worker):
                 todo["encode"].append(self._take_unencoded())
                 take -= 1
         stage = next((s for s in SHARED_ORDER if todo[s]), None)
         if stage is None:
-            worker.idle = True
+            if self._flows():
+                self._cut(worker)
+            else:
+                worker.idle = True
             return
         rank = worker.ranks[0]
         if worker.on_gpu != stage:
@@ -445,7 +497,7 @@ class Simulation:
             if worker.jobs == 0 and worker.held is None:
                 self._pull(worker)
         if self.switch_mode == "engine":
-            if stage == "decode" and self.done == self.batch_end < len(self.items):
+            if stage == "decode" and self.done == self.batch_ends[-1] < len(self.items) and not self._flows():
                 self._engine_boundary()
         elif stage == "decode" and self.done >= self.next_boundary and self.done < len(self.items) \
                 and self.loading == 0 and self.stale == 0:
@@ -453,34 +505,98 @@ class Simulation:
 
     def _record(self, ranks, stage, work_class, degree, seconds) -> None:
         for rank in ranks:
-            key = (rank, stage, work_class.key, degree)
-            count, total = self.window.get(key, (0, 0.0))
-            self.window[key] = (count + 1, total + seconds)
+            key = (stage, work_class.key, degree)
+            count, total = self.window[rank].get(key, (0, 0.0))
+            self.window[rank][key] = (count + 1, total + seconds)
 
     def _engine_boundary(self) -> None:
-        """Every item of the batch is written and every rank idle: gather, decide, cut the next batch."""
+        """A drain: every item of the batch is written and every rank idle: gather, decide, cut the next batch."""
         assert not any(self.rank_busy) and self.in_flight == 0, "the batch has drained"
+        batch = len(self.batch_ends) - 1
+        self.cut_ranks[batch] = len(self.speeds)
+        self.decided.add(batch)
         new_plan = self.policy.on_batch(self._window_timings(), self.items[self.done:])
-        self.since_replan = self.batch_rule.since(self.done, self.since_replan, new_plan is not None)
-        size = self.batch_rule.size(new_plan or self.plan, self.done, self.since_replan)
-        self.batch_end = min(len(self.items), self.done + size)
-        self.result.num_batches += 1
+        self._next_batch(new_plan)
         if new_plan is not None:
             self._switch(new_plan)
         else:
             for worker in self.workers:
                 self._pull(worker)
 
-    def _window_timings(self) -> list[RankTimings]:
-        per_rank: dict[int, list] = {}
-        for (rank, stage, key, degree), (count, total) in self.window.items():
-            per_rank.setdefault(rank, []).append(StageSample(stage, key, degree, count, total))
-        elapsed = self.t - self.window_start
-        timings = [RankTimings(rank, tuple(per_rank.get(rank, ())), elapsed_s=elapsed)
-                   for rank in range(len(self.speeds))]
-        self.window = {}
-        self.window_start = self.t
+    def _next_batch(self, new_plan: RolePlan | None) -> None:
+        """Cut the batch after the newest one (the first after a change when ``new_plan`` switches)."""
+        start = self.batch_ends[-1]
+        self.since_replan = self.batch_rule.since(start, self.since_replan, new_plan is not None)
+        size = self.batch_rule.size(new_plan or self.plan, start, self.since_replan)
+        self.batch_ends.append(min(len(self.items), start + size))
+        self.cut_ranks.append(0)
+        self.gathered.append({})
+        self.result.num_batches += 1
+
+    # ---- flowing boundaries -------------------------------------------------------------------------------------
+
+    def _cut(self, worker: Worker) -> None:
+        """``worker`` has nothing left of its batch and no job running: it posts its timings (no wait) and goes on
+        as far as the others' cuts allow (:meth:`_advance`)."""
+        k = worker.batch
+        for rank in worker.ranks:
+            self.gathered[k][rank] = self._rank_timings(rank)
+        self.cut_ranks[k] += len(worker.ranks)
+        worker.cut, worker.idle = k, False
+        self.to_advance.append(worker)
+        if self.cut_ranks[k] == len(self.speeds):  # every rank has cut k: release who waited on that
+            self.to_advance.extend(self.waiting_on.pop(k, ()))
+        if not self.advancing:  # one loop at a time: a worker that goes on may cut again at once
+            self.advancing = True
+            while self.to_advance:
+                self._advance(self.to_advance.popleft())
+            self.advancing = False
+
+    def _advance(self, worker: Worker) -> None:
+        """A worker at cut k: done if no items follow batch k; else wait for every rank's cut k-1, take the
+        decision, and go on to batch k+1 (a hold) or wait for every rank's cut k and switch."""
+        k = worker.cut
+        if k is None or worker.index >= len(self.workers) or self.workers[worker.index] is not worker:
+            return  # a worker of a plan switched away from (every one of them waited for the switch)
+        n = len(self.speeds)
+        if self.batch_ends[k] == len(self.items):
+            return  # the last batch: the worker is done
+        if k >= 1 and k - 1 not in self.decided and self.cut_ranks[k - 1] < n:
+            self.waiting_on.setdefault(k - 1, []).append(worker)
+            return
+        if k not in self.decisions:
+            decision = None
+            if k >= 1 and k - 1 not in self.decided:
+                timings = [self.gathered[k - 1][rank] for rank in range(n)]
+                self.decided.add(k - 1)
+                decision = self.policy.on_batch(timings, self.items[self.batch_ends[k]:])
+            self.decisions[k] = decision
+        decision = self.decisions[k]
+        if decision is None:  # the plan holds: on to batch k+1 at once
+            if len(self.batch_ends) == k + 1:
+                self._next_batch(None)
+            worker.batch, worker.cut = k + 1, None
+            self._pull(worker)
+            return
+        if self.cut_ranks[k] < n:  # a switch: batch k drains first
+            self.waiting_on.setdefault(k, []).append(worker)
+            return
+        self._next_batch(decision)
+        self._switch(decision)
+
+    # ---- timings ------------------------------------------------------------------------------------------------
+
+    def _rank_timings(self, rank: int) -> RankTimings:
+        """``rank``'s timings since its last ones (elapsed: that window); a new window starts now."""
+        samples = tuple(StageSample(stage, key, degree, count, total)
+                        for (stage, key, degree), (count, total) in self.window[rank].items())
+        timings = RankTimings(rank, samples, elapsed_s=self.t - self.window_start[rank])
+        self.window[rank] = {}
+        self.window_start[rank] = self.t
         return timings
+
+    def _window_timings(self) -> list[RankTimings]:
+        return [self._rank_timings(rank) for rank in range(len(self.speeds))]
 
     def _batch_boundary(self) -> None:
         self.next_boundary = self.done + self.batch_items

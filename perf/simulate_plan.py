@@ -12,9 +12,13 @@ For each scenario and allocation (8 to 4,096 GPUs) the same items are rendered i
 - auto (engine): what the engine does (``plan_sim.Simulation`` "engine" mode): items in the engine's render order
   (longest predicted first, ties in file order: ``engine.render_order``'s rule), batches cut as each starts
   (``rebalance.AutoPolicy.batch_items`` from ``roles.batch_s`` = 300 s, grown by ``rebalance.batch_length``), the
-  pipeline drained at every batch's end, the batch's timings to ``spmd_diff.plan.replan.Rebalancer`` -- the
-  planner code the engine calls -- starting from the analytic prior, and a switch a global one; also with every
-  batch ``batch_s`` long (a drain per batch: the engine before batches grew);
+  batch's timings to ``spmd_diff.plan.replan.Rebalancer`` -- the planner code the engine calls -- starting from
+  the analytic prior, and a switch a global one at a drained boundary. Where the plan's ranks are independent
+  (``RolePlan.ranks_independent``: time-shared, or every stage on groups of one) batch boundaries flow: a rank
+  goes on to the next batch as soon as it has finished its items of this one, and batch k's timings decide at
+  cut k+1 (a re-plan lags one batch; only a switch drains); other plans drain the pipeline at every batch's end.
+  Also with a drain at every batch's end whatever the plan ("no flow": the engine before flowing boundaries),
+  and with every batch ``batch_s`` long (a drain per batch: the engine before batches grew);
 - auto (rolling, hypothetical): the same planner with batches of max(16, 2 x GPUs) items in file order, no drain
   at a batch's end and a rolling switch (only ranks that change stop); "auto, global switch" the same with a
   global switch (drain + barrier + slowest load) -- neither is what the engine does;
@@ -244,8 +248,10 @@ def render_order(items, cost) -> list:
     return sorted(items, key=lambda c: (-seconds[c], first[c]))  # stable
 
 
-ENGINE_BATCHES = {"auto_engine": "grow+kind", "auto_engine_grow": "grow", "auto_engine_drain": "fixed"}
-"""Row key -> how the simulated engine cuts batches (:class:`EngineBatches`)."""
+ENGINE_BATCHES = {"auto_engine": ("grow+kind", True), "auto_engine_no_flow": ("grow+kind", False),
+                  "auto_engine_grow": ("grow", False), "auto_engine_drain": ("fixed", False)}
+"""Row key -> (how the simulated engine cuts batches (:class:`EngineBatches`), whether boundaries flow where the
+plan's ranks are independent (``plan_sim.Simulation``'s ``flowing``; False: a drain at every batch end))."""
 
 
 class EngineBatches:
@@ -401,13 +407,15 @@ def run_scenario(name: str, num_gpus: int, seed: int = 0, global_switch: bool = 
         row["auto_global_s"] = result.makespan_s
         row["auto_global_switches"] = result.num_switches
     # The engine: its render order, its batches (first about roles.batch_s, then growing; or all that long),
-    # a drain at every batch's end, global switches. Timings and batches are keyed by the job's most common class
-    # (the engine's work class: the job's video settings; a tie goes to the class rendered first).
+    # flowing boundaries where the plan's ranks are independent (or a drain at every batch's end), global
+    # switches. Timings and batches are keyed by the job's most common class (the engine's work class: the job's
+    # video settings; a tie goes to the class rendered first).
     ordered = render_order(items, CostModel(AnalyticPrior(WAN21_T2V_1_3B)))
     work_class = max(set(ordered), key=lambda c: (ordered.count(c), -ordered.index(c)))
-    for key, how in ENGINE_BATCHES.items():
+    for key, (how, flowing) in ENGINE_BATCHES.items():
         rule = EngineBatches(ordered, CostModel(AnalyticPrior(WAN21_T2V_1_3B)), work_class, RolesConfig().batch_s, how)
-        engine = Simulation(ordered, speeds, batch_items, memory, seed=seed, switch_mode="engine", batch_rule=rule)
+        engine = Simulation(ordered, speeds, batch_items, memory, seed=seed, switch_mode="engine", batch_rule=rule,
+                            flowing=flowing)
         policy = AutoPolicy(inputs, ordered, batch_items, SwitchCostModel())  # the engine's Rebalancer's default
         result = engine.run(policy)
         row[f"{key}_s"] = result.makespan_s
@@ -467,6 +475,7 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
               "model": WAN21_T2V_1_3B.describe()}
     for row in rows:
         row["targets"] = targets(row)
+        row["targets_engine_no_flow"] = targets(row, "auto_engine_no_flow")
         row["targets_engine_drain"] = targets(row, "auto_engine_drain")
         row["targets_rolling"] = targets(row, "auto")
     config["degree_scenarios"] = {k: v["note"] for k, v in DEGREE_SCENARIOS.items() if k in args.degree_scenarios}
@@ -479,10 +488,15 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
              "Makespans in seconds of simulated time. auto (engine) = what the engine does: items in its render "
              "order (longest first, each kind together), batches cut as each starts (the first, and the first after "
              "a re-plan or a new kind, about roles.batch_s = 300 s of that kind's work per DiT group; doubling "
-             "while plan and kind hold; one kind per batch), the pipeline drained at every batch's end, the planner "
-             "from the analytic prior refitted on each batch's timings, a global switch (batches and switches in "
-             "brackets); targets are checked on it. drain/batch = the engine before: every batch 300 s long, "
-             "crossing kinds; grow only = doubling batches that cross kinds. "
+             "while plan and kind hold; one kind per batch), the planner from the analytic prior refitted on the "
+             "batches' timings, a global switch at a drained boundary (batches and switches in brackets); where the "
+             "plan's ranks are independent (time-shared, or every stage on groups of one) batch boundaries flow: "
+             "each rank goes on to the next batch once it has finished its items of this one, batch k's timings "
+             "decide at cut k+1 (a re-plan lags one batch) and only a switch drains; other plans drain the "
+             "pipeline at every batch's end; targets are checked on it. no flow = the same with a drain at every "
+             "batch's end whatever the plan (the engine before flowing boundaries). "
+             "drain/batch = the engine before batches grew: every batch 300 s long, crossing kinds, a drain at "
+             "each end; grow only = doubling batches that cross kinds, a drain at each end. "
              "static = best fixed split searched with the true costs; "
              "one-pipe = every GPU runs all stages; time-shared = every GPU runs all stages of its pulled items, one "
              "stage's components on it at a time, in cycles of roles.stage_batch = 8 items (a fixed plan: "
@@ -499,10 +513,11 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
     for name in args.scenarios:
         lines.append(f"- **{name}**: {SCENARIOS[name]['note']}")
     lines += ["", "| scenario | GPUs | items | bound | phase-split | dedicated | static (E/D/X) | one-pipe "
-                  "| time-shared | **auto (engine)** | engine/bound | static/engine | engine, drain/batch | "
+                  "| time-shared | **auto (engine)** | engine/bound | static/engine | engine, no flow | static/no flow "
+                  "| engine, drain/batch | "
                   "drain/bound | static/drain | engine, grow only | rolling (hyp.) | rolling/bound | global (hyp.) "
                   "| planner ms (max) | targets (auto (engine)) |",
-              "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "|---|---:|---:|---:|---:|---:|---|" + "---:|" * 15 + "---|"]
     for row in rows:
         split = row["static_split"]
         one = f"{row['one_pipeline_s']:,.0f}" if row["one_pipeline_s"] else "n/a (memory)"
@@ -515,6 +530,8 @@ def write_results(rows: list[dict], out_dir: Path, date: str, args, degree_rows:
                      f"{split['dit']}/{split['decoders']}) | {one} | {shared} "
                      f"| **{row['auto_engine_s']:,.0f}** ({row['auto_engine_batches']}/{row['auto_engine_switches']}) "
                      f"| {row['auto_engine_over_bound']:.3f} | {row['static_over_auto_engine']:.2f} "
+                     f"| {row['auto_engine_no_flow_s']:,.0f} ({row['auto_engine_no_flow_batches']}/"
+                     f"{row['auto_engine_no_flow_switches']}) | {row['static_over_auto_engine_no_flow']:.2f} "
                      f"| {row['auto_engine_drain_s']:,.0f} ({row['auto_engine_drain_batches']}/"
                      f"{row['auto_engine_drain_switches']}) | {row['auto_engine_drain_over_bound']:.3f} "
                      f"| {row['static_over_auto_engine_drain']:.2f} "
@@ -651,6 +668,7 @@ def _plot(rows, args, path: Path):
         for key, label, style in (("static_s", "best static split", "s--"), ("one_pipeline_s", "one pipeline/GPU",
                                                                             "^:"),
                                   ("auto_engine_s", "auto (engine)", "o-"),
+                                  ("auto_engine_no_flow_s", "auto (engine, no flow)", "s-."),
                                   ("auto_engine_drain_s", "auto (engine, drain per batch)", "v--"),
                                   ("auto_s", "auto (rolling, hypothetical)", "o:"),
                                   ("auto_global_s", "auto, global switch (hypothetical)", "x-."),
@@ -728,7 +746,8 @@ def _timed(name, gpus, seed, global_switch):
     row = run_scenario(name, gpus, seed, global_switch)
     row["sim_wall_s"] = round(time.perf_counter() - started, 1)
     print(f"{name} @ {gpus}: bound {row['lower_bound_s']:.0f} static {row['static_s']:.0f} engine "
-          f"{row['auto_engine_s']:.0f} (drain/batch {row['auto_engine_drain_s']:.0f}) rolling {row['auto_s']:.0f} "
+          f"{row['auto_engine_s']:.0f} (no flow {row['auto_engine_no_flow_s']:.0f}, drain/batch "
+          f"{row['auto_engine_drain_s']:.0f}) rolling {row['auto_s']:.0f} "
           f"({row['auto_over_bound']:.3f}x bound, {row['auto_switches']} switches) in {row['sim_wall_s']} s",
           file=sys.stderr, flush=True)
     return row
