@@ -1,10 +1,15 @@
-"""Checks of plan_sim's engine mode with flowing batch boundaries (``python -m pytest perf/test_plan_sim.py``;
-not under tests/: CI does not run the perf/ simulators)."""
+"""Checks of the simulator's engine mode (``perf/plan_sim.py``) with flowing batch boundaries: the model the
+committed simulate-plan figures rest on."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-from plan_sim import C480_4_NOCFG, Simulation
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "perf"))
+from plan_sim import C480_4_NOCFG, Simulation  # noqa: E402
 
 from spmd_diff.plan.memory import MemoryModel, capacity_bytes
 from spmd_diff.plan.model_sizes import WAN21_T2V_1_3B
