@@ -268,8 +268,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
               items_by_index: dict[int, Item], pending: list[Item], deadline_for: Callable[[RolePlan], float],
               policy: Policy, transport_choice: TransportChoice | None, hooks: TestHooks):
     """Size the heap for every plan ``policy`` may choose, then run the batches: wire the channels of the
-    batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until the batch has
-    drained, and (between batches) combine every rank's timings and let ``policy`` choose the next plan.
+    batch's plan (its waits time out after ``deadline_for(plan)``), run this rank's role loop until its share of
+    the batch is done, and (between batches) combine every rank's timings and let ``policy`` choose the next plan:
+    at once after a drain, or one batch later where the ranks render whole items alone (``rebalance.BatchCut``).
 
     Returns (transport, monitor) on success, or the exception that must abort the job.
     """
