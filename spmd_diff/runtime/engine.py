@@ -55,7 +55,7 @@ from spmd_diff.runtime.item_groups import runs_pulled
 from spmd_diff.runtime.per_item import check_compiled_schedule, item_group_schedule, run_item_groups
 from spmd_diff.runtime.setup import Setup, build_setup
 from spmd_diff.runtime.rebalance import (AutoPolicy, BatchCut, FixedPolicy, Policy, StageCounters,
-                                         batches_since_change, next_batch)
+                                         batches_since_change, finish_together, next_batch)
 from spmd_diff.runtime.signals import EXIT_INTERRUPTED, StopFlag
 from spmd_diff.runtime.startup import RunRequest, Started, auto_policy, item_attrs, job_settings
 from spmd_diff.runtime.time_shared import time_shared_loop
@@ -388,9 +388,13 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 _run_role(ctx, plan, queue.batch(number, len(batch)), batch, senders, receivers)
             start += len(batch)
             events.emit("batch_end", batch=number, items=len(batch), last=start >= len(pending))
+            # Ranks that render whole items alone have no channel wait to notice a stuck peer: the waits for the
+            # other ranks' cuts get a deadline (a peer may be a whole cycle of its items behind this rank).
+            cut_timeout = deadline_for(plan) * max(1, plan.stage_batch) if plan.ranks_independent else None
             if start >= len(pending):
                 if unread is not None:
-                    unread.wait()  # every rank posted it: complete the collective before leaving
+                    unread.wait(cut_timeout)  # every rank posts it: complete the collective before leaving
+                finish_together(world.comm, cut_timeout)
                 break
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
             cut = BatchCut(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key, plan.sp_degree),
@@ -402,7 +406,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 read, unread = cut, None
             decision, stopping = None, False
             if read is not None:
-                timings, stopping = read.wait()
+                timings, stopping = read.wait(cut_timeout)
                 if not stopping:
                     decision = policy.decide(plan, timings, len(pending) - start)  # the plan for what is left
             switched = False
@@ -416,8 +420,8 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 else:
                     switched = True
             drained = read is cut or switched or stopping
-            if unread is not None and drained:  # a switch or a stop: drain this batch too (every rank posted it)
-                unread.wait()
+            if unread is not None and drained:  # a switch or a stop: drain this batch too (every rank posts it)
+                unread.wait(cut_timeout)
                 unread = None
             if stopping:
                 break

@@ -19,6 +19,8 @@ import math
 import time
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
+from spmd_diff.comm.transport import Backoff
+from spmd_diff.errors import StageTimeout
 from spmd_diff.io.inputs import Item
 from spmd_diff.plan.for_job import JobPlanning
 from spmd_diff.plan.planner import plan_auto
@@ -75,15 +77,36 @@ class BatchCut:
         self._request = comm.Iallgather(self._send, self._recv)
         self._read: tuple[list[RankTimings], bool] | None = None
 
-    def wait(self) -> tuple[list[RankTimings], bool]:
-        """Every rank's timings in rank order, and whether any rank was asked to stop (blocks until all posted)."""
+    def wait(self, timeout_s: float | None = None) -> tuple[list[RankTimings], bool]:
+        """Every rank's timings in rank order, and whether any rank was asked to stop (blocks until all posted;
+        :func:`wait_for_all` with ``timeout_s``)."""
         if self._read is None:
-            self._request.Wait()
+            wait_for_all(self._request, timeout_s, "their share of the batch")
             rows = self._recv.reshape(-1, self._send.size)
             timings = [RankTimings.from_vector(rank, row[1:], self.class_key, self.sp_degree)
                        for rank, row in enumerate(rows)]
             self._read = timings, bool(rows[:, 0].any())
         return self._read
+
+
+def wait_for_all(request: Any, timeout_s: float | None, what: str) -> None:
+    """Complete a non-blocking collective ``request`` (mpi4py). With ``timeout_s``: raise :class:`StageTimeout` if
+    the other ranks have not all reached it that many seconds after this rank did -- where ranks render whole items
+    alone no channel wait would notice a stuck or lost rank, and every other rank would wait for it forever."""
+    if timeout_s is None:
+        request.Wait()
+        return
+    deadline, backoff = time.monotonic() + timeout_s, Backoff(max_sleep_s=0.05)
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise StageTimeout(f"the other ranks did not all finish {what} within {timeout_s:.0f} s of this rank "
+                               "(a rank is stuck or lost); the job stops, and a rerun renders what is not written")
+        backoff.pause()
+
+
+def finish_together(comm: Any, timeout_s: float | None) -> None:
+    """Collective, at the end of this rank's last batch: wait until every rank is done (:func:`wait_for_all`)."""
+    wait_for_all(comm.Ibarrier(), timeout_s, "their items")
 
 
 class Policy(Protocol):

@@ -253,6 +253,29 @@ def test_hung_rank_becomes_an_error_within_the_deadline(env, prompts, tmp_path):
             assert f["video"].shape == (9, 64, 64, 3)
 
 
+def test_a_rank_hung_while_every_rank_renders_alone_stops_the_job_within_the_deadline(env, prompts, tmp_path):
+    """The auto plan on CPU ranks (every rank every stage: no channel whose wait would notice a stuck peer), short
+    batches: rank 2 hangs in its first denoise; the others finish what they can, then give up waiting for its
+    batch within the deadline (run.timeout_s = 5: 15 s) and the job exits 3; what is written is complete."""
+    out = tmp_path / "out"
+    hooks = json.dumps([{"action": "hang", "stage": "denoise", "item": "*", "rank": 2}])
+    started = time.monotonic()
+    proc = subprocess.run(command(4, prompts, out, "--set", 'roles.policy="auto"', "--set", "roles.batch_s=0.001",
+                                  "--set", "run.timeout_s=5"),
+                          cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env=full_env(env, SPMD_DIFF_TEST_HOOKS=hooks))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "the other ranks did not all finish their share of the batch within 15 s" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert elapsed < 150, f"took {elapsed:.0f} s"
+    written = list((out / "items").glob("*/*.h5"))
+    assert 0 < len(written) < NUM_ITEMS
+    for path in written:  # whatever is under a final name is complete
+        with h5py.File(path, "r") as f:
+            assert f["video"].shape == (9, 64, 64, 3)
+
+
 @pytest.mark.parametrize("output", ["hevc"])  # raw: test_speed_engine's full disk in the background writer
 def test_full_disk_stops_cleanly_and_the_store_stays_readable(output, env, prompts, tmp_path):
     out = tmp_path / "out"
