@@ -34,7 +34,7 @@ fi
 echo "== installing spmd-diff and its test/report extras"
 "$vpy" -m pip install -q -e ".[test,report]"
 
-# Triton, for the CPU-interpreter checks of kernels/ (tests/unit/test_sp_kernels.py; they skip without it). Not a
+# Triton, for the CPU-interpreter checks of spmd_diff/kernels/ (tests/unit/test_sp_kernels.py; they skip without it). Not a
 # test extra: a CUDA torch pins its own Triton, so only where none imports; 3.6.0 is what the GPU machines run.
 TRITON_SPEC=${TRITON_SPEC:-triton==3.6.0}
 if ! "$vpy" -c "import triton" 2>/dev/null; then

@@ -5,9 +5,7 @@ setup(
     version="0.1.0",
     description="SPMD batch engine for bulk video generation with diffusion transformers on GPU clusters",
     python_requires=">=3.10",
-    # Every subpackage of spmd_diff, plus the top-level kernels/ folder installed as spmd_diff.kernels.
-    packages=find_packages(include=["spmd_diff", "spmd_diff.*"]) + ["spmd_diff.kernels"],
-    package_dir={"spmd_diff.kernels": "kernels"},
+    packages=find_packages(include=["spmd_diff", "spmd_diff.*"]),
     # Everything imported at run time, with the versions tested (lower bounds) and upper bounds where a newer
     # major version is known or expected to break the model code (diffusers' Wan classes, transformers' UMT5,
     # torch's dispatch). accelerate: diffusers needs it to load Wan's transformer (keep_in_fp32_modules).

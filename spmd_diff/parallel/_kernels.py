@@ -1,5 +1,4 @@
-"""The fused kernels sequence parallelism uses, from ``spmd_diff.kernels`` (loaded through
-``spmd_diff.comm.kernel_loader``, so a bare source checkout works as an installed one)."""
+"""The fused kernels sequence parallelism uses, from ``spmd_diff.kernels`` (through ``spmd_diff.comm.kernel_loader``)."""
 
 from __future__ import annotations
 

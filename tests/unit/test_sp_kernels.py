@@ -14,7 +14,7 @@ import torch
 from spmd_diff.parallel._kernels import apply_rotary_reference, lse_merge_, rope_pack
 from spmd_diff.parallel.attention import math_attention
 
-from spmd_diff.kernels._triton import HAS_TRITON  # after _kernels: it registers spmd_diff.kernels in a bare checkout
+from spmd_diff.kernels._triton import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""The Triton kernels of ``kernels/`` against their torch references in Triton's CPU interpreter; prints one line
+"""The Triton kernels of ``spmd_diff/kernels/`` against their torch references in Triton's CPU interpreter; prints one line
 per check and ``interpreter ok`` at the end. Run with ``TRITON_INTERPRET=1`` (read when the kernels are defined).
 
 The LSE merge runs on the layouts the attention kernels hand it on CUDA (tests/gpu/test_sp_gpu.py runs the real
@@ -8,7 +8,7 @@ it (``[B, h, N]``), as the memory-efficient kernel does (padded to a multiple of
 two or need two column blocks, and one block whose offsets pass 2**31 elements (int32 offsets wrap there).
 
 What the interpreter cannot show: races between the threads of one program (it runs a block one whole op at a
-time). The LSE merge had one (see kernels/lse_merge.py); only a GPU run shows those.
+time). The LSE merge had one (see spmd_diff/kernels/lse_merge.py); only a GPU run shows those.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 
 import torch
 
-import spmd_diff.parallel._kernels  # noqa: F401 - registers spmd_diff.kernels in a bare checkout
 from spmd_diff.kernels import lse_merge
 from spmd_diff.kernels.rope_pack import rope_pack_reference, rope_pack_triton
 
