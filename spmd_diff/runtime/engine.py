@@ -388,9 +388,11 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 _run_role(ctx, plan, queue.batch(number, len(batch)), batch, senders, receivers)
             start += len(batch)
             events.emit("batch_end", batch=number, items=len(batch), last=start >= len(pending))
-            # Ranks that render whole items alone have no channel wait to notice a stuck peer: the waits for the
-            # other ranks' cuts get a deadline (a peer may be a whole cycle of its items behind this rank).
-            cut_timeout = deadline_for(plan) * max(1, plan.stage_batch) if plan.ranks_independent else None
+            # Ranks that render whole items alone (not in per-item groups) have no channel or group wait to notice
+            # a stuck peer: the waits for the other ranks' cuts get a deadline (a peer may be a whole cycle of its
+            # items behind this rank), and their batches flow (no drain unless the plan changes or the job stops).
+            independent = plan.ranks_independent and schedule is None
+            cut_timeout = deadline_for(plan) * max(1, plan.stage_batch) if independent else None
             if start >= len(pending):
                 if unread is not None:
                     unread.wait(cut_timeout)  # every rank posts it: complete the collective before leaving
@@ -399,8 +401,7 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
             cut = BatchCut(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key, plan.sp_degree),
                            stop.requested, item_kind(setup, batch[0]).key, plan.sp_degree)
-            flowing = plan.ranks_independent and schedule is None
-            if flowing:  # decide on the batch before (its cut long posted); this one is read at the next cut
+            if independent:  # decide on the batch before (its cut long posted); this one is read at the next cut
                 read, unread = unread, cut
             else:  # a drain: wait for every rank's timings of this batch
                 read, unread = cut, None
