@@ -1,4 +1,5 @@
-"""The fused kernels sequence parallelism uses, from ``spmd_diff.kernels`` (through ``spmd_diff.comm.kernel_loader``)."""
+"""The fused kernels sequence parallelism uses, from ``spmd_diff.kernels`` (through
+``spmd_diff.comm.kernel_loader``)."""
 
 from __future__ import annotations
 

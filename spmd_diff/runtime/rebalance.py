@@ -19,7 +19,6 @@ import math
 import time
 from typing import Any, Callable, Hashable, Protocol, Sequence
 
-from spmd_diff.comm.transport import Backoff
 from spmd_diff.errors import StageTimeout
 from spmd_diff.io.inputs import Item
 from spmd_diff.plan.for_job import JobPlanning
@@ -96,6 +95,8 @@ def wait_for_all(request: Any, timeout_s: float | None, what: str) -> None:
     if timeout_s is None:
         request.Wait()
         return
+    from spmd_diff.comm.transport import Backoff  # here: it imports torch, which start-up must not
+
     deadline, backoff = time.monotonic() + timeout_s, Backoff(max_sleep_s=0.05)
     while not request.Test():
         if time.monotonic() > deadline:

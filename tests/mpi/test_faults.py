@@ -215,9 +215,9 @@ def test_ctrl_c_to_the_launch_stops_gracefully_and_the_job_resumes_exactly_once(
     lost, the view lists every finished item; the rerun renders only the rest and completes the job
     bit-identical to an uninterrupted one. (A bare mpirun cannot do this: Open MPI turns the signal into SIGKILL
     of every rank a second later, exit 1.) SIGTERM to the launch command takes the same path: it is tested
-    through srun in tests/slurm/test_launch_signals.py. ``batches-flowing``: the auto plan (every rank every stage)
-    in short batches (8 items, then 12), ranks that each render whole items, so no rank waits for the others at a batch's end and the stop reaches the
-    ranks through the timings they post."""
+    through srun in tests/slurm/test_launch_signals.py. ``batches-flowing``: the auto plan (every rank every
+    stage) in short batches (8 items, then 12): no rank waits for the others at a batch's end, and the stop
+    reaches the ranks through the timings they post."""
     out = tmp_path / "out"
     second = _assert_stopped_gracefully(_launch_and_stop(env, prompts, out, signal.SIGINT, 2, *batches),
                                         signal.SIGINT, out)

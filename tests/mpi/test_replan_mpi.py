@@ -82,8 +82,9 @@ def test_a_slow_denoise_moves_ranks_to_the_dit_within_two_batches(demo_model_dir
 
 def test_ranks_rendering_alone_go_on_to_the_next_batch_without_waiting_for_a_slow_rank(demo_model_dir, prompts,
                                                                                          alone, tmp_path):
-    # Every stage on every rank (the auto plan on CPU ranks), short batches (two items per rank, then 4 items); rank 3's denoise
-    # takes 1.5 s longer, so it is still on an item of the first batch when the others have emptied it.
+    # Every stage on every rank (the auto plan on CPU ranks), short batches (two items per rank, then 4 items);
+    # rank 3's denoise takes 1.5 s longer, so it is still on an item of the first batch when the others have
+    # emptied it.
     slow = [{"action": "delay", "stage": "denoise", "item": "*", "rank": 3, "seconds": 1.5}]
     env = {"SPMD_DIFF_CACHE": str(demo_model_dir.parent), "SPMD_DIFF_TEST_HOOKS": json.dumps(slow)}
     out = tmp_path / "flowing"

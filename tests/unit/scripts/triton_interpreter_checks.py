@@ -1,5 +1,5 @@
-"""The Triton kernels of ``spmd_diff/kernels/`` against their torch references in Triton's CPU interpreter; prints one line
-per check and ``interpreter ok`` at the end. Run with ``TRITON_INTERPRET=1`` (read when the kernels are defined).
+"""The Triton kernels of ``spmd_diff/kernels/`` against their torch references in Triton's CPU interpreter; prints
+one line per check and ``interpreter ok`` at the end. Run with ``TRITON_INTERPRET=1`` (read when the kernels are defined).
 
 The LSE merge runs on the layouts the attention kernels hand it on CUDA (tests/gpu/test_sp_gpu.py runs the real
 ones): the block output ``[B, h, N, D]`` as a view of ``[B, N, h, D]`` memory in bf16, and its LSE as flash returns
