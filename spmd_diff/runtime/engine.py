@@ -399,8 +399,9 @@ def _run_rank(world: World, setup: Setup, stages, store: VideoStore, events: Eve
                 finish_together(world.comm, cut_timeout)
                 break
             # under a policy that re-plans a batch holds one kind of item: its timings are of that work class
-            cut = BatchCut(world.comm, counters.since_mark(world.rank, item_kind(setup, batch[0]).key, plan.sp_degree),
-                           stop.requested, item_kind(setup, batch[0]).key, plan.sp_degree)
+            class_key = item_kind(setup, batch[0]).key
+            cut = BatchCut(world.comm, counters.since_mark(world.rank, class_key, plan.sp_degree), stop.requested,
+                           class_key, plan.sp_degree)
             if independent:  # decide on the batch before (its cut long posted); this one is read at the next cut
                 read, unread = unread, cut
             else:  # a drain: wait for every rank's timings of this batch
