@@ -110,8 +110,10 @@ class RolesConfig:
     batch_s: float = 300.0
     """policy "auto": seconds of predicted work (of the batch's kind of item) of the job's first batch and of the
     first batch after a re-plan or a new kind of item; each batch after one that kept plan and kind is twice as
-    long (``runtime.rebalance.batch_length``). Between batches the pipeline drains, the timings are combined over
-    MPI and the plan may change; shorter batches follow changes sooner, longer ones drain less."""
+    long (``runtime.rebalance.batch_length``). Between batches the timings are combined over MPI and the plan may
+    change; where stages hand items between ranks the pipeline drains there (where every rank renders whole items
+    alone it does not, and a re-plan lags one batch). Shorter batches follow changes sooner, longer ones drain
+    less."""
     time_share: bool | str = "auto"
     """Ranks whose GPU cannot hold every stage's components at once may still run every stage, one at a time: a
     time-shared rank keeps one stage's components on its GPU (the others in host memory) and runs the items it

@@ -1,1 +1,1 @@
-"""Triton/CUDA kernels, each with a torch reference. Installed as spmd_diff.kernels."""
+"""Triton/CUDA kernels, each with a torch reference (imported through ``spmd_diff.comm.kernel_loader``)."""
